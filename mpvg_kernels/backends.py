@@ -1,0 +1,127 @@
+"""Backend selection: which implementation serves an op for a tensor on a given device.
+
+Backends:
+- ``torch``: the plain PyTorch reference (``reference.py``); everywhere.
+- ``cpp``: the C++ CPU kernels in ``csrc/cpu`` (extension ``mpvg_kernels._C``); CPU tensors, when built.
+- ``triton``: the Triton kernels; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before
+  this package was imported (the Triton interpreter: for tests, slow).
+
+``auto`` (the default) picks the fastest backend available for the tensor's device: ``cpp`` on CPU when
+built, ``triton`` on CUDA, otherwise ``torch``. The choice comes from :func:`set_backend`, else from the
+environment variable ``MPVG_BACKEND`` read at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+KNOWN_BACKENDS = ("auto", "torch", "cpp", "triton")
+
+#: True when the Triton interpreter was requested before import: Triton kernels then run on CPU tensors.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_state: dict[str, object] = {
+    "backend": os.environ.get("MPVG_BACKEND", "auto").strip().lower() or "auto",
+    "cpp_loaded": False,
+    "cpp_error": "not attempted",
+}
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def cpp_status() -> tuple[bool, str]:
+    """(built and loaded, reason when not)."""
+    return bool(_state["cpp_loaded"]), str(_state["cpp_error"])
+
+
+def _unavailable_reason(name: str, device: torch.device | None) -> str | None:
+    """Why backend ``name`` cannot serve tensors on ``device`` (any device when None); None if it can."""
+    if name == "torch":
+        return None
+    if name == "cpp":
+        if not _state["cpp_loaded"]:
+            return f"the C++ extension mpvg_kernels._C is not loaded ({_state['cpp_error']})"
+        if device is not None and device.type != "cpu":
+            return f"the cpp backend serves CPU tensors only, got a tensor on {device}"
+        return None
+    if name == "triton":
+        if not _triton_installed():
+            return "triton is not installed"
+        if device is None:
+            if torch.cuda.is_available() or TRITON_INTERPRET:
+                return None
+            return "no CUDA device is available and TRITON_INTERPRET=1 was not set before import"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and TRITON_INTERPRET:
+            return None
+        return (
+            f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"import), got a tensor on {device}"
+        )
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(KNOWN_BACKENDS)}")
+
+
+def available_backends() -> list[str]:
+    """Backends usable on this machine for at least one device, fastest first per device."""
+    return [n for n in ("cpp", "triton", "torch") if _unavailable_reason(n, None) is None]
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every op: ``auto``, ``torch``, ``cpp`` or ``triton``.
+
+    Raises ValueError for an unknown name and RuntimeError for a backend not available on this machine.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a str, got {type(name).__name__}")
+    name = name.strip().lower()
+    if name not in KNOWN_BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(KNOWN_BACKENDS)}")
+    if name != "auto":
+        why = _unavailable_reason(name, None)
+        if why is not None:
+            raise RuntimeError(f"backend {name!r} is not available: {why}")
+    _state["backend"] = name
+
+
+def get_backend() -> str:
+    """The configured backend name (``auto`` unless set)."""
+    return str(_state["backend"])
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`, restoring the previous choice on exit."""
+    old = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state["backend"] = old
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The concrete backend that serves tensors on ``device`` under the current choice."""
+    name = str(_state["backend"])
+    if name == "auto":
+        if device.type == "cpu" and _state["cpp_loaded"]:
+            return "cpp"
+        if device.type == "cuda" and _unavailable_reason("triton", device) is None:
+            return "triton"
+        return "torch"
+    if name not in KNOWN_BACKENDS:
+        raise ValueError(
+            f"unknown backend {name!r} (from MPVG_BACKEND or set_backend); choose one of "
+            f"{', '.join(KNOWN_BACKENDS)}"
+        )
+    why = _unavailable_reason(name, device)
+    if why is not None:
+        raise RuntimeError(f"backend {name!r} cannot run this op: {why}")
+    return name
