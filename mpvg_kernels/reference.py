@@ -109,7 +109,10 @@ def backward(
     has_pe: bool,
     pool: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kernel contract: -> (dx [B, N, D] in x.dtype, dpe [N, D] (or [0]), dweight [D], dbias [D]), the last three fp32."""
+    """Kernel contract: -> (dx [B, N, D] in x.dtype, dpe [N, D] (or [0]), dweight [D], dbias [D]).
+
+    The last three are in the accumulation dtype (float32, or float64 for float64 x).
+    """
     B, N, D = x3.shape
     acc = _acc_dtype(x3.dtype)
     xf = x3.to(acc)
