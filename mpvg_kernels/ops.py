@@ -155,6 +155,11 @@ for _name, _pool in (("layer_norm_add", False), ("layer_norm_pool", True)):
     torch.library.register_autograd(f"mpvg::{_name}", _b, setup_context=_s)
 
 
+# F.layer_norm runs in float32 under CUDA autocast and in the input dtype under CPU autocast; so do these.
+for _name in ("layer_norm_add", "layer_norm_pool"):
+    torch.library.register_autocast(f"mpvg::{_name}", "cuda", torch.float32)
+
+
 # ----------------------------------------------------------------------------- public API
 
 
