@@ -1,31 +1,62 @@
-"""The ``mpvg`` command."""
+"""The ``mpvg`` command (also ``python -m mpvg_kernels``, so ``torchrun ... -m mpvg_kernels train`` works).
+
+Each subcommand lives in its own module that defines ``add_parser(subparsers) -> argparse.ArgumentParser``; the
+parser it registers sets ``func`` (``func(args) -> int``) with ``set_defaults``. Adding a subcommand is one line
+in :data:`COMMANDS`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    return run_demo(args)
+#: Modules that register a subcommand, in the order ``mpvg --help`` lists them.
+COMMANDS: list[str] = [
+    "mpvg_kernels.commands.train",
+    "mpvg_kernels.commands.evaluate",
+    "mpvg_kernels.commands.predict",
+    "mpvg_kernels.commands.demo",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpvg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="check every available backend against the float64 reference and time it")
-    p.add_argument("--batch", type=int, default=32, help="batch size B (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=196, help="tokens N (default: %(default)s)")
-    p.add_argument("--dim", type=int, default=192, help="embedding dim D (default: %(default)s)")
-    p.set_defaults(func=_cmd_demo)
+    """The ``mpvg`` parser with every subcommand of :data:`COMMANDS` registered."""
+    parser = argparse.ArgumentParser(
+        prog="mpvg",
+        description="Fused LayerNorm + position-embedding kernels, models and pipelines for MPVG, PVG and LaPE "
+        "vision transformers. Run `mpvg COMMAND --help` for the options of a command.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 
+def _short_message(e: BaseException) -> str:
+    """The user-facing line of an error; errors re-raised from DataLoader workers carry a whole traceback."""
+    msg = str(e).strip()
+    if "Original Traceback" in msg:
+        lines = [ln for ln in msg.splitlines() if ln.strip()]
+        last = lines[-1] if lines else msg
+        _, sep, rest = last.partition(": ")
+        return rest if sep and "Error" in last.split(": ", 1)[0] else last
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand and return its exit status."""
+    from .engine import UserError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"mpvg {args.command}: error: {_short_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mpvg {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
