@@ -159,7 +159,7 @@ def _ln_fwd_kernel(
             x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
             mean = tl.sum(x, axis=1) / D
             xc = tl.where(mask, x - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt_rn(tl.sum(xc * xc, axis=1) / D + eps)
+            rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)  # fp32 and fp64
             rows = b * N + n
             tl.store(Mean + rows, mean.to(Mean.dtype.element_ty), mask=row_mask)
             tl.store(Rstd + rows, rstd.to(Rstd.dtype.element_ty), mask=row_mask)
@@ -181,7 +181,7 @@ def _ln_fwd_kernel(
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
         mean = tl.sum(x, axis=1) / D
         xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(xc * xc, axis=1) / D + eps)
+        rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)  # fp32 and fp64
         tl.store(Mean + rows, mean.to(Mean.dtype.element_ty), mask=row_mask)
         tl.store(Rstd + rows, rstd.to(Rstd.dtype.element_ty), mask=row_mask)
         y = xc * rstd[:, None] * w[None, :] + bias[None, :]
