@@ -1,0 +1,718 @@
+"""Model-level benchmark: training and inference images/s of every PE mode, fused vs unfused, eager vs compiled.
+
+One run measures, for each model and PE mode (``default``, ``lape``, ``pvg``, ``mpvg``):
+
+- ``infer_b1``: inference at batch 1 (latency; reported as images/s = 1 / median seconds per call),
+- ``infer_bN``: inference at a large batch (throughput),
+- ``train``: one optimisation step (forward + backward + AdamW step) at the training batch,
+
+under each implementation (``fused``: the configured fast backend, ``cpp`` on CPU when built, with the inference
+PE cache; ``unfused``: backend ``torch`` and the PE cache switched off, the way the LaPE reference code computes
+LN'(pos) at every forward) and each execution mode (``eager``, ``compile`` = ``torch.compile``).
+
+All cases of one model are built first, warmed up, then timed in interleaved rounds (case A, B, C, ..., A, B, C,
+...), so machine noise lands on every case alike; the reported figure is the median over all timed calls.
+Results go to ``<out>/<name>.json``, ``.md`` and ``.png``. ``benchmarks/bench_models.py`` is the script form of
+``mpvg bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import backends
+
+MODES = ("default", "lape", "pvg", "mpvg")
+IMPLS = ("fused", "unfused")
+EXECS = ("eager", "compile")
+TASKS = ("infer_b1", "infer_bN", "train")
+DEFAULT_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "vit_lite_7_4_32")
+SHORT_NAMES = {
+    "deit_tiny_patch16_224": "DeiT-Ti",
+    "deit_small_patch16_224": "DeiT-S",
+    "deit_base_patch16_224": "DeiT-B",
+    "vit_lite_7_4_32": "ViT-Lite-7/4",
+    "vit_digits": "ViT-digits",
+}
+#: The ratio targets of issue 6: MPVG images/s over default-mode images/s (same model, implementation, execution).
+TARGETS = {"infer_b1": 0.98, "infer_bN": 0.98, "train": 0.97}
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+@dataclass
+class BenchConfig:
+    """What one benchmark run measures and where it writes."""
+
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    impls: list[str] = field(default_factory=lambda: list(IMPLS))
+    execs: list[str] = field(default_factory=lambda: list(EXECS))
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    batch_infer: int = 16
+    batch_train: int = 8
+    #: per-model overrides of (batch_infer, batch_train), e.g. {"vit_lite_7_4_32": (64, 32)}
+    batch_overrides: dict[str, tuple[int, int]] = field(default_factory=dict)
+    warmup: int = 2
+    rounds: int = 5
+    iters: int = 1
+    threads: int = 1
+    pool: str = "avg"
+    seed: int = 0
+    out_dir: str = "benchmarks/results"
+    name: str = "models_cpu"
+    progress: bool = True
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def batches(self, model: str) -> tuple[int, int]:
+        """(inference batch, training batch) for one model."""
+        return tuple(self.batch_overrides.get(model, (self.batch_infer, self.batch_train)))  # type: ignore[return-value]
+
+
+@dataclass
+class Case:
+    """One timed configuration: a model, PE mode, implementation, execution mode and task."""
+
+    model: str
+    mode: str
+    impl: str
+    exec: str
+    task: str
+    batch: int
+    run: Callable[[], None] = field(repr=False, default=lambda: None)
+    times: list[float] = field(default_factory=list)
+    compile_s: float = 0.0
+    error: str = ""
+
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.model, self.mode, self.impl, self.exec, self.task)
+
+
+# ----------------------------------------------------------------------------------------------- environment
+
+
+def tune_malloc() -> dict[str, str]:
+    """Keep large CPU allocations off mmap (DESIGN.md section 5): env vars when set at start, else ``mallopt``.
+
+    Returns a record of what is in force.
+    """
+    env = {k: os.environ.get(k, "") for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    if all(env.values()):
+        return {**env, "how": "environment"}
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 33554432) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except OSError:
+        ok = False
+    return {**env, "how": "mallopt(M_MMAP_THRESHOLD=32MiB, M_TRIM_THRESHOLD=2^31-1)" if ok else "not applied"}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment(cfg: BenchConfig, malloc: dict[str, str]) -> dict[str, Any]:
+    """Device, versions, threads and backend state recorded with the results."""
+    from . import __version__
+
+    cpp_ok, cpp_why = backends.cpp_status()
+    return {
+        "device": "cpu",
+        "cpu": _cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mpvg_kernels": __version__,
+        "git_commit": _git_commit(),
+        "cpp_backend_loaded": cpp_ok,
+        "cpp_backend_note": cpp_why,
+        "fused_backend": backends.resolve_backend(torch.device("cpu")),
+        "malloc": malloc,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- model hooks
+
+
+def build_model(name: str, mode: str, cfg: BenchConfig) -> torch.nn.Module:
+    """A freshly initialised model of one PE mode (same seed for every case)."""
+    from .models import create_model
+
+    torch.manual_seed(cfg.seed)
+    kwargs = dict(cfg.model_kwargs)
+    kwargs.setdefault("pool", cfg.pool)
+    return create_model(name, pe=mode, **kwargs)
+
+
+def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images a model takes (its ``default_cfg["input_size"]``)."""
+    c, h, w = model.default_cfg["input_size"]  # type: ignore[index]
+    return int(c), int(h), int(w)
+
+
+def num_classes(model: torch.nn.Module) -> int:
+    """The number of output classes."""
+    n = getattr(model, "num_classes", None)
+    if n is None:
+        n = model.head.out_features  # type: ignore[union-attr]
+    return int(n)
+
+
+@contextlib.contextmanager
+def pe_cache_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` without its inference PE cache (LN'(pos) recomputed at every forward, as in the LaPE code)."""
+    if not hasattr(model, "pe_cache_enabled"):
+        raise RuntimeError(f"{type(model).__name__} has no pe_cache_enabled switch")
+    old = model.pe_cache_enabled
+    model.pe_cache_enabled = False
+    try:
+        yield
+    finally:
+        model.pe_cache_enabled = old
+
+
+# ----------------------------------------------------------------------------------------------- cases
+
+
+def _impl_context(impl: str, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    if impl == "fused":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(backends.use_backend("torch"))
+    stack.enter_context(pe_cache_disabled(model))
+    return stack
+
+
+def make_cases(name: str, cfg: BenchConfig) -> list[Case]:
+    """Build every case of one model.
+
+    Per PE mode there is one inference model (eval mode; shared by the implementations, execution modes and batch
+    sizes: the implementation is a context entered at each call) and one training model with its AdamW optimizer
+    (shared the same way; its weights drift, which does not change the cost). Compiled cases wrap the shared
+    module in their own ``torch.compile`` object (static shapes), so each compiles once for its batch size.
+    """
+    cases: list[Case] = []
+    b_inf, b_train = cfg.batches(name)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for mode in cfg.modes:
+        infer_model = build_model(name, mode, cfg).eval() if any(t != "train" for t in cfg.tasks) else None
+        train_model = build_model(name, mode, cfg).train() if "train" in cfg.tasks else None
+        opt = None
+        if train_model is not None:
+            opt = torch.optim.AdamW(train_model.parameters(), lr=1e-4, weight_decay=0.05)
+        ref = infer_model if infer_model is not None else train_model
+        c, h, w = input_shape(ref)
+        inputs = {
+            "infer_b1": torch.randn(1, c, h, w, generator=gen),
+            "infer_bN": torch.randn(b_inf, c, h, w, generator=gen),
+            "train": torch.randn(b_train, c, h, w, generator=gen),
+        }
+        labels = torch.randint(0, num_classes(ref), (b_train,), generator=gen)
+        for impl in cfg.impls:
+            for ex in cfg.execs:
+                for task in cfg.tasks:
+                    x = inputs[task]
+                    case = Case(name, mode, impl, ex, task, x.shape[0])
+                    model = train_model if task == "train" else infer_model
+                    assert model is not None
+                    fn: Callable[[torch.Tensor], torch.Tensor] = model
+                    if ex == "compile":
+                        fn = torch.compile(model, dynamic=False)
+                    if task == "train":
+                        assert opt is not None
+                        case.run = _train_step(model, fn, x, labels, impl, opt)
+                    else:
+                        case.run = _infer_step(model, fn, x, impl)
+                    cases.append(case)
+    return cases
+
+
+def _infer_step(model: torch.nn.Module, fn: Callable, x: torch.Tensor, impl: str) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad(), _impl_context(impl, model):
+            fn(x)
+
+    return run
+
+
+def _train_step(
+    model: torch.nn.Module, fn: Callable, x: torch.Tensor, y: torch.Tensor, impl: str, opt: torch.optim.Optimizer
+) -> Callable[[], None]:
+    def run() -> None:
+        with _impl_context(impl, model):
+            loss = torch.nn.functional.cross_entropy(fn(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+def _time_call(run: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
+
+
+def run_model(name: str, cfg: BenchConfig, bar: Any = None) -> list[Case]:
+    """Build, warm up (compiling where asked) and time every case of one model in interleaved rounds."""
+    cases = make_cases(name, cfg)
+    for case in cases:
+        if bar is not None:
+            bar.set_postfix_str(
+                f"{SHORT_NAMES.get(name, name)} warm-up {case.mode}/{case.impl}/{case.exec}/{case.task}"
+            )
+        try:
+            case.compile_s = _time_call(case.run)  # first call: compilation (if any) + one-time setup
+            for _ in range(cfg.warmup - 1):
+                case.run()
+        except Exception as exc:  # noqa: BLE001 - one failing case must not lose the whole run
+            case.error = f"{type(exc).__name__}: {exc}"[:500]
+        if bar is not None:
+            bar.update(cfg.warmup)
+    for r in range(cfg.rounds):
+        if bar is not None:
+            bar.set_postfix_str(f"{SHORT_NAMES.get(name, name)} round {r + 1}/{cfg.rounds}")
+        for case in cases:
+            if not case.error:
+                for _ in range(cfg.iters):
+                    case.times.append(_time_call(case.run))
+            if bar is not None:
+                bar.update(cfg.iters)
+    for case in cases:
+        case.run = lambda: None  # drop the model references
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+def summarise(cases: list[Case]) -> list[dict[str, Any]]:
+    """One record per case: median seconds per call and images/s."""
+    out = []
+    for c in cases:
+        med = statistics.median(c.times) if c.times else float("nan")
+        out.append(
+            {
+                "model": c.model,
+                "mode": c.mode,
+                "impl": c.impl,
+                "exec": c.exec,
+                "task": c.task,
+                "batch": c.batch,
+                "median_s": med,
+                "images_per_s": c.batch / med if c.times else float("nan"),
+                "min_s": min(c.times) if c.times else float("nan"),
+                "n": len(c.times),
+                "first_call_s": c.compile_s,
+                "error": c.error,
+            }
+        )
+    return out
+
+
+def ratios(records: list[dict[str, Any]], base: str = "default") -> list[dict[str, Any]]:
+    """images/s of every mode over the ``base`` mode's, for the same model, implementation, execution and task."""
+    idx = {(r["model"], r["mode"], r["impl"], r["exec"], r["task"]): r for r in records}
+    out = []
+    for r in records:
+        if r["mode"] == base:
+            continue
+        b = idx.get((r["model"], base, r["impl"], r["exec"], r["task"]))
+        if b is None:
+            continue
+        ratio = r["images_per_s"] / b["images_per_s"]
+        target = TARGETS.get(r["task"]) if r["mode"] == "mpvg" else None
+        out.append(
+            {
+                "model": r["model"],
+                "mode": r["mode"],
+                "impl": r["impl"],
+                "exec": r["exec"],
+                "task": r["task"],
+                "ratio_vs_default": ratio,
+                "target": target,
+                "met": None if target is None or ratio != ratio else bool(ratio >= target),
+            }
+        )
+    return out
+
+
+def speedups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """fused over unfused images/s, for the same model, mode, execution and task."""
+    idx = {(r["model"], r["mode"], r["impl"], r["exec"], r["task"]): r for r in records}
+    out = []
+    for r in records:
+        if r["impl"] != "fused":
+            continue
+        u = idx.get((r["model"], r["mode"], "unfused", r["exec"], r["task"]))
+        if u is not None:
+            out.append(
+                {
+                    "model": r["model"],
+                    "mode": r["mode"],
+                    "exec": r["exec"],
+                    "task": r["task"],
+                    "fused_over_unfused": r["images_per_s"] / u["images_per_s"],
+                }
+            )
+    return out
+
+
+def _fmt(v: float) -> str:
+    if v != v:
+        return "—"
+    return f"{v:,.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The results as Markdown tables: images/s, MPVG/PE-mode ratios vs default, fused/unfused speed-ups."""
+    env, cfg, recs = result["environment"], result["config"], result["records"]
+    lines = [
+        f"# Model benchmark ({result['config']['name']})",
+        "",
+        f"- device: {env['device']} ({env['cpu']}, {env['logical_cpus']} logical CPUs), "
+        f"{env['threads']} thread(s); torch {env['torch']}, python {env['python']}, "
+        f"mpvg-kernels {env['mpvg_kernels']} ({env['git_commit']})",
+        f"- fused backend: `{env['fused_backend']}` (C++ loaded: {env['cpp_backend_loaded']}); "
+        f"unfused: backend `torch`, PE cache off",
+        f"- malloc: {env['malloc']['how']}; date {env['date_utc']}",
+        f"- command: `{env['command']}`",
+        f"- medians of {cfg['rounds']} interleaved rounds x {cfg['iters']} call(s) after {cfg['warmup']} warm-up "
+        "call(s); images/s = batch / median seconds per call; train = forward + backward + AdamW step",
+        "",
+        "## Images/s",
+        "",
+    ]
+    tasks = [t for t in TASKS if any(r["task"] == t for r in recs)]
+    heads = []
+    for t in tasks:
+        b = next(r["batch"] for r in recs if r["task"] == t and r["model"] == recs[0]["model"])
+        heads.append(f"{t} (B={b})" if t != "infer_b1" else "infer_b1 (B=1)")
+    by_key = {(r["model"], r["mode"], r["impl"], r["exec"], r["task"]): r for r in recs}
+    rows = sorted({(r["model"], r["mode"], r["impl"], r["exec"]) for r in recs}, key=_row_order)
+    for model in dict.fromkeys(r[0] for r in rows):
+        b_inf = next((r["batch"] for r in recs if r["model"] == model and r["task"] == "infer_bN"), None)
+        b_tr = next((r["batch"] for r in recs if r["model"] == model and r["task"] == "train"), None)
+        lines += [f"### {SHORT_NAMES.get(model, model)} (`{model}`; infer_bN B={b_inf}, train B={b_tr})", ""]
+        lines.append("| mode | impl | exec | " + " | ".join(tasks) + " |")
+        lines.append("|---|---|---|" + "---:|" * len(tasks))
+        for row in rows:
+            if row[0] != model:
+                continue
+            cells = []
+            for t in tasks:
+                r = by_key.get((*row, t))
+                cells.append("error" if r and r["error"] else _fmt(r["images_per_s"]) if r else "")
+            lines.append(f"| {row[1]} | {row[2]} | {row[3]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    rat = result["ratios"]
+    if rat:
+        lines += [
+            "## Ratio to `default` mode (images/s; same model, impl, exec, task)",
+            "",
+            f"Targets for `mpvg` with `fused`: inference >= {TARGETS['infer_bN']:.0%}, training >= "
+            f"{TARGETS['train']:.0%}.",
+            "",
+            "| model | mode | impl | exec | " + " | ".join(tasks) + " |",
+            "|---|---|---|---|" + "---:|" * len(tasks),
+        ]
+        rk = {(r["model"], r["mode"], r["impl"], r["exec"], r["task"]): r for r in rat}
+        for row in sorted({(r["model"], r["mode"], r["impl"], r["exec"]) for r in rat}, key=_row_order):
+            cells = []
+            for t in tasks:
+                r = rk.get((*row, t))
+                if r is None or r["ratio_vs_default"] != r["ratio_vs_default"]:
+                    cells.append("—")
+                    continue
+                mark = ""
+                if r["met"] is not None and row[2] == "fused":
+                    mark = " ✓" if r["met"] else " ✗"
+                cells.append(f"{r['ratio_vs_default']:.3f}{mark}")
+            lines.append(
+                f"| {SHORT_NAMES.get(row[0], row[0])} | {row[1]} | {row[2]} | {row[3]} | " + " | ".join(cells) + " |"
+            )
+        lines.append("")
+    sp = result["speedups"]
+    if sp:
+        lines += [
+            "## Fused over unfused (images/s ratio)",
+            "",
+            "| model | mode | exec | " + " | ".join(tasks) + " |",
+            "|---|---|---|" + "---:|" * len(tasks),
+        ]
+        sk = {(r["model"], r["mode"], r["exec"], r["task"]): r for r in sp}
+        for row in sorted({(r["model"], r["mode"], "", r["exec"]) for r in sp}, key=_row_order):
+            cells = []
+            for t in tasks:
+                r = sk.get((row[0], row[1], row[3], t))
+                cells.append(f"{r['fused_over_unfused']:.3f}" if r else "—")
+            lines.append(f"| {SHORT_NAMES.get(row[0], row[0])} | {row[1]} | {row[3]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    errs = [r for r in recs if r["error"]]
+    if errs:
+        lines += ["## Errors", ""]
+        lines += [f"- {r['model']} {r['mode']} {r['impl']} {r['exec']} {r['task']}: `{r['error']}`" for r in errs]
+        lines.append("")
+    first = [r for r in recs if r["exec"] == "compile" and not r["error"]]
+    if first:
+        tot = sum(r["first_call_s"] for r in first)
+        lines += [f"Compilation (first calls of compiled cases): {tot:.0f} s in all.", ""]
+    return "\n".join(lines)
+
+
+def _row_order(row: tuple[str, ...]) -> tuple[int, ...]:
+    def pos(seq: tuple[str, ...], v: str) -> int:
+        return seq.index(v) if v in seq else len(seq)
+
+    return (0, pos(MODES, row[1]), pos(IMPLS, row[2]), pos(EXECS, row[3]))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """PNG chart: per model and task, images/s of each mode, grouped by implementation and execution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in result["records"] if not r["error"]]
+    models = list(dict.fromkeys(r["model"] for r in recs))
+    tasks = [t for t in TASKS if any(r["task"] == t for r in recs)]
+    if not models or not tasks:
+        return
+    fig, axes = plt.subplots(len(models), len(tasks), figsize=(4.2 * len(tasks), 3.2 * len(models)), squeeze=False)
+    groups = [(i, e) for i in IMPLS for e in EXECS if any(r["impl"] == i and r["exec"] == e for r in recs)]
+    modes = [m for m in MODES if any(r["mode"] == m for r in recs)]
+    colors = {"default": "#7f7f7f", "lape": "#1f77b4", "pvg": "#ff7f0e", "mpvg": "#2ca02c"}
+    width = 0.8 / max(len(modes), 1)
+    idx = {(r["model"], r["mode"], r["impl"], r["exec"], r["task"]): r for r in recs}
+    for i, model in enumerate(models):
+        for j, task in enumerate(tasks):
+            ax = axes[i][j]
+            for k, mode in enumerate(modes):
+                vals = [idx.get((model, mode, g[0], g[1], task), {}).get("images_per_s", 0.0) for g in groups]
+                xs = [g + (k - (len(modes) - 1) / 2) * width for g in range(len(groups))]
+                ax.bar(xs, vals, width, label=mode, color=colors.get(mode))
+            ax.set_xticks(range(len(groups)))
+            ax.set_xticklabels([f"{g[0]}\n{g[1]}" for g in groups], fontsize=8)
+            batch = next((r["batch"] for r in recs if r["model"] == model and r["task"] == task), "?")
+            ax.set_title(f"{SHORT_NAMES.get(model, model)} {task} (B={batch})", fontsize=9)
+            ax.set_ylabel("images/s", fontsize=8)
+            ax.tick_params(axis="y", labelsize=8)
+    axes[0][0].legend(fontsize=7)
+    env = result["environment"]
+    fig.suptitle(f"{env['cpu']}, {env['threads']} thread(s), torch {env['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
+    """Write ``name``.json, .md and .png under ``out_dir``; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
+    paths[0].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths[1].write_text(to_markdown(result))
+    plot(result, paths[2])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run every case of ``cfg`` (model by model, interleaved within a model) and write the result files."""
+    malloc = tune_malloc()
+    torch.set_num_threads(cfg.threads)
+    for m in cfg.modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    for lst, known, what in ((cfg.impls, IMPLS, "impl"), (cfg.execs, EXECS, "exec"), (cfg.tasks, TASKS, "task")):
+        for v in lst:
+            if v not in known:
+                raise ValueError(f"unknown {what} {v!r}; choose from {', '.join(known)}")
+    if "fused" in cfg.impls and backends.resolve_backend(torch.device("cpu")) == "torch":
+        print(
+            "warning: the fused implementation resolves to backend 'torch' (C++ backend not loaded: "
+            f"{backends.cpp_status()[1]}); fused and unfused then differ only by the PE cache",
+            file=sys.stderr,
+        )
+    per_case = cfg.warmup + cfg.rounds * cfg.iters
+    n_cases = len(cfg.modes) * len(cfg.impls) * len(cfg.execs) * len(cfg.tasks)
+    total = per_case * n_cases * len(cfg.models)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="mpvg bench", unit="call", file=sys.stderr, dynamic_ncols=True)
+    cases: list[Case] = []
+    t0 = time.perf_counter()
+    dyn = torch._dynamo.config
+    old_limit = dyn.recompile_limit
+    # many compiled wrappers share one forward code object: keep dynamo from falling back to eager
+    dyn.recompile_limit = max(old_limit, 64)
+    try:
+        for name in cfg.models:
+            cases += run_model(name, cfg, bar)
+            if "compile" in cfg.execs:
+                torch._dynamo.reset()
+    finally:
+        dyn.recompile_limit = old_limit
+        if bar is not None:
+            bar.close()
+    records = summarise(cases)
+    result = {
+        "config": asdict(cfg),
+        "environment": environment(cfg, malloc),
+        "wall_s": time.perf_counter() - t0,
+        "records": records,
+        "ratios": ratios(records),
+        "speedups": speedups(records),
+    }
+    write_results(result, Path(cfg.out_dir), cfg.name)
+    return result
+
+
+def smoke_config(out_dir: str = "benchmarks/results", name: str = "models_smoke") -> BenchConfig:
+    """A run of well under a minute: the small digits model, eager only, few iterations."""
+    return BenchConfig(
+        models=["vit_digits"],
+        execs=["eager"],
+        batch_infer=32,
+        batch_train=32,
+        warmup=2,
+        rounds=5,
+        iters=1,
+        out_dir=out_dir,
+        name=name,
+    )
+
+
+def _csv(s: str) -> list[str]:
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``mpvg bench`` / ``benchmarks/bench_models.py``."""
+    p.add_argument(
+        "--models", type=_csv, default=None, help="comma-separated model names (default: DeiT-Ti, DeiT-S, ViT-Lite)"
+    )
+    p.add_argument("--modes", type=_csv, default=None, help=f"PE modes (default: {','.join(MODES)})")
+    p.add_argument("--impls", type=_csv, default=None, help=f"implementations (default: {','.join(IMPLS)})")
+    p.add_argument("--execs", type=_csv, default=None, help=f"execution modes (default: {','.join(EXECS)})")
+    p.add_argument("--tasks", type=_csv, default=None, help=f"tasks (default: {','.join(TASKS)})")
+    p.add_argument("--batch-infer", type=int, default=None, help="large inference batch (default: 16)")
+    p.add_argument("--batch-train", type=int, default=None, help="training batch (default: 8)")
+    p.add_argument(
+        "--batch",
+        action="append",
+        default=[],
+        metavar="MODEL=INFER,TRAIN",
+        help="per-model batch sizes, e.g. vit_lite_7_4_32=64,32 (repeatable)",
+    )
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per case, the first compiles (default: 2)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: 5)")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per case per round (default: 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1)")
+    p.add_argument("--pool", choices=("avg", "cls"), default=None, help="pooling of every model (default: avg)")
+    p.add_argument("--out-dir", default=None, help="where to write NAME.json/.md/.png (default: benchmarks/results)")
+    p.add_argument("--name", default=None, help="file name stem (default: models_cpu; models_smoke with --smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, eager, few iterations: well under a minute")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """A :class:`BenchConfig` from parsed flags (``--smoke`` gives the base, explicit flags override it)."""
+    cfg = smoke_config() if args.smoke else BenchConfig()
+    for attr in (
+        "models",
+        "modes",
+        "impls",
+        "execs",
+        "tasks",
+        "batch_infer",
+        "batch_train",
+        "warmup",
+        "rounds",
+        "iters",
+        "threads",
+        "pool",
+        "out_dir",
+        "name",
+    ):
+        v = getattr(args, attr, None)
+        if v is not None:
+            setattr(cfg, attr, v)
+    for spec in args.batch:
+        try:
+            model, sizes = spec.split("=", 1)
+            bi, bt = (int(s) for s in sizes.split(","))
+        except ValueError:
+            raise SystemExit(f"--batch expects MODEL=INFER,TRAIN (e.g. vit_lite_7_4_32=64,32), got {spec!r}") from None
+        cfg.batch_overrides[model.strip()] = (bi, bt)
+    cfg.progress = not args.no_progress
+    return cfg
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``mpvg bench``: run, write files, print the Markdown summary."""
+    cfg = config_from_args(args)
+    result = run_bench(cfg)
+    print(to_markdown(result))
+    out = Path(cfg.out_dir)
+    print(f"wrote {out / (cfg.name + '.json')}, .md, .png in {result['wall_s']:.0f} s", file=sys.stderr)
+    return 1 if any(r["error"] for r in result["records"]) else 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``bench`` subcommand on an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "bench",
+        help="model-level images/s: PE modes x fused/unfused x eager/compiled, training and inference",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_arguments(p)
+    p.set_defaults(func=main)
+    return p

@@ -1,0 +1,435 @@
+"""Export an inference graph with the PE cache frozen into constants: ONNX (standard operators) or ``torch.export``.
+
+- :class:`FrozenPEModel` wraps a copy of a model whose image-independent PE terms (the chain pos_1..pos_L, the
+  last PE term and the pooled last-LN bias c, see DESIGN.md section 1) are computed once and held as buffers; its
+  forward is the model's cached inference path, so no LN'(pos) is computed in the exported graph.
+- ONNX (:func:`export_onnx`): the TorchScript-based exporter (``dynamo=False``; it needs no ``onnxscript``), opset
+  >= 17. The ``mpvg::layer_norm_add`` / ``mpvg::layer_norm_pool`` custom ops are translated to the standard
+  ``LayerNormalization`` (+ ``Add``, + ``ReduceMean`` for the pooled op); where the backend resolves to ``torch``
+  the reference math is exported as plain operators. Either way the graph holds no custom-domain op, so
+  onnxruntime (or any ONNX runtime) runs it. Batch size is dynamic.
+- ``torch.export`` (:func:`export_pt2`): keeps the ``mpvg::`` ops as they are (with the C++ backend built; saved
+  with ``torch.export.save``; load with ``torch.export.load`` after ``import mpvg_kernels``). Batch is dynamic.
+
+CLI: ``mpvg export --model NAME --pe MODE [--checkpoint FILE] --format onnx|pt2 --out FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import backends
+
+#: Opset used unless told otherwise (LayerNormalization needs >= 17).
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+FORMATS = ("onnx", "pt2")
+
+
+# ----------------------------------------------------------------------------------------------- frozen model
+
+
+class FrozenPEModel(nn.Module):
+    """Inference-only copy of a model with its image-independent PE terms precomputed and held as buffers.
+
+    ``model`` must be a :class:`~mpvg_kernels.models.VisionTransformer` (anything with ``pe_state``). The terms are
+    computed for the model's token grid (its ``img_size``); the wrapper takes images of that size at any batch
+    size. Parameters are frozen (``requires_grad=False``) and the wrapper stays in eval mode. The original model is
+    not modified.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        model = copy.deepcopy(model).eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.grid: tuple[int, int] | None = None
+        self._term_names: list[str | None] = []
+        self._has_state = getattr(model, "pos_embed", None) is not None
+        if self._has_state:
+            self.grid = tuple(model.patch_embed.grid_size)  # type: ignore[assignment]
+            with torch.no_grad():
+                state = model._compute_pe_state(self.grid)
+            self.register_buffer("pe_pos", state.pos.detach().clone())
+            for i, t in enumerate(state.terms):
+                if t is None:
+                    self._term_names.append(None)
+                else:
+                    name = f"pe_term_{i}"
+                    self.register_buffer(name, t.detach().clone())
+                    self._term_names.append(name)
+            self.register_buffer("pe_last_term", None if state.last_term is None else state.last_term.clone())
+            self.register_buffer("pe_pooled_bias", None if state.pooled_bias is None else state.pooled_bias.clone())
+            # The model's forward asks pe_state(grid) for the cached terms: serve the frozen buffers, always
+            # (also while tracing or exporting, where the live cache is bypassed by design).
+            object.__setattr__(model, "pe_state", self._frozen_state)
+        self.eval()
+
+    def _frozen_state(self, grid: tuple[int, int] | None = None) -> Any:
+        from .models.vision_transformer import _PEState
+
+        if grid is not None and tuple(grid) != self.grid:
+            raise ValueError(f"this frozen model serves the token grid {self.grid}, got {tuple(grid)}")
+        terms = [None if n is None else getattr(self, n) for n in self._term_names]
+        return _PEState(pos=self.pe_pos, terms=terms, last_term=self.pe_last_term, pooled_bias=self.pe_pooled_bias)
+
+    def train(self, mode: bool = True) -> FrozenPEModel:
+        """Always eval: the frozen terms are inference-only."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] -> logits [B, num_classes], through the cached-PE inference path."""
+        return self.model(x)
+
+
+def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
+    """A random image batch of the model's input size (``default_cfg["input_size"]``)."""
+    inner = model.model if isinstance(model, FrozenPEModel) else model
+    c, h, w = inner.default_cfg["input_size"]
+    g = torch.Generator().manual_seed(0)
+    p = next(inner.parameters())
+    return torch.randn(batch, c, h, w, generator=g).to(device=p.device, dtype=p.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- ONNX
+
+
+def _onnx_ln(g: Any, x: Any, weight: Any, bias: Any, eps: Any) -> tuple[Any, Any, Any]:
+    from torch.onnx import symbolic_helper as sh
+
+    eps_f = sh._get_const(eps, "f", "eps")
+    y, mean, rstd = g.op("LayerNormalization", x, weight, bias, axis_i=-1, epsilon_f=eps_f, outputs=3)
+    return y, mean, rstd
+
+
+def _onnx_add_pe(g: Any, y: Any, pe: Any) -> Any:
+    from torch.onnx import symbolic_helper as sh
+
+    return y if sh._is_none(pe) else g.op("Add", y, pe)
+
+
+def _sym_layer_norm_add(g: Any, x: Any, pe: Any, weight: Any, bias: Any, eps: Any) -> tuple[Any, Any, Any]:
+    y, mean, rstd = _onnx_ln(g, x, weight, bias, eps)
+    return _onnx_add_pe(g, y, pe), mean, rstd
+
+
+def _make_sym_layer_norm_pool(axes_as_input: bool) -> Any:
+    def sym(g: Any, x: Any, weight: Any, bias: Any, pe: Any, eps: Any) -> tuple[Any, Any, Any]:
+        y, mean, rstd = _onnx_ln(g, x, weight, bias, eps)
+        y = _onnx_add_pe(g, y, pe)
+        if axes_as_input:  # opset >= 18: axes is an input
+            axes = g.op("Constant", value_t=torch.tensor([-2], dtype=torch.int64))
+            return g.op("ReduceMean", y, axes, keepdims_i=0), mean, rstd
+        return g.op("ReduceMean", y, axes_i=[-2], keepdims_i=0), mean, rstd
+
+    return sym
+
+
+_SYMBOLICS_REGISTERED = [False]
+
+
+def register_onnx_symbolics() -> None:
+    """Teach the TorchScript ONNX exporter to write the ``mpvg::`` ops as standard ONNX operators (idempotent).
+
+    ``layer_norm_add`` -> ``LayerNormalization`` (+ ``Add`` of the PE); ``layer_norm_pool`` -> ``LayerNormalization``
+    (+ ``Add``) + ``ReduceMean`` over the tokens. The saved statistics map to LayerNormalization's optional
+    Mean / InvStdDev outputs (unused at inference).
+    """
+    if _SYMBOLICS_REGISTERED[0]:
+        return
+    from torch.onnx import register_custom_op_symbolic
+
+    register_custom_op_symbolic("mpvg::layer_norm_add", _sym_layer_norm_add, MIN_OPSET)
+    register_custom_op_symbolic("mpvg::layer_norm_pool", _make_sym_layer_norm_pool(False), MIN_OPSET)
+    register_custom_op_symbolic("mpvg::layer_norm_pool", _make_sym_layer_norm_pool(True), 18)
+    _SYMBOLICS_REGISTERED[0] = True
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Silence the exporters' tracer and deprecation warnings (shape checks that are constant per graph)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*dynamic_axes.*")
+        yield
+
+
+def export_onnx(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    example_batch: int = 2,
+    freeze: bool = True,
+) -> Path:
+    """Write ``model`` (frozen with :class:`FrozenPEModel` unless ``freeze=False`` or already frozen) as ONNX.
+
+    Input ``images`` [batch, C, H, W] float32, output ``logits`` [batch, num_classes]; ``batch`` is dynamic. The
+    graph uses standard operators only (checked: a custom-domain node raises RuntimeError). Returns the path.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
+    register_onnx_symbolics()
+    if freeze and not isinstance(model, FrozenPEModel):
+        model = FrozenPEModel(model)
+    model.eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    x = example_input(model, example_batch)
+    with torch.no_grad(), _quiet_export():
+        torch.onnx.export(
+            model,
+            (x,),
+            str(out),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            do_constant_folding=True,
+        )
+    bad = custom_domain_ops(out)
+    if bad:
+        raise RuntimeError(f"the exported ONNX graph holds non-standard operators: {', '.join(sorted(bad))}")
+    return out
+
+
+def custom_domain_ops(path: str | os.PathLike) -> set[str]:
+    """``domain::op_type`` of every node (subgraphs included) outside the standard ONNX domains."""
+    import onnx
+
+    standard = {"", "ai.onnx"}
+    found: set[str] = set()
+
+    def walk(graph: Any) -> None:
+        for node in graph.node:
+            if node.domain not in standard:
+                found.add(f"{node.domain}::{node.op_type}")
+            for attr in node.attribute:
+                if attr.g is not None and len(attr.g.node):
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    walk(onnx.load(str(path), load_external_data=False).graph)
+    return found
+
+
+def onnx_op_types(path: str | os.PathLike) -> dict[str, int]:
+    """Operator type -> count of the top-level graph (for reports)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------- torch.export
+
+
+def export_pt2(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    example_batch: int = 2,
+    max_batch: int = 4096,
+    freeze: bool = True,
+) -> Path:
+    """Write ``model`` (frozen as for ONNX) as a ``torch.export`` program (``torch.export.save``), dynamic batch.
+
+    The ``mpvg::`` custom ops stay in the graph (when the backend in force resolves to a fused kernel); the program
+    loads with ``torch.export.load`` in a process that has imported ``mpvg_kernels``. Returns the path.
+    """
+    if freeze and not isinstance(model, FrozenPEModel):
+        model = FrozenPEModel(model)
+    model.eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    x = example_input(model, example_batch)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    torch.export.save(ep, str(out))
+    return out
+
+
+def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
+    """``torch.export.load`` after registering the ``mpvg::`` ops (importing this package does that)."""
+    return torch.export.load(str(path))
+
+
+def graph_custom_ops(ep: torch.export.ExportedProgram) -> set[str]:
+    """Names of the ``mpvg::`` ops an exported program calls."""
+    names = set()
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("mpvg."):
+            names.add(str(node.target))
+    return names
+
+
+# ----------------------------------------------------------------------------------------------- model loading
+
+
+def load_model(
+    name: str | None,
+    pe: str | None,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    weights: str = "auto",
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The model to export, in eval mode.
+
+    - an ``mpvg train`` checkpoint: the model is rebuilt from it (name, PE mode and options recorded there; a
+      ``name``/``pe`` that disagrees is an error); ``weights`` picks ``auto``/``ema``/``model``;
+    - a timm/DeiT-format checkpoint: needs ``name`` (and ``pe``), loaded with the models' checkpoint filter;
+    - no checkpoint: ``create_model(name, pe=pe)`` with its random init (for smoke tests and benchmarking).
+    """
+    from .engine import UserError
+
+    if checkpoint is not None:
+        from .engine import checkpoint as C
+
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise UserError(f"checkpoint not found: {path}")
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - corrupt or foreign file: let the engine's loader word the error
+            raw = None
+            C.load_checkpoint(path)
+            raise UserError(f"cannot load checkpoint {path}: {e}") from None
+        if isinstance(raw, dict) and raw.get("format") == C.FORMAT:
+            ckpt = C.load_checkpoint(path)
+            meta = ckpt["model"]
+            for what, given, stored in (("model", name, meta["name"]), ("pe", pe, meta["pe"])):
+                if given is not None and given != stored:
+                    raise UserError(f"--{what} {given!r} disagrees with the checkpoint, which holds {stored!r}")
+            return C.model_from_checkpoint(ckpt, weights=weights, where=str(path)).eval()
+        if name is None:
+            raise UserError(f"{path} is not an `mpvg train` checkpoint: pass --model (and --pe) to load it")
+    if name is None:
+        raise UserError("pass --model NAME (or --checkpoint of an `mpvg train` run)")
+    from .engine.checkpoint import build_model
+
+    kwargs = dict(model_kwargs or {})
+    model = build_model(name, pe or "default", num_classes if num_classes is not None else _registered_classes(name),
+                        kwargs)
+    if checkpoint is not None:
+        from .models import load_checkpoint
+
+        try:
+            load_checkpoint(model, checkpoint)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"cannot load {checkpoint} into {name} (pe={pe}): {e}") from None
+    return model.eval()
+
+
+def _registered_classes(name: str) -> int:
+    from .models import MODEL_CFGS
+
+    return int(MODEL_CFGS[name]["model"].get("num_classes", 1000)) if name in MODEL_CFGS else 1000
+
+
+def max_abs_diff_onnx(model: nn.Module, path: str | os.PathLike, x: torch.Tensor) -> float:
+    """Max |onnxruntime(x) - model(x)| (the model in eval mode, no grad, the backend in force)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+    with torch.no_grad():
+        ref = model.eval()(x)
+    return float((got - ref).abs().max())
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_kv(items: list[str]) -> dict[str, Any]:
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model-arg expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = val
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``mpvg export``."""
+    from .engine import UserError
+
+    model = load_model(
+        args.model,
+        args.pe,
+        args.checkpoint,
+        num_classes=args.num_classes,
+        weights=args.weights,
+        model_kwargs=_parse_kv(args.model_arg),
+    )
+    backend = args.backend
+    with backends.use_backend(backend) if backend else contextlib.nullcontext():
+        try:
+            if args.format == "onnx":
+                path = export_onnx(model, args.out, opset=args.opset)
+            else:
+                path = export_pt2(model, args.out)
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"export failed: {e}") from e
+    resolved = backends.resolve_backend(torch.device("cpu")) if not backend else backend
+    msg = f"wrote {path} ({args.format}, {path.stat().st_size / 1e6:.1f} MB; dynamic batch; backend {resolved})"
+    if args.verify:
+        x = example_input(model, 3)
+        with backends.use_backend(backend) if backend else contextlib.nullcontext():
+            if args.format == "onnx":
+                diff = max_abs_diff_onnx(model, path, x)
+            else:
+                with torch.no_grad():
+                    diff = float((load_pt2(path).module()(x) - model(x)).abs().max())
+        msg += f"; verified at batch 3: max |diff| = {diff:.2e}"
+    print(msg, file=sys.stderr)
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``export`` subcommand on an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "export",
+        help="export an inference graph (PE cache frozen) to ONNX or torch.export (.pt2)",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--model", default=None, help="registered model name (taken from --checkpoint when omitted)")
+    p.add_argument("--pe", default=None, choices=("default", "lape", "pvg", "mpvg"), help="PE mode")
+    p.add_argument("--checkpoint", default=None, help="an `mpvg train` checkpoint or timm/DeiT-format weights")
+    p.add_argument("--weights", default="auto", choices=("auto", "ema", "model"),
+                   help="which weights of an `mpvg train` checkpoint (default: %(default)s)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the registered one)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra create_model keyword, e.g. pool=avg (repeatable; without --checkpoint)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx or pt2 (torch.export)")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, >= 17 (default: %(default)s)")
+    p.add_argument("--backend", default=None, choices=backends.KNOWN_BACKENDS,
+                   help="op backend while tracing (default: the configured one, i.e. the fused kernels)")
+    p.add_argument("--verify", action="store_true", help="run the exported graph once and print the max abs diff")
+    p.set_defaults(func=main)
+    return p
