@@ -746,6 +746,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="patch index whose PE is compared in the position-correlation maps (default: grid centre)")
     p.add_argument("--seed", type=int, default=0, help="seed for freshly initialised models (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="intra-op CPU threads of this process (default: torch's default)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.set_defaults(func=run)
     return p
@@ -842,6 +844,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    threads_before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, figures, explicit, layers)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace, figures: list[str], explicit: bool, layers: list[int] | None) -> int:
     device = torch.device(args.device)
     sources = _load_sources(args)
     labels = _unique_labels(args.label, [str(s.model.pe) for s in sources])
