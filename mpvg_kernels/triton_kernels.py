@@ -119,6 +119,16 @@ def _check_x3(x3: torch.Tensor) -> None:
 
 
 @triton.jit
+def _rstd(var_eps, ACC_DTYPE: tl.constexpr):
+    """1 / sqrt(var + eps): the hardware rsqrt in fp32 (within 2 ulp), correctly rounded sqrt and divide in fp64."""
+    if ACC_DTYPE == tl.float64:
+        r = 1.0 / tl.sqrt(var_eps)
+    else:
+        r = tl.math.rsqrt(var_eps)
+    return r
+
+
+@triton.jit
 def _ln_fwd_kernel(
     X,  # [B, N, D] input, row address b * stride_xb + n * stride_xn
     PE,  # [N, D] contiguous (read only when HAS_PE)
@@ -159,7 +169,7 @@ def _ln_fwd_kernel(
             x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
             mean = tl.sum(x, axis=1) / D
             xc = tl.where(mask, x - mean[:, None], 0.0)
-            rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)  # fp32 and fp64
+            rstd = _rstd(tl.sum(xc * xc, axis=1) / D + eps, ACC_DTYPE)
             rows = b * N + n
             tl.store(Mean + rows, mean.to(Mean.dtype.element_ty), mask=row_mask)
             tl.store(Rstd + rows, rstd.to(Rstd.dtype.element_ty), mask=row_mask)
@@ -181,7 +191,7 @@ def _ln_fwd_kernel(
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
         mean = tl.sum(x, axis=1) / D
         xc = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)  # fp32 and fp64
+        rstd = _rstd(tl.sum(xc * xc, axis=1) / D + eps, ACC_DTYPE)
         tl.store(Mean + rows, mean.to(Mean.dtype.element_ty), mask=row_mask)
         tl.store(Rstd + rows, rstd.to(Rstd.dtype.element_ty), mask=row_mask)
         y = xc * rstd[:, None] * w[None, :] + bias[None, :]

@@ -275,6 +275,27 @@ def test_heuristics_are_pure_and_bounded():
                 assert cfg.rows >= 1 and cfg.rows & (cfg.rows - 1) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+@pytest.mark.parametrize("variant", ["fwd+pe", "pool+pe", "bwd+pe"])
+def test_other_dtypes_compile(ptxas, dtype, variant):
+    """float16 x compiles for sm_90 without spills and with 16-byte x loads; float64 x (fp64 statistics) compiles.
+
+    float64 is not held to the no-spill rule: its correctly rounded divide and sqrt are SASS subroutine calls,
+    around which ptxas spills a few bytes. float64 exists for checks, not speed.
+    """
+    name, kind, has_pe, pool = next(v for v in VARIANTS if v[0] == variant)
+    r = _compile(name, kind, 768, dtype, has_pe, pool, 90, ptxas[90])
+    print(
+        f"{name:<12} sm_90 {str(dtype).split('.')[-1]:<7} D=768 {r.cfg} regs={r.registers} "
+        f"spill st/ld={r.spill_stores}/{r.spill_loads}"
+    )
+    ops = r.mem_ops.get("X", [])
+    assert ops, r.mem_ops
+    if dtype == torch.float16:
+        assert r.spill_stores == 0 and r.spill_loads == 0, r.ptxas_log
+        assert all(".v4." in op for op in ops), ops
+
+
 def test_unaligned_rows_are_detected_as_narrow(ptxas):
     """Control for the width check: with D = 200 (rows 400 bytes apart in bf16, not a multiple of 16 that the
     JIT could prove) the x loads cannot be 16 bytes wide, and the parser must see that."""

@@ -74,11 +74,13 @@ def poison(monkeypatch):
     monkeypatch.setattr(tk, "plan_backward", poisoned_backward)
 
 
-def make_x(B: int, N: int, D: int, dtype: torch.dtype, layout: str, gen: torch.Generator) -> torch.Tensor:
-    """Random x of shape [B, N, D] (values ~ 2 * randn + 0.5) in the given memory layout; never copied."""
+def make_x(
+    B: int, N: int, D: int, dtype: torch.dtype, layout: str, gen: torch.Generator, scale: float = 2.0
+) -> torch.Tensor:
+    """Random x of shape [B, N, D] (values ~ scale * randn + 0.25 * scale) in the given memory layout."""
 
     def rnd(*shape):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype)
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + 0.25 * scale).to(dtype)
 
     if layout == "contiguous":
         x = rnd(B, N, D)
@@ -131,22 +133,22 @@ def assert_close(name: str, out: torch.Tensor, ref64: torch.Tensor, same_dtype: 
         )
 
 
-def check_kernels(B, N, D, dtype, layout, has_pe, pool, seed=0, param_dtype=torch.float32):
+def check_kernels(B, N, D, dtype, layout, has_pe, pool, seed=0, param_dtype=torch.float32, eps=EPS, scale=2.0):
     """Direct kernel calls vs reference.forward/backward (float64, and in x's dtype for fp16/bf16)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + B * 10_007 + N * 101 + D)
-    x = make_x(B, N, D, dtype, layout, gen)
+    x = make_x(B, N, D, dtype, layout, gen, scale)
     w, b, pe = make_params(N, D, dtype, param_dtype, gen)
     pe = pe if has_pe else None
     low = dtype in (torch.float16, torch.bfloat16)
 
-    out, mean, rstd = tk.forward(x, pe, w, b, EPS, pool)
+    out, mean, rstd = tk.forward(x, pe, w, b, eps, pool)
     assert out.dtype == dtype and out.is_contiguous()
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert mean.dtype == acc and rstd.dtype == acc and mean.shape == (B * N,) and rstd.shape == (B * N,)
 
     f64 = (x.double(), None if pe is None else pe.double(), w.double(), b.double())
-    r_out, r_mean, r_rstd = reference.forward(*f64, EPS, pool)
-    s_out = reference.forward(x, pe, w, b, EPS, pool)[0] if low else None
+    r_out, r_mean, r_rstd = reference.forward(*f64, eps, pool)
+    s_out = reference.forward(x, pe, w, b, eps, pool)[0] if low else None
     tag = f"B={B} N={N} D={D} {dtype} {layout} pe={has_pe} pool={pool}"
     assert_close(f"out [{tag}]", out, r_out, s_out, low)
     assert_close(f"mean [{tag}]", mean, r_mean, None, False)
@@ -194,8 +196,10 @@ def _direct_cases():
     for D in DS:
         for N in (1, 16, 197):
             cases.append((0, N, D, f32, "contiguous", True, N != 16))
-    # 7. bfloat16 and float64 spot checks.
+    # 7. bfloat16 and float64 spot checks; D = 1 (constant rows: y = bias + pe).
     cases += [
+        (3, 16, 1, f32, "every_other", True, False),
+        (3, 16, 1, f16, "contiguous", True, True),
         (3, 16, 200, torch.bfloat16, "slice", True, False),
         (3, 16, 768, torch.bfloat16, "transposed", True, True),
         (3, 16, 200, torch.float64, "every_other", True, False),
@@ -236,6 +240,13 @@ def test_uneven_splits(monkeypatch, B, N, D, pool, target):
     b_per_prog, splits = tk._split(B, -(-N // cfg.rows))
     assert b_per_prog > 1 and splits * b_per_prog >= B
     check_kernels(B, N, D, torch.float32, "every_other", True, pool, seed=3)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-5, 0.1])
+def test_eps_matters(eps):
+    """Rows with variance ~1e-6: eps changes rstd by a large factor, so a dropped or misplaced eps fails."""
+    check_kernels(3, 16, 200, torch.float32, "slice", True, False, eps=eps, scale=1e-3)
+    check_kernels(2, 16, 768, torch.float32, "contiguous", True, True, eps=eps, scale=1e-3)
 
 
 def test_fp16_params_with_fp32_x_and_fp32_params_with_fp16_x():
