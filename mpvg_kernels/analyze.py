@@ -412,7 +412,10 @@ def analysis_to_json(a: ModelAnalysis, figures: Sequence[str]) -> dict[str, Any]
             "pe_beta": None if s.last_pe_bias is None else vector_stats(s.last_pe_bias),
             "pe_bias_c": None if c is None else [float(v) for v in c],
             "pe_bias_c_stats": None if c is None else {**vector_stats(c), "norm": float(c.norm())},
+            "pooled_bias_beta_plus_c": None if c is None else vector_stats(s.last_ln_bias.to(torch.float64) + c),
             "cosine_token_average_before_after": cosine(a.last_in_mean.mean(0), y_mean.mean(0)),
+            "cosine_token_average_before_after_without_pe": cosine(a.last_in_mean.mean(0),
+                                                                   a.last_norm_mean.mean(0)),
         }
     if "pos-maps" in figures and "pos-maps" not in a.skipped:
         maps = _pos_map_terms(a)
@@ -719,8 +722,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "analyze",
         help="measure token/PE correlation, heatmaps, last-LN statistics and position-correlation maps",
-        description=__doc__.split("\n\n")[0] + " Writes PNGs, correlation.md and analysis.json to --out. "
-        "See docs/analyze.md for the exact definitions.",
+        description="The MPVG and LaPE papers' measurements on trained checkpoints (or fresh models): per-block "
+        "correlation of LN1_l(x_l) with the PE term (MPVG Figs. 2, 4), token/PE heatmaps per block and before/after "
+        "the last LN (Figs. 2, 6, 7), last-LN gamma/beta statistics and the MPVG pooled PE bias c, and position-"
+        "correlation maps (LaPE Figs. 3-4). Writes PNGs, correlation.md and analysis.json to --out; see "
+        "docs/analyze.md for the exact definitions.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", nargs="+", metavar="CKPT",
@@ -730,11 +736,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="PE mode(s) of the fresh --model, one model per mode (default: mpvg)")
     p.add_argument("--label", nargs="+", metavar="NAME",
                    help="names of the models in plots and JSON, one per model (default: their PE mode)")
-    p.add_argument("--data", default="digits",
-                   help="data set whose held-out images are fed (as in `mpvg train`; default: %(default)s)")
-    p.add_argument("--num-images", type=int, default=128,
-                   help="the first N held-out images are used (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--data", default=None,
+                   help="digits | cifar10:PATH | cifar100:PATH | folder:PATH: whose held-out images are fed, "
+                   "preprocessed as `mpvg eval` does (default: the checkpoint's data set; digits for --model)")
+    p.add_argument("--num-images", type=int, default=128, metavar="N",
+                   help="the first N held-out images, in order (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N",
+                   help="images per forward pass (default: %(default)s)")
     p.add_argument("--figures", default=None, metavar="LIST",
                    help=f"comma-separated subset of {','.join(FIGURES)} (default: all; then a figure that does not "
                    "apply to a model is skipped with a note, while an explicitly listed one that applies to none of "
@@ -742,7 +750,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, metavar="LIST",
                    help="0-based blocks shown in the heatmaps, e.g. 1,4,7,9,11 (default: all up to 6 blocks, "
                    "else 5 spread out ending with the last)")
-    p.add_argument("--ref-token", type=int, default=None,
+    p.add_argument("--ref-token", type=int, default=None, metavar="I",
                    help="patch index whose PE is compared in the position-correlation maps (default: grid centre)")
     p.add_argument("--seed", type=int, default=0, help="seed for freshly initialised models (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
@@ -896,6 +904,7 @@ def _print_summary(doc: dict[str, Any], analyses: Sequence[ModelAnalysis], out: 
         if ln is not None:
             c = ln["pe_bias_c_stats"]
             print(f"{a.spec.label}: last LN beta var {ln['beta']['var']:.4f}, gamma mean {ln['gamma']['mean']:.4f}"
-                  + ("" if c is None else f", |c| {c['norm']:.4f}")
+                  + ("" if c is None else f", |c| {c['norm']:.4f}, var(beta + c) "
+                     f"{ln['pooled_bias_beta_plus_c']['var']:.4f}")
                   + f", cos(token avg before, after) {ln['cosine_token_average_before_after']:+.4f}")
     print(f"wrote {len(doc['files'])} files to {out}: {', '.join(doc['files'])}")

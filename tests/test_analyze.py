@@ -194,10 +194,15 @@ def test_known_pe_model_numbers(tmp_path: Path) -> None:
     assert ln["gamma"]["mean"] == pytest.approx(3.0) and ln["gamma"]["var"] == pytest.approx(1.0)
     assert ln["pe_bias_c"] == pytest.approx([0.75, 0.25])  # column means of model.last
     assert ln["pe_bias_c_stats"]["norm"] == pytest.approx(math.hypot(0.75, 0.25))
+    assert ln["pooled_bias_beta_plus_c"]["mean"] == pytest.approx(0.5)  # beta + c = (1.75, -0.75)
+    assert ln["pooled_bias_beta_plus_c"]["var"] == pytest.approx(1.25**2)
     # token average before: mean over images of (b+1) x arange -> (3.5)(3, 4); after: 3.5 * mean(last) + c = 4.5 c
     assert ln["cosine_token_average_before_after"] == pytest.approx(
         float(F.cosine_similarity(torch.tensor([3.0, 4.0]), torch.tensor([0.75, 0.25]), dim=0)), abs=1e-6
     )
+    # without the PE term the after-average is 3.5 * c: the same direction here
+    assert ln["cosine_token_average_before_after_without_pe"] == pytest.approx(
+        ln["cosine_token_average_before_after"], abs=1e-9)
     pm = m["pos_maps"]
     assert pm["terms"] == ["input pos_embed", "block 1", "block 2", "last LN"]
     s = 1 / math.sqrt(2)
