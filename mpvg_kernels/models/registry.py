@@ -1,0 +1,145 @@
+"""Named model configurations, :func:`create_model`, :func:`list_models` and :func:`param_groups`."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .vision_transformer import PE_MODES, VisionTransformer
+
+__all__ = ["MODEL_CFGS", "create_model", "list_models", "param_groups"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+# sklearn's load_digits() pixels / 16 (0..16 -> 0..1): mean and std over all 1,797 8x8 images.
+DIGITS_MEAN = (0.3053,)
+DIGITS_STD = (0.3760,)
+
+#: name -> {"model": VisionTransformer kwargs, "cfg": data config (mean, std, crop_pct, ...), "paper": source}
+MODEL_CFGS: dict[str, dict[str, Any]] = {
+    "deit_tiny_patch16_224": {
+        "model": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=1000),
+        "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875),
+        "source": "DeiT-Ti (Touvron et al. 2021); MPVG Table 1",
+    },
+    "deit_small_patch16_224": {
+        "model": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=1000),
+        "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875),
+        "source": "DeiT-S (Touvron et al. 2021); MPVG Table 1",
+    },
+    "deit_base_patch16_224": {
+        "model": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=1000),
+        "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875),
+        "source": "DeiT-B (Touvron et al. 2021); MPVG Table 1",
+    },
+    "vit_lite_7_4_32": {
+        # Compact-Transformers vit_7_4_32: conv tokenizer 4x4/stride 4 with bias (kaiming_normal init), class
+        # token (seq_pool=False), learnable PE, 7 blocks, dim 256, 4 heads, MLP ratio 2, qkv without bias,
+        # LN2 applied to the residual stream, attention dropout 0.1, stochastic depth 0.1, dropout 0.
+        "model": dict(
+            img_size=32,
+            patch_size=4,
+            embed_dim=256,
+            depth=7,
+            num_heads=4,
+            mlp_ratio=2.0,
+            qkv_bias=False,
+            block_style="cct",
+            attn_drop_rate=0.1,
+            drop_path_rate=0.1,
+            patch_init="kaiming_normal",
+            num_classes=100,
+        ),
+        "cfg": dict(mean=CIFAR100_MEAN, std=CIFAR100_STD, crop_pct=1.0),
+        "source": "ViT-Lite-7/4 (Hassani et al. 2022) on CIFAR-100; MPVG Table 2",
+    },
+    "vit_digits": {
+        # Sized for sklearn's 8x8 digits upsampled to 16x16: 16 tokens of 4x4 pixels, dim 64, 4 blocks.
+        "model": dict(
+            img_size=16, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=10
+        ),
+        "cfg": dict(mean=DIGITS_MEAN, std=DIGITS_STD, crop_pct=1.0),
+        "source": "this project: the bundled digits data (8x8, 10 classes, 1,797 images)",
+    },
+}
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names (sorted), optionally filtered by a glob ``pattern`` (e.g. ``"deit_*"``)."""
+    names = sorted(MODEL_CFGS)
+    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def create_model(
+    name: str,
+    pe: str = "default",
+    num_classes: int | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> VisionTransformer:
+    """Build the registered model ``name`` with position-embedding mode ``pe`` (default, lape, pvg, mpvg).
+
+    ``num_classes`` and ``**kwargs`` override the registered :class:`VisionTransformer` arguments (``pool``,
+    ``img_size``, ``in_chans``, ``include_layer0``, ``hierarchical``, ``add_pos_to_input``, ``last_pos``,
+    ``drop_path_rate``, ...). ``checkpoint_path``: a timm/DeiT-format or own checkpoint loaded with
+    :func:`~mpvg_kernels.models.load_checkpoint` (nothing is ever downloaded). The model's ``default_cfg`` holds
+    ``input_size`` (C, H, W), ``mean``, ``std``, ``num_classes``, ``crop_pct``, ``interpolation``, ``pe``, ``pool``.
+    """
+    if name not in MODEL_CFGS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    if pe not in PE_MODES:
+        raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
+    entry = MODEL_CFGS[name]
+    args = dict(entry["model"])
+    args.update(kwargs)
+    if num_classes is not None:
+        args["num_classes"] = num_classes
+    model = VisionTransformer(pe=pe, **args)
+    cfg = dict(model.default_cfg)
+    cfg.update(entry["cfg"])
+    cfg["architecture"] = name
+    in_chans = cfg["input_size"][0]
+    if len(cfg["mean"]) != in_chans:  # in_chans overridden: average the registered statistics
+        cfg["mean"] = (sum(cfg["mean"]) / len(cfg["mean"]),) * in_chans
+        cfg["std"] = (sum(cfg["std"]) / len(cfg["std"]),) * in_chans
+    model.default_cfg = model.pretrained_cfg = cfg
+    if checkpoint_path is not None:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(model, checkpoint_path)
+    return model
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_weight_decay: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: ``[{"params": decayed, "weight_decay": weight_decay},
+    {"params": rest, "weight_decay": 0.0}]``.
+
+    Excluded from weight decay (as in the DeiT/LaPE code): every parameter with fewer than 2 dims (biases,
+    LayerNorm and PE-LayerNorm gammas/betas), ``pos_embed``, ``cls_token``, the names of the model's
+    ``no_weight_decay()`` and ``no_weight_decay`` (exact names or a final name component). Parameters that do
+    not require grad are left out. Each group also carries a ``"name"`` (``decay``/``no_decay``).
+    """
+    skip = set(no_weight_decay) | {"pos_embed", "cls_token"}
+    nwd = getattr(model, "no_weight_decay", None)
+    if callable(nwd):
+        skip |= set(nwd())
+    decay: list[torch.Tensor] = []
+    no_decay: list[torch.Tensor] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name in skip or name.rsplit(".", 1)[-1] in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]

@@ -1,0 +1,706 @@
+"""One Vision Transformer for the four position-embedding modes: ``default``, ``lape``, ``pvg``, ``mpvg``.
+
+Blocks l = 0..L, residual stream x_l, learned position embedding ``pos`` (``pos_embed``, [1, T, D]; T = N, or
+N + 1 with a class token). The modes (DESIGN.md section 1) are presets of four knobs:
+
+| mode      | add_pos_to_input | PE at block l                     | include_layer0 | hierarchical | last_pos |
+|-----------|------------------|-----------------------------------|----------------|--------------|----------|
+| default   | True             | none                              | -              | -            | None     |
+| lape      | False            | LN1_l(x_l) + pos_l, every l       | True           | True         | None     |
+| pvg       | True             | LN1_l(x_l) + pos_l, l >= 1        | False          | True         | None     |
+| mpvg      | True             | as pvg                            | False          | True         | 0        |
+
+- Hierarchical chain: pos_l = LN'_l(pos_{l-1}) starting from ``pos`` (so pos_0 = ``pos`` when layer 0 takes no
+  PE); ``hierarchical=False`` feeds LN'_l(pos) to every PE block. The PE enters only the attention input (q, k
+  and v see it), never the residual stream or the MLP branch.
+- ``last_pos``: the last step is LN(x_{L+1}) + LN'_last(p) with p = ``pos`` for ``last_pos=0`` (the paper's
+  choice) or p = pos_k, the PE term added at block k, for ``last_pos=k >= 1`` (MPVG Table 5); ``None``: plain
+  LN(x_{L+1}). Negative k counts from the last block.
+- ``pool``: ``avg`` (GAP over all tokens, no class token) or ``cls`` (a class token with its own PE row, as in
+  DeiT and the LaPE code). Default: ``cls`` for default/lape, ``avg`` for pvg/mpvg.
+
+Parameter names follow timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.i.norm1``,
+``blocks.i.attn.qkv``, ``blocks.i.attn.proj``, ``blocks.i.norm2``, ``blocks.i.mlp.fc1/fc2``, ``norm``, ``head``);
+the PE LayerNorms are ``blocks.i.norm1.pos_weight/pos_bias`` and ``norm.pos_weight/pos_bias``.
+
+``block_style="cct"`` is the Compact-Transformers (ViT-Lite/CCT) block: x = x + MSA(LN1(x) [+ pos_l]);
+x = LN2(x); x = x + MLP(x) (the second norm is applied to the residual stream itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..nn import DualLayerNorm, LastLayerNormPE, PECache, _no_autocast
+from .pos_embed import resample_abs_pos_embed
+
+__all__ = [
+    "PE_MODES",
+    "POOLS",
+    "Attention",
+    "Block",
+    "DropPath",
+    "Mlp",
+    "PatchEmbed",
+    "VisionTransformer",
+    "default_pool",
+]
+
+PE_MODES = ("default", "lape", "pvg", "mpvg")
+POOLS = ("cls", "avg")
+BLOCK_STYLES = ("prenorm", "cct")
+_AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class _Preset:
+    layerwise: bool
+    add_pos_to_input: bool
+    include_layer0: bool
+    hierarchical: bool
+    last_pos: int | None
+
+
+_PRESETS = {
+    "default": _Preset(layerwise=False, add_pos_to_input=True, include_layer0=False, hierarchical=False, last_pos=None),
+    "lape": _Preset(layerwise=True, add_pos_to_input=False, include_layer0=True, hierarchical=True, last_pos=None),
+    "pvg": _Preset(layerwise=True, add_pos_to_input=True, include_layer0=False, hierarchical=True, last_pos=None),
+    "mpvg": _Preset(layerwise=True, add_pos_to_input=True, include_layer0=False, hierarchical=True, last_pos=0),
+}
+
+
+def default_pool(pe: str) -> str:
+    """The pooling each mode uses in the papers: ``avg`` (GAP) for pvg/mpvg, ``cls`` for default/lape."""
+    return "avg" if pe in ("pvg", "mpvg") else "cls"
+
+
+def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"expected an int or a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample with probability ``drop_prob`` (training)."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity in eval or when drop_prob is 0; otherwise x * mask / keep_prob with a per-sample mask."""
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: a ``patch_size`` x ``patch_size`` conv with the same stride, flattened to [B, N, D]."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        if self.grid_size[0] < 1 or self.grid_size[1] < 1:
+            raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) for an input of height x width pixels."""
+        return height // self.patch_size[0], width // self.patch_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, (H // p) * (W // p), D] (contiguous, as the fused norms need stride 1 in D)."""
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (timm layout: ``qkv`` then ``proj``), computed by scaled_dot_product_attention."""
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> [B, N, D]."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        p = self.attn_drop.p if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (timm names)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., D]."""
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """A transformer block whose attention input may carry a PE term: ``LN1(x) + pos_term``.
+
+    ``use_pos``: ``norm1`` is a :class:`~mpvg_kernels.nn.DualLayerNorm` (LN1 + LN'), else a plain LayerNorm.
+    ``block_style``: ``prenorm`` (timm/DeiT) or ``cct`` (Compact-Transformers: LN2 normalises the stream).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        eps: float = 1e-6,
+        use_pos: bool = False,
+        block_style: str = "prenorm",
+    ) -> None:
+        super().__init__()
+        if block_style not in BLOCK_STYLES:
+            raise ValueError(f"block_style must be one of {BLOCK_STYLES}, got {block_style!r}")
+        self.use_pos = use_pos
+        self.block_style = block_style
+        self.norm1: nn.Module = DualLayerNorm(dim, eps=eps) if use_pos else nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def attn_input(
+        self, x: torch.Tensor, pos: torch.Tensor | None = None, pos_term: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(attention input, PE for the next block). With a PE: LN1(x) + LN'(pos) (fused), or LN1(x) + pos_term
+        for a precomputed term; the second output is the term. Without: (LN1(x), pos unchanged)."""
+        if not self.use_pos:
+            return self.norm1(x), pos
+        if pos_term is not None:
+            return self.norm1.forward_with_term(x, pos_term), pos_term
+        if pos is None:
+            raise ValueError("this block adds a position embedding to its attention input: pass pos")
+        return self.norm1(x, pos)
+
+    def forward_rest(self, x: torch.Tensor, attn_in: torch.Tensor) -> torch.Tensor:
+        """The block after its first norm: attention on ``attn_in``, residual, then the MLP half."""
+        x = x + self.drop_path1(self.attn(attn_in))
+        if self.block_style == "cct":
+            x = self.norm2(x)
+            return x + self.drop_path2(self.mlp(x))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor | None = None, pos_term: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, D], pos [1, T, D] -> (x_next, PE for the next block)."""
+        a, pos_next = self.attn_input(x, pos, pos_term)
+        return self.forward_rest(x, a), pos_next
+
+
+@dataclass
+class _PEState:
+    """Everything the PE contributes that does not depend on the image (for one token grid)."""
+
+    pos: torch.Tensor  # [1, T, D], resampled to the grid
+    terms: list[torch.Tensor | None]  # the PE term added at each block (None: none)
+    last_term: torch.Tensor | None  # LN'_last(p), [1, T, D]
+    pooled_bias: torch.Tensor | None  # norm.bias + mean_n LN'_last(p)_n, [D] (avg pooling)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class VisionTransformer(nn.Module):
+    """ViT/DeiT with default, LaPE, PVG or MPVG position embeddings (see the module docstring for the modes).
+
+    Args (beyond the usual ViT ones): ``pe`` (mode), ``pool`` (``cls``/``avg``, None = mode default), the knobs
+    ``include_layer0``, ``hierarchical``, ``add_pos_to_input`` (None = mode default) and ``last_pos`` (``"auto"`` =
+    mode default, None = no PE at the last LN, int k), ``block_style`` (``prenorm``/``cct``), ``norm_eps``,
+    ``pos_init_std``, ``patch_init`` (``default``: PyTorch's conv init as in timm/DeiT; ``kaiming_normal``: CCT),
+    ``dynamic_img_size`` (resample the PE at forward for other input sizes), ``pe_cache`` (inference PE cache).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        pe: str = "default",
+        pool: str | None = None,
+        include_layer0: bool | None = None,
+        hierarchical: bool | None = None,
+        add_pos_to_input: bool | None = None,
+        last_pos: int | str | None = _AUTO,
+        block_style: str = "prenorm",
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+        pos_init_std: float = 0.02,
+        patch_init: str = "default",
+        dynamic_img_size: bool = False,
+        pe_cache: bool = True,
+    ) -> None:
+        super().__init__()
+        if pe not in PE_MODES:
+            raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
+        pool = default_pool(pe) if pool is None else pool
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if patch_init not in ("default", "kaiming_normal"):
+            raise ValueError(f"patch_init must be 'default' or 'kaiming_normal', got {patch_init!r}")
+        preset = _PRESETS[pe]
+        if not preset.layerwise:
+            for name, value in (("include_layer0", include_layer0), ("hierarchical", hierarchical)):
+                if value is not None:
+                    raise ValueError(f"{name} applies to the layer-wise modes (lape, pvg, mpvg), not pe={pe!r}")
+        self.pe = pe
+        self.pool = pool
+        self.layerwise = preset.layerwise
+        self.include_layer0 = preset.include_layer0 if include_layer0 is None else bool(include_layer0)
+        self.hierarchical = preset.hierarchical if hierarchical is None else bool(hierarchical)
+        self.add_pos_to_input = preset.add_pos_to_input if add_pos_to_input is None else bool(add_pos_to_input)
+        self.block_uses_pos = tuple(self.layerwise and (i > 0 or self.include_layer0) for i in range(depth))
+        self.last_pos = self._resolve_last_pos(preset.last_pos if last_pos == _AUTO else last_pos, depth)
+
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.depth = depth
+        self.norm_eps = norm_eps
+        self.block_style = block_style
+        self.dynamic_img_size = dynamic_img_size
+        self.pe_cache_enabled = pe_cache
+        self.grad_checkpointing = False
+        self.has_class_token = pool == "cls"
+        self.num_prefix_tokens = 1 if self.has_class_token else 0
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_pos = self.patch_embed.num_patches + self.num_prefix_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.has_class_token else None
+        uses_pos = self.add_pos_to_input or any(self.block_uses_pos) or self.last_pos is not None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim)) if uses_pos else None
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = [float(v) for v in torch.linspace(0, drop_path_rate, depth, device="cpu")]
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+                eps=norm_eps,
+                use_pos=self.block_uses_pos[i],
+                block_style=block_style,
+            )
+            for i in range(depth)
+        )
+        self.norm = LastLayerNormPE(embed_dim, eps=norm_eps, use_pos=self.last_pos is not None)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.pos_init_std = pos_init_std
+        self.patch_init = patch_init
+        self._pe_cache = PECache()
+        self.register_load_state_dict_post_hook(_clear_cache_hook)
+        self.init_weights()
+        self.default_cfg: dict[str, Any] = self._make_default_cfg()
+        self.pretrained_cfg = self.default_cfg
+
+    # ------------------------------------------------------------------ configuration helpers
+
+    def _resolve_last_pos(self, last_pos: int | None, depth: int) -> int | None:
+        if last_pos is None:
+            return None
+        if isinstance(last_pos, bool) or not isinstance(last_pos, int):
+            raise TypeError(f"last_pos must be an int, None or 'auto', got {last_pos!r}")
+        k = last_pos + depth if last_pos < 0 else last_pos
+        if not 0 <= k < depth:
+            raise ValueError(f"last_pos must be in [-{depth}, {depth - 1}] for depth {depth}, got {last_pos}")
+        if k > 0 and not self.block_uses_pos[k]:
+            raise ValueError(
+                f"last_pos={last_pos} names the PE term of block {k}, but block {k} takes no PE in this "
+                f"configuration (pe={self.pe!r}, include_layer0={self.include_layer0})"
+            )
+        return k
+
+    def _make_default_cfg(self) -> dict[str, Any]:
+        c = self.patch_embed.proj.in_channels
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if c == 3 else ((0.5,) * c, (0.5,) * c)
+        return {
+            "architecture": "vision_transformer",
+            "input_size": (c, *self.patch_embed.img_size),
+            "mean": mean,
+            "std": std,
+            "num_classes": self.num_classes,
+            "interpolation": "bicubic",
+            "crop_pct": 0.875,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "pe": self.pe,
+            "pool": self.pool,
+        }
+
+    @property
+    def global_pool(self) -> str:
+        """timm's name for the pooling: ``token`` (class token) or ``avg``."""
+        return "token" if self.pool == "cls" else "avg"
+
+    @property
+    def has_last_pos(self) -> bool:
+        """Whether the last LN adds LN'_last(pos_k) (MPVG)."""
+        return self.last_pos is not None
+
+    def init_weights(self) -> None:
+        """DeiT/LaPE init: trunc_normal(.02) for Linear weights, PE (``pos_init_std``) and class token; zero biases;
+        LayerNorms 1/0; patch conv PyTorch default or kaiming_normal (CCT)."""
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=self.pos_init_std)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (DualLayerNorm, LastLayerNormPE)):
+                m.reset_parameters()
+        if self.patch_init == "kaiming_normal":
+            nn.init.kaiming_normal_(self.patch_embed.proj.weight)
+        self.clear_pe_cache()
+
+    def no_weight_decay(self) -> set[str]:
+        """Names excluded from weight decay besides every 1-D parameter (see :func:`param_groups`)."""
+        return {"pos_embed", "cls_token"}
+
+    def pe_norm_parameter_names(self) -> list[str]:
+        """State-dict keys of the PE LayerNorms (LN'_l and LN'_last): the keys a timm checkpoint lacks."""
+        return [n for n, _ in self.named_parameters() if n.endswith(".pos_weight") or n.endswith(".pos_bias")]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of storing its activations."""
+        self.grad_checkpointing = bool(enable)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier head."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a fresh one for ``num_classes`` (0: identity, features out)."""
+        self.num_classes = num_classes
+        ref = self.norm.weight
+        if num_classes > 0:
+            self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
+        self.default_cfg["num_classes"] = num_classes
+
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Rebuild for another input resolution: the PE is resampled (bicubic) to the new token grid."""
+        img_size = _pair(img_size)
+        pe = self.patch_embed
+        new_grid = (img_size[0] // pe.patch_size[0], img_size[1] // pe.patch_size[1])
+        if self.pos_embed is not None and new_grid != pe.grid_size:
+            with torch.no_grad():
+                new = resample_abs_pos_embed(self.pos_embed, new_grid, pe.grid_size, self.num_prefix_tokens)
+            self.pos_embed = nn.Parameter(new.contiguous(), requires_grad=self.pos_embed.requires_grad)
+        pe.img_size, pe.grid_size, pe.num_patches = img_size, new_grid, new_grid[0] * new_grid[1]
+        self.default_cfg["input_size"] = (self.default_cfg["input_size"][0], *img_size)
+        self.clear_pe_cache()
+
+    def load_pretrained(
+        self, checkpoint: str | PathLike | Mapping[str, Any], strict: bool = False
+    ) -> torch.nn.modules.module._IncompatibleKeys:
+        """Load a timm/DeiT-format (or this package's) checkpoint; see :func:`load_checkpoint`."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(self, checkpoint, strict=strict)
+
+    # ------------------------------------------------------------------ PE cache
+
+    def clear_pe_cache(self) -> None:
+        """Drop the inference PE cache (needed only after writes that bypass autograd, e.g. ``p.data.add_()``)."""
+        cache = self.__dict__.get("_pe_cache")
+        if cache is not None:
+            cache.clear()
+
+    @property
+    def pe_cache(self) -> PECache:
+        """The inference PE cache (``hits``/``misses`` counters, ``clear()``)."""
+        return self._pe_cache
+
+    def _apply(self, fn: Any, recurse: bool = True) -> VisionTransformer:
+        # .to() / .half() / .cuda() / ...: the cache also keys on data_ptr, dtype and device; clearing here
+        # releases the old tensors at once.
+        self.clear_pe_cache()
+        return super()._apply(fn, recurse)
+
+    def _pe_tensors(self) -> list[torch.Tensor]:
+        """The tensors the image-independent PE terms are computed from."""
+        ts: list[torch.Tensor] = [] if self.pos_embed is None else [self.pos_embed]
+        for blk in self.blocks:
+            if blk.use_pos:
+                ts += [blk.norm1.pos_weight, blk.norm1.pos_bias]
+        if self.has_last_pos:
+            ts += [self.norm.bias, self.norm.pos_weight, self.norm.pos_bias]
+        return ts
+
+    def _pe_cache_active(self) -> bool:
+        return self.pe_cache_enabled and self.pos_embed is not None and PECache.usable(self._pe_tensors())
+
+    def _pos_for_grid(self, grid: tuple[int, int]) -> torch.Tensor:
+        assert self.pos_embed is not None
+        if grid == self.patch_embed.grid_size:
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+
+    def _compute_pe_state(self, grid: tuple[int, int]) -> _PEState:
+        """The PE chain, the last PE term and the pooled bias for ``grid``, from the parameters alone."""
+        pos = self._pos_for_grid(grid)
+        with _no_autocast(pos.device.type):
+            terms: list[torch.Tensor | None] = []
+            cur = pos
+            for blk in self.blocks:
+                if blk.use_pos:
+                    t = blk.norm1.norm_pos(cur if self.hierarchical else pos)
+                    terms.append(t)
+                    if self.hierarchical:
+                        cur = t
+                else:
+                    terms.append(None)
+            last_term = pooled_bias = None
+            if self.has_last_pos:
+                src = pos if self.last_pos == 0 else terms[self.last_pos]
+                assert src is not None
+                last_term = self.norm.pos_term(src)
+                if self.pool == "avg":
+                    pooled_bias = self.norm.pooled_bias(src)
+        return _PEState(pos=pos, terms=terms, last_term=last_term, pooled_bias=pooled_bias)
+
+    def pe_state(self, grid: tuple[int, int] | None = None) -> _PEState | None:
+        """The cached image-independent PE terms for ``grid`` (default: the model's grid), or None where the cache
+        may not be used (gradients needed, tracing/compiling, no PE, cache disabled)."""
+        if not self._pe_cache_active():
+            return None
+        grid = self.patch_embed.grid_size if grid is None else grid
+        return self._pe_cache.get(self._pe_tensors(), lambda: self._compute_pe_state(grid), extra=grid)
+
+    # ------------------------------------------------------------------ forward
+
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        if x.dim() != 4:
+            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        if not self.dynamic_img_size and (H, W) != self.patch_embed.img_size:
+            raise ValueError(
+                f"input size ({H}, {W}) does not match the model's img_size {self.patch_embed.img_size}; build the "
+                "model with img_size=... or dynamic_img_size=True (the PE is then resampled at forward)"
+            )
+        return self.patch_embed.grid_for(H, W)
+
+    def _run_block(self, blk: Block, x: torch.Tensor, pos: torch.Tensor | None):
+        if self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(blk, x, pos, use_reentrant=False)
+        return blk(x, pos)
+
+    def _forward_body(self, x: torch.Tensor) -> tuple[torch.Tensor, _PEState | None, torch.Tensor | None]:
+        """Images -> (x_{L+1} [B, T, D], cached PE state or None, LN'_last source when not cached)."""
+        grid = self._grid(x)
+        x = self.patch_embed(x)
+        state = self.pe_state(grid) if self.pos_embed is not None else None
+        pos = None
+        if self.pos_embed is not None:
+            pos = state.pos if state is not None else self._pos_for_grid(grid)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        if self.add_pos_to_input:
+            x = x + pos
+        x = self.pos_drop(x)
+
+        if state is not None:
+            for blk, term in zip(self.blocks, state.terms, strict=True):
+                x, _ = blk(x, pos_term=term)
+            return x, state, None
+
+        last_src = pos if self.last_pos == 0 else None
+        cur = pos
+        for i, blk in enumerate(self.blocks):
+            if blk.use_pos:
+                x, t = self._run_block(blk, x, cur if self.hierarchical else pos)
+                if self.hierarchical:
+                    cur = t
+                if self.last_pos and i == self.last_pos:  # last_pos=0 is the initial pos
+                    last_src = t
+            else:
+                x, _ = self._run_block(blk, x, None)
+        return x, None, last_src
+
+    def _last_term(self, state: _PEState | None, last_src: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.has_last_pos:
+            return None
+        if state is not None:
+            return state.last_term
+        assert last_src is not None
+        return self.norm.pos_term(last_src)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token features [B, T, D] after the last norm: LN(x_{L+1}) (+ LN'_last(pos_k) for MPVG), for dense
+        heads. With a class token, token 0 is the class token."""
+        x, state, last_src = self._forward_body(x)
+        return self.norm(x, pos_term=self._last_term(state, last_src))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Features [B, T, D] from :meth:`forward_features` -> pooled (class token or mean) -> logits."""
+        x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> pooled features [B, D] (the head's input), with the fused last step: LN + GAP (+ the cached
+        PE bias, or LN'_last(pos_k) per token when gradients are needed) in one pass for ``avg`` pooling."""
+        x, state, last_src = self._forward_body(x)
+        if self.pool == "avg":
+            if state is not None and state.pooled_bias is not None:
+                return self.norm(x, pool=True, pooled_bias=state.pooled_bias)
+            return self.norm(x, pool=True, pos_term=self._last_term(state, last_src))
+        term = self._last_term(state, last_src)
+        return self.norm(x[:, :1], pos_term=None if term is None else term[:, :1]).squeeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] -> logits [B, num_classes]."""
+        return self.head(self.head_drop(self.forward_pooled(x)))
+
+    def forward_intermediates(self, x: torch.Tensor) -> dict[str, Any]:
+        """Every intermediate the analysis needs, computed with unfused plain-PyTorch steps (no cache). Keys:
+
+        - ``block_inputs``: x_l entering block l, [B, T, D] each (L+1 entries);
+        - ``token_terms``: LN1_l(x_l), the normalised token term of block l's attention input;
+        - ``pos_terms``: the PE term added at block l ([1, T, D]) or None;
+        - ``attn_inputs``: token_term + pos_term (what attention sees);
+        - ``last_norm_input``: x_{L+1}; ``last_norm_output``: LN(x_{L+1}) without PE;
+        - ``last_pos_term``: LN'_last(pos_k) ([1, T, D]) or None;
+        - ``features``: forward_features' output; ``pooled``: [B, D]; ``logits``: [B, num_classes];
+        - ``grid``: the token grid (h, w); ``num_prefix_tokens``: 1 with a class token, else 0.
+        """
+        grid = self._grid(x)
+        x = self.patch_embed(x)
+        pos = self._pos_for_grid(grid) if self.pos_embed is not None else None
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        if self.add_pos_to_input:
+            x = x + pos
+        x = self.pos_drop(x)
+        out: dict[str, Any] = {
+            "block_inputs": [],
+            "token_terms": [],
+            "pos_terms": [],
+            "attn_inputs": [],
+            "grid": grid,
+            "num_prefix_tokens": self.num_prefix_tokens,
+        }
+        cur = pos
+        last_src = pos if self.last_pos == 0 else None
+        for i, blk in enumerate(self.blocks):
+            out["block_inputs"].append(x)
+            if blk.use_pos:
+                tok = blk.norm1.norm_tokens(x)
+                term = blk.norm1.norm_pos(cur if self.hierarchical else pos)
+                if self.hierarchical:
+                    cur = term
+                if self.last_pos and i == self.last_pos:  # last_pos=0 is the initial pos
+                    last_src = term
+                a = tok + term
+            else:
+                tok, term = blk.norm1(x), None
+                a = tok
+            out["token_terms"].append(tok)
+            out["pos_terms"].append(term)
+            out["attn_inputs"].append(a)
+            x = blk.forward_rest(x, a)
+        last_out = self.norm.norm_tokens(x)
+        last_term = self.norm.pos_term(last_src) if self.has_last_pos else None
+        feats = last_out if last_term is None else last_out + last_term
+        out.update(last_norm_input=x, last_norm_output=last_out, last_pos_term=last_term, features=feats)
+        pooled = feats[:, 0] if self.pool == "cls" else feats.mean(dim=1)
+        out["pooled"] = pooled
+        out["logits"] = self.head(self.head_drop(pooled))
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"pe={self.pe!r}, pool={self.pool!r}, add_pos_to_input={self.add_pos_to_input}, "
+            f"include_layer0={self.include_layer0}, hierarchical={self.hierarchical}, last_pos={self.last_pos}, "
+            f"block_style={self.block_style!r}"
+        )
+
+
+def _clear_cache_hook(module: nn.Module, incompatible_keys: Any) -> None:
+    module.clear_pe_cache()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements."""
+    return sum(p.numel() for p in model.parameters())
