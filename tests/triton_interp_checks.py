@@ -10,7 +10,8 @@ What it covers (see ``_direct_cases`` for the exact list):
 - the kernels called directly (``triton_kernels.forward`` / ``backward``), forward and every gradient, for
   D in {3, 5, 192, 200, 384, 768, 1000, 1280}, N in {1, 16, 197}, B in {0, 1, 3}, with and without pe,
   per-token and pooled, float32 and float16 (plus a few bfloat16 and float64 cases), x contiguous or
-  row-strided (last-dim slice of a wider tensor, every other token, batch/token dims transposed);
+  row-strided (last-dim slice of a wider tensor, every other token, batch/token dims transposed); also D = 1,
+  fp16 params with fp32 x and the reverse, and eps in {1e-6, 1e-5, 0.1} on rows whose variance is ~eps;
 - uneven work splits (several batch elements per backward program, several token tiles per pooled program,
   a short last chunk), forced by lowering the split target;
 - the public ops through the ``mpvg::`` custom ops with ``set_backend("triton")``: ``layer_norm_add`` (pe as
