@@ -189,7 +189,7 @@ def describe_model(model: nn.Module, label: str, source: str = "fresh") -> Model
                         "mpvg_kernels.models.VisionTransformer")
     prefix = int(getattr(model, "num_prefix_tokens", 0))
     pos = getattr(model, "pos_embed", None)
-    pos_rows = None if pos is None else pos.detach().reshape(-1, pos.shape[-1])[prefix:]
+    pos_rows = None if pos is None else pos.detach().cpu().reshape(-1, pos.shape[-1])[prefix:]
     norm = model.norm
     extra = {k: getattr(model, k) for k in ("include_layer0", "hierarchical", "add_pos_to_input", "last_pos",
                                             "block_style") if hasattr(model, k)}
@@ -206,10 +206,10 @@ def describe_model(model: nn.Module, label: str, source: str = "fresh") -> Model
         num_prefix_tokens=prefix,
         has_pe_stream=any(bool(getattr(b, "use_pos", False)) for b in model.blocks),
         pos_embed=pos_rows,
-        last_ln_weight=norm.weight.detach(),
-        last_ln_bias=norm.bias.detach(),
-        last_pe_weight=None if getattr(norm, "pos_weight", None) is None else norm.pos_weight.detach(),
-        last_pe_bias=None if getattr(norm, "pos_bias", None) is None else norm.pos_bias.detach(),
+        last_ln_weight=norm.weight.detach().cpu(),
+        last_ln_bias=norm.bias.detach().cpu(),
+        last_pe_weight=None if getattr(norm, "pos_weight", None) is None else norm.pos_weight.detach().cpu(),
+        last_pe_bias=None if getattr(norm, "pos_bias", None) is None else norm.pos_bias.detach().cpu(),
         source=source,
         extra=extra,
     )
@@ -352,20 +352,24 @@ def analyze_model(
         model.train(was_training)
     assert first is not None and last_in_sum is not None and last_norm_sum is not None
     n = images.shape[0]
+
+    def host(t: Tensor) -> Tensor:  # everything kept is float64 on the CPU
+        return t.detach().to(device="cpu", dtype=torch.float64)
+
     return ModelAnalysis(
         spec=spec,
         num_images=n,
         layers=layers,
         ref_token=ref,
-        corr=[torch.cat(c) if c else None for c in corr],
-        corr_last=torch.cat(corr_last) if corr_last else None,
-        token_mean={l: token_sum[l] / n for l in layers},  # type: ignore[operator]
-        pe=[p.detach().to(torch.float64) if p is not None else None for p in first.pe],
-        last_in_mean=last_in_sum / n,
-        last_norm_mean=last_norm_sum / n,
-        last_in_sample=first.last_in[0].detach().to(torch.float64),
-        last_norm_sample=first.last_norm[0].detach().to(torch.float64),
-        last_pe=first.last_pe.detach().to(torch.float64) if first.last_pe is not None else None,
+        corr=[host(torch.cat(c)) if c else None for c in corr],
+        corr_last=host(torch.cat(corr_last)) if corr_last else None,
+        token_mean={l: host(token_sum[l] / n) for l in layers},  # type: ignore[operator]
+        pe=[host(p) if p is not None else None for p in first.pe],
+        last_in_mean=host(last_in_sum / n),
+        last_norm_mean=host(last_norm_sum / n),
+        last_in_sample=host(first.last_in[0]),
+        last_norm_sample=host(first.last_norm[0]),
+        last_pe=host(first.last_pe) if first.last_pe is not None else None,
         skipped=dict(skipped or {}),
     )
 
