@@ -22,6 +22,7 @@ CHECKS = Path(__file__).resolve().parent / "triton_interp_checks.py"
 TIMEOUT_S = 1200
 
 
+@pytest.mark.slow
 def test_triton_kernels_under_interpreter():
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "1"
