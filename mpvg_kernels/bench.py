@@ -69,7 +69,13 @@ class BenchConfig:
     batch_infer: int = 16
     batch_train: int = 8
     #: per-model overrides of (batch_infer, batch_train), e.g. {"vit_lite_7_4_32": (64, 32)}
-    batch_overrides: dict[str, tuple[int, int]] = field(default_factory=dict)
+    batch_overrides: dict[str, tuple[int, int]] = field(
+        default_factory=lambda: {
+            "deit_tiny_patch16_224": (8, 4),
+            "deit_small_patch16_224": (4, 2),
+            "vit_lite_7_4_32": (32, 16),
+        }
+    )
     warmup: int = 2
     rounds: int = 5
     iters: int = 1
@@ -80,6 +86,26 @@ class BenchConfig:
     name: str = "models_cpu"
     progress: bool = True
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: compiled cases are costly on CPU (tens of seconds of compilation each): they run only for these models,
+    #: modes, implementations and tasks (empty list: all of the run's)
+    compile_models: list[str] = field(default_factory=lambda: ["vit_lite_7_4_32"])
+    compile_modes: list[str] = field(default_factory=lambda: ["default", "mpvg"])
+    compile_impls: list[str] = field(default_factory=list)
+    compile_tasks: list[str] = field(default_factory=lambda: ["infer_bN", "train"])
+
+    def wants(self, model: str, mode: str, impl: str, ex: str, task: str) -> bool:
+        """Whether the case is part of the run (every eager case; compiled ones per the compile_* filters)."""
+        if ex != "compile":
+            return True
+        return all(
+            not allowed or value in allowed
+            for value, allowed in (
+                (model, self.compile_models),
+                (mode, self.compile_modes),
+                (impl, self.compile_impls),
+                (task, self.compile_tasks),
+            )
+        )
 
     def batches(self, model: str) -> tuple[int, int]:
         """(inference batch, training batch) for one model."""
@@ -253,6 +279,8 @@ def make_cases(name: str, cfg: BenchConfig) -> list[Case]:
         for impl in cfg.impls:
             for ex in cfg.execs:
                 for task in cfg.tasks:
+                    if not cfg.wants(name, mode, impl, ex, task):
+                        continue
                     x = inputs[task]
                     case = Case(name, mode, impl, ex, task, x.shape[0])
                     model = train_model if task == "train" else infer_model
@@ -580,8 +608,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             file=sys.stderr,
         )
     per_case = cfg.warmup + cfg.rounds * cfg.iters
-    n_cases = len(cfg.modes) * len(cfg.impls) * len(cfg.execs) * len(cfg.tasks)
-    total = per_case * n_cases * len(cfg.models)
+    total = per_case * sum(
+        cfg.wants(m, mode, i, e, t)
+        for m in cfg.models
+        for mode in cfg.modes
+        for i in cfg.impls
+        for e in cfg.execs
+        for t in cfg.tasks
+    )
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -615,6 +649,47 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return result
 
 
+def profile_model(name: str, cfg: BenchConfig, top: int = 12) -> str:
+    """Where the time goes: ``torch.profiler`` op tables of every (mode, impl, task) case, eager, as Markdown.
+
+    Each case is warmed up, then profiled over ``cfg.rounds`` calls; the table lists the ops with the largest self
+    CPU time, and a summary line gives the share of LayerNorm-family ops (``mpvg::*``, ``aten::layer_norm`` and
+    the reference's elementwise ops) next to the total.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    sub = BenchConfig(**{**asdict(cfg), "execs": ["eager"], "progress": False})
+    lines = [f"## Profile: {SHORT_NAMES.get(name, name)} (`{name}`), eager, {cfg.rounds} call(s) per case", ""]
+    for case in make_cases(name, sub):
+        for _ in range(max(cfg.warmup, 1)):
+            case.run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(cfg.rounds):
+                case.run()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        ln = sum(
+            e.self_cpu_time_total
+            for e in events
+            if e.key.startswith("mpvg::") or "layer_norm" in e.key or "native_layer_norm" in e.key
+        )
+        lines += [
+            f"### {case.mode} / {case.impl} / {case.task} (B={case.batch}): "
+            f"{total / 1e3 / cfg.rounds:.1f} ms self CPU per call, LayerNorm ops {ln / max(total, 1):.1%}",
+            "",
+            "| op | calls/call | self CPU ms/call | share |",
+            "|---|---:|---:|---:|",
+        ]
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+            lines.append(
+                f"| `{e.key}` | {e.count / cfg.rounds:.0f} | {e.self_cpu_time_total / 1e3 / cfg.rounds:.2f} | "
+                f"{e.self_cpu_time_total / max(total, 1):.1%} |"
+            )
+        lines.append("")
+        case.run = lambda: None
+    return "\n".join(lines)
+
+
 def smoke_config(out_dir: str = "benchmarks/results", name: str = "models_smoke") -> BenchConfig:
     """A run of well under a minute: the small digits model, eager only, few iterations."""
     return BenchConfig(
@@ -643,6 +718,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", type=_csv, default=None, help=f"implementations (default: {','.join(IMPLS)})")
     p.add_argument("--execs", type=_csv, default=None, help=f"execution modes (default: {','.join(EXECS)})")
     p.add_argument("--tasks", type=_csv, default=None, help=f"tasks (default: {','.join(TASKS)})")
+    p.add_argument(
+        "--compile-models", type=_csv, default=None, help="models with compiled cases (default: vit_lite_7_4_32)"
+    )
+    p.add_argument("--compile-modes", type=_csv, default=None, help="modes with compiled cases (default: default,mpvg)")
+    p.add_argument("--compile-impls", type=_csv, default=None, help="impls with compiled cases (default: all)")
+    p.add_argument(
+        "--compile-tasks", type=_csv, default=None, help="tasks with compiled cases (default: infer_bN,train)"
+    )
     p.add_argument("--batch-infer", type=int, default=None, help="large inference batch (default: 16)")
     p.add_argument("--batch-train", type=int, default=None, help="training batch (default: 8)")
     p.add_argument(
@@ -661,6 +744,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="file name stem (default: models_cpu; models_smoke with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny model, eager, few iterations: well under a minute")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: torch.profiler op tables of every eager case (writes NAME_profile.md)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -678,6 +766,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "rounds",
         "iters",
         "threads",
+        "compile_models",
+        "compile_modes",
+        "compile_impls",
+        "compile_tasks",
         "pool",
         "out_dir",
         "name",
@@ -699,6 +791,16 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``mpvg bench``: run, write files, print the Markdown summary."""
     cfg = config_from_args(args)
+    if args.profile:
+        tune_malloc()
+        torch.set_num_threads(cfg.threads)
+        text = "\n".join(profile_model(m, cfg) for m in cfg.models)
+        path = Path(cfg.out_dir) / f"{cfg.name}_profile.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# torch.profiler tables ({torch.get_num_threads()} thread(s))\n\n" + text)
+        print(text)
+        print(f"wrote {path}", file=sys.stderr)
+        return 0
     result = run_bench(cfg)
     print(to_markdown(result))
     out = Path(cfg.out_dir)

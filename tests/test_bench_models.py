@@ -45,6 +45,7 @@ def test_smoke_run_writes_files(tmp_path, capsys) -> None:
     assert "ViT-digits" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_compiled_case(tmp_path) -> None:
     """One compiled inference case (the fused MPVG model) goes through torch.compile and is timed."""
     cfg = B.BenchConfig(
@@ -53,6 +54,7 @@ def test_compiled_case(tmp_path) -> None:
         impls=["fused"],
         execs=["compile"],
         tasks=["infer_bN"],
+        compile_models=[],
         batch_infer=4,
         warmup=1,
         rounds=2,
