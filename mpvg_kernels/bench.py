@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import json
 import os
 import platform
@@ -194,6 +195,7 @@ def environment(cfg: BenchConfig, malloc: dict[str, str]) -> dict[str, Any]:
         "cpp_backend_note": cpp_why,
         "fused_backend": backends.resolve_backend(torch.device("cpu")),
         "malloc": malloc,
+        "loadavg_1m_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -340,21 +342,43 @@ def run_model(name: str, cfg: BenchConfig, bar: Any = None) -> list[Case]:
             case.error = f"{type(exc).__name__}: {exc}"[:500]
         if bar is not None:
             bar.update(cfg.warmup)
-    for r in range(cfg.rounds):
-        if bar is not None:
-            bar.set_postfix_str(f"{SHORT_NAMES.get(name, name)} round {r + 1}/{cfg.rounds}")
-        for case in cases:
-            if not case.error:
-                for _ in range(cfg.iters):
-                    case.times.append(_time_call(case.run))
+    # Round r visits the cases in an order rotated by r (as benchmarks/common.py does), with the garbage
+    # collector off, so that neither position in the round nor a collection lands on one case only.
+    gc_was_enabled = gc.isenabled()
+    try:
+        for r in range(cfg.rounds):
             if bar is not None:
-                bar.update(cfg.iters)
+                bar.set_postfix_str(f"{SHORT_NAMES.get(name, name)} round {r + 1}/{cfg.rounds}")
+            gc.collect()
+            gc.disable()
+            k = r % max(len(cases), 1)
+            for case in cases[k:] + cases[:k]:
+                if not case.error:
+                    for _ in range(cfg.iters):
+                        case.times.append(_time_call(case.run))
+                if bar is not None:
+                    bar.update(cfg.iters)
+            if gc_was_enabled:
+                gc.enable()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     for case in cases:
         case.run = lambda: None  # drop the model references
     return cases
 
 
 # ----------------------------------------------------------------------------------------------- results
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def summarise(cases: list[Case]) -> list[dict[str, Any]]:
@@ -373,6 +397,8 @@ def summarise(cases: list[Case]) -> list[dict[str, Any]]:
                 "median_s": med,
                 "images_per_s": c.batch / med if c.times else float("nan"),
                 "min_s": min(c.times) if c.times else float("nan"),
+                "p25_s": _quantile(c.times, 0.25),
+                "p75_s": _quantile(c.times, 0.75),
                 "n": len(c.times),
                 "first_call_s": c.compile_s,
                 "error": c.error,
@@ -429,6 +455,10 @@ def speedups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _fmt_load(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
 def _fmt(v: float) -> str:
     if v != v:
         return "—"
@@ -446,7 +476,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"mpvg-kernels {env['mpvg_kernels']} ({env['git_commit']})",
         f"- fused backend: `{env['fused_backend']}` (C++ loaded: {env['cpp_backend_loaded']}); "
         f"unfused: backend `torch`, PE cache off",
-        f"- malloc: {env['malloc']['how']}; date {env['date_utc']}",
+        f"- malloc: {env['malloc']['how']}; date {env['date_utc']}; run took {result.get('wall_s', 0) / 60:.1f} min; "
+        f"1-min load average {_fmt_load(result.get('loadavg_1m_start'))} at start, "
+        f"{_fmt_load(env.get('loadavg_1m_end'))} at end "
+        "(other jobs share these cores: ratios from one interleaved run only)",
         f"- command: `{env['command']}`",
         f"- medians of {cfg['rounds']} interleaved rounds x {cfg['iters']} call(s) after {cfg['warmup']} warm-up "
         "call(s); images/s = batch / median seconds per call; train = forward + backward + AdamW step",
@@ -622,6 +655,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
         bar = tqdm(total=total, desc="mpvg bench", unit="call", file=sys.stderr, dynamic_ncols=True)
     cases: list[Case] = []
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     dyn = torch._dynamo.config
     old_limit = dyn.recompile_limit
@@ -641,6 +675,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "config": asdict(cfg),
         "environment": environment(cfg, malloc),
         "wall_s": time.perf_counter() - t0,
+        "loadavg_1m_start": load_start,
         "records": records,
         "ratios": ratios(records),
         "speedups": speedups(records),
