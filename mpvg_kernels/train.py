@@ -230,9 +230,15 @@ class _Trainer:
         peak_lr = cfg.lr * global_batch / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr,
                                       betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.opt_eps)
+        warmup, cooldown = cfg.warmup_epochs, cfg.cooldown_epochs
+        if warmup + cooldown > 0.5 * cfg.epochs:  # a short run: keep half of it for the cosine decay
+            shrink = 0.5 * cfg.epochs / (warmup + cooldown)
+            warmup, cooldown = warmup * shrink, cooldown * shrink
+            self.log(f"note: {cfg.epochs} epochs is short for warmup {cfg.warmup_epochs:g} + cooldown "
+                     f"{cfg.cooldown_epochs:g} epochs; using {warmup:g} + {cooldown:g}")
         sched = WarmupCosine(optimizer, peak_lr, cfg.epochs * steps_per_epoch,
-                             warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-                             cooldown_steps=round(cfg.cooldown_epochs * steps_per_epoch),
+                             warmup_steps=round(warmup * steps_per_epoch),
+                             cooldown_steps=round(cooldown * steps_per_epoch),
                              warmup_lr=min(cfg.warmup_lr, peak_lr), min_lr=min(cfg.min_lr, peak_lr))
         amp_dtype = AMP_DTYPES[cfg.amp]
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")

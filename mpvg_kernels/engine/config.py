@@ -45,7 +45,7 @@ class TrainConfig:
     data: str = _f("digits", "data set: digits | cifar10:PATH | cifar100:PATH | folder:PATH")
     num_workers: int | None = _f(None, "DataLoader workers per process (None: 0 for in-memory data, else up to 8)")
     # schedule and optimizer
-    epochs: int = _f(30, "total training epochs (warmup and cooldown included)")
+    epochs: int = _f(30, "total training epochs (warmup and cooldown included; both shrink to fit short runs)")
     batch_size: int = _f(64, "batch size PER PROCESS; the global batch is batch_size x world_size")
     lr: float = _f(1e-3, "peak learning rate (before lr_base_batch scaling)")
     lr_base_batch: int | None = _f(
@@ -259,7 +259,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.epochs >= 1, "epochs must be >= 1"),
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.lr > 0, "lr must be > 0"),
-        (0 <= cfg.warmup_epochs + cfg.cooldown_epochs <= cfg.epochs, "warmup_epochs + cooldown_epochs > epochs"),
+        (cfg.warmup_epochs >= 0 and cfg.cooldown_epochs >= 0, "warmup_epochs and cooldown_epochs must be >= 0"),
         (0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
         (0 <= cfg.hflip <= 1 and 0 <= cfg.reprob <= 1, "hflip and reprob are probabilities in [0, 1]"),
         (cfg.mixup >= 0 and cfg.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
