@@ -55,7 +55,7 @@ from .engine.metrics import JsonlLog, plot_curves
 from .engine.schedule import WarmupCosine
 
 #: Config keys that may differ between a checkpoint and the run that resumes it (they do not change the math).
-RESUME_FREE_KEYS = frozenset({"num_workers", "device", "compile"})
+RESUME_FREE_KEYS = frozenset({"num_workers", "device", "compile", "threads"})
 CHECKPOINT_NAME = "checkpoint.pt"
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -144,20 +144,18 @@ def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool | str | os.PathLike = False,
           stop_after_epoch: int | None = None, progress: bool | None = None, overwrite: bool = False,
-          threads: int | None = None, verbose: bool = True) -> dict[str, Any]:
+          verbose: bool = True) -> dict[str, Any]:
     """Train ``cfg`` into the directory ``out`` and return the summary (also written to ``out/summary.json``).
 
     ``resume``: True (``out/checkpoint.pt``) or a checkpoint path. ``stop_after_epoch``: end this invocation
     after that epoch (the schedule still spans ``cfg.epochs``), as a preemption would. ``progress``: tqdm bar
-    (None: when stderr is a terminal). ``threads``: intra-op CPU threads of this process. Under ``torchrun``
-    this sets up the process group and DDP.
+    (None: when stderr is a terminal). Under ``torchrun`` this sets up the process group and DDP. The number of
+    intra-op threads (``cfg.threads``) is restored when training ends.
     """
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
     threads_before = torch.get_num_threads()
     info = D.setup(cfg.device)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     try:
         return _Trainer(cfg, Path(out), info, verbose=verbose).run(
             resume=resume, stop_after_epoch=stop_after_epoch, progress=progress, overwrite=overwrite)

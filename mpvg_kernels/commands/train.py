@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
 
     out = args.out or default_out(args.recipe, cfg.pe)
     summary = train(cfg, out, resume=args.resume, stop_after_epoch=args.stop_after_epoch, progress=args.progress,
-                    overwrite=args.overwrite, threads=args.threads)
+                    overwrite=args.overwrite)
     return 0 if summary.get("ranks_in_sync", True) else 1
 
 
@@ -72,9 +72,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="start afresh in OUT even if it holds an unfinished run (default: off)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bar (default: on when stderr is a terminal)")
-    g.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="intra-op CPU threads per process (default: torch's default; under torchrun on CPU: "
-                   "cores / processes per node)")
     g.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration as YAML and exit (default: off)")
     add_config_flags(p, load_recipe(DEFAULT_RECIPE))

@@ -89,6 +89,9 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model for training")
     seed: int = _f(0, "random seed (model init, data order, augmentation)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (auto: cuda:LOCAL_RANK when CUDA is available)")
+    threads: int | None = _f(
+        None, "intra-op CPU threads per process (None: torch's default; under torchrun on CPU: cores / processes)"
+    )
     eval_every: int = _f(1, "evaluate on the held-out split every this many epochs (and after the last)")
 
 
@@ -272,6 +275,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.affine_scale is None or len(cfg.affine_scale) == 2, "affine_scale must be [min, max]"),
         (cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, "crop_pct must be in (0, 1]"),
         (0 < cfg.ema_decay < 1, "ema_decay must be in (0, 1)"),
+        (cfg.threads is None or cfg.threads >= 1, "threads must be >= 1"),
     ]
     for ok, msg in checks:
         if not ok:
