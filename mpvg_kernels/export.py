@@ -309,10 +309,9 @@ def load_model(
             raise UserError(f"checkpoint not found: {path}")
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - corrupt or foreign file: let the engine's loader word the error
-            raw = None
-            C.load_checkpoint(path)
-            raise UserError(f"cannot load checkpoint {path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file, foreign pickle ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"cannot load checkpoint {path} ({type(e).__name__}: {first})") from None
         if isinstance(raw, dict) and raw.get("format") == C.FORMAT:
             ckpt = C.load_checkpoint(path)
             meta = ckpt["model"]
@@ -327,8 +326,9 @@ def load_model(
     from .engine.checkpoint import build_model
 
     kwargs = dict(model_kwargs or {})
-    model = build_model(name, pe or "default", num_classes if num_classes is not None else _registered_classes(name),
-                        kwargs)
+    model = build_model(
+        name, pe or "default", num_classes if num_classes is not None else _registered_classes(name), kwargs
+    )
     if checkpoint is not None:
         from .models import load_checkpoint
 
@@ -420,16 +420,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="registered model name (taken from --checkpoint when omitted)")
     p.add_argument("--pe", default=None, choices=("default", "lape", "pvg", "mpvg"), help="PE mode")
     p.add_argument("--checkpoint", default=None, help="an `mpvg train` checkpoint or timm/DeiT-format weights")
-    p.add_argument("--weights", default="auto", choices=("auto", "ema", "model"),
-                   help="which weights of an `mpvg train` checkpoint (default: %(default)s)")
+    p.add_argument(
+        "--weights",
+        default="auto",
+        choices=("auto", "ema", "model"),
+        help="which weights of an `mpvg train` checkpoint (default: %(default)s)",
+    )
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the registered one)")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra create_model keyword, e.g. pool=avg (repeatable; without --checkpoint)")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra create_model keyword, e.g. pool=avg (repeatable; without --checkpoint)",
+    )
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx or pt2 (torch.export)")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, >= 17 (default: %(default)s)")
-    p.add_argument("--backend", default=None, choices=backends.KNOWN_BACKENDS,
-                   help="op backend while tracing (default: the configured one, i.e. the fused kernels)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=backends.KNOWN_BACKENDS,
+        help="op backend while tracing (default: the configured one, i.e. the fused kernels)",
+    )
     p.add_argument("--verify", action="store_true", help="run the exported graph once and print the max abs diff")
     p.set_defaults(func=main)
     return p

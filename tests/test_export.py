@@ -162,3 +162,21 @@ def test_export_from_train_checkpoint(tmp_path) -> None:
         E.load_model("vit_digits", "pvg", ckpt)
     with pytest.raises(UserError, match="not found"):
         E.load_model("vit_digits", "mpvg", tmp_path / "missing.pt")
+
+
+def test_export_from_plain_state_dict(tmp_path) -> None:
+    """timm/DeiT-format weights (a bare state dict) need --model/--pe; a corrupt file is a clear error."""
+    from mpvg_kernels.engine import UserError
+
+    m = _model("pvg", seed=4)
+    sd = tmp_path / "weights.pth"
+    torch.save(m.state_dict(), sd)
+    loaded = E.load_model("vit_digits", "pvg", sd, model_kwargs={"pool": "avg"})
+    x = _inputs(2)
+    assert torch.allclose(_logits(loaded, x), _logits(m, x), atol=1e-6)
+    with pytest.raises(UserError, match="pass --model"):
+        E.load_model(None, None, sd)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        E.load_model("vit_digits", "pvg", bad)
