@@ -427,6 +427,7 @@ def tiny_mpvg():
     return m
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_eval_matches_eager(tiny_mpvg):
     torch._dynamo.reset()
     model = tiny_mpvg.eval()
@@ -446,6 +447,7 @@ def test_compile_fullgraph_eval_matches_eager(tiny_mpvg):
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_train_matches_eager(tiny_mpvg):
     torch._dynamo.reset()
     model = tiny_mpvg.train()
