@@ -152,3 +152,19 @@ def test_ddp_two_processes_match_single(tmp_path: Path) -> None:
     assert len(load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["rng"]) == 2  # every rank's RNG state
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3  # written by rank 0 only
 
+
+
+def test_paper_recipes_run_on_tiny_data(tmp_path: Path) -> None:
+    """The DeiT and ViT-Lite recipes (RandAugment, mixup/cutmix, erasing, crops, flip, bf16, repeated aug) run end
+    to end for one epoch on tiny data sets in the real formats; only data, batch and length are overridden."""
+    from test_data import write_cifar100, write_folder
+
+    cifar = write_cifar100(tmp_path / "c100")
+    s = _train(tmp_path / "lite", "--recipe", "vit_lite_cifar100", "--data", f"cifar100:{cifar}", "--epochs", "1",
+               "--batch-size", "8")
+    assert s["model"] == "vit_lite_7_4_32" and s["num_classes"] == 100 and s["amp"] == "bf16" and s["epochs"] == 1
+    root = write_folder(tmp_path / "imgs")
+    s = _train(tmp_path / "deit", "--recipe", "deit_imagenet", "--data", f"folder:{root}", "--epochs", "1",
+               "--batch-size", "4", "--num-workers", "1")
+    assert s["model"] == "deit_tiny_patch16_224" and s["num_classes"] == 3 and s["eval_images"] == 6
+    assert s["peak_lr"] == pytest.approx(5e-4 * 4 / 512)  # DeiT: lr x global batch / 512
