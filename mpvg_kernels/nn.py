@@ -164,7 +164,9 @@ class LastLayerNormPE(nn.Module):
     def pooled_bias(self, pos: torch.Tensor) -> torch.Tensor:
         """``bias + mean_n LN'_last(pos)_n``: [D], the whole PE contribution after average pooling."""
         term = self.pos_term(pos)
-        return self.bias + term.reshape(-1, term.shape[-1]).mean(0).to(self.bias.dtype)
+        acc = torch.promote_types(self.bias.dtype, torch.float32)  # float32 (or float64) accumulation
+        c = term.reshape(-1, term.shape[-1]).to(acc).mean(0)
+        return (self.bias.to(acc) + c).to(self.bias.dtype)
 
     def forward(
         self,
