@@ -208,7 +208,7 @@ class _Trainer:
         workers = cfg.num_workers
         if workers is None:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(info.world_size)))
-            workers = 0 if splits.in_memory else min(8, max(1, (os.cpu_count() or 1) // local_world))
+            workers = 0 if splits.in_memory else min(8, max(1, D.usable_cpus() // local_world))
         pin = device.type == "cuda"
         sampler = D.ShardedSampler(len(splits.train), info.world_size, info.rank, cfg.seed, True, cfg.repeated_aug)
         train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,

@@ -125,10 +125,12 @@ def test_resume_is_exact(tmp_path: Path) -> None:
                      "--resume"]) == 2
 
 
-#: Single process vs torchrun: max |w_ddp - w_single| after 3 epochs. The two runs see identical data in identical
-#: global batches; they differ only in summation order (DDP averages two per-rank gradient means), so the weights
-#: agree to float32 rounding amplified by Adam over 66 steps.
-DDP_ATOL = 2e-4
+#: Single process vs torchrun after 3 epochs (66 AdamW steps of global batch 64). The two runs see identical data in identical global
+#: batches; they differ only in summation order (DDP averages two per-rank gradient means), i.e. float32 rounding,
+#: which Adam's normalised updates amplify for weights with tiny gradients. Measured here: max |dw| ~1e-4, relative
+#: L2 distance ~1e-5; the bounds leave 10x room for other backends and machines.
+DDP_ATOL = 1e-3
+DDP_RTOL_L2 = 1e-4
 
 
 def test_ddp_two_processes_match_single(tmp_path: Path) -> None:
@@ -146,8 +148,11 @@ def test_ddp_two_processes_match_single(tmp_path: Path) -> None:
     a = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "single" / "checkpoint.pt")["state_dict"]
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-    print(f"DDP vs single: max |dw| = {worst:.3g}; top1 {ddp['top1']:.2f} vs {single['top1']:.2f}")
-    assert worst <= DDP_ATOL, worst
+    dist = sum(float((a[k].double() - b[k].double()).square().sum()) for k in a) ** 0.5
+    rel = dist / sum(float(b[k].double().square().sum()) for k in b) ** 0.5
+    print(f"DDP vs single: max |dw| = {worst:.3g}, relative L2 {rel:.3g}; top1 {ddp['top1']:.2f} vs "
+          f"{single['top1']:.2f}")
+    assert worst <= DDP_ATOL and rel <= DDP_RTOL_L2, (worst, rel)
     assert abs(ddp["top1"] - single["top1"]) <= 1.0
     assert len(load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["rng"]) == 2  # every rank's RNG state
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3  # written by rank 0 only

@@ -38,6 +38,14 @@ class DistInfo:
         return self.world_size > 1
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``; other specs are checked."""
     if spec == "auto":
@@ -57,7 +65,7 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
 def setup(device_spec: str = "auto") -> DistInfo:
     """Initialise the process group when launched by ``torchrun`` (WORLD_SIZE > 1) and pick the device.
 
-    On CPU each process gets ``max(1, cpu_count // local_world_size)`` intra-op threads so that ranks on one
+    On CPU each process gets ``max(1, usable CPUs // local_world_size)`` intra-op threads so that ranks on one
     machine do not oversubscribe its cores.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -75,7 +83,7 @@ def setup(device_spec: str = "auto") -> DistInfo:
             info.initialized_here = True
         if device.type == "cpu":
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+            torch.set_num_threads(max(1, usable_cpus() // local_world))
     return info
 
 
