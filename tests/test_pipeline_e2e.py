@@ -125,10 +125,10 @@ def test_resume_is_exact(tmp_path: Path) -> None:
                      "--resume"]) == 2
 
 
-#: Single process vs torchrun after 3 epochs (66 AdamW steps of global batch 64). The two runs see identical data in identical global
-#: batches; they differ only in summation order (DDP averages two per-rank gradient means), i.e. float32 rounding,
-#: which Adam's normalised updates amplify for weights with tiny gradients. Measured here: max |dw| ~1e-4, relative
-#: L2 distance ~1e-5; the bounds leave 10x room for other backends and machines.
+#: Single process vs torchrun after 3 epochs (66 AdamW steps of global batch 64). Both runs see identical data in
+#: identical global batches; they differ only in summation order (DDP averages two per-rank gradient means), i.e.
+#: float32 rounding, which Adam's normalised updates amplify for weights with tiny gradients. Measured here:
+#: max |dw| ~1e-4, relative L2 distance ~1e-5; the bounds leave 10x room for other backends and machines.
 DDP_ATOL = 1e-3
 DDP_RTOL_L2 = 1e-4
 
