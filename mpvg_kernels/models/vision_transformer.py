@@ -561,7 +561,9 @@ class VisionTransformer(nn.Module):
             )
         return self.patch_embed.grid_for(H, W)
 
-    def _run_block(self, blk: Block, x: torch.Tensor, pos: torch.Tensor | None):
+    def _run_block(
+        self, blk: Block, x: torch.Tensor, pos: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
             return checkpoint(blk, x, pos, use_reentrant=False)
         return blk(x, pos)
