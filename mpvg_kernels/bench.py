@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -78,8 +79,11 @@ class BenchConfig:
         }
     )
     warmup: int = 2
-    rounds: int = 5
+    rounds: int = 12
+    #: calls per timed sample: at least ``iters``, more for fast cases so that one sample lasts ``min_sample_s``
     iters: int = 1
+    min_sample_s: float = 0.25
+    max_inner: int = 50
     threads: int = 1
     pool: str = "avg"
     seed: int = 0
@@ -126,6 +130,7 @@ class Case:
     run: Callable[[], None] = field(repr=False, default=lambda: None)
     times: list[float] = field(default_factory=list)
     compile_s: float = 0.0
+    inner: int = 1
     error: str = ""
 
     def key(self) -> tuple[str, str, str, str, str]:
@@ -253,6 +258,11 @@ def _impl_context(impl: str, model: torch.nn.Module) -> contextlib.AbstractConte
     return stack
 
 
+def _pair_order(mode: str) -> int:
+    """Round order of the modes: default and mpvg (the pair the targets compare) back to back."""
+    return ("default", "mpvg", "pvg", "lape").index(mode) if mode in MODES else len(MODES)
+
+
 def make_cases(name: str, cfg: BenchConfig) -> list[Case]:
     """Build every case of one model.
 
@@ -284,7 +294,7 @@ def make_cases(name: str, cfg: BenchConfig) -> list[Case]:
     for impl in cfg.impls:
         for ex in cfg.execs:
             for task in cfg.tasks:
-                for mode in cfg.modes:
+                for mode in sorted(cfg.modes, key=_pair_order):
                     if not cfg.wants(name, mode, impl, ex, task):
                         continue
                     x = inputs[task]
@@ -338,8 +348,10 @@ def run_model(name: str, cfg: BenchConfig, bar: Any = None) -> list[Case]:
             )
         try:
             case.compile_s = _time_call(case.run)  # first call: compilation (if any) + one-time setup
+            dt = case.compile_s
             for _ in range(cfg.warmup - 1):
-                case.run()
+                dt = _time_call(case.run)
+            case.inner = max(cfg.iters, min(cfg.max_inner, math.ceil(cfg.min_sample_s / max(dt, 1e-6))))
         except Exception as exc:  # noqa: BLE001 - one failing case must not lose the whole run
             case.error = f"{type(exc).__name__}: {exc}"[:500]
         if bar is not None:
@@ -356,10 +368,12 @@ def run_model(name: str, cfg: BenchConfig, bar: Any = None) -> list[Case]:
             k = r % max(len(cases), 1)
             for case in cases[k:] + cases[:k]:
                 if not case.error:
-                    for _ in range(cfg.iters):
-                        case.times.append(_time_call(case.run))
+                    t0 = time.perf_counter()
+                    for _ in range(case.inner):
+                        case.run()
+                    case.times.append((time.perf_counter() - t0) / case.inner)
                 if bar is not None:
-                    bar.update(cfg.iters)
+                    bar.update(1)
             if gc_was_enabled:
                 gc.enable()
     finally:
@@ -402,6 +416,7 @@ def summarise(cases: list[Case]) -> list[dict[str, Any]]:
                 "p25_s": _quantile(c.times, 0.25),
                 "p75_s": _quantile(c.times, 0.75),
                 "n": len(c.times),
+                "calls_per_sample": c.inner,
                 "times_s": [round(t, 6) for t in c.times],
                 "first_call_s": c.compile_s,
                 "error": c.error,
@@ -410,19 +425,15 @@ def summarise(cases: list[Case]) -> list[dict[str, Any]]:
     return out
 
 
-def _paired_ratio(base_times: list[float], times: list[float], iters: int) -> float:
+def _paired_ratio(base_times: list[float], times: list[float]) -> float:
     """Median over rounds of (base seconds / seconds) within the same round: drift between rounds cancels."""
-    n = min(len(base_times), len(times)) // max(iters, 1)
+    n = min(len(base_times), len(times))
     if n == 0:
         return float("nan")
-    per_round = []
-    for r in range(n):
-        sl = slice(r * iters, (r + 1) * iters)
-        per_round.append(statistics.fmean(base_times[sl]) / statistics.fmean(times[sl]))
-    return statistics.median(per_round)
+    return statistics.median(base_times[r] / times[r] for r in range(n))
 
 
-def ratios(records: list[dict[str, Any]], base: str = "default", iters: int = 1) -> list[dict[str, Any]]:
+def ratios(records: list[dict[str, Any]], base: str = "default") -> list[dict[str, Any]]:
     """images/s of every mode over the ``base`` mode's, for the same model, implementation, execution and task.
 
     ``ratio_vs_default``: ratio of the medians (the figure the targets are checked on); ``paired_ratio``: median of
@@ -438,7 +449,7 @@ def ratios(records: list[dict[str, Any]], base: str = "default", iters: int = 1)
         if b is None:
             continue
         ratio = r["images_per_s"] / b["images_per_s"]
-        paired = _paired_ratio(b.get("times_s", []), r.get("times_s", []), iters)
+        paired = _paired_ratio(b.get("times_s", []), r.get("times_s", []))
         best = b["min_s"] / r["min_s"] if r["n"] and b["n"] else float("nan")
         target = TARGETS.get(r["task"]) if r["mode"] == "mpvg" else None
         out.append(
@@ -505,8 +516,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{_fmt_load(env.get('loadavg_1m_end'))} at end "
         "(other jobs share these cores: ratios from one interleaved run only)",
         f"- command: `{env['command']}`",
-        f"- medians of {cfg['rounds']} interleaved rounds x {cfg['iters']} call(s) after {cfg['warmup']} warm-up "
-        "call(s); images/s = batch / median seconds per call; train = forward + backward + AdamW step",
+        f"- medians of {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up call(s); one sample per case "
+        f"and round = the mean of enough calls (at least {cfg['iters']}) to last {cfg.get('min_sample_s', 0)} s; "
+        "images/s = batch / median seconds per call; train = forward + backward + AdamW step",
         "",
     ]
     tasks = [t for t in TASKS if any(r["task"] == t for r in recs)]
@@ -690,7 +702,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             f"{backends.cpp_status()[1]}); fused and unfused then differ only by the PE cache",
             file=sys.stderr,
         )
-    per_case = cfg.warmup + cfg.rounds * cfg.iters
+    per_case = cfg.warmup + cfg.rounds
     total = per_case * sum(
         cfg.wants(m, mode, i, e, t)
         for m in cfg.models
@@ -727,7 +739,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "wall_s": time.perf_counter() - t0,
         "loadavg_1m_start": load_start,
         "records": records,
-        "ratios": ratios(records, iters=cfg.iters),
+        "ratios": ratios(records),
         "speedups": speedups(records),
     }
     write_results(result, Path(cfg.out_dir), cfg.name)
@@ -785,6 +797,7 @@ def smoke_config(out_dir: str = "benchmarks/results", name: str = "models_smoke"
         warmup=2,
         rounds=5,
         iters=1,
+        min_sample_s=0.02,
         out_dir=out_dir,
         name=name,
     )
@@ -821,8 +834,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="per-model batch sizes, e.g. vit_lite_7_4_32=64,32 (repeatable)",
     )
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per case, the first compiles (default: 2)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: 5)")
-    p.add_argument("--iters", type=int, default=None, help="timed calls per case per round (default: 1)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: 12)")
+    p.add_argument("--iters", type=int, default=None, help="minimum calls per timed sample (default: 1)")
+    p.add_argument(
+        "--min-sample-s",
+        type=float,
+        default=None,
+        help="fast cases repeat calls until one sample lasts this long (default: 0.25)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1)")
     p.add_argument("--pool", choices=("avg", "cls"), default=None, help="pooling of every model (default: avg)")
     p.add_argument("--out-dir", default=None, help="where to write NAME.json/.md/.png (default: benchmarks/results)")
@@ -850,6 +869,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "warmup",
         "rounds",
         "iters",
+        "min_sample_s",
         "threads",
         "compile_models",
         "compile_modes",
