@@ -17,6 +17,10 @@ COMMANDS: list[str] = [
     "mpvg_kernels.commands.evaluate",
     "mpvg_kernels.commands.predict",
     "mpvg_kernels.commands.demo",
+    "mpvg_kernels.commands.params",
+    "mpvg_kernels.bench",
+    "mpvg_kernels.export",
+    "mpvg_kernels.analyze",
 ]
 
 
