@@ -114,7 +114,7 @@ def _extensions():
             finally:
                 self.extensions = keep
 
-    extra = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    extra = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     ext = CppExtension(
         "mpvg_kernels._C",
         sources,

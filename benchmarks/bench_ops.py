@@ -57,6 +57,10 @@ TARGETS = {
     "fwd+bwd": {"eager": 1.5, "compile": 1.0},
 }
 TARGET_COPY_FRACTION = 0.7
+CLOCKS = {
+    "wall": "time.perf_counter, or CUDA events on GPU",
+    "thread": "time.thread_time: CPU time of the one compute thread, leaving out time preempted by other processes",
+}
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -203,7 +207,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     cands = build_candidates(op, mode, inputs_nograd, inputs_grad, fns)
                     cands["copy"] = copy_fn
                     timings = common.time_interleaved(
-                        cands, device, rounds=args.rounds, warmup=args.warmup, min_sample_s=args.min_sample_s
+                        cands,
+                        device,
+                        rounds=args.rounds,
+                        warmup=args.warmup,
+                        min_sample_s=args.min_sample_s,
+                        clock=args.clock,
                     )
                     nbytes = op_bytes(op, mode, B, N, D, elem)
                     copy_gbps = common.gbps(copy_bytes, timings["copy"].median_s)
@@ -255,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rounds": args.rounds,
             "warmup": args.warmup,
             "min_sample_s": args.min_sample_s,
+            "clock": args.clock,
             "threads": torch.get_num_threads() if device == "cpu" else None,
             "cpp_capability": _cpp_capability(),
             "fast_candidate": fast,
@@ -352,7 +362,8 @@ def write_reports(result: dict[str, Any], out: Path) -> list[Path]:
         f"{env['time_utc']}. C++ kernels: {cfg['cpp_capability']}. Malloc: {env.get('malloc_env')}.",
         "",
         f"Command: `{cfg['command']}` ({cfg['wall_s']} s). Medians of {cfg['rounds']} interleaved rounds after "
-        f"{cfg['warmup']} warm-up calls; ratios are from this one run (x eager = eager time / {fast} time).",
+        f"{cfg['warmup']} warm-up calls, clock: {cfg['clock']} ({CLOCKS[cfg['clock']]}); ratios are from this one run "
+        f"(x eager = eager time / {fast} time).",
         "",
         f"Bytes: {result['bytes_formula']}.",
         "",
@@ -409,10 +420,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=21, help="interleaved timing rounds per case")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per candidate first")
     p.add_argument("--min-sample-s", type=float, default=2e-3, help="CPU: repeat calls so a sample lasts this long")
+    p.add_argument(
+        "--clock",
+        choices=["auto", "wall", "thread"],
+        default="auto",
+        help="CPU timer: wall, or thread CPU time (excludes time preempted by other processes); auto = thread when "
+        "--threads 1 on CPU, else wall",
+    )
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile candidate")
     p.add_argument("--quick", action="store_true", help="tiny smoke run for CI (< 30 s)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="directory for ops_<device>.json/.md/.png")
     args = p.parse_args(argv)
+    if args.clock == "auto":
+        args.clock = "thread" if args.device == "cpu" and args.threads == 1 else "wall"
+    if args.device == "cuda":
+        args.clock = "wall"  # CUDA events
     if args.quick:
         args.shapes, args.dtype, args.ops = ["tiny"], ["fp32"], ["add", "pool"]
         args.rounds, args.warmup, args.min_sample_s = 3, 1, 2e-4

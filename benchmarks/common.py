@@ -5,9 +5,11 @@ rounds (round r visits the candidates in an order rotated by r), and each candid
 per-round samples. Machine noise therefore lands on every candidate alike and the ratios measured in one run are
 what a report claims.
 
-- CPU: a ``time.perf_counter`` loop with the garbage collector off; each sample runs the candidate ``inner`` times
-  (calibrated so a sample lasts at least ``min_sample_s``) and reports the mean per call. Caches are not flushed:
-  all candidates see the same steady state (and inputs larger than the last-level cache stream from DRAM anyway).
+- CPU: a ``time.perf_counter`` (or thread CPU time) loop with the garbage collector off; each sample runs the
+  candidate ``inner`` times back to back (the same count for every candidate, calibrated so that the fastest one's
+  sample lasts at least ``min_sample_s``) and reports the mean per call. Caches are not flushed: every candidate
+  starts its sample after the others have run (so its inputs are partly evicted) and continues in its own steady
+  state.
 - CUDA: CUDA events around one call per sample, after zeroing a 256 MiB buffer to flush the L2 cache (the scheme
   of ``triton.testing.do_bench``), synchronising once per round.
 
@@ -95,26 +97,38 @@ def time_interleaved(
     warmup: int = 3,
     min_sample_s: float = 2e-3,
     max_inner: int = 1000,
+    clock: str = "wall",
 ) -> dict[str, Timing]:
     """Time every candidate (a no-argument callable) in ``rounds`` interleaved rounds; medians per call.
 
     ``warmup`` untimed calls per candidate come first (after which the per-sample repeat count is calibrated on
     CPU). On CUDA each sample is a single call timed with CUDA events after an L2 flush.
+
+    ``clock`` (CPU only): ``wall`` (``time.perf_counter``) or ``thread`` (``time.thread_time``: CPU time of the
+    calling thread). With one compute thread every candidate runs on the calling thread, and the thread clock leaves
+    out the time this process spends preempted on a shared machine, which otherwise dominates the noise.
     """
     device = torch.device(device)
+    if clock not in ("wall", "thread"):
+        raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    now = time.thread_time if clock == "thread" else time.perf_counter
     names = list(candidates)
     for name in names:
         for _ in range(max(1, warmup)):
             candidates[name]()
     _sync(device)
 
-    inner = {name: 1 for name in names}
+    # One repeat count for all candidates (so that none gets warmer caches from more back-to-back calls than
+    # another), calibrated on the fastest so that its sample lasts at least min_sample_s.
+    n_inner = 1
     if device.type == "cpu":
+        fastest = math.inf
         for name in names:
             t0 = time.perf_counter()
             candidates[name]()
-            dt = max(time.perf_counter() - t0, 1e-7)
-            inner[name] = int(min(max_inner, max(1, math.ceil(min_sample_s / dt))))
+            fastest = min(fastest, max(time.perf_counter() - t0, 1e-7))
+        n_inner = int(min(max_inner, max(1, math.ceil(min_sample_s / fastest))))
+    inner = {name: n_inner for name in names}
 
     samples: dict[str, list[float]] = {name: [] for name in names}
     flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
@@ -139,10 +153,10 @@ def time_interleaved(
             else:
                 for name in order:
                     fn, n = candidates[name], inner[name]
-                    t0 = time.perf_counter()
+                    t0 = now()
                     for _ in range(n):
                         fn()
-                    samples[name].append((time.perf_counter() - t0) / n)
+                    samples[name].append((now() - t0) / n)
     finally:
         if gc_was_enabled:
             gc.enable()

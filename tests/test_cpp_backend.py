@@ -339,18 +339,36 @@ def test_gradcheck_float64_cpp() -> None:
         assert torch.autograd.gradcheck(lambda x, w, b: mk.layer_norm_pool(x, w, b), (x, w, b))
 
 
+@contextlib.contextmanager
+def _tuning(**values: int) -> Iterator[None]:
+    old = {k: _C._tune(k, v) for k, v in values.items()}
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            _C._tune(k, v)
+
+
+# Tunings that change how the rows are cut into backward chunks (the default plan, and one with many small
+# chunks: several b-blocks each with its own dpe partial, several n-blocks, and the max_chunks cap).
+PLANS = {"default": {}, "many-chunks": {"chunk_elems": 2048, "pe_block_b": 2, "min_run": 8, "max_chunks": 64}}
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize(
     "B,N,D,pe,pool",
     [
         (8, 197, 192, True, False),
         (256, 4, 192, True, False),
-        (8, 197, 200, False, False),
+        (9, 197, 200, False, False),
         (8, 197, 192, True, True),
-        (32, 197, 768, True, False),
+        (64, 197, 768, True, False),
     ],
-    ids=["add+pe", "add+pe-few-tokens", "add", "pool+pe", "add+pe-64-chunks"],
+    ids=["add+pe", "add+pe-few-tokens", "add-odd-B", "pool+pe", "add+pe-large"],
 )
-def test_backward_bit_identical_across_runs_and_threads(B: int, N: int, D: int, pe: bool, pool: bool) -> None:
+def test_backward_bit_identical_across_runs_and_threads(
+    B: int, N: int, D: int, pe: bool, pool: bool, plan: str
+) -> None:
     x = _strided_x(B, N, D, torch.float32, seed=50)
     w = _rand(D, seed=52)
     p = _rand(N, D, seed=51) if pe else None
@@ -360,16 +378,27 @@ def test_backward_bit_identical_across_runs_and_threads(B: int, N: int, D: int, 
     g = _rand(*y.shape, seed=54)
     bwd = torch.ops.mpvg.layer_norm_pool_backward if pool else torch.ops.mpvg.layer_norm_add_backward
     runs = []
-    for threads in (2, 2, 1):
-        with _threads(threads):
-            runs.append(bwd(g, x, w, mean, rstd, pe))
+    with _tuning(**PLANS[plan]):
+        for threads in (2, 2, 1):
+            with _threads(threads):
+                runs.append(bwd(g, x, w, mean, rstd, pe))
     for other in runs[1:]:
         for name, a, c in zip(("dx", "dpe", "dw", "db"), runs[0], other, strict=True):
             assert torch.equal(a, c), f"{name} differs between runs / thread counts"
+    ref = reference.backward(g.double(), x.double(), w.double(), mean.double(), rstd.double(), pe, pool)
+    for name, a, r in zip(("dx", "dpe", "dw", "db"), runs[0], ref, strict=True):
+        _assert_close(f"{name} ({plan})", a, r, None, torch.float32)
     # and the forward: rows are independent, any split is exact
-    with _threads(1):
+    with _threads(1), _tuning(grain_elems=1):
         y1 = torch.ops.mpvg.layer_norm_pool(x, w, w, p, EPS) if pool else torch.ops.mpvg.layer_norm_add(x, p, w, w, EPS)
     assert all(torch.equal(a, c) for a, c in zip(y1, (y, mean, rstd), strict=True))
+
+
+def test_tune_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="unknown tuning parameter"):
+        _C._tune("turbo", 1)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        _C._tune("chunk_elems", 0)
 
 
 # ------------------------------------------------------------------------------ opcheck, compile

@@ -23,12 +23,13 @@ struct FwdParams {
   int64_t B, N, D, sxb, sxn;
   const void* w;        // acc [D]
   const void* b;        // acc [D]
-  const void* pe;       // add: acc [N, D] contiguous, or nullptr
+  const void* pe;       // add: acc [N, D] contiguous = bias + pe (then b is not read), or nullptr
   const void* pe_mean;  // pool: acc [D] = mean over n of pe, or nullptr
   double eps;
   void* y;     // add: [B, N, D] contiguous; pool: [B, D]; x dtype
   void* mean;  // acc [B * N]
   void* rstd;  // acc [B * N]
+  int64_t nb, kn;  // add: work unit u = samples 2 (u / kn), +1 x tokens [nb (u % kn), + nb)
 };
 
 // Backward of both ops. The row (b, n) of dy is dy + (b * N + n) * D in x dtype (add), or
@@ -44,37 +45,34 @@ struct BwdParams {
   bool pool;
 };
 
-// One unit of backward work. Its rows are either the flat row range [r0, r1) of the B * N rows
-// (rect == false), or the rectangle b in [b0, b1) x n in [n0, n1), visited b-major (rect == true).
-// The kernel overwrites (never accumulates into) the partials it is given:
+// One unit of backward work: the rows b in [b0, b1) x n in [n0, n1), visited as pairs of samples
+// (b, b + 1), tokens in order within each pair. The kernel overwrites (never accumulates into) the
+// partials it is given:
 //   dw [D]  = sum over its rows of dy * xhat
-//   db [D]  = sum over its rows of dy                      (when db != nullptr)
-//   dpe[n]  = sum over b in [b0, b1) of dy[b, n], n0 <= n < n1, dpe is the [N, D] base (rect only,
-//             when dpe != nullptr)
+//   db [D]  = sum over its rows of dy                                   (when db != nullptr)
+//   dpe[n]  = sum over b in [b0, b1) of dy[b, n], n0 <= n < n1, dpe being an [N, D] base (when != nullptr)
 // Every sum runs in a fixed order, so the partials depend on the chunk alone, never on the thread.
 struct BwdChunk {
-  bool rect;
-  int64_t r0, r1;
   int64_t b0, b1, n0, n1;
   void* dw;
   void* db;
   void* dpe;
 };
 
-using AddFwdFn = void (*)(const FwdParams&, int64_t r0, int64_t r1, void* scratch);
+using AddFwdFn = void (*)(const FwdParams&, int64_t u0, int64_t u1, void* scratch);
 using PoolFwdFn = void (*)(const FwdParams&, int64_t b0, int64_t b1, void* scratch);
 using BwdFn = void (*)(const BwdParams&, const BwdChunk&, void* scratch);
 
 struct KernelTable {
   const char* name;
-  AddFwdFn add_fwd[kNumDTypes];    // rows [r0, r1) of y, mean, rstd
+  AddFwdFn add_fwd[kNumDTypes];    // work units [u0, u1) (see FwdParams::nb) of y, mean, rstd
   PoolFwdFn pool_fwd[kNumDTypes];  // samples [b0, b1) of y, and their rows of mean, rstd
   BwdFn bwd[kNumDTypes];
 };
 
-// Bytes of scratch a kernel call needs for rows of length D (a few acc rows, 64-byte aligned).
+// Bytes of scratch a kernel call needs for rows of length D (at most 6 acc rows of D + 16).
 inline size_t scratch_bytes(int64_t D) {
-  return static_cast<size_t>(4 * (D + 16)) * sizeof(double) + 64;
+  return static_cast<size_t>(6 * (D + 16)) * sizeof(double) + 64;
 }
 
 // One table per capability; nullptr when this build has no kernels for that capability.

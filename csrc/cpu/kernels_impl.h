@@ -18,6 +18,11 @@
 // memory once; the second and third passes over it hit L1 (rows are at most a few KiB). Half types
 // are widened into a scratch row first. Every reduction (within a row, across rows of a chunk) runs
 // in an order fixed by the shape, so results are bitwise reproducible.
+//
+// Rows are processed in pairs (b, n), (b + 1, n): the two rows share their loads of the parameters
+// and of the pe / dpe row, and their two independent dependency chains (sum -> horizontal sum ->
+// mean -> deviations -> horizontal sum -> rsqrt) overlap. The arithmetic of each row is the same
+// whether it is processed in a pair or alone, so the forward result never depends on the grouping.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -27,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <type_traits>
 
 #include "kernels.h"
@@ -153,73 +159,113 @@ inline void store_row(T* dst, const A* buf, int64_t D) {
   }
 }
 
-// Mean and 1/sqrt(var + eps) of one row, two passes (the second from L1), biased variance.
-template <typename A>
-inline void row_stats(const A* x, int64_t D, A eps, A& mean_out, A& rstd_out) {
+// Mean and 1/sqrt(var + eps) (biased variance) of R = 1 or 2 rows, two passes each (the second from
+// L1). Row 1 (x1) is ignored when R == 1; each row's arithmetic does not depend on R.
+template <typename A, int R>
+inline void row_stats(const A* x0, const A* x1, int64_t D, A eps, A* mean, A* rstd) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
-  V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
+  const A inv_d = A(1) / static_cast<A>(D);
+  V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0)), b0(A(0)), b1(A(0)), b2(A(0)), b3(A(0));
   int64_t j = 0;
   for (; j + 4 * W <= D; j += 4 * W) {
-    a0 += V::loadu(x + j);
-    a1 += V::loadu(x + j + W);
-    a2 += V::loadu(x + j + 2 * W);
-    a3 += V::loadu(x + j + 3 * W);
+    a0 += V::loadu(x0 + j);
+    a1 += V::loadu(x0 + j + W);
+    a2 += V::loadu(x0 + j + 2 * W);
+    a3 += V::loadu(x0 + j + 3 * W);
+    if constexpr (R == 2) {
+      b0 += V::loadu(x1 + j);
+      b1 += V::loadu(x1 + j + W);
+      b2 += V::loadu(x1 + j + 2 * W);
+      b3 += V::loadu(x1 + j + 3 * W);
+    }
   }
-  for (; j + W <= D; j += W) a0 += V::loadu(x + j);
-  A s = hsum((a0 + a1) + (a2 + a3));
-  for (; j < D; ++j) s += x[j];
-  const A mean = s / static_cast<A>(D);
-
-  const V m(mean);
-  a0 = a1 = a2 = a3 = V(A(0));
-  j = 0;
-  for (; j + 4 * W <= D; j += 4 * W) {
-    V d0 = V::loadu(x + j) - m, d1 = V::loadu(x + j + W) - m;
-    V d2 = V::loadu(x + j + 2 * W) - m, d3 = V::loadu(x + j + 3 * W) - m;
+  const int64_t jv = j;
+  for (; j + W <= D; j += W) {
+    a0 += V::loadu(x0 + j);
+    if constexpr (R == 2) b0 += V::loadu(x1 + j);
+  }
+  const int64_t jt = j;
+  A s0 = hsum((a0 + a1) + (a2 + a3)), s1 = 0;
+  if constexpr (R == 2) s1 = hsum((b0 + b1) + (b2 + b3));
+  for (j = jt; j < D; ++j) {
+    s0 += x0[j];
+    if constexpr (R == 2) s1 += x1[j];
+  }
+  const A mu0 = s0 * inv_d, mu1 = s1 * inv_d;
+  const V m0(mu0), m1(mu1);
+  a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = V(A(0));
+  for (j = 0; j < jv; j += 4 * W) {
+    const V d0 = V::loadu(x0 + j) - m0, d1 = V::loadu(x0 + j + W) - m0;
+    const V d2 = V::loadu(x0 + j + 2 * W) - m0, d3 = V::loadu(x0 + j + 3 * W) - m0;
     a0 = at::vec::fmadd(d0, d0, a0);
     a1 = at::vec::fmadd(d1, d1, a1);
     a2 = at::vec::fmadd(d2, d2, a2);
     a3 = at::vec::fmadd(d3, d3, a3);
+    if constexpr (R == 2) {
+      const V e0 = V::loadu(x1 + j) - m1, e1 = V::loadu(x1 + j + W) - m1;
+      const V e2 = V::loadu(x1 + j + 2 * W) - m1, e3 = V::loadu(x1 + j + 3 * W) - m1;
+      b0 = at::vec::fmadd(e0, e0, b0);
+      b1 = at::vec::fmadd(e1, e1, b1);
+      b2 = at::vec::fmadd(e2, e2, b2);
+      b3 = at::vec::fmadd(e3, e3, b3);
+    }
   }
-  for (; j + W <= D; j += W) {
-    V d = V::loadu(x + j) - m;
+  for (; j < jt; j += W) {
+    const V d = V::loadu(x0 + j) - m0;
     a0 = at::vec::fmadd(d, d, a0);
+    if constexpr (R == 2) {
+      const V e = V::loadu(x1 + j) - m1;
+      b0 = at::vec::fmadd(e, e, b0);
+    }
   }
-  A q = hsum((a0 + a1) + (a2 + a3));
-  for (; j < D; ++j) {
-    const A d = x[j] - mean;
-    q += d * d;
+  A q0 = hsum((a0 + a1) + (a2 + a3)), q1 = 0;
+  if constexpr (R == 2) q1 = hsum((b0 + b1) + (b2 + b3));
+  for (j = jt; j < D; ++j) {
+    const A d = x0[j] - mu0;
+    q0 += d * d;
+    if constexpr (R == 2) {
+      const A e = x1[j] - mu1;
+      q1 += e * e;
+    }
   }
-  mean_out = mean;
-  rstd_out = A(1) / std::sqrt(q / static_cast<A>(D) + eps);
+  mean[0] = mu0;
+  rstd[0] = A(1) / std::sqrt(q0 * inv_d + eps);
+  if constexpr (R == 2) {
+    mean[1] = mu1;
+    rstd[1] = A(1) / std::sqrt(q1 * inv_d + eps);
+  }
 }
 
 // ---------------------------------------------------------------------------------------- forward
 
-// out = (x - mean) * rstd * w + b (+ pe)
-template <typename A, bool HAS_PE>
-inline void add_row(const A* x, A mean, A rstd, const A* w, const A* b, const A* pe, A* out, int64_t D) {
+// o_k = (x_k - mean_k) * rstd_k * w + c for R = 1 or 2 rows sharing the bias row c (bias + pe[n]).
+template <typename A, int R>
+inline void add_rows(const A* x0, const A* x1, const A* mean, const A* rstd, const A* w, const A* c, A* o0,
+                     A* o1, int64_t D) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
-  const V m(mean), r(rstd);
+  const V m0(mean[0]), r0(rstd[0]);
+  const V m1(R == 2 ? mean[1] : A(0)), r1(R == 2 ? rstd[1] : A(0));
   int64_t j = 0;
   for (; j + W <= D; j += W) {
-    V o = at::vec::fmadd((V::loadu(x + j) - m) * r, V::loadu(w + j), V::loadu(b + j));
-    if constexpr (HAS_PE) o = o + V::loadu(pe + j);
-    o.store(out + j);
+    const V vw = V::loadu(w + j), vc = V::loadu(c + j);
+    at::vec::fmadd((V::loadu(x0 + j) - m0) * r0, vw, vc).store(o0 + j);
+    if constexpr (R == 2) at::vec::fmadd((V::loadu(x1 + j) - m1) * r1, vw, vc).store(o1 + j);
   }
   for (; j < D; ++j) {
-    A o = (x[j] - mean) * rstd * w[j] + b[j];
-    if constexpr (HAS_PE) o += pe[j];
-    out[j] = o;
+    o0[j] = (x0[j] - mean[0]) * rstd[0] * w[j] + c[j];
+    if constexpr (R == 2) o1[j] = (x1[j] - mean[1]) * rstd[1] * w[j] + c[j];
   }
 }
 
+// Work units [u0, u1) of the forward of layer_norm_add. Unit u covers samples b = 2 * (u / kn) and
+// b + 1 (when < B) and the tokens of n-block u % kn (FwdParams::nb tokens each); it writes those rows
+// of y, mean and rstd, taking the rows in pairs (b, n), (b + 1, n) which share the bias row c.
 template <typename T, bool HAS_PE>
-void add_fwd_impl(const FwdParams& p, int64_t r0, int64_t r1, void* scratch) {
+void add_fwd_impl(const FwdParams& p, int64_t u0, int64_t u1, void* scratch) {
   using A = typename AccOf<T>::type;
-  const int64_t N = p.N, D = p.D;
+  const int64_t B = p.B, N = p.N, D = p.D, nb = p.nb, kn = p.kn;
   const T* x = static_cast<const T*>(p.x);
   const A* w = static_cast<const A*>(p.w);
   const A* b = static_cast<const A*>(p.b);
@@ -227,38 +273,62 @@ void add_fwd_impl(const FwdParams& p, int64_t r0, int64_t r1, void* scratch) {
   T* y = static_cast<T*>(p.y);
   A* mean = static_cast<A*>(p.mean);
   A* rstd = static_cast<A*>(p.rstd);
-  A* xbuf = static_cast<A*>(scratch);
-  A* ybuf = xbuf + D + 16;
+  const int64_t ld = D + 16;
+  A* base = static_cast<A*>(scratch);
+  A* xbuf0 = base;
+  A* xbuf1 = base + ld;
+  A* ybuf0 = base + 2 * ld;
+  A* ybuf1 = base + 3 * ld;
   const A eps = static_cast<A>(p.eps);
 
-  int64_t bi = r0 / N, n = r0 - bi * N;
-  for (int64_t r = r0; r < r1; ++r) {
-    const A* xr = row_as_acc<T, A>(x + bi * p.sxb + n * p.sxn, xbuf, D);
-    A mu, rs;
-    row_stats<A>(xr, D, eps, mu, rs);
-    mean[r] = mu;
-    rstd[r] = rs;
-    T* yr = y + r * D;
-    A* o = out_row<T, A>(yr, ybuf);
-    add_row<A, HAS_PE>(xr, mu, rs, w, b, HAS_PE ? pe + n * D : nullptr, o, D);
-    store_row<T, A>(yr, o, D);
-    if (++n == N) {
-      n = 0;
-      ++bi;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t bi = 2 * (u / kn);
+    const int64_t n0 = (u % kn) * nb, n1 = std::min(N, n0 + nb);
+    const bool two = bi + 1 < B;
+    const T* xa = x + bi * p.sxb;
+    const T* xb = xa + p.sxb;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t r = bi * N + n;
+      const A* c = HAS_PE ? pe + n * D : b;
+      const A* x0 = row_as_acc<T, A>(xa + n * p.sxn, xbuf0, D);
+      T* y0 = y + r * D;
+      A* o0 = out_row<T, A>(y0, ybuf0);
+      if (two) {
+        const A* x1 = row_as_acc<T, A>(xb + n * p.sxn, xbuf1, D);
+        T* y1 = y0 + N * D;
+        A* o1 = out_row<T, A>(y1, ybuf1);
+        A mu[2], rs[2];
+        row_stats<A, 2>(x0, x1, D, eps, mu, rs);
+        mean[r] = mu[0];
+        rstd[r] = rs[0];
+        mean[r + N] = mu[1];
+        rstd[r + N] = rs[1];
+        add_rows<A, 2>(x0, x1, mu, rs, w, c, o0, o1, D);
+        store_row<T, A>(y0, o0, D);
+        store_row<T, A>(y1, o1, D);
+      } else {
+        A mu[1], rs[1];
+        row_stats<A, 1>(x0, nullptr, D, eps, mu, rs);
+        mean[r] = mu[0];
+        rstd[r] = rs[0];
+        add_rows<A, 1>(x0, nullptr, mu, rs, w, c, o0, nullptr, D);
+        store_row<T, A>(y0, o0, D);
+      }
     }
   }
 }
 
 template <typename T>
-void add_fwd(const FwdParams& p, int64_t r0, int64_t r1, void* scratch) {
+void add_fwd(const FwdParams& p, int64_t u0, int64_t u1, void* scratch) {
   if (p.pe != nullptr) {
-    add_fwd_impl<T, true>(p, r0, r1, scratch);
+    add_fwd_impl<T, true>(p, u0, u1, scratch);
   } else {
-    add_fwd_impl<T, false>(p, r0, r1, scratch);
+    add_fwd_impl<T, false>(p, u0, u1, scratch);
   }
 }
 
-// y[b] = w * mean_n(xhat[b, n]) + bias + pe_mean, for b in [b0, b1). N >= 1.
+// y[b] = w * mean_n(xhat[b, n]) + bias + pe_mean, for b in [b0, b1). N >= 1. The tokens of a sample
+// are taken in pairs (n, n + 1) for the statistics; xhat is summed over n in order.
 template <typename T>
 void pool_fwd(const FwdParams& p, int64_t b0, int64_t b1, void* scratch) {
   using A = typename AccOf<T>::type;
@@ -272,27 +342,46 @@ void pool_fwd(const FwdParams& p, int64_t b0, int64_t b1, void* scratch) {
   T* y = static_cast<T*>(p.y);
   A* mean = static_cast<A*>(p.mean);
   A* rstd = static_cast<A*>(p.rstd);
-  A* xbuf = static_cast<A*>(scratch);
-  A* xsum = xbuf + D + 16;
-  A* ybuf = xsum + D + 16;
+  const int64_t ld = D + 16;
+  A* xbuf0 = static_cast<A*>(scratch);
+  A* xbuf1 = xbuf0 + ld;
+  A* xsum = xbuf1 + ld;
+  A* ybuf = xsum + ld;
   const A eps = static_cast<A>(p.eps);
   const A inv_n = A(1) / static_cast<A>(N);
 
+  auto accumulate = [&](const A* xr, A mu, A rs) {
+    const V m(mu), rv(rs);
+    int64_t j = 0;
+    for (; j + W <= D; j += W) {
+      at::vec::fmadd(V::loadu(xr + j) - m, rv, V::loadu(xsum + j)).store(xsum + j);
+    }
+    for (; j < D; ++j) xsum[j] += (xr[j] - mu) * rs;
+  };
   for (int64_t bi = b0; bi < b1; ++bi) {
     std::memset(xsum, 0, sizeof(A) * D);
-    for (int64_t n = 0; n < N; ++n) {
+    const T* xs = x + bi * p.sxb;
+    int64_t n = 0;
+    for (; n + 2 <= N; n += 2) {
+      const A* x0 = row_as_acc<T, A>(xs + n * p.sxn, xbuf0, D);
+      const A* x1 = row_as_acc<T, A>(xs + (n + 1) * p.sxn, xbuf1, D);
+      A mu[2], rs[2];
+      row_stats<A, 2>(x0, x1, D, eps, mu, rs);
       const int64_t r = bi * N + n;
-      const A* xr = row_as_acc<T, A>(x + bi * p.sxb + n * p.sxn, xbuf, D);
-      A mu, rs;
-      row_stats<A>(xr, D, eps, mu, rs);
-      mean[r] = mu;
-      rstd[r] = rs;
-      const V m(mu), rv(rs);
-      int64_t j = 0;
-      for (; j + W <= D; j += W) {
-        at::vec::fmadd(V::loadu(xr + j) - m, rv, V::loadu(xsum + j)).store(xsum + j);
-      }
-      for (; j < D; ++j) xsum[j] += (xr[j] - mu) * rs;
+      mean[r] = mu[0];
+      rstd[r] = rs[0];
+      mean[r + 1] = mu[1];
+      rstd[r + 1] = rs[1];
+      accumulate(x0, mu[0], rs[0]);
+      accumulate(x1, mu[1], rs[1]);
+    }
+    if (n < N) {
+      const A* x0 = row_as_acc<T, A>(xs + n * p.sxn, xbuf0, D);
+      A mu[1], rs[1];
+      row_stats<A, 1>(x0, nullptr, D, eps, mu, rs);
+      mean[bi * N + n] = mu[0];
+      rstd[bi * N + n] = rs[0];
+      accumulate(x0, mu[0], rs[0]);
     }
     T* yb = y + bi * D;
     A* o = out_row<T, A>(yb, ybuf);
@@ -307,69 +396,94 @@ void pool_fwd(const FwdParams& p, int64_t b0, int64_t b1, void* scratch) {
 
 // --------------------------------------------------------------------------------------- backward
 
-// One row: dx = (w*dy - xhat * mean(w*dy*xhat) - mean(w*dy)) * rstd; dw += dy * xhat;
-// db += dy (DB); dpe += dy (DPE).
-template <typename A, bool DB, bool DPE>
-inline void bwd_row(const A* x, const A* dy, A mean, A rstd, const A* w, A* dw, A* db, A* dpe, A* dx,
-                    int64_t D) {
+// R = 1 or 2 rows sharing w and the dpe row: dx_k = (w*dy_k - xhat_k * mean(w*dy_k*xhat_k)
+// - mean(w*dy_k)) * rstd_k; dw += dy_0 * xhat_0 (+ dy_1 * xhat_1); db += dy_0 (+ dy_1) (DB);
+// dpe += dy_0 (+ dy_1) (DPE). Each row's dx does not depend on R.
+template <typename A, int R, bool DB, bool DPE>
+inline void bwd_rows(const A* x0, const A* x1, const A* g0, const A* g1, const A* mean, const A* rstd,
+                     const A* w, A* dw, A* db, A* dpe, A* dx0, A* dx1, int64_t D) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
-  const V m(mean), r(rstd);
-  V c1a(A(0)), c1b(A(0)), c2a(A(0)), c2b(A(0));
+  const V m0(mean[0]), r0(rstd[0]);
+  const V m1(R == 2 ? mean[1] : A(0)), r1(R == 2 ? rstd[1] : A(0));
+  V c1a(A(0)), c1b(A(0)), c2a(A(0)), c2b(A(0));  // row 0: sum of w*dy*xhat, of w*dy (two lanes each)
+  V e1a(A(0)), e1b(A(0)), e2a(A(0)), e2b(A(0));  // row 1
+  auto step = [&](int64_t j, V& c1, V& c2, V& e1, V& e2) {
+    const V vw = V::loadu(w + j);
+    const V xh0 = (V::loadu(x0 + j) - m0) * r0;
+    const V gv0 = V::loadu(g0 + j);
+    const V wdy0 = gv0 * vw;
+    c1 = at::vec::fmadd(wdy0, xh0, c1);
+    c2 = c2 + wdy0;
+    V vdw = at::vec::fmadd(gv0, xh0, V::loadu(dw + j));
+    V gsum = gv0;
+    if constexpr (R == 2) {
+      const V xh1 = (V::loadu(x1 + j) - m1) * r1;
+      const V gv1 = V::loadu(g1 + j);
+      const V wdy1 = gv1 * vw;
+      e1 = at::vec::fmadd(wdy1, xh1, e1);
+      e2 = e2 + wdy1;
+      vdw = at::vec::fmadd(gv1, xh1, vdw);
+      if constexpr (DB || DPE) gsum = gsum + gv1;
+    }
+    vdw.store(dw + j);
+    if constexpr (DB) (V::loadu(db + j) + gsum).store(db + j);
+    if constexpr (DPE) (V::loadu(dpe + j) + gsum).store(dpe + j);
+  };
   int64_t j = 0;
   for (; j + 2 * W <= D; j += 2 * W) {
-    const V xh0 = (V::loadu(x + j) - m) * r, xh1 = (V::loadu(x + j + W) - m) * r;
-    const V g0 = V::loadu(dy + j), g1 = V::loadu(dy + j + W);
-    const V wdy0 = g0 * V::loadu(w + j), wdy1 = g1 * V::loadu(w + j + W);
-    c1a = at::vec::fmadd(wdy0, xh0, c1a);
-    c1b = at::vec::fmadd(wdy1, xh1, c1b);
-    c2a = c2a + wdy0;
-    c2b = c2b + wdy1;
-    at::vec::fmadd(g0, xh0, V::loadu(dw + j)).store(dw + j);
-    at::vec::fmadd(g1, xh1, V::loadu(dw + j + W)).store(dw + j + W);
-    if constexpr (DB) {
-      (V::loadu(db + j) + g0).store(db + j);
-      (V::loadu(db + j + W) + g1).store(db + j + W);
-    }
-    if constexpr (DPE) {
-      (V::loadu(dpe + j) + g0).store(dpe + j);
-      (V::loadu(dpe + j + W) + g1).store(dpe + j + W);
-    }
+    step(j, c1a, c2a, e1a, e2a);
+    step(j + W, c1b, c2b, e1b, e2b);
   }
-  for (; j + W <= D; j += W) {
-    const V xh = (V::loadu(x + j) - m) * r;
-    const V g = V::loadu(dy + j);
-    const V wdy = g * V::loadu(w + j);
-    c1a = at::vec::fmadd(wdy, xh, c1a);
-    c2a = c2a + wdy;
-    at::vec::fmadd(g, xh, V::loadu(dw + j)).store(dw + j);
-    if constexpr (DB) (V::loadu(db + j) + g).store(db + j);
-    if constexpr (DPE) (V::loadu(dpe + j) + g).store(dpe + j);
+  for (; j + W <= D; j += W) step(j, c1a, c2a, e1a, e2a);
+  A c1 = hsum(c1a + c1b), c2 = hsum(c2a + c2b), f1 = 0, f2 = 0;
+  if constexpr (R == 2) {
+    f1 = hsum(e1a + e1b);
+    f2 = hsum(e2a + e2b);
   }
-  A c1 = hsum(c1a + c1b), c2 = hsum(c2a + c2b);
   for (; j < D; ++j) {
-    const A xh = (x[j] - mean) * rstd;
-    const A g = dy[j];
-    const A wdy = g * w[j];
-    c1 += wdy * xh;
-    c2 += wdy;
-    dw[j] += g * xh;
-    if constexpr (DB) db[j] += g;
-    if constexpr (DPE) dpe[j] += g;
+    const A xh0 = (x0[j] - mean[0]) * rstd[0];
+    const A wdy0 = g0[j] * w[j];
+    c1 += wdy0 * xh0;
+    c2 += wdy0;
+    A vdw = dw[j] + g0[j] * xh0;
+    A gsum = g0[j];
+    if constexpr (R == 2) {
+      const A xh1 = (x1[j] - mean[1]) * rstd[1];
+      const A wdy1 = g1[j] * w[j];
+      f1 += wdy1 * xh1;
+      f2 += wdy1;
+      vdw += g1[j] * xh1;
+      gsum += g1[j];
+    }
+    dw[j] = vdw;
+    if constexpr (DB) db[j] += gsum;
+    if constexpr (DPE) dpe[j] += gsum;
   }
-  c1 /= static_cast<A>(D);
-  c2 /= static_cast<A>(D);
+  const A inv_d = A(1) / static_cast<A>(D);
+  c1 *= inv_d;
+  c2 *= inv_d;
+  f1 *= inv_d;
+  f2 *= inv_d;
 
-  const V v1(c1), v2(c2);
+  const V v1(c1), v2(c2), u1(f1), u2(f2);
   j = 0;
   for (; j + W <= D; j += W) {
-    const V xh = (V::loadu(x + j) - m) * r;
-    const V wdy = V::loadu(dy + j) * V::loadu(w + j);
-    ((wdy - at::vec::fmadd(xh, v1, v2)) * r).store(dx + j);
+    const V vw = V::loadu(w + j);
+    const V xh0 = (V::loadu(x0 + j) - m0) * r0;
+    ((V::loadu(g0 + j) * vw - at::vec::fmadd(xh0, v1, v2)) * r0).store(dx0 + j);
+    if constexpr (R == 2) {
+      const V xh1 = (V::loadu(x1 + j) - m1) * r1;
+      ((V::loadu(g1 + j) * vw - at::vec::fmadd(xh1, u1, u2)) * r1).store(dx1 + j);
+    }
   }
   for (; j < D; ++j) {
-    const A xh = (x[j] - mean) * rstd;
-    dx[j] = (dy[j] * w[j] - (xh * c1 + c2)) * rstd;
+    const A xh0 = (x0[j] - mean[0]) * rstd[0];
+    dx0[j] = (g0[j] * w[j] - (xh0 * c1 + c2)) * rstd[0];
+    if constexpr (R == 2) {
+      const A xh1 = (x1[j] - mean[1]) * rstd[1];
+      dx1[j] = (g1[j] * w[j] - (xh1 * f1 + f2)) * rstd[1];
+    }
   }
 }
 
@@ -385,40 +499,41 @@ void bwd_impl(const BwdParams& p, const BwdChunk& c, void* scratch) {
   A* dw = static_cast<A*>(c.dw);
   A* db = static_cast<A*>(c.db);
   A* dpe = static_cast<A*>(c.dpe);
-  A* xbuf = static_cast<A*>(scratch);
-  A* dybuf = xbuf + D + 16;
-  A* dxbuf = dybuf + D + 16;
+  const int64_t ld = D + 16;
+  A* buf = static_cast<A*>(scratch);
+  A *xbuf0 = buf, *xbuf1 = buf + ld, *gbuf0 = buf + 2 * ld, *gbuf1 = buf + 3 * ld;
+  A *dxbuf0 = buf + 4 * ld, *dxbuf1 = buf + 5 * ld;
 
   std::memset(dw, 0, sizeof(A) * D);
   if constexpr (DB) std::memset(db, 0, sizeof(A) * D);
   if constexpr (DPE) std::memset(dpe + c.n0 * D, 0, sizeof(A) * D * (c.n1 - c.n0));
 
-  auto row = [&](int64_t bi, int64_t n) {
-    const int64_t r = bi * N + n;
-    const A* xr = row_as_acc<T, A>(x + bi * p.sxb + n * p.sxn, xbuf, D);
-    const A* g;
-    if (p.pool) {
-      g = static_cast<const A*>(p.dy) + bi * D;
-    } else {
-      g = row_as_acc<T, A>(static_cast<const T*>(p.dy) + r * D, dybuf, D);
-    }
-    T* dxr = dx + r * D;
-    A* o = out_row<T, A>(dxr, dxbuf);
-    bwd_row<A, DB, DPE>(xr, g, mean[r], rstd[r], w, dw, db, DPE ? dpe + n * D : nullptr, o, D);
-    store_row<T, A>(dxr, o, D);
+  auto grad_row = [&](int64_t bi, int64_t n, A* gbuf) -> const A* {
+    if (p.pool) return static_cast<const A*>(p.dy) + bi * D;
+    return row_as_acc<T, A>(static_cast<const T*>(p.dy) + (bi * N + n) * D, gbuf, D);
   };
-
-  if (c.rect) {
-    for (int64_t bi = c.b0; bi < c.b1; ++bi) {
-      for (int64_t n = c.n0; n < c.n1; ++n) row(bi, n);
-    }
-  } else {
-    int64_t bi = c.r0 / N, n = c.r0 - bi * N;
-    for (int64_t r = c.r0; r < c.r1; ++r) {
-      row(bi, n);
-      if (++n == N) {
-        n = 0;
-        ++bi;
+  for (int64_t bi = c.b0; bi < c.b1; bi += 2) {
+    const bool two = bi + 1 < c.b1;
+    for (int64_t n = c.n0; n < c.n1; ++n) {
+      const int64_t r = bi * N + n;
+      const A* x0 = row_as_acc<T, A>(x + bi * p.sxb + n * p.sxn, xbuf0, D);
+      const A* g0 = grad_row(bi, n, gbuf0);
+      T* dxr0 = dx + r * D;
+      A* o0 = out_row<T, A>(dxr0, dxbuf0);
+      A* dpe_row = DPE ? dpe + n * D : nullptr;
+      if (two) {
+        const A* x1 = row_as_acc<T, A>(x + (bi + 1) * p.sxb + n * p.sxn, xbuf1, D);
+        const A* g1 = grad_row(bi + 1, n, gbuf1);
+        T* dxr1 = dxr0 + N * D;
+        A* o1 = out_row<T, A>(dxr1, dxbuf1);
+        const A mu[2] = {mean[r], mean[r + N]}, rs[2] = {rstd[r], rstd[r + N]};
+        bwd_rows<A, 2, DB, DPE>(x0, x1, g0, g1, mu, rs, w, dw, db, dpe_row, o0, o1, D);
+        store_row<T, A>(dxr0, o0, D);
+        store_row<T, A>(dxr1, o1, D);
+      } else {
+        const A mu[1] = {mean[r]}, rs[1] = {rstd[r]};
+        bwd_rows<A, 1, DB, DPE>(x0, nullptr, g0, nullptr, mu, rs, w, dw, db, dpe_row, o0, nullptr, D);
+        store_row<T, A>(dxr0, o0, D);
       }
     }
   }

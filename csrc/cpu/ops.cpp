@@ -125,9 +125,16 @@ const KernelTable& kernels() { return *table_for(current_cap()); }
 
 // ------------------------------------------------------------------------------------ helpers
 
-constexpr int64_t kGrainElems = 32768;  // ~elements of x per forward task (at::parallel_for grain)
-constexpr int64_t kChunkElems = 65536;  // ~elements of x per backward chunk
-constexpr int64_t kMaxChunks = 64;      // backward chunks at most (the most threads a call uses)
+// Tuning parameters. Fixed in normal use; _C._tune() changes them for benchmarks and tests. The backward
+// chunk geometry (and so the exact bits of dweight/dbias/dpe) is a function of the shape and of these.
+struct Tuning {
+  int64_t grain_elems = 32768;   // ~elements of x per forward work unit
+  int64_t chunk_elems = 262144;  // ~elements of x per backward chunk
+  int64_t max_chunks = 64;       // backward chunks at most (the most threads a call uses)
+  int64_t pe_block_b = 16;       // backward with pe: samples per b-block at least
+  int64_t min_run = 64;          // backward: tokens per n-block at least (unless N is smaller)
+};
+Tuning g_tune;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -204,8 +211,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_add_cpu(const Tensor& x, const std
   const auto acc = acc_of(x.scalar_type());
   const Tensor w = param(weight, D, acc, "weight", op);
   const Tensor b = param(bias, D, acc, "bias", op);
-  Tensor pe_acc;
-  if (pe.has_value()) pe_acc = pe_param(*pe, N, D, acc, op);
+  Tensor bias_pe;  // bias + pe[n], [N, D]: the kernel then adds one row instead of two
+  if (pe.has_value()) bias_pe = pe_param(*pe, N, D, acc, op).add(b);
 
   Tensor y = at::empty({B, N, D}, x.options());
   Tensor mean = at::empty({R}, x.options().dtype(acc));
@@ -221,16 +228,21 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_add_cpu(const Tensor& x, const std
   p.sxn = x.stride(1);
   p.w = w.const_data_ptr();
   p.b = b.const_data_ptr();
-  p.pe = pe_acc.defined() ? pe_acc.const_data_ptr() : nullptr;
+  p.pe = bias_pe.defined() ? bias_pe.const_data_ptr() : nullptr;
   p.pe_mean = nullptr;
   p.eps = eps;
   p.y = y.mutable_data_ptr();
   p.mean = mean.mutable_data_ptr();
   p.rstd = rstd.mutable_data_ptr();
+  // work units: a pair of samples x an n-block, about grain_elems elements each
+  const int64_t unit_rows = std::max<int64_t>(2, g_tune.grain_elems / D);
+  p.kn = std::clamp<int64_t>(ceil_div(2 * N, unit_rows), 1, N);
+  p.nb = ceil_div(N, p.kn);
+  p.kn = ceil_div(N, p.nb);
   const AddFwdFn fn = kernels().add_fwd[dtype_index(x.scalar_type(), op)];
-  at::parallel_for(0, R, std::max<int64_t>(1, kGrainElems / D), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, ceil_div(B, 2) * p.kn, 1, [&](int64_t u0, int64_t u1) {
     Scratch s(D);
-    fn(p, r0, r1, s.get());
+    fn(p, u0, u1, s.get());
   });
   return {y, mean, rstd};
 }
@@ -293,7 +305,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_pool_cpu(const Tensor& x, const Te
   p.mean = mean.mutable_data_ptr();
   p.rstd = rstd.mutable_data_ptr();
   const PoolFwdFn fn = kernels().pool_fwd[dtype_index(x.scalar_type(), op)];
-  at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / (N * D)), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, std::max<int64_t>(1, g_tune.grain_elems / (N * D)), [&](int64_t b0, int64_t b1) {
     Scratch s(D);
     fn(p, b0, b1, s.get());
   });
@@ -302,52 +314,40 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_pool_cpu(const Tensor& x, const Te
 
 // ----------------------------------------------------------------------------------- backward
 
-// How the B * N rows are cut into chunks: a function of the shape (and of which partials are
-// needed), never of the thread count.
+// How the B * N rows are cut into backward chunks: b-blocks x n-blocks, a function of the shape (and
+// of the tuning), never of the thread count.
 struct ChunkPlan {
-  bool rect = false;
   int64_t count = 0;
-  int64_t rows = 0;          // flat: rows per chunk
-  int64_t kb = 1, kn = 1;    // rect: b-blocks x n-blocks
-  int64_t bb = 1, nb = 1;    // rect: block sizes
+  int64_t kb = 1, kn = 1;  // b-blocks x n-blocks
+  int64_t bb = 1, nb = 1;  // their sizes
 
-  BwdChunk chunk(int64_t c, int64_t B, int64_t N, int64_t R) const {
+  BwdChunk chunk(int64_t c, int64_t B, int64_t N) const {
     BwdChunk k{};
-    k.rect = rect;
-    if (rect) {
-      const int64_t ib = c / kn, in = c % kn;
-      k.b0 = ib * bb;
-      k.b1 = std::min(B, k.b0 + bb);
-      k.n0 = in * nb;
-      k.n1 = std::min(N, k.n0 + nb);
-    } else {
-      k.r0 = c * rows;
-      k.r1 = std::min(R, k.r0 + rows);
-    }
+    const int64_t ib = c / kn, in = c % kn;
+    k.b0 = ib * bb;
+    k.b1 = std::min(B, k.b0 + bb);
+    k.n0 = in * nb;
+    k.n1 = std::min(N, k.n0 + nb);
     return k;
   }
 };
 
-// rect == true when dpe must be summed over b (layer_norm_add with pe): chunks then cover
-// whole n-blocks over few b-blocks, so dpe needs kb partial [N, D] buffers at most (kb > 1 only
-// when N is small). Otherwise chunks are flat row ranges.
-ChunkPlan plan_chunks(int64_t B, int64_t N, int64_t D, bool rect) {
-  const int64_t R = B * N;
-  const int64_t target = std::clamp<int64_t>(ceil_div(R * D, kChunkElems), 1, kMaxChunks);
+// About `target` chunks of chunk_elems elements each, at most max_chunks. Chunks split b first:
+// each pair of samples is then processed over a long run of tokens, which streams best. With a pe,
+// every b-block carries its own [N, D] dpe partial (summed in reduce_partials), so b-blocks hold at
+// least pe_block_b samples. n-blocks make up the count when b alone cannot, keeping runs of at least
+// min_run tokens.
+ChunkPlan plan_chunks(int64_t B, int64_t N, int64_t D, bool has_dpe) {
+  const int64_t target = std::clamp<int64_t>(ceil_div(B * N * D, g_tune.chunk_elems), 1, g_tune.max_chunks);
   ChunkPlan plan;
-  plan.rect = rect;
-  if (rect) {
-    plan.kn = std::min(N, target);
-    plan.nb = ceil_div(N, plan.kn);
-    plan.kn = ceil_div(N, plan.nb);
-    plan.kb = std::clamp<int64_t>(ceil_div(target, plan.kn), 1, B);
-    plan.bb = ceil_div(B, plan.kb);
-    plan.kb = ceil_div(B, plan.bb);
-    plan.count = plan.kb * plan.kn;
-  } else {
-    plan.rows = ceil_div(R, target);
-    plan.count = ceil_div(R, plan.rows);
-  }
+  plan.kb = std::clamp<int64_t>(std::min(target, ceil_div(B, has_dpe ? g_tune.pe_block_b : 2)), 1, B);
+  plan.bb = ceil_div(B, plan.kb);
+  plan.bb += plan.bb % 2 != 0 && plan.bb < B ? 1 : 0;  // whole pairs of samples per block
+  plan.kb = ceil_div(B, plan.bb);
+  plan.kn = std::clamp<int64_t>(ceil_div(target, plan.kb), 1, std::max<int64_t>(1, N / g_tune.min_run));
+  plan.nb = ceil_div(N, plan.kn);
+  plan.kn = ceil_div(N, plan.nb);
+  plan.count = plan.kb * plan.kn;
   return plan;
 }
 
@@ -378,9 +378,11 @@ void reduce_partials(const ChunkPlan& plan, bool pool, bool has_pe, int64_t B, i
     }
   } else if (has_pe) {
     A* dpep = dpe.mutable_data_ptr<A>();
-    if (plan.kb > 1) {
+    if (plan.kb > 1) {  // each element summed over the b-blocks in order: any split over n is exact
       const A* part = dpe_part.const_data_ptr<A>();
-      for (int64_t n = 0; n < N; ++n) sum_rows(part + n * D, plan.kb, N * D, D, dpep + n * D);
+      at::parallel_for(0, N, std::max<int64_t>(1, 8192 / D), [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) sum_rows(part + n * D, plan.kb, N * D, D, dpep + n * D);
+      });
     }
     sum_rows(dpep, N, D, D, dbp);  // db = sum_n dpe[n]
   } else {
@@ -427,11 +429,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, cons
   const Tensor g = pool ? grad.to(acc).contiguous().div(static_cast<double>(N))
                         : grad.to(x.scalar_type()).contiguous();
 
-  const bool rect = !pool && has_pe;
-  const ChunkPlan plan = plan_chunks(B, N, D, rect);
+  const bool has_dpe = !pool && has_pe;
+  const ChunkPlan plan = plan_chunks(B, N, D, has_dpe);
   Tensor dw_part = at::empty({plan.count, D}, acc_opts);
   Tensor db_part = (!pool && !has_pe) ? at::empty({plan.count, D}, acc_opts) : Tensor();
-  Tensor dpe_part = (rect && plan.kb > 1) ? at::empty({plan.kb, N, D}, acc_opts) : Tensor();
+  Tensor dpe_part = (has_dpe && plan.kb > 1) ? at::empty({plan.kb, N, D}, acc_opts) : Tensor();
 
   BwdParams p{};
   p.dy = g.const_data_ptr();
@@ -450,13 +452,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, cons
   const size_t acc_size = acc == at::kDouble ? sizeof(double) : sizeof(float);
   char* dw_base = static_cast<char*>(dw_part.mutable_data_ptr());
   char* db_base = db_part.defined() ? static_cast<char*>(db_part.mutable_data_ptr()) : nullptr;
-  char* dpe_base = rect ? static_cast<char*>(plan.kb > 1 ? dpe_part.mutable_data_ptr() : dpe.mutable_data_ptr())
-                        : nullptr;
+  char* dpe_base =
+      has_dpe ? static_cast<char*>(plan.kb > 1 ? dpe_part.mutable_data_ptr() : dpe.mutable_data_ptr()) : nullptr;
   const BwdFn fn = kernels().bwd[dtype_index(x.scalar_type(), op)];
   at::parallel_for(0, plan.count, 1, [&](int64_t c0, int64_t c1) {
     Scratch s(D);
     for (int64_t c = c0; c < c1; ++c) {
-      BwdChunk k = plan.chunk(c, B, N, R);
+      BwdChunk k = plan.chunk(c, B, N);
       k.dw = dw_base + static_cast<size_t>(c * D) * acc_size;
       k.db = db_base ? db_base + static_cast<size_t>(c * D) * acc_size : nullptr;
       k.dpe = dpe_base ? dpe_base + static_cast<size_t>((c / plan.kn) * N * D) * acc_size : nullptr;
@@ -510,6 +512,20 @@ std::string set_capability(const std::string& name) {
   return old;
 }
 
+int64_t tune(const std::string& name, int64_t value) {
+  int64_t* field = nullptr;
+  if (name == "grain_elems") field = &g_tune.grain_elems;
+  if (name == "chunk_elems") field = &g_tune.chunk_elems;
+  if (name == "max_chunks") field = &g_tune.max_chunks;
+  if (name == "pe_block_b") field = &g_tune.pe_block_b;
+  if (name == "min_run") field = &g_tune.min_run;
+  TORCH_CHECK_VALUE(field != nullptr, "unknown tuning parameter '", name, "'");
+  TORCH_CHECK_VALUE(value >= 1, "tuning parameter ", name, " must be >= 1, got ", value);
+  const int64_t old = *field;
+  *field = value;
+  return old;
+}
+
 }  // namespace mpvg::cpu
 
 TORCH_LIBRARY_IMPL(mpvg, CPU, m) {
@@ -528,4 +544,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_capability", &mpvg::cpu::set_capability, pybind11::arg("name"),
         "Use the kernels of another usable instruction set (for tests and benchmarks); returns the "
         "previous one.");
+  m.def("_tune", &mpvg::cpu::tune, pybind11::arg("name"), pybind11::arg("value"),
+        "Set a tuning parameter of the kernels (grain_elems, chunk_elems, max_chunks, pe_block_b, min_run), "
+        "for benchmarks and tests; returns the previous value.");
 }
