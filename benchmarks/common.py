@@ -14,8 +14,8 @@ what a report claims.
   of ``triton.testing.do_bench``), synchronising once per round.
 
 Large fresh allocations on glibc go through mmap and page faults, which makes the same CPU op take 1.5 ms or 10 ms
-at random; :func:`ensure_malloc_env` re-executes the script with ``MALLOC_MMAP_THRESHOLD_`` and
-``MALLOC_TRIM_THRESHOLD_`` set so freed blocks are reused instead.
+at random; :func:`ensure_malloc_env` re-executes the script with ``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_MAX_`` set so freed blocks are reused instead.
 """
 
 from __future__ import annotations
@@ -36,7 +36,15 @@ from typing import Any
 
 import torch
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1000000000000"}
+#: glibc malloc settings for CPU benchmarks (DESIGN.md 5): freed blocks stay in the heap and are reused instead of
+#: being unmapped and page-faulted in again on the next allocation. MALLOC_MMAP_MAX_=0 extends this to blocks above
+#: 32 MiB, the largest mmap threshold glibc accepts on 64-bit: without it every output the size of a DeiT-B fp32
+#: activation (38.5 MB) is a fresh mmap, and its page faults (~9,400 of them) dominate the op's time.
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "1000000000000",
+    "MALLOC_MMAP_MAX_": "0",
+}
 
 
 def ensure_malloc_env() -> None:

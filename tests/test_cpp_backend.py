@@ -319,6 +319,28 @@ def test_every_capability(cap: str) -> None:
                 _direct_case(B, N, D, dtype, has_pe, seed=D + N + B)
 
 
+@pytest.mark.parametrize("env", ["MPVG_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY"])
+def test_capability_capped_by_environment(env: str) -> None:
+    """MPVG_CPU_CAPABILITY=default (or torch's own ATEN_CPU_CAPABILITY=default) selects the baseline kernels."""
+    code = (
+        "import torch, mpvg_kernels; from mpvg_kernels import _C; "
+        "x = torch.randn(3, 5, 40); w = torch.randn(40); "
+        "y = torch.ops.mpvg.layer_norm_add(x, None, w, w, 1e-6)[0]; "
+        "torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (40,), w, w, 1e-6)); "
+        "print(_C.capability())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_env(**{env: "default"}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "DEFAULT"
+
+
 def test_set_capability_rejects_unknown() -> None:
     with pytest.raises(ValueError, match="unknown CPU capability"):
         _C.set_capability("sse9")

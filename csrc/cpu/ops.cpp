@@ -6,9 +6,11 @@
 //   layer_norm_{add,pool}_backward(grad, x, weight, mean, rstd, has_pe) -> (dx, dpe, dweight, dbias)
 //
 // This file does the tensor work (argument checks, parameter casts, output allocation), splits the
-// rows into chunks, runs them with at::parallel_for and reduces the per-chunk partials. The
-// arithmetic is in kernels_impl.h, compiled once per CPU capability; a table of kernels is picked
-// at first use for the CPU at hand (see select_kernels()).
+// rows into work units (forward) or chunks (backward), runs them with at::parallel_for and reduces
+// the per-chunk partials. The arithmetic is in kernels_impl.h, compiled once per CPU capability; the
+// table of kernels for the CPU at hand is picked at first use (best_cap(): the widest instruction
+// set that this build has, the CPU supports, and torch's own ATEN_CPU_CAPABILITY and
+// MPVG_CPU_CAPABILITY allow).
 //
 // Determinism: forward rows are independent, so any split gives the same bits. Backward gradients
 // that sum over rows (dweight, dbias, dpe) are summed per chunk and then across chunks in chunk
