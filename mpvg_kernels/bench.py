@@ -634,7 +634,8 @@ def _row_order(row: tuple[str, ...]) -> tuple[int, ...]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """PNG chart: per model and task, images/s of each mode, grouped by implementation and execution."""
+    """PNG chart: per model and task, images/s of each mode relative to ``default`` mode (same impl and exec), one
+    bar group per implementation/execution; the dashed line is the MPVG target."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -645,8 +646,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     tasks = [t for t in TASKS if any(r["task"] == t for r in recs)]
     if not models or not tasks:
         return
-    fig, axes = plt.subplots(len(models), len(tasks), figsize=(4.2 * len(tasks), 3.2 * len(models)), squeeze=False)
-    groups = [(i, e) for i in IMPLS for e in EXECS if any(r["impl"] == i and r["exec"] == e for r in recs)]
+    fig, axes = plt.subplots(len(models), len(tasks), figsize=(4.2 * len(tasks), 3.0 * len(models)), squeeze=False)
     modes = [m for m in MODES if any(r["mode"] == m for r in recs)]
     colors = {"default": "#7f7f7f", "lape": "#1f77b4", "pvg": "#ff7f0e", "mpvg": "#2ca02c"}
     width = 0.8 / max(len(modes), 1)
@@ -654,19 +654,38 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for i, model in enumerate(models):
         for j, task in enumerate(tasks):
             ax = axes[i][j]
+            groups = [
+                (im, e)
+                for im in IMPLS
+                for e in EXECS
+                if (model, "default", im, e, task) in idx
+                and any((model, m, im, e, task) in idx for m in modes if m != "default")
+            ]
             for k, mode in enumerate(modes):
-                vals = [idx.get((model, mode, g[0], g[1], task), {}).get("images_per_s", 0.0) for g in groups]
+                vals = []
+                for g in groups:
+                    r, b = idx.get((model, mode, g[0], g[1], task)), idx[(model, "default", g[0], g[1], task)]
+                    vals.append(r["images_per_s"] / b["images_per_s"] if r else float("nan"))
                 xs = [g + (k - (len(modes) - 1) / 2) * width for g in range(len(groups))]
                 ax.bar(xs, vals, width, label=mode, color=colors.get(mode))
+            ax.axhline(TARGETS[task], color="black", linewidth=0.8, linestyle="--")
+            ax.set_ylim(0.8, 1.1)
             ax.set_xticks(range(len(groups)))
             ax.set_xticklabels([f"{g[0]}\n{g[1]}" for g in groups], fontsize=8)
             batch = next((r["batch"] for r in recs if r["model"] == model and r["task"] == task), "?")
-            ax.set_title(f"{SHORT_NAMES.get(model, model)} {task} (B={batch})", fontsize=9)
-            ax.set_ylabel("images/s", fontsize=8)
+            base = [f"{idx[(model, 'default', g[0], g[1], task)]['images_per_s']:.3g}" for g in groups]
+            ax.set_title(
+                f"{SHORT_NAMES.get(model, model)} {task} (B={batch}); default img/s: {', '.join(base)}", fontsize=8
+            )
+            ax.set_ylabel("images/s / default's", fontsize=8)
             ax.tick_params(axis="y", labelsize=8)
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7, ncol=2)
     env = result["environment"]
-    fig.suptitle(f"{env['cpu']}, {env['threads']} thread(s), torch {env['torch']}", fontsize=9)
+    fig.suptitle(
+        f"images/s relative to default mode (dashed: MPVG target) - {env['cpu']}, {env['threads']} thread(s), "
+        f"torch {env['torch']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
