@@ -1,7 +1,7 @@
 """Model-level benchmark (issue 6): the script form of ``mpvg bench``; the logic is in ``mpvg_kernels.bench``.
 
-    python benchmarks/bench_models.py --smoke                     # < 1 minute, tiny model, eager
-    python benchmarks/bench_models.py                             # the full CPU run (see docs/bench_export.md)
+python benchmarks/bench_models.py --smoke                     # < 1 minute, tiny model, eager
+python benchmarks/bench_models.py                             # the full CPU run (see docs/bench_export.md)
 """
 
 from __future__ import annotations
