@@ -23,6 +23,7 @@ fwd+bwd = the sum. copy = 2 B N D E. GB/s = bytes / median time.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -387,19 +388,17 @@ def write_reports(result: dict[str, Any], out: Path) -> list[Path]:
     panels = {}
     for mode in cfg["modes"]:
         sel = [r for r in srows if r["mode"] == mode]
-        groups = [f"{r['op']} {r['shape'].split('x', 1)[1]} {r['dtype']}" for r in sel]
+        groups = [f"{r['op']} {r['shape']} {r['dtype']}" for r in sel]
         series = {f"{fast} vs eager": [r.get("vs_eager", float("nan")) for r in sel]}
         if any("compile_ms" in r for r in sel):
             series[f"{fast} vs compile"] = [r.get("vs_compile", float("nan")) for r in sel]
         panels[mode] = (groups, series)
     png = common.bar_chart(
         stem.with_suffix(".png"),
-        [],
-        {},
-        title=f"Speedup of {fast} ({where}; >1 is faster)",
-        ylabel="speedup (x)",
-        hline=1.0,
-        panels=panels,
+        panels,
+        title=f"Speedup of {fast} ({where}; > 1 is faster)",
+        xlabel="speedup (x)",
+        vline=1.0,
     )
     paths.append(png)
     return paths
@@ -429,6 +428,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile candidate")
     p.add_argument("--quick", action="store_true", help="tiny smoke run for CI (< 30 s)")
+    p.add_argument(
+        "--from-json", type=Path, default=None, help="only rewrite the .md/.png reports from a JSON of an earlier run"
+    )
     p.add_argument("--out", type=Path, default=HERE / "results", help="directory for ops_<device>.json/.md/.png")
     args = p.parse_args(argv)
     if args.clock == "auto":
@@ -443,6 +445,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        for path in write_reports(result, args.out):
+            print(f"wrote {path}")
+        return 0
     if args.device == "cpu":
         common.ensure_malloc_env()  # re-executes this script once with the malloc settings of DESIGN.md 5
     if args.device == "cuda" and not torch.cuda.is_available():

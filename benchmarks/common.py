@@ -286,36 +286,38 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 
 def bar_chart(
     path: Path | str,
-    groups: Sequence[str],
-    series: dict[str, Sequence[float]],
+    panels: dict[str, tuple[Sequence[str], dict[str, Sequence[float]]]],
     *,
     title: str,
-    ylabel: str,
-    hline: float | None = None,
-    panels: dict[str, tuple[Sequence[str], dict[str, Sequence[float]]]] | None = None,
+    xlabel: str,
+    vline: float | None = None,
 ) -> Path:
-    """Grouped bar chart (one bar per series in each group) written as PNG; several panels side by side when
-    ``panels`` maps panel titles to (groups, series)."""
+    """Grouped horizontal bar charts written as one PNG: ``panels`` maps a panel title to (group labels, series),
+    series mapping a legend label to one value per group; panels sit side by side, groups run down the y axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = panels or {title: (groups, series)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 5.5 * len(panels)), 4.5), squeeze=False)
-    for ax, (ptitle, (pgroups, pseries)) in zip(axes[0], panels.items(), strict=True):
-        n = max(1, len(pseries))
-        width = 0.8 / n
-        xs = range(len(pgroups))
-        for i, (label, values) in enumerate(pseries.items()):
-            ax.bar([x + (i - (n - 1) / 2) * width for x in xs], values, width, label=label)
-        if hline is not None:
-            ax.axhline(hline, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(pgroups, rotation=30, ha="right", fontsize=8)
+    n_groups = max((len(groups) for groups, _ in panels.values()), default=1)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.2 * len(panels), 1.6 + 0.22 * n_groups), squeeze=False, sharey=True
+    )
+    for ax, (ptitle, (groups, series)) in zip(axes[0], panels.items(), strict=True):
+        n = max(1, len(series))
+        height = 0.8 / n
+        ys = range(len(groups))
+        for i, (label, values) in enumerate(series.items()):
+            ax.barh([y + (i - (n - 1) / 2) * height for y in ys], values, height, label=label)
+        if vline is not None:
+            ax.axvline(vline, color="black", linewidth=0.8, linestyle="--")
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels(groups, fontsize=7)
+        ax.invert_yaxis()
         ax.set_title(ptitle, fontsize=10)
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = Path(path)
