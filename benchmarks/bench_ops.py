@@ -15,6 +15,12 @@ fwd = read x + write y + read pe = (2 B N D + N D) E (pool: (B N D + B D + N D) 
 bwd = read x + read dy + write dx + write dpe = (3 B N D + N D) E (pool: (2 B N D + B D + N D) E);
 fwd+bwd = the sum. copy = 2 B N D E. GB/s = bytes / median time.
 
+Timing (``common.time_interleaved``): round-robin over the candidates, each sample the same number of back-to-back
+calls for every candidate, medians after warm-up. CPU: the thread count is set (default 1, the steadiest ratios on
+shared cores) and, with one thread, the clock is the thread's CPU time (``--clock``), which leaves out time spent
+preempted by other processes; the script re-executes itself with the glibc malloc settings of ``common.MALLOC_ENV``
+so outputs are not page-faulted in on every call. CUDA: CUDA events after an L2 flush.
+
     python benchmarks/bench_ops.py                    # full run: CPU, 1 thread, fp32 + bf16, all shapes
     python benchmarks/bench_ops.py --quick --out /tmp/b   # CI smoke run (< 30 s)
     python benchmarks/bench_ops.py --device cuda       # GPU: triton backend, CUDA-event timing
