@@ -10,9 +10,10 @@
 // No static data with a dynamic initializer may appear here: it would run at load time, before
 // ops.cpp has checked that the CPU supports this unit's instruction set. (The one initializer these
 // units do carry is libstdc++'s std::ios_base::Init guard, pulled in by c10 headers: a plain call,
-// no vector instructions; checked with objdump on GCC 12.) Nothing here is emitted as a weak
-// symbol either (all helpers are in an anonymous namespace and inline), so the linker cannot
-// substitute a wide-ISA copy of a function for a baseline one.
+// no vector instructions; checked with objdump on GCC 12.) The helpers here are in an anonymous
+// namespace, and the few weak symbols these units emit are at::vec templates that ATen itself puts
+// in at::vec::<CAPABILITY> (checked with nm), so the linker cannot substitute a wide-ISA copy of a
+// function for a baseline one.
 //
 // Arithmetic: statistics and accumulation in acc = float (double for double x). A row is read from
 // memory once; the second and third passes over it hit L1 (rows are at most a few KiB). Half types
