@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import ops as _ops
 from .ops import dual_layer_norm, layer_norm_add, layer_norm_pool
 
 __all__ = ["DualLayerNorm", "LastLayerNormPE", "PECache", "cache_bypassed", "optimizer_step_count"]
@@ -88,6 +89,12 @@ class DualLayerNorm(nn.Module):
     def forward_with_term(self, x: torch.Tensor, pos_term: torch.Tensor) -> torch.Tensor:
         """``LN1(x) + pos_term`` for an already normalised PE term (e.g. from :meth:`norm_pos` or a cache)."""
         return layer_norm_add(_unit_stride(x), pos_term, self.weight, self.bias, self.eps)
+
+    def _forward_cached_term(self, x: torch.Tensor, pos_term: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_with_term` without argument checks, for a term the model's PE cache built (its shape
+        [N, D], device and dtype were fixed when the cache was filled): the per-block inference hot path."""
+        term = pos_term.view(pos_term.shape[-2:]) if pos_term.dim() == 3 else pos_term
+        return _ops._layer_norm_add(_unit_stride(x), term, self.weight, self.bias, self.eps)
 
     def norm_pos(self, pos: torch.Tensor) -> torch.Tensor:
         """``LN'(pos)`` alone."""
@@ -184,7 +191,12 @@ class LastLayerNormPE(nn.Module):
         ``use_pos=False``, it is the plain last LayerNorm.
         """
         if pool and pooled_bias is not None:
-            return layer_norm_pool(_unit_stride(x), self.weight, pooled_bias, None, self.eps)
+            if pooled_bias.shape != self.weight.shape or x.dim() < 2 or x.shape[-1] != self.weight.shape[0]:
+                raise ValueError(
+                    f"pooled_bias must have shape {tuple(self.weight.shape)} and x [..., N, "
+                    f"{self.weight.shape[0]}], got {tuple(pooled_bias.shape)} and {tuple(x.shape)}"
+                )
+            return _ops._layer_norm_pool(_unit_stride(x), self.weight, pooled_bias, None, self.eps)
         term = pos_term
         if term is None and pos is not None and self.use_pos:
             term = self.pos_term(pos)

@@ -136,8 +136,11 @@ def _make_autograd(pool: bool):
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.pe_dtype = None if pe is None else pe.dtype
         ctx.bias_dtype = bias.dtype
+        ctx.set_materialize_grads(False)  # mean/rstd never get gradients: no zero-filled tensors for them
 
     def backward(ctx, grad, _gmean, _grstd):
+        if grad is None:
+            return None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
         has_pe = ctx.pe_dtype is not None
         dx, dpe, dw, db = bwd_op(grad.contiguous(), x, weight, mean, rstd, has_pe)
@@ -202,13 +205,29 @@ def layer_norm_add(
     return _layer_norm_add(x, pe, weight, bias, eps)
 
 
-def _layer_norm_add(x, pe, weight, bias, eps):
-    backend = backends.resolve_backend(x.device)
-    if backend == "torch" or x.numel() == 0:
+def _layer_norm_add(
+    x: torch.Tensor, pe: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """:func:`layer_norm_add` without the argument checks, for callers whose shapes are known to be valid
+    (the modules' cached inference path); pe may be None (a plain LayerNorm) and must be [N, D]."""
+    if x.numel() == 0 or backends.resolve_backend(x.device) == "torch":
         return reference.layer_norm_add(x, pe, weight, bias, eps)
-    pe = None if pe is None else pe.contiguous()
-    y, _, _ = torch.ops.mpvg.layer_norm_add(_as_3d(x), pe, weight.contiguous(), bias.contiguous(), eps)
-    return y.view(x.shape)
+    if pe is not None and not pe.is_contiguous():
+        pe = pe.contiguous()
+    y = torch.ops.mpvg.layer_norm_add(_as_3d(x), pe, weight.contiguous(), bias.contiguous(), eps)[0]
+    return y if x.dim() == 3 else y.view(x.shape)
+
+
+def _layer_norm_pool(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pe: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """:func:`layer_norm_pool` without the argument checks (see :func:`_layer_norm_add`); x has N >= 1 tokens."""
+    if x.numel() == 0 or backends.resolve_backend(x.device) == "torch":
+        return reference.layer_norm_pool(x, weight, bias, pe, eps)
+    if pe is not None and not pe.is_contiguous():
+        pe = pe.contiguous()
+    out = torch.ops.mpvg.layer_norm_pool(_as_3d(x), weight.contiguous(), bias.contiguous(), pe, eps)[0]
+    return out if x.dim() == 3 else out.view(*x.shape[:-2], x.shape[-1])
 
 
 def dual_layer_norm(
@@ -246,9 +265,4 @@ def layer_norm_pool(
     x, pe, weight, bias, eps = _check_common(x, "pe", pe, weight, bias, eps)
     if x.shape[-2] == 0:
         raise ValueError(f"layer_norm_pool needs at least one token to average, got x of shape {tuple(x.shape)}")
-    backend = backends.resolve_backend(x.device)
-    if backend == "torch" or x.numel() == 0:
-        return reference.layer_norm_pool(x, weight, bias, pe, eps)
-    pe = None if pe is None else pe.contiguous()
-    out, _, _ = torch.ops.mpvg.layer_norm_pool(_as_3d(x), weight.contiguous(), bias.contiguous(), pe, eps)
-    return out.view(*x.shape[:-2], x.shape[-1])
+    return _layer_norm_pool(x, weight, bias, pe, eps)

@@ -224,8 +224,8 @@ class Block(nn.Module):
         for a precomputed term; the second output is the term. Without: (LN1(x), pos unchanged)."""
         if not self.use_pos:
             return self.norm1(x), pos
-        if pos_term is not None:
-            return self.norm1.forward_with_term(x, pos_term), pos_term
+        if pos_term is not None:  # a term of the model's PE cache
+            return self.norm1._forward_cached_term(x, pos_term), pos_term
         if pos is None:
             raise ValueError("this block adds a position embedding to its attention input: pass pos")
         return self.norm1(x, pos)
@@ -543,10 +543,13 @@ class VisionTransformer(nn.Module):
     def pe_state(self, grid: tuple[int, int] | None = None) -> _PEState | None:
         """The cached image-independent PE terms for ``grid`` (default: the model's grid), or None where the cache
         may not be used (gradients needed, tracing/compiling, no PE, cache disabled)."""
-        if not self._pe_cache_active():
+        if not self.pe_cache_enabled or self.pos_embed is None:
+            return None
+        tensors = self._pe_tensors()
+        if not PECache.usable(tensors):
             return None
         grid = self.patch_embed.grid_size if grid is None else grid
-        return self._pe_cache.get(self._pe_tensors(), lambda: self._compute_pe_state(grid), extra=grid)
+        return self._pe_cache.get(tensors, lambda: self._compute_pe_state(grid), extra=grid)
 
     # ------------------------------------------------------------------ forward
 
