@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mpvg_kernels.bench import _cpu_name, _git_commit
 
 #: glibc malloc settings for CPU benchmarks (DESIGN.md 5): freed blocks stay in the heap and are reused instead of
 #: being unmapped and page-faulted in again on the next allocation. MALLOC_MMAP_MAX_=0 extends this to blocks above
@@ -197,31 +198,6 @@ def copy_candidate(numel: int, dtype: torch.dtype, device: torch.device | str) -
 # --------------------------------------------------------------------------------------------- environment
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def environment(device: torch.device | str) -> dict[str, Any]:
     """Device, versions, threads and malloc settings of this run, for the report."""
     device = torch.device(device)
@@ -230,7 +206,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_commit": _git_commit(),
+        "git_commit": _git_commit() or "unknown",
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
@@ -243,7 +219,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     else:
-        info["cpu"] = _cpu_model()
+        info["cpu"] = _cpu_name()
         info["cpu_count"] = os.cpu_count()
         info["threads"] = torch.get_num_threads()
         info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
