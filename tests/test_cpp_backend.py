@@ -37,16 +37,15 @@ from mpvg_kernels import backends, reference
 ROOT = Path(__file__).resolve().parents[1]
 
 _loaded, _why = backends.cpp_status()
+_INTERPRET_WHY = "TRITON_INTERPRET=1 routes CPU tensors to Triton; the C++ kernels are not loaded"
 if backends.TRITON_INTERPRET:
-    pytest.skip(
-        "TRITON_INTERPRET=1 routes CPU tensors to Triton; the C++ kernels are not loaded", allow_module_level=True
-    )
+    pytest.skip(reason=_INTERPRET_WHY, allow_module_level=True)
 if not _loaded and importlib.util.find_spec("mpvg_kernels._C") is None:
-    pytest.skip(
+    _BUILD_WHY = (
         f"the C++ extension mpvg_kernels._C is not built ({_why}); build it with "
-        "'pip install --no-build-isolation -e .' or 'python setup.py build_ext --inplace'",
-        allow_module_level=True,
+        "'pip install --no-build-isolation -e .' or 'python setup.py build_ext --inplace'"
     )
+    pytest.skip(reason=_BUILD_WHY, allow_module_level=True)
 
 
 def test_extension_loads() -> None:

@@ -203,7 +203,7 @@ def ptxas() -> dict[int, str]:
     found = {cc: _ptxas_for(cc) for cc in CCS}
     missing = [cc for cc, p in found.items() if p is None]
     if missing:
-        pytest.skip(f"no ptxas found for sm_{missing} (neither Triton's bundled one nor one on PATH)")
+        pytest.skip(reason=f"no ptxas found for sm_{missing} (neither Triton's bundled one nor one on PATH)")
     return found  # type: ignore[return-value]
 
 

@@ -32,10 +32,8 @@ import pytest
 import torch
 
 if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip(
-        "run through tests/test_triton_interpreter.py (needs TRITON_INTERPRET=1 before importing triton)",
-        allow_module_level=True,
-    )
+    _WHY = "run through tests/test_triton_interpreter.py (needs TRITON_INTERPRET=1 before importing triton)"
+    pytest.skip(reason=_WHY, allow_module_level=True)
 
 import mpvg_kernels  # noqa: E402
 from mpvg_kernels import backends, reference  # noqa: E402
