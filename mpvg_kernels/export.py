@@ -305,15 +305,9 @@ def load_model(
         from .engine import checkpoint as C
 
         path = Path(checkpoint)
-        if not path.is_file():
-            raise UserError(f"checkpoint not found: {path}")
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file, foreign pickle ...
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"cannot load checkpoint {path} ({type(e).__name__}: {first})") from None
-        if isinstance(raw, dict) and raw.get("format") == C.FORMAT:
-            ckpt = C.load_checkpoint(path)
+        raw = C.read_torch_file(path)  # read once: a train checkpoint or timm/DeiT-format weights
+        if C.is_train_checkpoint(raw):
+            ckpt = C.validate_checkpoint(raw, path)
             meta = ckpt["model"]
             for what, given, stored in (("model", name, meta["name"]), ("pe", pe, meta["pe"])):
                 if given is not None and given != stored:
@@ -333,7 +327,7 @@ def load_model(
         from .models import load_checkpoint
 
         try:
-            load_checkpoint(model, checkpoint)
+            load_checkpoint(model, raw)
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"cannot load {checkpoint} into {name} (pe={pe}): {e}") from None
     return model.eval()

@@ -144,18 +144,27 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a checkpoint with ``weights_only=True``; every failure is a :class:`UserError`."""
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a missing or unreadable file is a :class:`UserError`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file, foreign pickle ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load checkpoint {path}: the file is corrupt, truncated or not a torch checkpoint "
                         f"({type(e).__name__}: {msg})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+
+
+def is_train_checkpoint(obj: Any) -> bool:
+    """Whether a loaded object is an ``mpvg train`` checkpoint (as opposed to, e.g., a bare state dict)."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def validate_checkpoint(ckpt: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """Check that a loaded object is an ``mpvg train`` checkpoint this version reads; else a :class:`UserError`."""
+    if not is_train_checkpoint(ckpt):
         raise UserError(f"{path} is a torch file but not an mpvg-kernels checkpoint (written by `mpvg train`)")
     if int(ckpt.get("version", 0)) > VERSION:
         raise UserError(f"{path} has checkpoint version {ckpt['version']}; this mpvg-kernels reads up to {VERSION}")
@@ -163,6 +172,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise UserError(f"checkpoint {path} lacks {', '.join(missing)}")
     return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate a checkpoint with ``weights_only=True``; every failure is a :class:`UserError`."""
+    return validate_checkpoint(read_torch_file(path), path)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], weights: str = "auto", where: str = "checkpoint") -> nn.Module:
