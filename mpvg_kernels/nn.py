@@ -45,6 +45,19 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the two norms
 
 
+def _from_layer_norm(cls: type, ln: nn.LayerNorm, **kw: Any) -> Any:
+    """An instance of ``cls`` whose token LayerNorm (weight, bias, eps) copies ``ln``; its LN' starts as identity."""
+    if len(ln.normalized_shape) != 1 or ln.weight is None or ln.bias is None:
+        raise ValueError("from_layer_norm needs a LayerNorm over the last dim with weight and bias")
+    w = ln.weight
+    m = cls(ln.normalized_shape[0], eps=ln.eps, device=w.device, dtype=w.dtype, **kw)
+    with torch.no_grad():
+        m.weight.copy_(ln.weight)
+        m.bias.copy_(ln.bias)
+    return m
+
+
+
 class DualLayerNorm(nn.Module):
     """LN1 of one block plus LN' of the position embedding: ``(LN1(x) + LN'(pos), LN'(pos))``.
 
@@ -65,14 +78,7 @@ class DualLayerNorm(nn.Module):
     @classmethod
     def from_layer_norm(cls, ln: nn.LayerNorm) -> DualLayerNorm:
         """A DualLayerNorm whose token half copies ``ln`` (weight, bias, eps); LN' starts as identity affine."""
-        if len(ln.normalized_shape) != 1 or ln.weight is None or ln.bias is None:
-            raise ValueError("from_layer_norm needs a LayerNorm over the last dim with weight and bias")
-        w = ln.weight
-        m = cls(ln.normalized_shape[0], eps=ln.eps, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            m.weight.copy_(ln.weight)
-            m.bias.copy_(ln.bias)
-        return m
+        return _from_layer_norm(cls, ln)
 
     def reset_parameters(self) -> None:
         """weight, pos_weight = 1; bias, pos_bias = 0."""
@@ -143,14 +149,7 @@ class LastLayerNormPE(nn.Module):
     @classmethod
     def from_layer_norm(cls, ln: nn.LayerNorm, use_pos: bool = True) -> LastLayerNormPE:
         """A LastLayerNormPE whose token half copies ``ln``; LN'_last (if any) starts as identity affine."""
-        if len(ln.normalized_shape) != 1 or ln.weight is None or ln.bias is None:
-            raise ValueError("from_layer_norm needs a LayerNorm over the last dim with weight and bias")
-        w = ln.weight
-        m = cls(ln.normalized_shape[0], eps=ln.eps, use_pos=use_pos, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            m.weight.copy_(ln.weight)
-            m.bias.copy_(ln.bias)
-        return m
+        return _from_layer_norm(cls, ln, use_pos=use_pos)
 
     def reset_parameters(self) -> None:
         """weights = 1, biases = 0."""
