@@ -23,7 +23,7 @@ struct FwdParams {
   int64_t B, N, D, sxb, sxn;
   const void* w;        // acc [D]
   const void* b;        // acc [D]
-  const void* pe;       // add: acc [N, D] contiguous = bias + pe (then b is not read), or nullptr
+  const void* pe;       // add: acc [N, D] contiguous (row n is added with b), or nullptr
   const void* pe_mean;  // pool: acc [D] = mean over n of pe, or nullptr
   double eps;
   void* y;     // add: [B, N, D] contiguous; pool: [B, D]; x dtype

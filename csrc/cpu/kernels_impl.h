@@ -280,6 +280,7 @@ void add_fwd_impl(const FwdParams& p, int64_t u0, int64_t u1, void* scratch) {
   A* xbuf1 = base + ld;
   A* ybuf0 = base + 2 * ld;
   A* ybuf1 = base + 3 * ld;
+  A* cbuf = base + 4 * ld;  // HAS_PE: the row bias + pe[n], built once per token and shared by the pair
   const A eps = static_cast<A>(p.eps);
 
   for (int64_t u = u0; u < u1; ++u) {
@@ -290,7 +291,12 @@ void add_fwd_impl(const FwdParams& p, int64_t u0, int64_t u1, void* scratch) {
     const T* xb = xa + p.sxb;
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t r = bi * N + n;
-      const A* c = HAS_PE ? pe + n * D : b;
+      const A* c = b;
+      if constexpr (HAS_PE) {
+        const A* pen = pe + n * D;
+        for (int64_t j = 0; j < D; ++j) cbuf[j] = pen[j] + b[j];
+        c = cbuf;
+      }
       const A* x0 = row_as_acc<T, A>(xa + n * p.sxn, xbuf0, D);
       T* y0 = y + r * D;
       A* o0 = out_row<T, A>(y0, ybuf0);

@@ -204,6 +204,25 @@ class Scratch {
 
 // ------------------------------------------------------------------------------------ forward
 
+// The fields both forward ops fill the same way; the caller sets pe / pe_mean and the work split.
+FwdParams fwd_params(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y, Tensor& mean,
+                     Tensor& rstd) {
+  FwdParams p{};
+  p.x = x.const_data_ptr();
+  p.B = x.size(0);
+  p.N = x.size(1);
+  p.D = x.size(2);
+  p.sxb = x.stride(0);
+  p.sxn = x.stride(1);
+  p.w = w.const_data_ptr();
+  p.b = b.const_data_ptr();
+  p.eps = eps;
+  p.y = y.mutable_data_ptr();
+  p.mean = mean.mutable_data_ptr();
+  p.rstd = rstd.mutable_data_ptr();
+  return p;
+}
+
 std::tuple<Tensor, Tensor, Tensor> layer_norm_add_cpu(const Tensor& x, const std::optional<Tensor>& pe,
                                                       const Tensor& weight, const Tensor& bias,
                                                       double eps) {
@@ -213,29 +232,17 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_add_cpu(const Tensor& x, const std
   const auto acc = acc_of(x.scalar_type());
   const Tensor w = param(weight, D, acc, "weight", op);
   const Tensor b = param(bias, D, acc, "bias", op);
-  Tensor bias_pe;  // bias + pe[n], [N, D]: the kernel then adds one row instead of two
-  if (pe.has_value()) bias_pe = pe_param(*pe, N, D, acc, op).add(b);
+  Tensor pe_acc;  // [N, D] acc; the kernel adds bias + pe[n] per token (no [N, D] temporary per call)
+  if (pe.has_value()) pe_acc = pe_param(*pe, N, D, acc, op);
 
   Tensor y = at::empty({B, N, D}, x.options());
   Tensor mean = at::empty({R}, x.options().dtype(acc));
   Tensor rstd = at::empty({R}, x.options().dtype(acc));
   if (R == 0) return {y, mean, rstd};
 
-  FwdParams p{};
-  p.x = x.const_data_ptr();
-  p.B = B;
-  p.N = N;
-  p.D = D;
-  p.sxb = x.stride(0);
-  p.sxn = x.stride(1);
-  p.w = w.const_data_ptr();
-  p.b = b.const_data_ptr();
-  p.pe = bias_pe.defined() ? bias_pe.const_data_ptr() : nullptr;
+  FwdParams p = fwd_params(x, w, b, eps, y, mean, rstd);
+  p.pe = pe_acc.defined() ? pe_acc.const_data_ptr() : nullptr;
   p.pe_mean = nullptr;
-  p.eps = eps;
-  p.y = y.mutable_data_ptr();
-  p.mean = mean.mutable_data_ptr();
-  p.rstd = rstd.mutable_data_ptr();
   // work units: a pair of samples x an n-block, about grain_elems elements each
   const int64_t unit_rows = std::max<int64_t>(2, g_tune.grain_elems / D);
   p.kn = std::clamp<int64_t>(ceil_div(2 * N, unit_rows), 1, N);
@@ -291,21 +298,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_pool_cpu(const Tensor& x, const Te
     return {y, mean, rstd};
   }
 
-  FwdParams p{};
-  p.x = x.const_data_ptr();
-  p.B = B;
-  p.N = N;
-  p.D = D;
-  p.sxb = x.stride(0);
-  p.sxn = x.stride(1);
-  p.w = w.const_data_ptr();
-  p.b = b.const_data_ptr();
+  FwdParams p = fwd_params(x, w, b, eps, y, mean, rstd);
   p.pe = nullptr;
   p.pe_mean = pe_mean.defined() ? pe_mean.const_data_ptr() : nullptr;
-  p.eps = eps;
-  p.y = y.mutable_data_ptr();
-  p.mean = mean.mutable_data_ptr();
-  p.rstd = rstd.mutable_data_ptr();
   const PoolFwdFn fn = kernels().pool_fwd[dtype_index(x.scalar_type(), op)];
   at::parallel_for(0, B, std::max<int64_t>(1, g_tune.grain_elems / (N * D)), [&](int64_t b0, int64_t b1) {
     Scratch s(D);
