@@ -1,4 +1,4 @@
-"""Build script: the Python package plus the optional C++ CPU extension ``mpvg_kernels._C``.
+"""Build script: the Python package plus the optional C++ CPU extension ``mpvg_kernels.ops._C``.
 
 The extension is built from ``csrc/cpu/*.cpp`` with ``torch.utils.cpp_extension`` (ninja when present).
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch. When torch is
@@ -116,7 +116,7 @@ def _extensions():
 
     extra = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     ext = CppExtension(
-        "mpvg_kernels._C",
+        "mpvg_kernels.ops._C",
         sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": extra},

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mpvg_kernels.bench import add_arguments, main
+from mpvg_kernels.benchmark.models import add_arguments, main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

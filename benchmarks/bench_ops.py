@@ -39,12 +39,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import mpvg_kernels as mk  # noqa: E402
-from mpvg_kernels import backends  # noqa: E402
+from mpvg_kernels.benchmark import harness as common  # noqa: E402
+from mpvg_kernels.ops import backends  # noqa: E402
 
 #: name -> (N, D); the batch comes from --batch. DeiT at 224/16 without class token (GAP): N = 196.
 SHAPES: dict[str, tuple[int, int]] = {
@@ -288,7 +288,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cpp_capability() -> str | None:
     try:
-        from mpvg_kernels import _C
+        from mpvg_kernels.ops import _C
 
         return _C.capability()
     except ImportError:

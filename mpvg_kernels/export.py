@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import backends
+from .ops import backends
 
 #: Opset used unless told otherwise (LayerNormalization needs >= 17).
 DEFAULT_OPSET = 18
@@ -299,10 +299,10 @@ def load_model(
     - a timm/DeiT-format checkpoint: needs ``name`` (and ``pe``), loaded with the models' checkpoint filter;
     - no checkpoint: ``create_model(name, pe=pe)`` with its random init (for smoke tests and benchmarking).
     """
-    from .engine import UserError
+    from .errors import UserError
 
     if checkpoint is not None:
-        from .engine import checkpoint as C
+        from .train import checkpoint as C
 
         path = Path(checkpoint)
         raw = C.read_torch_file(path)  # read once: a train checkpoint or timm/DeiT-format weights
@@ -317,17 +317,17 @@ def load_model(
             raise UserError(f"{path} is not an `mpvg train` checkpoint: pass --model (and --pe) to load it")
     if name is None:
         raise UserError("pass --model NAME (or --checkpoint of an `mpvg train` run)")
-    from .engine.checkpoint import build_model
+    from .train.checkpoint import build_model
 
     kwargs = dict(model_kwargs or {})
     model = build_model(
         name, pe or "default", num_classes if num_classes is not None else _registered_classes(name), kwargs
     )
     if checkpoint is not None:
-        from .models import load_checkpoint
+        from .models import load_pretrained
 
         try:
-            load_checkpoint(model, raw)
+            load_pretrained(model, raw)
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"cannot load {checkpoint} into {name} (pe={pe}): {e}") from None
     return model.eval()
@@ -370,7 +370,7 @@ def _parse_kv(items: list[str]) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``mpvg export``."""
-    from .engine import UserError
+    from .errors import UserError
 
     model = load_model(
         args.model,
@@ -402,41 +402,3 @@ def main(args: argparse.Namespace) -> int:
         msg += f"; verified at batch 3: max |diff| = {diff:.2e}"
     print(msg, file=sys.stderr)
     return 0
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``export`` subcommand on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
-        "export",
-        help="export an inference graph (PE cache frozen) to ONNX or torch.export (.pt2)",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--model", default=None, help="registered model name (taken from --checkpoint when omitted)")
-    p.add_argument("--pe", default=None, choices=("default", "lape", "pvg", "mpvg"), help="PE mode")
-    p.add_argument("--checkpoint", default=None, help="an `mpvg train` checkpoint or timm/DeiT-format weights")
-    p.add_argument(
-        "--weights",
-        default="auto",
-        choices=("auto", "ema", "model"),
-        help="which weights of an `mpvg train` checkpoint (default: %(default)s)",
-    )
-    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the registered one)")
-    p.add_argument(
-        "--model-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra create_model keyword, e.g. pool=avg (repeatable; without --checkpoint)",
-    )
-    p.add_argument("--format", required=True, choices=FORMATS, help="onnx or pt2 (torch.export)")
-    p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, >= 17 (default: %(default)s)")
-    p.add_argument(
-        "--backend",
-        default=None,
-        choices=backends.KNOWN_BACKENDS,
-        help="op backend while tracing (default: the configured one, i.e. the fused kernels)",
-    )
-    p.add_argument("--verify", action="store_true", help="run the exported graph once and print the max abs diff")
-    p.set_defaults(func=main)
-    return p

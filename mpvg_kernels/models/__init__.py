@@ -1,21 +1,18 @@
 """Vision Transformers with default, LaPE, PVG and MPVG position embeddings (timm-compatible names).
 
 ``create_model(name, pe=...)`` builds a registered model (``list_models()``); ``param_groups`` gives optimizer
-groups with the DeiT/LaPE weight-decay exclusions; ``load_checkpoint`` loads timm/DeiT-format weights;
-``param_table`` counts parameters per model and mode (``python -m mpvg_kernels.models`` prints it).
+groups with the DeiT/LaPE weight-decay exclusions; ``load_pretrained`` loads timm/DeiT-format weights;
+``param_table`` counts parameters per model and mode (``mpvg params`` prints it).
+
+May import :mod:`mpvg_kernels.ops` and :mod:`mpvg_kernels.layers`; never training or tools.
 """
 
-from .checkpoint import checkpoint_filter_fn, load_checkpoint, unwrap_state_dict
 from .param_table import PAPER_PARAMS_M, format_param_table, param_table
-from .pos_embed import resample_abs_pos_embed
+from .pretrained import checkpoint_filter_fn, load_pretrained, unwrap_state_dict
 from .registry import MODEL_CFGS, create_model, list_models, param_groups
 from .vision_transformer import (
     PE_MODES,
     POOLS,
-    Attention,
-    Block,
-    Mlp,
-    PatchEmbed,
     VisionTransformer,
     count_parameters,
     default_pool,
@@ -26,10 +23,6 @@ __all__ = [
     "PAPER_PARAMS_M",
     "PE_MODES",
     "POOLS",
-    "Attention",
-    "Block",
-    "Mlp",
-    "PatchEmbed",
     "VisionTransformer",
     "checkpoint_filter_fn",
     "count_parameters",
@@ -37,9 +30,8 @@ __all__ = [
     "default_pool",
     "format_param_table",
     "list_models",
-    "load_checkpoint",
+    "load_pretrained",
     "param_groups",
     "param_table",
-    "resample_abs_pos_embed",
     "unwrap_state_dict",
 ]

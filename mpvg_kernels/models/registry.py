@@ -89,7 +89,7 @@ def create_model(
     ``num_classes`` and ``**kwargs`` override the registered :class:`VisionTransformer` arguments (``pool``,
     ``img_size``, ``in_chans``, ``include_layer0``, ``hierarchical``, ``add_pos_to_input``, ``last_pos``,
     ``drop_path_rate``, ...). ``checkpoint_path``: a timm/DeiT-format or own checkpoint loaded with
-    :func:`~mpvg_kernels.models.load_checkpoint` (nothing is ever downloaded). The model's ``default_cfg`` holds
+    :func:`~mpvg_kernels.models.load_pretrained` (nothing is ever downloaded). The model's ``default_cfg`` holds
     ``input_size`` (C, H, W), ``mean``, ``std``, ``num_classes``, ``crop_pct``, ``interpolation``, ``pe``, ``pool``.
     """
     if name not in MODEL_CFGS:
@@ -111,9 +111,9 @@ def create_model(
         cfg["std"] = (sum(cfg["std"]) / len(cfg["std"]),) * in_chans
     model.default_cfg = model.pretrained_cfg = cfg
     if checkpoint_path is not None:
-        from .checkpoint import load_checkpoint
+        from .pretrained import load_pretrained
 
-        load_checkpoint(model, checkpoint_path)
+        load_pretrained(model, checkpoint_path)
     return model
 
 

@@ -35,12 +35,13 @@ from os import PathLike
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..nn import DualLayerNorm, LastLayerNormPE, PECache, _no_autocast
-from .pos_embed import resample_abs_pos_embed
+from ..layers.blocks import Attention, Block, DropPath, Mlp, PatchEmbed, to_2tuple
+from ..layers.norms import DualLayerNorm, LastLayerNormPE
+from ..layers.pe_cache import PECache, no_autocast
+from ..layers.pos_embed import resample_abs_pos_embed
 
 __all__ = [
     "PE_MODES",
@@ -56,7 +57,6 @@ __all__ = [
 
 PE_MODES = ("default", "lape", "pvg", "mpvg")
 POOLS = ("cls", "avg")
-BLOCK_STYLES = ("prenorm", "cct")
 _AUTO = "auto"
 
 
@@ -80,170 +80,6 @@ _PRESETS = {
 def default_pool(pe: str) -> str:
     """The pooling each mode uses in the papers: ``avg`` (GAP) for pvg/mpvg, ``cls`` for default/lape."""
     return "avg" if pe in ("pvg", "mpvg") else "cls"
-
-
-def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"expected an int or a pair, got {v!r}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
-# ----------------------------------------------------------------------------- building blocks
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample with probability ``drop_prob`` (training)."""
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Identity in eval or when drop_prob is 0; otherwise x * mask / keep_prob with a per-sample mask."""
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob:.3f}"
-
-
-class PatchEmbed(nn.Module):
-    """Image to patch tokens: a ``patch_size`` x ``patch_size`` conv with the same stride, flattened to [B, N, D]."""
-
-    def __init__(
-        self,
-        img_size: int | tuple[int, int] = 224,
-        patch_size: int | tuple[int, int] = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        self.img_size = _pair(img_size)
-        self.patch_size = _pair(patch_size)
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        if self.grid_size[0] < 1 or self.grid_size[1] < 1:
-            raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
-
-    def grid_for(self, height: int, width: int) -> tuple[int, int]:
-        """Token grid (h, w) for an input of height x width pixels."""
-        return height // self.patch_size[0], width // self.patch_size[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, (H // p) * (W // p), D] (contiguous, as the fused norms need stride 1 in D)."""
-        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention (timm layout: ``qkv`` then ``proj``), computed by scaled_dot_product_attention."""
-
-    def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
-    ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, N, D] -> [B, N, D]."""
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        p = self.attn_drop.p if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout (timm names)."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., D] -> [..., D]."""
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-
-
-class Block(nn.Module):
-    """A transformer block whose attention input may carry a PE term: ``LN1(x) + pos_term``.
-
-    ``use_pos``: ``norm1`` is a :class:`~mpvg_kernels.nn.DualLayerNorm` (LN1 + LN'), else a plain LayerNorm.
-    ``block_style``: ``prenorm`` (timm/DeiT) or ``cct`` (Compact-Transformers: LN2 normalises the stream).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        eps: float = 1e-6,
-        use_pos: bool = False,
-        block_style: str = "prenorm",
-    ) -> None:
-        super().__init__()
-        if block_style not in BLOCK_STYLES:
-            raise ValueError(f"block_style must be one of {BLOCK_STYLES}, got {block_style!r}")
-        self.use_pos = use_pos
-        self.block_style = block_style
-        self.norm1: nn.Module = DualLayerNorm(dim, eps=eps) if use_pos else nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def attn_input(
-        self, x: torch.Tensor, pos: torch.Tensor | None = None, pos_term: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(attention input, PE for the next block). With a PE: LN1(x) + LN'(pos) (fused), or LN1(x) + pos_term
-        for a precomputed term; the second output is the term. Without: (LN1(x), pos unchanged)."""
-        if not self.use_pos:
-            return self.norm1(x), pos
-        if pos_term is not None:  # a term of the model's PE cache
-            return self.norm1._forward_cached_term(x, pos_term), pos_term
-        if pos is None:
-            raise ValueError("this block adds a position embedding to its attention input: pass pos")
-        return self.norm1(x, pos)
-
-    def forward_rest(self, x: torch.Tensor, attn_in: torch.Tensor) -> torch.Tensor:
-        """The block after its first norm: attention on ``attn_in``, residual, then the MLP half."""
-        x = x + self.drop_path1(self.attn(attn_in))
-        if self.block_style == "cct":
-            x = self.norm2(x)
-            return x + self.drop_path2(self.mlp(x))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
-
-    def forward(
-        self, x: torch.Tensor, pos: torch.Tensor | None = None, pos_term: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, T, D], pos [1, T, D] -> (x_next, PE for the next block)."""
-        a, pos_next = self.attn_input(x, pos, pos_term)
-        return self.forward_rest(x, a), pos_next
 
 
 @dataclass
@@ -460,7 +296,7 @@ class VisionTransformer(nn.Module):
 
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
         """Rebuild for another input resolution: the PE is resampled (bicubic) to the new token grid."""
-        img_size = _pair(img_size)
+        img_size = to_2tuple(img_size)
         pe = self.patch_embed
         new_grid = (img_size[0] // pe.patch_size[0], img_size[1] // pe.patch_size[1])
         if self.pos_embed is not None and new_grid != pe.grid_size:
@@ -474,10 +310,10 @@ class VisionTransformer(nn.Module):
     def load_pretrained(
         self, checkpoint: str | PathLike | Mapping[str, Any], strict: bool = False
     ) -> torch.nn.modules.module._IncompatibleKeys:
-        """Load a timm/DeiT-format (or this package's) checkpoint; see :func:`load_checkpoint`."""
-        from .checkpoint import load_checkpoint
+        """Load a timm/DeiT-format (or this package's) checkpoint; see :func:`load_pretrained`."""
+        from .pretrained import load_pretrained
 
-        return load_checkpoint(self, checkpoint, strict=strict)
+        return load_pretrained(self, checkpoint, strict=strict)
 
     # ------------------------------------------------------------------ PE cache
 
@@ -520,7 +356,7 @@ class VisionTransformer(nn.Module):
     def _compute_pe_state(self, grid: tuple[int, int]) -> _PEState:
         """The PE chain, the last PE term and the pooled bias for ``grid``, from the parameters alone."""
         pos = self._pos_for_grid(grid)
-        with _no_autocast(pos.device.type):
+        with no_autocast(pos.device.type):
             terms: list[torch.Tensor | None] = []
             cur = pos
             for blk in self.blocks:

@@ -1,0 +1,5 @@
+"""Benchmarks: one timing harness (interleaved rounds, malloc settings, quantiles, environment capture, Markdown
+and JSON writers) and the op, model and demo benchmarks built on it. ``benchmarks/*.py`` are thin scripts over it.
+
+May import ops, layers, models and train.
+"""

@@ -1,0 +1,33 @@
+"""A correctness-and-timing table of every available backend on CPU tensors."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.utils.benchmark as tb
+
+from .. import ops
+from ..ops import backends, reference
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    B, N, D = args.batch, args.tokens, args.dim
+    x = torch.randn(B, N, D)
+    pe, w, b = torch.randn(N, D), torch.randn(D), torch.randn(D)
+    ref = reference.layer_norm_add(x.double(), pe.double(), w.double(), b.double())
+    ref_pool = reference.layer_norm_pool(x.double(), w.double(), b.double(), pe.double())
+    usable = [n for n in backends.available_backends() if backends._unavailable_reason(n, x.device) is None]
+    print(f"mpvg demo: x [{B}, {N}, {D}] float32 on CPU, threads={torch.get_num_threads()}")
+    print(f"{'backend':8s} {'op':16s} {'max err vs fp64':>16s} {'median ms':>10s}")
+    for name in usable:
+        with backends.use_backend(name):
+            for label, fn, r in (
+                ("layer_norm_add", lambda: ops.layer_norm_add(x, pe, w, b), ref),
+                ("layer_norm_pool", lambda: ops.layer_norm_pool(x, w, b, pe), ref_pool),
+            ):
+                err = (fn().double() - r).abs().max().item()
+                t = tb.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median
+                print(f"{name:8s} {label:16s} {err:16.3e} {t * 1e3:10.3f}")
+    return 0

@@ -1,0 +1,68 @@
+"""The ``mpvg`` command (also ``python -m mpvg_kernels``, so ``torchrun ... -m mpvg_kernels train`` works): argparse
+only; every subcommand parses its flags and calls the library. May import anything in the package.
+
+Each subcommand lives in its own module that defines ``add_parser(subparsers) -> argparse.ArgumentParser``; the
+parser it registers sets ``func`` (``func(args) -> int``) with ``set_defaults``. Adding a subcommand is one line
+in :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: Modules that register a subcommand, in the order ``mpvg --help`` lists them.
+COMMANDS: list[str] = [
+    "mpvg_kernels.cli.train",
+    "mpvg_kernels.cli.evaluate",
+    "mpvg_kernels.cli.predict",
+    "mpvg_kernels.cli.demo",
+    "mpvg_kernels.cli.params",
+    "mpvg_kernels.cli.bench",
+    "mpvg_kernels.cli.export",
+    "mpvg_kernels.cli.analyze",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mpvg`` parser with every subcommand of :data:`COMMANDS` registered."""
+    parser = argparse.ArgumentParser(
+        prog="mpvg",
+        description="Fused LayerNorm + position-embedding kernels, models and pipelines for MPVG, PVG and LaPE "
+        "vision transformers. Run `mpvg COMMAND --help` for the options of a command.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def _short_message(e: BaseException) -> str:
+    """The user-facing line of an error; errors re-raised from DataLoader workers carry a whole traceback."""
+    msg = str(e).strip()
+    if "Original Traceback" in msg:
+        lines = [ln for ln in msg.splitlines() if ln.strip()]
+        last = lines[-1] if lines else msg
+        _, sep, rest = last.partition(": ")
+        return rest if sep and "Error" in last.split(": ", 1)[0] else last
+    return msg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand and return its exit status."""
+    from ..errors import UserError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"mpvg {args.command}: error: {_short_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mpvg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""``mpvg export``: an inference graph with the PE terms frozen, as ONNX (standard operators) or torch.export."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..export import DEFAULT_OPSET, FORMATS
+from ..ops.backends import KNOWN_BACKENDS
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..export import main
+
+    return main(args)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``export`` subcommand on an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "export",
+        help="export an inference graph (PE cache frozen) to ONNX or torch.export (.pt2)",
+        description=__doc__,
+    )
+    p.add_argument("--model", default=None, help="registered model name (taken from --checkpoint when omitted)")
+    p.add_argument("--pe", default=None, choices=("default", "lape", "pvg", "mpvg"), help="PE mode")
+    p.add_argument("--checkpoint", default=None, help="an `mpvg train` checkpoint or timm/DeiT-format weights")
+    p.add_argument(
+        "--weights",
+        default="auto",
+        choices=("auto", "ema", "model"),
+        help="which weights of an `mpvg train` checkpoint (default: %(default)s)",
+    )
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the registered one)")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra create_model keyword, e.g. pool=avg (repeatable; without --checkpoint)",
+    )
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx or pt2 (torch.export)")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, >= 17 (default: %(default)s)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=KNOWN_BACKENDS,
+        help="op backend while tracing (default: the configured one, i.e. the fused kernels)",
+    )
+    p.add_argument("--verify", action="store_true", help="run the exported graph once and print the max abs diff")
+    p.set_defaults(func=_run)
+    return p

@@ -1,0 +1,58 @@
+"""Flags shared by several subcommands, defined once: model keyword arguments, the device, missing extras."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import UserError
+
+DEVICE_HELP = "auto | cpu | cuda | cuda:N (default: %(default)s; auto = cuda when available, else cpu)"
+
+
+def add_device_arg(parser: argparse.ArgumentParser | Any) -> None:
+    """``--device`` with the same default (``auto``) on every command."""
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def add_model_arg(parser: argparse.ArgumentParser | Any) -> None:
+    """``--model-arg KEY=VALUE`` (repeatable): a keyword argument of ``create_model``, the one syntax for model
+    options on every command."""
+    parser.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="create_model keyword, e.g. pool=avg or drop_path_rate=0.1; values are Python literals, anything else "
+        "is a string (repeatable; default: none)",
+    )
+
+
+def parse_model_args(items: Iterable[str] | None) -> dict[str, Any]:
+    """``["pool=avg", "depth=6"]`` -> ``{"pool": "avg", "depth": 6}``; a malformed item is a :class:`UserError`."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, val = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UserError(f"--model-arg expects KEY=VALUE with KEY a keyword name, got {item!r}")
+        if key in out:
+            raise UserError(f"--model-arg {key} given twice")
+        try:
+            out[key] = ast.literal_eval(val.strip())
+        except (ValueError, SyntaxError):
+            out[key] = val.strip()
+    return out
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise a :class:`UserError` naming ``pip install "mpvg-kernels[EXTRA]"`` when any of ``modules`` is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(
+            f"this command needs {', '.join(missing)}, which is not installed: run "
+            f'pip install "mpvg-kernels[{extra}]" (or pip install -e ".[{extra}]" in a checkout)'
+        )

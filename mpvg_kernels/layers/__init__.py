@@ -1,0 +1,28 @@
+"""Reusable nn modules: the fused norms ``DualLayerNorm`` / ``LastLayerNormPE``, the one position-embedding walk,
+the inference PE cache, transformer blocks (patch embed, attention, MLP) and PE resampling.
+
+May import :mod:`mpvg_kernels.ops` and torch; never models, training or tools.
+"""
+
+from .blocks import BLOCK_STYLES, Attention, Block, DropPath, Mlp, PatchEmbed, to_2tuple
+from .norms import DualLayerNorm, LastLayerNormPE
+from .pe_cache import PECache, cache_bypassed, no_autocast, optimizer_step_count
+from .pos_embed import infer_grid_size, resample_abs_pos_embed
+
+__all__ = [
+    "BLOCK_STYLES",
+    "Attention",
+    "Block",
+    "DropPath",
+    "DualLayerNorm",
+    "LastLayerNormPE",
+    "Mlp",
+    "PECache",
+    "PatchEmbed",
+    "cache_bypassed",
+    "infer_grid_size",
+    "no_autocast",
+    "optimizer_step_count",
+    "resample_abs_pos_embed",
+    "to_2tuple",
+]

@@ -1,0 +1,165 @@
+"""Loading timm/DeiT-format (and Compact-Transformers ViT-Lite) checkpoints into :class:`VisionTransformer`.
+
+A timm/DeiT checkpoint is a state dict (or one wrapped in ``{"model": ...}``, ``{"state_dict": ...}``) with keys
+``cls_token`` [1, 1, D], ``pos_embed`` [1, 1 + N, D], ``patch_embed.proj.weight/bias``,
+``blocks.i.norm1.weight/bias``, ``blocks.i.attn.qkv.weight/bias``, ``blocks.i.attn.proj.weight/bias``,
+``blocks.i.norm2.weight/bias``, ``blocks.i.mlp.fc1/fc2.weight/bias``, ``norm.weight/bias``, ``head.weight/bias``.
+:func:`checkpoint_filter_fn` adapts it to a model: drops the class token and its PE row for GAP models (and
+DeiT's distillation token), resamples the PE grid (bicubic, like timm's ``resample_abs_pos_embed``), drops a head
+of another class count, and sums RGB patch filters for a one-channel model. Loading then reports only the new
+PE LayerNorms (``*.pos_weight``, ``*.pos_bias``) as missing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.nn.modules.module import _IncompatibleKeys
+
+from ..layers.pos_embed import infer_grid_size, resample_abs_pos_embed
+from .vision_transformer import VisionTransformer
+
+__all__ = ["checkpoint_filter_fn", "load_pretrained", "unwrap_state_dict"]
+
+_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
+_STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+# Compact-Transformers (SHI-Labs) ViT-Lite/CVT key layout -> timm layout.
+_CCT_RULES = [
+    (r"^tokenizer\.conv_layers\.0\.0\.(weight|bias)$", r"patch_embed.proj.\1"),
+    (r"^classifier\.class_emb$", "cls_token"),
+    (r"^classifier\.positional_emb$", "pos_embed"),
+    (r"^classifier\.blocks\.(\d+)\.pre_norm\.", r"blocks.\1.norm1."),
+    (r"^classifier\.blocks\.(\d+)\.self_attn\.", r"blocks.\1.attn."),
+    (r"^classifier\.blocks\.(\d+)\.linear1\.", r"blocks.\1.mlp.fc1."),
+    (r"^classifier\.blocks\.(\d+)\.norm1\.", r"blocks.\1.norm2."),
+    (r"^classifier\.blocks\.(\d+)\.linear2\.", r"blocks.\1.mlp.fc2."),
+    (r"^classifier\.norm\.", "norm."),
+    (r"^classifier\.fc\.", "head."),
+]
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict inside a training checkpoint (``model``/``state_dict`` wrappers, ``module.`` prefixes of
+    DDP and ``_orig_mod.`` of torch.compile removed)."""
+    sd: Any = checkpoint
+    for _ in range(3):
+        if isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+            inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), Mapping)), None)
+            if inner is None:
+                break
+            sd = inner
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"expected a state dict (a mapping of names to tensors), got {type(sd).__name__}")
+    out = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not out:
+        raise ValueError(f"no tensors found in the checkpoint (top-level keys: {sorted(checkpoint)[:10]})")
+    for prefix in _STRIP_PREFIXES:
+        if all(k.startswith(prefix) for k in out):
+            out = {k[len(prefix) :]: v for k, v in out.items()}
+    if any(k.startswith(("classifier.", "tokenizer.")) for k in out):
+        out = _remap_cct(out)
+    return out
+
+
+def _remap_cct(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in _CCT_RULES:
+            if re.match(pat, k):
+                k = re.sub(pat, rep, k)
+                break
+        out[k] = v
+    return out
+
+
+def _adapt_pos_embed(v: torch.Tensor, model: VisionTransformer, src_prefix: int) -> torch.Tensor:
+    if v.dim() == 2:
+        v = v.unsqueeze(0)
+    target = model.pos_embed
+    assert target is not None
+    if v.shape[-1] != target.shape[-1]:
+        raise ValueError(f"pos_embed has embed dim {v.shape[-1]}, the model {target.shape[-1]}")
+    grid = v[:, src_prefix:]
+    old_size = infer_grid_size(grid.shape[1])
+    grid = resample_abs_pos_embed(grid, model.patch_embed.grid_size, old_size, num_prefix_tokens=0)
+    if model.num_prefix_tokens == 0:
+        return grid
+    if src_prefix >= 1:
+        cls_row = v[:, :1]
+    else:  # the checkpoint has no class-token row: keep the model's own (initialised) one
+        cls_row = target[:, :1].detach().to(device=v.device, dtype=v.dtype)
+    return torch.cat([cls_row, grid], dim=1)
+
+
+def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """A timm/DeiT/CCT/own-format checkpoint adapted to ``model`` (see the module docstring)."""
+    sd = unwrap_state_dict(checkpoint)
+    own = model.state_dict()
+    src_prefix = int("cls_token" in sd) + int("dist_token" in sd)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k == "dist_token" or k.startswith("head_dist."):
+            continue  # DeiT distillation token/head: not part of these models
+        if k == "cls_token" and model.cls_token is None:
+            continue  # GAP model: no class token
+        if k == "pos_embed":
+            if model.pos_embed is None:
+                continue  # this configuration uses no position embedding
+            v = _adapt_pos_embed(v, model, src_prefix)
+        elif k == "patch_embed.proj.weight" and k in own and v.shape != own[k].shape:
+            v = _adapt_patch_weight(v, own[k].shape)
+        elif k.startswith("head.") and (k not in own or v.shape != own[k].shape):
+            continue  # another class count (or no head): the model's head stays as it is
+        out[k] = v
+    return out
+
+
+def _adapt_patch_weight(v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if v.shape[0] == shape[0] and v.shape[2:] == shape[2:] and shape[1] == 1 and v.shape[1] == 3:
+        return v.sum(dim=1, keepdim=True)  # RGB filters -> one grey channel (as timm's adapt_input_conv)
+    raise ValueError(
+        f"patch_embed.proj.weight of the checkpoint has shape {tuple(v.shape)}, the model needs {tuple(shape)} "
+        "(another patch size, embed dim or channel count that cannot be adapted)"
+    )
+
+
+def load_pretrained(
+    model: VisionTransformer,
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    strict: bool = False,
+    map_location: str | torch.device = "cpu",
+    weights_only: bool = True,
+) -> _IncompatibleKeys:
+    """Load a timm/DeiT-format (or CCT, or this package's) checkpoint into ``model``.
+
+    ``checkpoint``: a path (``torch.load``, ``weights_only`` by default) or a state dict, plain or wrapped in
+    ``{"model": ...}``. The class token and its PE row are dropped for GAP models, the PE is resampled to the
+    model's grid and a head of another size is skipped. Returns ``(missing_keys, unexpected_keys)``; for a
+    timm checkpoint of the matching architecture ``missing_keys`` is exactly
+    ``model.pe_norm_parameter_names()``. ``strict=True`` raises if anything else is missing or unexpected.
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        try:
+            checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=weights_only)
+        except Exception as exc:  # noqa: BLE001 - add the hint, keep the cause
+            if weights_only:
+                raise RuntimeError(
+                    f"could not load {os.fspath(checkpoint)!r} with weights_only=True ({exc}); if the file is "
+                    "trusted and holds non-tensor objects, pass weights_only=False"
+                ) from exc
+            raise
+    filtered = checkpoint_filter_fn(checkpoint, model)
+    result = model.load_state_dict(filtered, strict=False)
+    if strict:
+        allowed = set(model.pe_norm_parameter_names())
+        missing = [k for k in result.missing_keys if k not in allowed]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"checkpoint does not match the model: missing {missing}, unexpected {result.unexpected_keys}"
+            )
+    return result

@@ -1,0 +1,436 @@
+"""The trainer behind ``mpvg train``.
+
+AdamW with the models' weight-decay exclusions (``param_groups``), warmup + cosine learning rate per step, AMP
+(bf16/fp16 autocast; fp16 with a gradient scaler), optional ``torch.compile``, EMA of the weights, gradient
+clipping, a tqdm progress bar, ``metrics.jsonl`` + ``curves.png``, a checkpoint after every epoch with exact
+resume, and DistributedDataParallel under ``torchrun`` (only rank 0 writes files).
+
+Output directory::
+
+    checkpoint.pt   latest epoch (model, optimizer, scheduler, scaler, EMA, RNG of every rank, config)
+    metrics.jsonl   one JSON record per epoch
+    curves.png      loss / accuracy / learning rate per epoch
+    summary.json    final accuracy, throughput, model and run facts
+    config.yaml     the resolved configuration
+
+Exact resume: the data order is a function of ``(seed, epoch)`` and every RNG (torch, CUDA, numpy, python) of
+every rank is saved at the end of each epoch, so a run stopped after epoch k and resumed with ``--resume`` ends
+with weights bitwise equal to an uninterrupted run (same machine, same world size, same settings).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..errors import UserError
+from . import data as data_mod
+from . import distributed as D
+from .augment import EvalTransform, TrainTransform, classification_loss
+from .checkpoint import (
+    build_model,
+    capture_rng,
+    count_params,
+    load_checkpoint,
+    load_state_dict_checked,
+    restore_rng,
+    save_checkpoint,
+    seed_all,
+    weights_digest,
+)
+from .config import TrainConfig, config_from_dict, config_to_dict
+from .ema import ModelEma
+from .metrics import JsonlLog, plot_curves
+from .schedule import WarmupCosine
+
+#: Config keys that may differ between a checkpoint and the run that resumes it (they do not change the math).
+RESUME_FREE_KEYS = frozenset({"num_workers", "device", "compile", "threads"})
+CHECKPOINT_NAME = "checkpoint.pt"
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Seed of the augmentation/dropout RNG of ``rank`` (distinct per rank, distinct from the init seed)."""
+    return seed + 100_003 * (rank + 1)
+
+
+def model_input_spec(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """in_chans, input size, mean, std and crop_pct from the model's ``default_cfg``, overridden by ``cfg``."""
+    dcfg = dict(getattr(model, "default_cfg", {}) or {})
+    if "input_size" not in dcfg:
+        raise UserError(f"model {cfg.model} has no default_cfg['input_size']")
+    c, h, w = (int(v) for v in dcfg["input_size"])
+    mean = cfg.mean if cfg.mean is not None else dcfg.get("mean", (0.5,) * c)
+    std = cfg.std if cfg.std is not None else dcfg.get("std", (0.5,) * c)
+    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else float(dcfg.get("crop_pct", 0.875))
+    for name, v in (("mean", mean), ("std", std)):
+        if len(v) not in (1, c):
+            raise UserError(f"{name} {list(v)} has {len(v)} values; the model {cfg.model} has {c} input channels")
+    return {"in_chans": c, "input_size": [h, w], "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "crop_pct": crop_pct}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module, device: torch.device,
+             amp_dtype: torch.dtype | None, info: D.DistInfo | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy, summed exactly over ranks.
+
+    Runs ``model.eval()`` under ``torch.inference_mode()``, so the model uses its inference PE cache.
+    """
+    was_training = model.training
+    model.eval()
+    c1 = c5 = loss_sum = n = 0.0
+    for x, y in loader:
+        x = transform(x.to(device, non_blocking=True))
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        c1 += float((top[:, 0] == y).sum())
+        c5 += float((top == y[:, None]).any(dim=1).sum())
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        n += len(y)
+    if info is not None:
+        c1, c5, loss_sum, n = D.all_reduce_sum([c1, c5, loss_sum, n], info)
+    model.train(was_training)
+    if n == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n, "n": int(n)}
+
+
+def _show_progress(flag: bool | None, info: D.DistInfo) -> bool:
+    if not info.is_main:
+        return False
+    if flag is None:
+        return sys.stderr.isatty()
+    return flag
+
+
+def _check_resume_config(ckpt_cfg: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    now = config_to_dict(cfg)
+    diffs = [f"{k}: checkpoint {ckpt_cfg.get(k)!r} vs now {now[k]!r}"
+             for k in now if k not in RESUME_FREE_KEYS and ckpt_cfg.get(k) != now[k]]
+    if diffs:
+        raise UserError(f"cannot resume {path}: the settings differ from the run that wrote it ("
+                        + "; ".join(diffs[:6]) + "). Resume with the same recipe and flags.")
+
+
+def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    ckpt = out / CHECKPOINT_NAME
+    if resume or not ckpt.exists() or overwrite:
+        return
+    try:
+        old = load_checkpoint(ckpt)
+        finished = int(old["epoch"]) >= int(old["config"]["epochs"])
+    except UserError:
+        finished = False
+    if not finished:
+        raise UserError(f"{out} holds an unfinished run ({ckpt}); pass --resume to continue it or --overwrite to "
+                        "start again")
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool | str | os.PathLike = False,
+          stop_after_epoch: int | None = None, progress: bool | None = None, overwrite: bool = False,
+          verbose: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` into the directory ``out`` and return the summary (also written to ``out/summary.json``).
+
+    ``resume``: True (``out/checkpoint.pt``) or a checkpoint path. ``stop_after_epoch``: end this invocation
+    after that epoch (the schedule still spans ``cfg.epochs``), as a preemption would. ``progress``: tqdm bar
+    (None: when stderr is a terminal). Under ``torchrun`` this sets up the process group and DDP. The number of
+    intra-op threads (``cfg.threads``) is restored when training ends.
+    """
+    threads_before = torch.get_num_threads()
+    info = D.setup(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _Trainer(cfg, Path(out), info, verbose=verbose).run(
+            resume=resume, stop_after_epoch=stop_after_epoch, progress=progress, overwrite=overwrite)
+    finally:
+        D.cleanup(info)
+        torch.set_num_threads(threads_before)
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, out: Path, info: D.DistInfo, verbose: bool = True) -> None:
+        self.cfg, self.out, self.info, self.verbose = cfg, out, info, verbose
+
+    def log(self, msg: str) -> None:
+        if self.info.is_main and self.verbose:
+            print(msg, flush=True)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def run(self, resume: bool | str | os.PathLike, stop_after_epoch: int | None, progress: bool | None,
+            overwrite: bool) -> dict[str, Any]:
+        cfg, info, out = self.cfg, self.info, self.out
+        t_start = time.perf_counter()
+        device = info.device
+        if info.is_main:
+            if not resume:
+                _prepare_out_dir(out, False, overwrite)
+            out.mkdir(parents=True, exist_ok=True)
+        resume_path: Path | None = None
+        if resume:
+            resume_path = out / CHECKPOINT_NAME if resume is True else Path(resume)
+        ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+        if ckpt is not None:
+            _check_resume_config(ckpt["config"], cfg, resume_path)  # type: ignore[arg-type]
+            if int(ckpt.get("world_size", 1)) != info.world_size:
+                raise UserError(f"cannot resume {resume_path}: written with world size {ckpt.get('world_size')}, "
+                                f"now {info.world_size}; the global batch and schedule would change")
+
+        # model (same init on every rank), data
+        seed_all(cfg.seed)
+        spec = data_mod.parse_data_spec(cfg.data)
+        classes = data_mod.class_names(spec)
+        model = build_model(cfg.model, cfg.pe, len(classes), cfg.model_kwargs)
+        inp = model_input_spec(model, cfg)
+        splits = data_mod.load_data(spec, inp["in_chans"], inp["input_size"], inp["crop_pct"])
+        for note in splits.notes:
+            self.log(f"note: {note}")
+        model.to(device)
+        n_params = count_params(model)
+
+        # loaders
+        workers = cfg.num_workers
+        if workers is None:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(info.world_size)))
+            workers = 0 if splits.in_memory else min(8, max(1, D.usable_cpus() // local_world))
+        pin = device.type == "cuda"
+        sampler = D.ShardedSampler(len(splits.train), info.world_size, info.rank, cfg.seed, True, cfg.repeated_aug)
+        train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                  num_workers=workers, pin_memory=pin, persistent_workers=False)
+        eval_loader = DataLoader(splits.test, batch_size=max(cfg.batch_size, 128),
+                                 sampler=D.EvalShardSampler(len(splits.test), info.world_size, info.rank),
+                                 num_workers=workers, pin_memory=pin)
+        steps_per_epoch = len(train_loader)
+        if steps_per_epoch == 0:
+            raise UserError(f"the training set has {len(sampler)} images per process, fewer than the batch size "
+                            f"{cfg.batch_size}; lower --batch-size")
+
+        # optimisation
+        from ..models import param_groups
+
+        global_batch = cfg.batch_size * info.world_size
+        peak_lr = cfg.lr * global_batch / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr,
+                                      betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.opt_eps)
+        warmup, cooldown = cfg.warmup_epochs, cfg.cooldown_epochs
+        if warmup + cooldown > 0.5 * cfg.epochs:  # a short run: keep half of it for the cosine decay
+            shrink = 0.5 * cfg.epochs / (warmup + cooldown)
+            warmup, cooldown = warmup * shrink, cooldown * shrink
+            self.log(f"note: {cfg.epochs} epochs is short for warmup {cfg.warmup_epochs:g} + cooldown "
+                     f"{cfg.cooldown_epochs:g} epochs; using {warmup:g} + {cooldown:g}")
+        sched = WarmupCosine(optimizer, peak_lr, cfg.epochs * steps_per_epoch,
+                             warmup_steps=round(warmup * steps_per_epoch),
+                             cooldown_steps=round(cooldown * steps_per_epoch),
+                             warmup_lr=min(cfg.warmup_lr, peak_lr), min_lr=min(cfg.min_lr, peak_lr))
+        amp_dtype = AMP_DTYPES[cfg.amp]
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        ema = ModelEma(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
+
+        log = JsonlLog(out / "metrics.jsonl")
+        start_epoch = 0
+        if ckpt is not None:
+            load_state_dict_checked(model, ckpt["state_dict"], f"checkpoint {resume_path}")
+            optimizer.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler") is not None:
+                scaler.load_state_dict(ckpt["scaler"])
+            if ema is not None:
+                if not ckpt.get("ema"):
+                    raise UserError(f"checkpoint {resume_path} has no EMA state")
+                ema.load_state_dict(ckpt["ema"])
+            start_epoch = int(ckpt["epoch"])
+            restore_rng(ckpt["rng"][info.rank])
+            if info.is_main:
+                log.truncate_after(start_epoch)
+            self.log(f"resumed {resume_path} at epoch {start_epoch}/{cfg.epochs}")
+        else:
+            seed_all(_rank_seed(cfg.seed, info.rank))
+            if info.is_main and log.path.exists():
+                log.path.unlink()
+        del ckpt
+
+        train_model: nn.Module = model
+        if info.distributed:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            train_model = torch.compile(train_model)  # type: ignore[assignment]
+
+        train_tf = TrainTransform(cfg, inp["input_size"], inp["in_chans"], len(classes), inp["mean"],
+                                  inp["std"]).to(device)
+        eval_tf = EvalTransform(inp["input_size"], inp["in_chans"], inp["mean"], inp["std"]).to(device)
+
+        meta = {
+            "model": {"name": cfg.model, "pe": cfg.pe, "kwargs": dict(cfg.model_kwargs), "num_classes": len(classes),
+                      "params": n_params},
+            "data": {"spec": str(spec), "classes": list(classes), "in_chans": inp["in_chans"],
+                     "input_size": inp["input_size"], "mean": inp["mean"], "std": inp["std"],
+                     "crop_pct": inp["crop_pct"], "eval_resize": splits.eval_resize},
+        }
+        if info.is_main:
+            (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        self.log(f"mpvg train: {cfg.model} pe={cfg.pe} ({n_params / 1e6:.3f} M params) on {spec} "
+                 f"({len(splits.train)} train / {len(splits.test)} {splits.test_name} images, {len(classes)} classes)"
+                 f"; {info.world_size} process(es) on {device}, global batch {global_batch} = {cfg.batch_size} x "
+                 f"{info.world_size}, peak lr {peak_lr:.3g}, {cfg.epochs} epochs x {steps_per_epoch} steps, "
+                 f"amp={cfg.amp}{', compile' if cfg.compile else ''}{', EMA' if ema else ''}")
+
+        show_bar = _show_progress(progress, info)
+        train_images = 0
+        train_time = 0.0
+        last: dict[str, Any] = {}
+        completed = start_epoch
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            stats = self._train_epoch(train_model, model, train_loader, sampler, train_tf, optimizer, sched, scaler,
+                                      ema, amp_dtype, epoch, show_bar)
+            t_train = time.perf_counter() - t0
+            train_time += t_train
+            train_images += stats["images"]
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": sched.get_last_lr(),
+                                      "train_images_per_s": stats["images"] / t_train, "train_time_s": t_train}
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or epoch + 1 == stop_after_epoch:
+                res = evaluate(model, eval_loader, eval_tf, device, amp_dtype, info)
+                if ema is not None:
+                    res_ema = evaluate(ema.module, eval_loader, eval_tf, device, amp_dtype, info)
+                    record.update(top1=res_ema["top1"], top5=res_ema["top5"], eval_loss=res_ema["loss"],
+                                  top1_raw=res["top1"], top5_raw=res["top5"], eval_loss_raw=res["loss"])
+                else:
+                    record.update(top1=res["top1"], top5=res["top5"], eval_loss=res["loss"])
+                record["eval_images"] = res["n"]
+            record["epoch_time_s"] = time.perf_counter() - t0
+            rng_states = D.all_gather_objects(capture_rng(), info)
+            if info.is_main:
+                log.append(record)
+                save_checkpoint(out / CHECKPOINT_NAME, {
+                    **meta, "config": config_to_dict(cfg), "epoch": epoch + 1, "world_size": info.world_size,
+                    "state_dict": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                    "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rng_states,
+                    "metrics": record,
+                })
+                try:
+                    plot_curves(log.read(), out / "curves.png", f"{cfg.model} pe={cfg.pe} on {spec}")
+                except Exception as e:  # noqa: BLE001 - a plotting failure must not stop training
+                    print(f"warning: could not draw curves.png: {e}", file=sys.stderr)
+            last = record
+            completed = epoch + 1
+            self._print_epoch(record, cfg.epochs)
+            D.barrier(info)
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
+                self.log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
+                break
+
+        digests = D.all_gather_objects(weights_digest(model), info)
+        if not last and info.is_main:  # resumed a finished run: report the stored metrics
+            last = log.read()[-1] if log.read() else {}
+        summary = {
+            "top1": last.get("top1"), "top5": last.get("top5"), "eval_loss": last.get("eval_loss"),
+            "top1_raw": last.get("top1_raw"), "eval_split": splits.test_name, "eval_images": last.get("eval_images"),
+            "epochs": completed, "epochs_planned": cfg.epochs, "finished": completed >= cfg.epochs,
+            "train_images_per_s": train_images / train_time if train_time > 0 else None,
+            "train_images": train_images, "train_time_s": train_time, "wall_s": time.perf_counter() - t_start,
+            "params": n_params, "model": cfg.model, "pe": cfg.pe, "model_kwargs": dict(cfg.model_kwargs),
+            "data": str(spec), "num_classes": len(classes), "world_size": info.world_size,
+            "batch_size_per_process": cfg.batch_size, "global_batch": global_batch, "peak_lr": peak_lr,
+            "amp": cfg.amp, "compile": cfg.compile, "ema": cfg.ema, "seed": cfg.seed, "device": str(device),
+            "backend": _backend_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests,
+            "checkpoint": str(out / CHECKPOINT_NAME), "metrics": str(out / "metrics.jsonl"),
+            "curves": str(out / "curves.png"),
+        }
+        if info.is_main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if summary["top1"] is not None:
+                self.log(f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  on the {summary['eval_images']} "
+                         f"held-out {splits.test_name} images of {spec} ({cfg.model}, pe={cfg.pe}, {completed} epochs, "
+                         f"{summary['wall_s']:.0f} s, {summary['train_images_per_s']:.0f} train images/s)")
+            self.log(f"curves:     {out / 'curves.png'}\nmetrics:    {out / 'metrics.jsonl'}\n"
+                     f"summary:    {out / 'summary.json'}\ncheckpoint: {out / CHECKPOINT_NAME}")
+        D.barrier(info)
+        return summary
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _train_epoch(self, train_model: nn.Module, model: nn.Module, loader: DataLoader, sampler: D.ShardedSampler,
+                     tf: TrainTransform, optimizer: torch.optim.Optimizer, sched: WarmupCosine,
+                     scaler: torch.amp.GradScaler, ema: ModelEma | None, amp_dtype: torch.dtype | None, epoch: int,
+                     show_bar: bool) -> dict[str, float]:
+        cfg, device = self.cfg, self.info.device
+        train_model.train()
+        sampler.set_epoch(epoch)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n = 0
+        bar = None
+        if show_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                       file=sys.stderr)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for step, (x, y) in enumerate(loader):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            x, target = tf(x, y)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = train_model(x)
+            loss = classification_loss(logits, target, cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            sched.step()
+            if ema is not None:
+                ema.update(model)
+            loss_sum += loss.detach().double() * x.shape[0]
+            n += x.shape[0]
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0 or step + 1 == len(loader):
+                    bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{sched.get_last_lr():.2e}")
+        if bar is not None:
+            bar.close()
+        total_loss, total_n = D.all_reduce_sum([float(loss_sum), float(n)], self.info)
+        mean_loss = total_loss / max(total_n, 1)
+        if not math.isfinite(mean_loss):
+            raise RuntimeError(f"training diverged in epoch {epoch + 1}: the loss is {mean_loss} (lower --lr, set "
+                               "--clip-grad, or use --amp bf16 instead of fp16)")
+        return {"loss": mean_loss, "images": int(total_n)}
+
+    def _print_epoch(self, r: dict[str, Any], epochs: int) -> None:
+        acc = f"  top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}" if r.get("top1") is not None else ""
+        self.log(f"epoch {r['epoch']:>3}/{epochs}  loss {r['train_loss']:.4f}{acc}  lr {r['lr']:.2e}  "
+                 f"{r['train_images_per_s']:.0f} img/s  {r['epoch_time_s']:.1f} s")
+
+
+def _backend_name(device: torch.device) -> str:
+    try:
+        from ..ops import backends
+
+        return str(backends.resolve_backend(device))
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+
+
+def config_of_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
+    """The :class:`TrainConfig` a checkpoint was trained with."""
+    return config_from_dict(ckpt["config"])
+

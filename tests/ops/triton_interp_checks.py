@@ -1,0 +1,411 @@
+"""Triton kernels under the Triton interpreter (CPU tensors), checked against the float64 reference.
+
+Not collected by a plain ``pytest`` run (the file name does not match ``test_*.py``): it must run in a process
+where ``TRITON_INTERPRET=1`` was set before triton and mpvg_kernels were imported. ``test_triton_interpreter.py``
+starts that process; to run it by hand::
+
+    TRITON_INTERPRET=1 python -m pytest tests/ops/triton_interp_checks.py -q
+
+What it covers (see ``_direct_cases`` for the exact list):
+- the kernels called directly (``triton_kernels.forward`` / ``backward``), forward and every gradient, for
+  D in {3, 5, 192, 200, 384, 768, 1000, 1280}, N in {1, 16, 197}, B in {0, 1, 3}, with and without pe,
+  per-token and pooled, float32 and float16 (plus a few bfloat16 and float64 cases), x contiguous or
+  row-strided (last-dim slice of a wider tensor, every other token, batch/token dims transposed); also D = 1,
+  fp16 params with fp32 x and the reverse, and eps in {1e-6, 1e-5, 0.1} on rows whose variance is ~eps;
+- uneven work splits (several batch elements per backward program, several token tiles per pooled program,
+  a short last chunk), forced by lowering the split target;
+- the public ops through the ``mpvg::`` custom ops with ``set_backend("triton")``: ``layer_norm_add`` (pe as
+  [N, D] and [1, N, D]), ``dual_layer_norm`` (the pos gradient flows through both branches),
+  ``layer_norm_pool`` with and without pe, float32 and float16 (fp32 params), 2-D/3-D/4-D and strided x;
+- bitwise determinism of the backward, and the B = 0 / empty cases.
+
+Every buffer the kernels write is filled with NaN before the launch (``poison`` fixture), so an element a
+kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    _WHY = "run through tests/ops/test_triton_interpreter.py (needs TRITON_INTERPRET=1 before importing triton)"
+    pytest.skip(reason=_WHY, allow_module_level=True)
+
+import mpvg_kernels  # noqa: E402
+from mpvg_kernels.ops import backends, reference  # noqa: E402
+from mpvg_kernels.ops import triton_kernels as tk  # noqa: E402
+
+DS = (3, 5, 192, 200, 384, 768, 1000, 1280)
+EPS = 1e-6
+LAYOUTS = ("contiguous", "slice", "every_other", "transposed")
+ATOL_LOW = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Fill every output/partial buffer the launchers allocate with NaN before the kernel runs."""
+    plan_fwd, plan_bwd = tk.plan_forward, tk.plan_backward
+
+    def poisoned_forward(*args, **kwargs):
+        plan = plan_fwd(*args, **kwargs)
+        if plan.launch is not None:
+            for t in (plan.out, plan.mean, plan.rstd, plan.partial):
+                if t is not None:
+                    t.fill_(math.nan)
+        return plan
+
+    def poisoned_backward(*args, **kwargs):
+        plan = plan_bwd(*args, **kwargs)
+        if plan.launch is not None:
+            for t in (plan.dx, plan.dpe_part, plan.dw_part, plan.db_part):
+                if t is not None:
+                    t.fill_(math.nan)
+        return plan
+
+    monkeypatch.setattr(tk, "plan_forward", poisoned_forward)
+    monkeypatch.setattr(tk, "plan_backward", poisoned_backward)
+
+
+def make_x(
+    B: int, N: int, D: int, dtype: torch.dtype, layout: str, gen: torch.Generator, scale: float = 2.0
+) -> torch.Tensor:
+    """Random x of shape [B, N, D] (values ~ scale * randn + 0.25 * scale) in the given memory layout."""
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + 0.25 * scale).to(dtype)
+
+    if layout == "contiguous":
+        x = rnd(B, N, D)
+    elif layout == "slice":  # rows D + 24 elements apart
+        x = rnd(B, N, D + 24)[:, :, :D]
+    elif layout == "every_other":  # x_big[:, ::2, :]
+        x = rnd(B, 2 * N, D)[:, ::2, :]
+    elif layout == "transposed":  # batch stride D, token stride B * D
+        x = rnd(N, B, D).transpose(0, 1)
+    else:
+        raise ValueError(layout)
+    assert x.shape == (B, N, D) and (D == 1 or x.stride(2) == 1)
+    return x
+
+
+def make_params(N: int, D: int, dtype: torch.dtype, param_dtype: torch.dtype, gen: torch.Generator):
+    """Random gamma (around 1), beta, pe (not the 1/0 defaults)."""
+    w = (1 + 0.5 * torch.randn(D, generator=gen, dtype=torch.float64)).to(param_dtype)
+    b = (0.5 * torch.randn(D, generator=gen, dtype=torch.float64)).to(param_dtype)
+    pe = (0.5 * torch.randn(N, D, generator=gen, dtype=torch.float64)).to(dtype)
+    return w, b, pe
+
+
+def assert_close(name: str, out: torch.Tensor, ref64: torch.Tensor, same_dtype: torch.Tensor | None, low: bool):
+    """fp32/fp64: |out - ref| <= rtol * |ref| + rtol * max|ref|. fp16/bf16: |out - ref| <= 2 |same - ref| + atol.
+
+    ``ref64`` is the float64 reference; ``same_dtype`` the reference evaluated on the low-precision inputs.
+    """
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    if out.numel() == 0:
+        return
+    o = out.double()
+    finite = torch.isfinite(o)
+    assert finite.all(), f"{name}: non-finite values (unwritten output?) at {(~finite).nonzero()[:5].tolist()}"
+    err = (o - ref64).abs()
+    if low:
+        assert same_dtype is not None
+        atol = ATOL_LOW[same_dtype.dtype] if same_dtype.dtype in ATOL_LOW else ATOL_LOW[torch.float16]
+        bound = 2 * (same_dtype.double() - ref64).abs() + atol
+    else:
+        rtol = 1e-12 if out.dtype == torch.float64 else 1e-5
+        bound = rtol * ref64.abs() + rtol * max(1.0, ref64.abs().max().item())
+    bad = err > bound
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements out of tolerance; max err {err.max().item():.3e}; "
+            f"first at {i}: got {o[tuple(i)].item():.6g}, ref {ref64[tuple(i)].item():.6g}, "
+            f"bound {bound[tuple(i)].item():.3e}"
+        )
+
+
+def check_kernels(B, N, D, dtype, layout, has_pe, pool, seed=0, param_dtype=torch.float32, eps=EPS, scale=2.0):
+    """Direct kernel calls vs reference.forward/backward (float64, and in x's dtype for fp16/bf16)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + B * 10_007 + N * 101 + D)
+    x = make_x(B, N, D, dtype, layout, gen, scale)
+    w, b, pe = make_params(N, D, dtype, param_dtype, gen)
+    pe = pe if has_pe else None
+    low = dtype in (torch.float16, torch.bfloat16)
+
+    out, mean, rstd = tk.forward(x, pe, w, b, eps, pool)
+    assert out.dtype == dtype and out.is_contiguous()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == acc and rstd.dtype == acc and mean.shape == (B * N,) and rstd.shape == (B * N,)
+
+    f64 = (x.double(), None if pe is None else pe.double(), w.double(), b.double())
+    r_out, r_mean, r_rstd = reference.forward(*f64, eps, pool)
+    s_out = reference.forward(x, pe, w, b, eps, pool)[0] if low else None
+    tag = f"B={B} N={N} D={D} {dtype} {layout} pe={has_pe} pool={pool}"
+    assert_close(f"out [{tag}]", out, r_out, s_out, low)
+    assert_close(f"mean [{tag}]", mean, r_mean, None, False)
+    assert_close(f"rstd [{tag}]", rstd, r_rstd, None, False)
+
+    gen_g = torch.Generator().manual_seed(seed + 7)
+    grad = torch.randn(out.shape, generator=gen_g, dtype=torch.float64).to(dtype)
+    dx, dpe, dw, db = tk.backward(grad, x, w, mean, rstd, has_pe, pool)
+    assert dx.dtype == dtype and dx.is_contiguous() and dx.shape == (B, N, D)
+    assert dw.dtype == acc and db.dtype == acc and dw.shape == (D,) and db.shape == (D,)
+    assert dpe.dtype == acc and dpe.shape == ((N, D) if has_pe else (0,))
+    refs = reference.backward(grad.double(), x.double(), w.double(), r_mean, r_rstd, has_pe, pool)
+    sames = reference.backward(grad, x, w, mean, rstd, has_pe, pool) if low else (None,) * 4
+    for name, got, ref, same in zip(("dx", "dpe", "dweight", "dbias"), (dx, dpe, dw, db), refs, sames, strict=True):
+        assert_close(f"{name} [{tag}]", got, ref, same, low)
+    return x, w, mean, rstd, grad
+
+
+def _direct_cases():
+    """The sweep: (B, N, D, dtype, layout, has_pe, pool), chosen to cover every axis value and the risky mixes."""
+    cases = []
+    f32, f16 = torch.float32, torch.float16
+    # 1. Every D x {pe, no pe} x {per-token, pool} x {fp32, fp16} at B=3, N=16; layouts rotate.
+    i = 0
+    for D in DS:
+        for dtype in (f32, f16):
+            for has_pe in (True, False):
+                for pool in (False, True):
+                    cases.append((3, 16, D, dtype, LAYOUTS[i % len(LAYOUTS)], has_pe, pool))
+                    i += 1
+    # 2. N = 197 (a partial last token tile for every ROWS > 1): every D, fp32, with pe, both modes. B=3 where
+    #    a program holds several rows, B=1 for the wide D (one or two rows per program) to bound interpreter time.
+    for j, D in enumerate(DS):
+        B = 3 if D <= 200 else 1
+        for pool in (False, True):
+            cases.append((B, 197, D, f32, LAYOUTS[(j + pool) % len(LAYOUTS)], True, pool))
+    # 3. N = 197 in fp16, strided.
+    cases += [(3, 197, 200, f16, "every_other", True, False), (1, 197, 768, f16, "slice", True, True)]
+    # 4. N = 1 (one token: pool is the identity up to the mean) for every D.
+    for j, D in enumerate(DS):
+        cases.append((3, 1, D, (f32, f16)[j % 2], LAYOUTS[j % len(LAYOUTS)], j % 3 != 0, j % 2 == 0))
+    # 5. B = 1 with N = 16.
+    cases += [(1, 16, D, f32, "slice", True, D % 2 == 0) for D in (5, 384, 1000)]
+    # 6. B = 0 (nothing launched; correctly shaped results) for every D and N.
+    for D in DS:
+        for N in (1, 16, 197):
+            cases.append((0, N, D, f32, "contiguous", True, N != 16))
+    # 7. bfloat16 and float64 spot checks; D = 1 (constant rows: y = bias + pe).
+    cases += [
+        (3, 16, 1, f32, "every_other", True, False),
+        (3, 16, 1, f16, "contiguous", True, True),
+        (3, 16, 200, torch.bfloat16, "slice", True, False),
+        (3, 16, 768, torch.bfloat16, "transposed", True, True),
+        (3, 16, 200, torch.float64, "every_other", True, False),
+        (3, 37, 192, torch.float64, "contiguous", True, True),
+    ]
+    return cases
+
+
+def _case_id(c):
+    B, N, D, dtype, layout, has_pe, pool = c
+    dt = str(dtype).split(".")[-1]
+    return f"B{B}-N{N}-D{D}-{dt}-{layout}-{'pe' if has_pe else 'nope'}-{'pool' if pool else 'tok'}"
+
+
+# ----------------------------------------------------------------------------------------------- tests
+
+
+def test_interpreter_is_active():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert backends.TRITON_INTERPRET
+    assert isinstance(tk._ln_fwd_kernel, InterpretedFunction) and isinstance(tk._ln_bwd_kernel, InterpretedFunction)
+
+
+@pytest.mark.parametrize("case", _direct_cases(), ids=_case_id)
+def test_kernels_vs_reference(case):
+    check_kernels(*case)
+
+
+@pytest.mark.parametrize(
+    "B,N,D,pool,target",
+    [(7, 61, 200, False, 16), (7, 61, 200, True, 16), (5, 37, 768, True, 8), (9, 16, 3, False, 2)],
+)
+def test_uneven_splits(monkeypatch, B, N, D, pool, target):
+    """Several batch elements per backward program, several token tiles per pooled program, short last chunks."""
+    monkeypatch.setattr(tk, "_TARGET_PROGRAMS", target)
+    cfg = tk.backward_config(D, torch.float32)
+    b_per_prog, splits = tk._split(B, -(-N // cfg.rows))
+    assert b_per_prog > 1 and splits * b_per_prog >= B
+    check_kernels(B, N, D, torch.float32, "every_other", True, pool, seed=3)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-5, 0.1])
+def test_eps_matters(eps):
+    """Rows with variance ~1e-6: eps changes rstd by a large factor, so a dropped or misplaced eps fails."""
+    check_kernels(3, 16, 200, torch.float32, "slice", True, False, eps=eps, scale=1e-3)
+    check_kernels(2, 16, 768, torch.float32, "contiguous", True, True, eps=eps, scale=1e-3)
+
+
+def test_fp16_params_with_fp32_x_and_fp32_params_with_fp16_x():
+    check_kernels(3, 16, 200, torch.float32, "slice", True, False, param_dtype=torch.float16)
+    check_kernels(3, 16, 200, torch.float16, "slice", True, True, param_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("D,N,B", [(200, 61, 3), (768, 16, 5)])
+def test_backward_is_bitwise_deterministic(D, N, B, pool):
+    gen = torch.Generator().manual_seed(11)
+    x = make_x(B, N, D, torch.float32, "slice", gen)
+    w, b, pe = make_params(N, D, torch.float32, torch.float32, gen)
+    out, mean, rstd = tk.forward(x, pe, w, b, EPS, pool)
+    out2, mean2, rstd2 = tk.forward(x, pe, w, b, EPS, pool)
+    assert torch.equal(out, out2) and torch.equal(mean, mean2) and torch.equal(rstd, rstd2)
+    grad = torch.randn(out.shape, generator=gen)
+    first = tk.backward(grad, x, w, mean, rstd, True, pool)
+    second = tk.backward(grad, x, w, mean, rstd, True, pool)
+    for name, a, c in zip(("dx", "dpe", "dweight", "dbias"), first, second, strict=True):
+        assert torch.equal(a, c), f"{name} differs between two identical backward runs"
+
+
+def test_empty_batch_results():
+    for pool in (False, True):
+        x = torch.empty(0, 16, 200)
+        w, b = torch.ones(200), torch.zeros(200)
+        out, mean, rstd = tk.forward(x, torch.zeros(16, 200), w, b, EPS, pool)
+        assert out.shape == ((0, 200) if pool else (0, 16, 200)) and mean.shape == (0,) and rstd.shape == (0,)
+        grad = torch.empty(out.shape)
+        dx, dpe, dw, db = tk.backward(grad, x, w, mean, rstd, True, pool)
+        assert dx.shape == (0, 16, 200) and dpe.shape == (16, 200) and not dpe.any()
+        assert dw.shape == (200,) and not dw.any() and db.shape == (200,) and not db.any()
+        _, dpe0, _, _ = tk.backward(grad, x, w, mean, rstd, False, pool)
+        assert dpe0.shape == (0,)
+
+
+# ------------------------------------------------------------------------------ public API (torch.ops path)
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Select the triton backend and count kernel calls, to prove the public ops reached the Triton kernels."""
+    calls = {"forward": 0, "backward": 0}
+    fwd, bwd = tk.forward, tk.backward
+
+    def counted_forward(*a, **k):
+        calls["forward"] += 1
+        return fwd(*a, **k)
+
+    def counted_backward(*a, **k):
+        calls["backward"] += 1
+        return bwd(*a, **k)
+
+    monkeypatch.setattr(tk, "forward", counted_forward)
+    monkeypatch.setattr(tk, "backward", counted_backward)
+    with mpvg_kernels.use_backend("triton"):
+        assert backends.resolve_backend(torch.device("cpu")) == "triton"
+        yield calls
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def _compare_autograd(name, outs, ref_outs, same_outs, inputs, ref_inputs, same_inputs, low, gen):
+    """Backprop the same random cotangents through both graphs; compare outputs and every input gradient."""
+    cots = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    torch.autograd.backward(outs, [c.to(o.dtype) for c, o in zip(cots, outs, strict=True)])
+    torch.autograd.backward(ref_outs, cots)
+    if low:
+        torch.autograd.backward(same_outs, [c.to(o.dtype) for c, o in zip(cots, same_outs, strict=True)])
+    for k, (o, r) in enumerate(zip(outs, ref_outs, strict=True)):
+        assert_close(f"{name} output {k}", o.detach(), r.detach(), same_outs[k].detach() if low else None, low)
+    for k, (i, r) in enumerate(zip(inputs, ref_inputs, strict=True)):
+        assert i.grad is not None, f"{name}: input {k} got no gradient"
+        assert i.grad.dtype == i.dtype and i.grad.shape == i.shape
+        assert_close(f"{name} grad of input {k}", i.grad, r.grad, same_inputs[k].grad if low else None, low)
+
+
+def _inputs(shape, dtype, layout, gen, pe_shape, param_dtype):
+    N, D = shape[-2], shape[-1]
+    lead = math.prod(shape[:-2])
+    x = make_x(lead, N, D, dtype, layout, gen)
+    x = x.reshape(shape) if len(shape) != 3 else x  # 2-D / 4-D views of the 3-D layout (view when possible)
+    w, b, pe = make_params(N, D, dtype, param_dtype, gen)
+    return x, w, b, pe.reshape(pe_shape)
+
+
+API_CASES = [
+    # (shape, dtype, layout, pe as [1, N, D]?, param dtype)
+    ((2, 197, 192), torch.float32, "slice", False, torch.float32),
+    ((3, 16, 768), torch.float32, "every_other", True, torch.float32),
+    ((2, 2, 16, 200), torch.float32, "contiguous", False, torch.float32),
+    ((16, 1000), torch.float32, "contiguous", True, torch.float32),
+    ((3, 16, 384), torch.float16, "transposed", False, torch.float32),
+    ((3, 16, 5), torch.float16, "contiguous", True, torch.float16),
+]
+
+
+def _api_id(c):
+    shape, dtype, layout, pe3, pdt = c
+    dt, pdt_name = str(dtype).split(".")[-1], str(pdt).split(".")[-1]
+    return f"{'x'.join(map(str, shape))}-{dt}-{layout}-pe{'1ND' if pe3 else 'ND'}-params_{pdt_name}"
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=_api_id)
+def test_layer_norm_add_api(triton_backend, case):
+    shape, dtype, layout, pe3, pdt = case
+    gen = torch.Generator().manual_seed(21)
+    N, D = shape[-2], shape[-1]
+    x, w, b, pe = _inputs(shape, dtype, layout, gen, (1, N, D) if pe3 else (N, D), pdt)
+    low = dtype in ATOL_LOW
+    ins = [_leaf(t) for t in (x, pe, w, b)]
+    refs = [_leaf(t.double()) for t in (x, pe, w, b)]
+    sames = [_leaf(t) for t in (x, pe, w, b)]
+    y = mpvg_kernels.layer_norm_add(*ins, eps=EPS)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    r = reference.layer_norm_add(*refs, eps=EPS)
+    s = reference.layer_norm_add(*sames, eps=EPS)
+    _compare_autograd(f"layer_norm_add {case}", [y], [r], [s], ins, refs, sames, low, gen)
+    assert triton_backend["forward"] >= 1 and triton_backend["backward"] >= 1
+
+
+@pytest.mark.parametrize("case", API_CASES[:2] + API_CASES[4:5], ids=_api_id)
+def test_dual_layer_norm_api(triton_backend, case):
+    """pos_norm is used twice (added to LN(x) and returned for the next layer): its gradient sums both."""
+    shape, dtype, layout, pe3, pdt = case
+    gen = torch.Generator().manual_seed(22)
+    N, D = shape[-2], shape[-1]
+    x, w, b, pos = _inputs(shape, dtype, layout, gen, (1, N, D) if pe3 else (N, D), pdt)
+    pw = (1 + 0.3 * torch.randn(D, generator=gen, dtype=torch.float64)).to(pdt)
+    pb = (0.3 * torch.randn(D, generator=gen, dtype=torch.float64)).to(pdt)
+    low = dtype in ATOL_LOW
+    ins = [_leaf(t) for t in (x, pos, w, b, pw, pb)]
+    refs = [_leaf(t.double()) for t in (x, pos, w, b, pw, pb)]
+    sames = [_leaf(t) for t in (x, pos, w, b, pw, pb)]
+    y, pos_n = mpvg_kernels.dual_layer_norm(*ins, eps=EPS)
+    assert y.shape == x.shape and pos_n.shape == pos.shape
+    ry, rp = reference.dual_layer_norm(*refs, eps=EPS)
+    sy, sp = reference.dual_layer_norm(*sames, eps=EPS)
+    _compare_autograd(f"dual_layer_norm {case}", [y, pos_n], [ry, rp], [sy, sp], ins, refs, sames, low, gen)
+    assert triton_backend["forward"] >= 2 and triton_backend["backward"] >= 2
+
+
+@pytest.mark.parametrize("with_pe", [False, True])
+@pytest.mark.parametrize("case", API_CASES, ids=_api_id)
+def test_layer_norm_pool_api(triton_backend, case, with_pe):
+    shape, dtype, layout, pe3, pdt = case
+    gen = torch.Generator().manual_seed(23)
+    N, D = shape[-2], shape[-1]
+    x, w, b, pe = _inputs(shape, dtype, layout, gen, (1, N, D) if pe3 else (N, D), pdt)
+    low = dtype in ATOL_LOW
+    tensors = (x, w, b, pe) if with_pe else (x, w, b)
+    ins = [_leaf(t) for t in tensors]
+    refs = [_leaf(t.double()) for t in tensors]
+    sames = [_leaf(t) for t in tensors]
+    out = mpvg_kernels.layer_norm_pool(*ins, eps=EPS)
+    assert out.shape == (*shape[:-2], D) and out.dtype == dtype
+    r = reference.layer_norm_pool(*refs, eps=EPS)
+    s = reference.layer_norm_pool(*sames, eps=EPS)
+    _compare_autograd(f"layer_norm_pool {case} pe={with_pe}", [out], [r], [s], ins, refs, sames, low, gen)
+    assert triton_backend["forward"] >= 1 and triton_backend["backward"] >= 1
