@@ -1,23 +1,18 @@
 """One Vision Transformer for the four position-embedding modes: ``default``, ``lape``, ``pvg``, ``mpvg``.
 
 Blocks l = 0..L, residual stream x_l, learned position embedding ``pos`` (``pos_embed``, [1, T, D]; T = N, or
-N + 1 with a class token). The modes (DESIGN.md section 1) are presets of four knobs:
+N + 1 with a class token). The modes are presets of the knobs ``add_pos_to_input``, ``include_layer0``,
+``hierarchical`` and ``last_pos`` (table and rule in :mod:`mpvg_kernels.layers.pe_walk`, the method in
+``docs/design.md#the-method``); the model holds its rule as ``self.pe_walk`` and every forward walks it.
 
-| mode      | add_pos_to_input | PE at block l                     | include_layer0 | hierarchical | last_pos |
-|-----------|------------------|-----------------------------------|----------------|--------------|----------|
-| default   | True             | none                              | -              | -            | None     |
-| lape      | False            | LN1_l(x_l) + pos_l, every l       | True           | True         | None     |
-| pvg       | True             | LN1_l(x_l) + pos_l, l >= 1        | False          | True         | None     |
-| mpvg      | True             | as pvg                            | False          | True         | 0        |
-
-- Hierarchical chain: pos_l = LN'_l(pos_{l-1}) starting from ``pos`` (so pos_0 = ``pos`` when layer 0 takes no
-  PE); ``hierarchical=False`` feeds LN'_l(pos) to every PE block. The PE enters only the attention input (q, k
-  and v see it), never the residual stream or the MLP branch.
+- The PE enters only the attention input (q, k and v see it), never the residual stream or the MLP branch.
 - ``last_pos``: the last step is LN(x_{L+1}) + LN'_last(p) with p = ``pos`` for ``last_pos=0`` (the paper's
-  choice) or p = pos_k, the PE term added at block k, for ``last_pos=k >= 1`` (MPVG Table 5); ``None``: plain
+  choice) or p = the PE term added at block k for ``last_pos=k >= 1`` (MPVG Table 5); ``None``: plain
   LN(x_{L+1}). Negative k counts from the last block.
 - ``pool``: ``avg`` (GAP over all tokens, no class token) or ``cls`` (a class token with its own PE row, as in
   DeiT and the LaPE code). Default: ``cls`` for default/lape, ``avg`` for pvg/mpvg.
+- Image-independent PE terms: :meth:`VisionTransformer.compute_pe_terms` (live), :meth:`~VisionTransformer.pe_terms`
+  (the inference cache), and ``forward(x, pe_terms=...)`` to run with given (e.g. frozen) terms.
 
 Parameter names follow timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.i.norm1``,
 ``blocks.i.attn.qkv``, ``blocks.i.attn.proj``, ``blocks.i.norm2``, ``blocks.i.mlp.fc1/fc2``, ``norm``, ``head``);
@@ -30,7 +25,6 @@ x = LN2(x); x = x + MLP(x) (the second norm is applied to the residual stream it
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
@@ -38,58 +32,21 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers.blocks import Attention, Block, DropPath, Mlp, PatchEmbed, to_2tuple
+from ..layers.blocks import Block, PatchEmbed, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import PECache, no_autocast
+from ..layers.pe_walk import PE_MODES, POOLS, PRESETS, PETerms, PEWalk, default_pool
 from ..layers.pos_embed import resample_abs_pos_embed
 
 __all__ = [
     "PE_MODES",
     "POOLS",
-    "Attention",
-    "Block",
-    "DropPath",
-    "Mlp",
-    "PatchEmbed",
     "VisionTransformer",
+    "count_parameters",
     "default_pool",
 ]
 
-PE_MODES = ("default", "lape", "pvg", "mpvg")
-POOLS = ("cls", "avg")
 _AUTO = "auto"
-
-
-@dataclass(frozen=True)
-class _Preset:
-    layerwise: bool
-    add_pos_to_input: bool
-    include_layer0: bool
-    hierarchical: bool
-    last_pos: int | None
-
-
-_PRESETS = {
-    "default": _Preset(layerwise=False, add_pos_to_input=True, include_layer0=False, hierarchical=False, last_pos=None),
-    "lape": _Preset(layerwise=True, add_pos_to_input=False, include_layer0=True, hierarchical=True, last_pos=None),
-    "pvg": _Preset(layerwise=True, add_pos_to_input=True, include_layer0=False, hierarchical=True, last_pos=None),
-    "mpvg": _Preset(layerwise=True, add_pos_to_input=True, include_layer0=False, hierarchical=True, last_pos=0),
-}
-
-
-def default_pool(pe: str) -> str:
-    """The pooling each mode uses in the papers: ``avg`` (GAP) for pvg/mpvg, ``cls`` for default/lape."""
-    return "avg" if pe in ("pvg", "mpvg") else "cls"
-
-
-@dataclass
-class _PEState:
-    """Everything the PE contributes that does not depend on the image (for one token grid)."""
-
-    pos: torch.Tensor  # [1, T, D], resampled to the grid
-    terms: list[torch.Tensor | None]  # the PE term added at each block (None: none)
-    last_term: torch.Tensor | None  # LN'_last(p), [1, T, D]
-    pooled_bias: torch.Tensor | None  # norm.bias + mean_n LN'_last(p)_n, [D] (avg pooling)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -142,7 +99,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"depth must be >= 1, got {depth}")
         if patch_init not in ("default", "kaiming_normal"):
             raise ValueError(f"patch_init must be 'default' or 'kaiming_normal', got {patch_init!r}")
-        preset = _PRESETS[pe]
+        preset = PRESETS[pe]
         if not preset.layerwise:
             for name, value in (("include_layer0", include_layer0), ("hierarchical", hierarchical)):
                 if value is not None:
@@ -155,6 +112,8 @@ class VisionTransformer(nn.Module):
         self.add_pos_to_input = preset.add_pos_to_input if add_pos_to_input is None else bool(add_pos_to_input)
         self.block_uses_pos = tuple(self.layerwise and (i > 0 or self.include_layer0) for i in range(depth))
         self.last_pos = self._resolve_last_pos(preset.last_pos if last_pos == _AUTO else last_pos, depth)
+        #: The PE rule of this model (which block gets which PE, the source of LN'_last): every forward walks it.
+        self.pe_walk = PEWalk(self.block_uses_pos, self.hierarchical, self.last_pos)
 
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
@@ -344,39 +303,32 @@ class VisionTransformer(nn.Module):
             ts += [self.norm.bias, self.norm.pos_weight, self.norm.pos_bias]
         return ts
 
-    def _pe_cache_active(self) -> bool:
-        return self.pe_cache_enabled and self.pos_embed is not None and PECache.usable(self._pe_tensors())
-
     def _pos_for_grid(self, grid: tuple[int, int]) -> torch.Tensor:
         assert self.pos_embed is not None
         if grid == self.patch_embed.grid_size:
             return self.pos_embed
         return resample_abs_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
 
-    def _compute_pe_state(self, grid: tuple[int, int]) -> _PEState:
-        """The PE chain, the last PE term and the pooled bias for ``grid``, from the parameters alone."""
-        pos = self._pos_for_grid(grid)
-        with no_autocast(pos.device.type):
-            terms: list[torch.Tensor | None] = []
-            cur = pos
-            for blk in self.blocks:
-                if blk.use_pos:
-                    t = blk.norm1.norm_pos(cur if self.hierarchical else pos)
-                    terms.append(t)
-                    if self.hierarchical:
-                        cur = t
-                else:
-                    terms.append(None)
-            last_term = pooled_bias = None
-            if self.has_last_pos:
-                src = pos if self.last_pos == 0 else terms[self.last_pos]
-                assert src is not None
-                last_term = self.norm.pos_term(src)
-                if self.pool == "avg":
-                    pooled_bias = self.norm.pooled_bias(src)
-        return _PEState(pos=pos, terms=terms, last_term=last_term, pooled_bias=pooled_bias)
+    def compute_pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
+        """The PE, every block's PE term, the last PE term and the pooled bias for ``grid`` (default: the model's
+        grid), computed now from the parameters along :attr:`pe_walk` (differentiable; no cache). None for a model
+        without PE.
 
-    def pe_state(self, grid: tuple[int, int] | None = None) -> _PEState | None:
+        To freeze them for deployment, compute them once under ``no_grad`` and pass them to
+        ``model(x, pe_terms=...)``, or register :meth:`PETerms.tensors` as buffers (what
+        :class:`mpvg_kernels.export.FrozenPEModel` does)."""
+        if self.pos_embed is None:
+            return None
+        pos = self._pos_for_grid(self.patch_embed.grid_size if grid is None else tuple(grid))
+        with no_autocast(pos.device.type):
+            return self.pe_walk.terms(
+                pos,
+                lambda i, p: self.blocks[i].norm1.norm_pos(p),
+                last_term=self.norm.pos_term if self.has_last_pos else None,
+                pooled_bias=self.norm.pooled_bias if self.has_last_pos and self.pool == "avg" else None,
+            )
+
+    def pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
         """The cached image-independent PE terms for ``grid`` (default: the model's grid), or None where the cache
         may not be used (gradients needed, tracing/compiling, no PE, cache disabled)."""
         if not self.pe_cache_enabled or self.pos_embed is None:
@@ -384,8 +336,8 @@ class VisionTransformer(nn.Module):
         tensors = self._pe_tensors()
         if not PECache.usable(tensors):
             return None
-        grid = self.patch_embed.grid_size if grid is None else grid
-        return self._pe_cache.get(tensors, lambda: self._compute_pe_state(grid), extra=grid)
+        grid = self.patch_embed.grid_size if grid is None else tuple(grid)
+        return self._pe_cache.get(tensors, lambda: self.compute_pe_terms(grid), extra=grid)
 
     # ------------------------------------------------------------------ forward
 
@@ -407,51 +359,55 @@ class VisionTransformer(nn.Module):
             return checkpoint(blk, x, pos, use_reentrant=False)
         return blk(x, pos)
 
-    def _forward_body(self, x: torch.Tensor) -> tuple[torch.Tensor, _PEState | None, torch.Tensor | None]:
-        """Images -> (x_{L+1} [B, T, D], cached PE state or None, LN'_last source when not cached)."""
-        grid = self._grid(x)
+    def _embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """Images -> the tokens entering block 0 (patches, class token, the PE added where the mode does)."""
         x = self.patch_embed(x)
-        state = self.pe_state(grid) if self.pos_embed is not None else None
-        pos = None
-        if self.pos_embed is not None:
-            pos = state.pos if state is not None else self._pos_for_grid(grid)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         if self.add_pos_to_input:
             x = x + pos
-        x = self.pos_drop(x)
+        return self.pos_drop(x)
 
-        if state is not None:
-            for blk, term in zip(self.blocks, state.terms, strict=True):
+    def _forward_body(
+        self, x: torch.Tensor, pe_terms: PETerms | None = None
+    ) -> tuple[torch.Tensor, PETerms | None, torch.Tensor | None]:
+        """Images -> (x_{L+1} [B, T, D], the precomputed PE terms used or None, LN'_last source when not).
+
+        The PE terms come from ``pe_terms`` when given, else from the cache where it may be used; otherwise the
+        fused per-block ops compute them along the walk (with gradients)."""
+        grid = self._grid(x)
+        if pe_terms is None and self.pos_embed is not None:
+            pe_terms = self.pe_terms(grid)
+        pos = None
+        if self.pos_embed is not None:
+            pos = pe_terms.pos if pe_terms is not None else self._pos_for_grid(grid)
+        x = self._embed(x, pos)
+
+        if pe_terms is not None:
+            for blk, term in zip(self.blocks, pe_terms.terms, strict=True):
                 x, _ = blk(x, pos_term=term)
-            return x, state, None
+            return x, pe_terms, None
 
-        last_src = pos if self.last_pos == 0 else None
-        cur = pos
+        step = self.pe_walk.start(pos)
         for i, blk in enumerate(self.blocks):
-            if blk.use_pos:
-                x, t = self._run_block(blk, x, cur if self.hierarchical else pos)
-                if self.hierarchical:
-                    cur = t
-                if self.last_pos and i == self.last_pos:  # last_pos=0 is the initial pos
-                    last_src = t
-            else:
-                x, _ = self._run_block(blk, x, None)
-        return x, None, last_src
+            x, term = self._run_block(blk, x, step.source(i))
+            step.record(i, term)
+        return x, None, step.last_source
 
-    def _last_term(self, state: _PEState | None, last_src: torch.Tensor | None) -> torch.Tensor | None:
+    def _last_term(self, terms: PETerms | None, last_src: torch.Tensor | None) -> torch.Tensor | None:
         if not self.has_last_pos:
             return None
-        if state is not None:
-            return state.last_term
+        if terms is not None:
+            return terms.last_term
         assert last_src is not None
         return self.norm.pos_term(last_src)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
         """Per-token features [B, T, D] after the last norm: LN(x_{L+1}) (+ LN'_last(pos_k) for MPVG), for dense
-        heads. With a class token, token 0 is the class token."""
-        x, state, last_src = self._forward_body(x)
-        return self.norm(x, pos_term=self._last_term(state, last_src))
+        heads. With a class token, token 0 is the class token. ``pe_terms``: precomputed terms to use
+        (:meth:`compute_pe_terms`, e.g. frozen for export); default: the cache, or computed live."""
+        x, terms, last_src = self._forward_body(x, pe_terms)
+        return self.norm(x, pos_term=self._last_term(terms, last_src))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Features [B, T, D] from :meth:`forward_features` -> pooled (class token or mean) -> logits."""
@@ -459,20 +415,20 @@ class VisionTransformer(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_pooled(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
         """Images -> pooled features [B, D] (the head's input), with the fused last step: LN + GAP (+ the cached
         PE bias, or LN'_last(pos_k) per token when gradients are needed) in one pass for ``avg`` pooling."""
-        x, state, last_src = self._forward_body(x)
+        x, terms, last_src = self._forward_body(x, pe_terms)
         if self.pool == "avg":
-            if state is not None and state.pooled_bias is not None:
-                return self.norm(x, pool=True, pooled_bias=state.pooled_bias)
-            return self.norm(x, pool=True, pos_term=self._last_term(state, last_src))
-        term = self._last_term(state, last_src)
+            if terms is not None and terms.pooled_bias is not None:
+                return self.norm(x, pool=True, pooled_bias=terms.pooled_bias)
+            return self.norm(x, pool=True, pos_term=self._last_term(terms, last_src))
+        term = self._last_term(terms, last_src)
         return self.norm(x[:, :1], pos_term=None if term is None else term[:, :1]).squeeze(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [B, C, H, W] -> logits [B, num_classes]."""
-        return self.head(self.head_drop(self.forward_pooled(x)))
+    def forward(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
+        """Images [B, C, H, W] -> logits [B, num_classes] (``pe_terms``: see :meth:`forward_features`)."""
+        return self.head(self.head_drop(self.forward_pooled(x, pe_terms)))
 
     def forward_intermediates(self, x: torch.Tensor) -> dict[str, Any]:
         """Every intermediate the analysis needs, computed with unfused plain-PyTorch steps (no cache). Keys:
@@ -487,13 +443,8 @@ class VisionTransformer(nn.Module):
         - ``grid``: the token grid (h, w); ``num_prefix_tokens``: 1 with a class token, else 0.
         """
         grid = self._grid(x)
-        x = self.patch_embed(x)
         pos = self._pos_for_grid(grid) if self.pos_embed is not None else None
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        if self.add_pos_to_input:
-            x = x + pos
-        x = self.pos_drop(x)
+        x = self._embed(x, pos)
         out: dict[str, Any] = {
             "block_inputs": [],
             "token_terms": [],
@@ -502,17 +453,14 @@ class VisionTransformer(nn.Module):
             "grid": grid,
             "num_prefix_tokens": self.num_prefix_tokens,
         }
-        cur = pos
-        last_src = pos if self.last_pos == 0 else None
+        step = self.pe_walk.start(pos)
         for i, blk in enumerate(self.blocks):
             out["block_inputs"].append(x)
-            if blk.use_pos:
+            src = step.source(i)
+            if src is not None:
                 tok = blk.norm1.norm_tokens(x)
-                term = blk.norm1.norm_pos(cur if self.hierarchical else pos)
-                if self.hierarchical:
-                    cur = term
-                if self.last_pos and i == self.last_pos:  # last_pos=0 is the initial pos
-                    last_src = term
+                term = blk.norm1.norm_pos(src)
+                step.record(i, term)
                 a = tok + term
             else:
                 tok, term = blk.norm1(x), None
@@ -522,7 +470,7 @@ class VisionTransformer(nn.Module):
             out["attn_inputs"].append(a)
             x = blk.forward_rest(x, a)
         last_out = self.norm.norm_tokens(x)
-        last_term = self.norm.pos_term(last_src) if self.has_last_pos else None
+        last_term = self._last_term(None, step.last_source)
         feats = last_out if last_term is None else last_out + last_term
         out.update(last_norm_input=x, last_norm_output=last_out, last_pos_term=last_term, features=feats)
         pooled = feats[:, 0] if self.pool == "cls" else feats.mean(dim=1)

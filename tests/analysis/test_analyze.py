@@ -350,7 +350,7 @@ def test_trained_models_match_independent_computation(trained: dict[str, Path], 
             np.testing.assert_allclose(ln["pe_bias_c"], ind["c"], atol=1e-5)
             # c is the PE part of the model's own cached pooled bias (bias + c)
             with torch.inference_mode():
-                state = model.pe_state()
+                state = model.pe_terms()
             if state is not None and state.pooled_bias is not None:
                 c_model = (state.pooled_bias - model.norm.bias).detach().numpy()
                 np.testing.assert_allclose(ln["pe_bias_c"], c_model, atol=1e-5)

@@ -248,7 +248,7 @@ def test_cache_matches_uncached(pe, pool):
 def test_cache_pooled_bias_is_the_mean_pe_term():
     model = _cache_model()
     with torch.no_grad():
-        state = model.pe_state()
+        state = model.pe_terms()
     term = model.norm.pos_term(model.pos_embed).detach()
     torch.testing.assert_close(state.pooled_bias, model.norm.bias.detach() + term.mean(dim=(0, 1)))
     torch.testing.assert_close(state.last_term, term)
@@ -375,7 +375,7 @@ def test_cache_half_and_double_methods():
     model.half()
     assert _cached(model, x.half()).dtype == torch.float16
     with torch.no_grad():
-        assert model.pe_state().pos.dtype == torch.float16
+        assert model.pe_terms().pos.dtype == torch.float16
     model.double()
     y = _cached(model, x.double())
     torch.testing.assert_close(y, _fresh(model, x.double()), atol=1e-9, rtol=1e-7)

@@ -1,0 +1,174 @@
+"""The position-embedding walk: which PE each block receives and which one feeds the last LayerNorm.
+
+The four modes are presets of the same knobs (``docs/design.md#the-method``):
+
+| mode      | add_pos_to_input | PE term at block l          | include_layer0 | hierarchical | last_pos |
+|-----------|------------------|-----------------------------|----------------|--------------|----------|
+| default   | True             | none                        | -              | -            | None     |
+| lape      | False            | LN'_l(p_l), every l         | True           | True         | None     |
+| pvg       | True             | LN'_l(p_l), l >= 1          | False          | True         | None     |
+| mpvg      | True             | as pvg                      | False          | True         | 0        |
+
+Hierarchical: p_l = the term of the previous PE block (p = ``pos`` for the first); otherwise p_l = ``pos`` for
+every block. ``last_pos = k`` feeds LN'_last with ``pos`` (k = 0) or with the term of block k.
+
+:class:`PEWalk` is that rule, written once. Every consumer runs the same loop over the blocks: ask
+:meth:`PEWalk.Step.source` for the PE a block normalises, hand the block's term back with
+:meth:`PEWalk.Step.record`, and read :attr:`PEWalk.Step.last_source` at the end. The training forward (fused
+``dual_layer_norm`` per block), the cached inference terms (:meth:`PEWalk.terms`), the unfused intermediates of
+the analysis and the frozen terms of an export all go through it; a new model family reuses it as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+__all__ = ["PE_MODES", "POOLS", "PEPreset", "PETerms", "PEWalk", "PRESETS", "default_pool"]
+
+#: The position-embedding modes, in the order the papers' tables list them.
+PE_MODES: tuple[str, ...] = ("default", "lape", "pvg", "mpvg")
+#: Pooling of the final features: ``cls`` (class token) or ``avg`` (global average pooling).
+POOLS: tuple[str, ...] = ("cls", "avg")
+
+
+@dataclass(frozen=True)
+class PEPreset:
+    """The knob values a mode stands for."""
+
+    layerwise: bool
+    add_pos_to_input: bool
+    include_layer0: bool
+    hierarchical: bool
+    last_pos: int | None
+
+
+PRESETS: dict[str, PEPreset] = {
+    "default": PEPreset(layerwise=False, add_pos_to_input=True, include_layer0=False, hierarchical=False,
+                        last_pos=None),
+    "lape": PEPreset(layerwise=True, add_pos_to_input=False, include_layer0=True, hierarchical=True, last_pos=None),
+    "pvg": PEPreset(layerwise=True, add_pos_to_input=True, include_layer0=False, hierarchical=True, last_pos=None),
+    "mpvg": PEPreset(layerwise=True, add_pos_to_input=True, include_layer0=False, hierarchical=True, last_pos=0),
+}
+
+
+def default_pool(pe: str) -> str:
+    """The pooling each mode uses in the papers: ``avg`` (GAP) for pvg/mpvg, ``cls`` for default/lape."""
+    return "avg" if pe in ("pvg", "mpvg") else "cls"
+
+
+@dataclass
+class PETerms:
+    """Everything the PE contributes that does not depend on the image, for one token grid.
+
+    ``pos``: the PE [1, T, D] (resampled to the grid); ``terms[l]``: the term added at block l (None: none);
+    ``last_term``: LN'_last(p) [1, T, D] or None; ``pooled_bias``: ``norm.bias + mean_n LN'_last(p)_n`` [D] when
+    the model average-pools (the whole PE contribution after pooling), else None.
+    """
+
+    pos: torch.Tensor
+    terms: list[torch.Tensor | None]
+    last_term: torch.Tensor | None = None
+    pooled_bias: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat ``{name: tensor}`` of every tensor held (``terms.3`` for block 3), e.g. to register as buffers."""
+        out: dict[str, torch.Tensor] = {"pos": self.pos}
+        out.update({f"terms.{i}": t for i, t in enumerate(self.terms) if t is not None})
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name not in ("pos", "terms") and v is not None:
+                out[f.name] = v
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], depth: int) -> PETerms:
+        """The inverse of :meth:`tensors` for a model of ``depth`` blocks."""
+        return cls(
+            pos=tensors["pos"],
+            terms=[tensors.get(f"terms.{i}") for i in range(depth)],
+            last_term=tensors.get("last_term"),
+            pooled_bias=tensors.get("pooled_bias"),
+        )
+
+
+class PEWalk:
+    """The PE rule of one model: which blocks take a PE term, hierarchical or not, the source of LN'_last.
+
+    ``uses_pos[l]``: block l adds a PE term to its attention input. ``last_pos``: None (no PE at the last norm),
+    0 (``pos`` itself) or k >= 1 (the term of block k, which must take one).
+    """
+
+    def __init__(self, uses_pos: Sequence[bool], hierarchical: bool, last_pos: int | None) -> None:
+        self.uses_pos = tuple(bool(u) for u in uses_pos)
+        self.hierarchical = bool(hierarchical)
+        if last_pos is not None and not (last_pos == 0 or (0 < last_pos < len(self.uses_pos)
+                                                           and self.uses_pos[last_pos])):
+            raise ValueError(f"last_pos={last_pos} must be 0 or a block that takes a PE term")
+        self.last_pos = last_pos
+
+    @property
+    def depth(self) -> int:
+        """Number of blocks."""
+        return len(self.uses_pos)
+
+    class Step:
+        """The walk's state while a forward runs over the blocks in order."""
+
+        def __init__(self, walk: PEWalk, pos: torch.Tensor | None) -> None:
+            self._walk = walk
+            self._pos = pos
+            self._cur = pos
+            self.last_source: torch.Tensor | None = pos if walk.last_pos == 0 else None
+
+        def source(self, i: int) -> torch.Tensor | None:
+            """The PE block ``i`` normalises with its LN' (None: block i takes no PE term)."""
+            if not self._walk.uses_pos[i]:
+                return None
+            if self._pos is None:
+                raise ValueError(f"block {i} adds a position embedding to its attention input, but pos is None")
+            return self._cur if self._walk.hierarchical else self._pos
+
+        def record(self, i: int, term: torch.Tensor | None) -> None:
+            """Hand back the term block ``i`` produced (LN'_i of its source)."""
+            if not self._walk.uses_pos[i]:
+                return
+            if self._walk.hierarchical:
+                self._cur = term
+            if self._walk.last_pos and self._walk.last_pos == i:  # last_pos=0 means pos itself, not block 0
+                self.last_source = term
+
+    def start(self, pos: torch.Tensor | None) -> PEWalk.Step:
+        """A fresh walk over the blocks from the PE ``pos`` ([1, T, D]; None for a model without PE)."""
+        return PEWalk.Step(self, pos)
+
+    def terms(
+        self,
+        pos: torch.Tensor,
+        norm_pos: Callable[[int, torch.Tensor], torch.Tensor],
+        last_term: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        pooled_bias: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> PETerms:
+        """Every image-independent PE term, from the parameters alone.
+
+        ``norm_pos(l, p)`` is block l's LN'_l; ``last_term(p)`` is LN'_last and ``pooled_bias(p)`` the pooled
+        bias (each used only when the walk has a last PE, ``pooled_bias`` only when given).
+        """
+        step = self.start(pos)
+        terms: list[torch.Tensor | None] = []
+        for i in range(self.depth):
+            src = step.source(i)
+            t = None if src is None else norm_pos(i, src)
+            step.record(i, t)
+            terms.append(t)
+        out = PETerms(pos=pos, terms=terms)
+        if self.last_pos is not None:
+            src = step.last_source
+            assert src is not None
+            if last_term is not None:
+                out.last_term = last_term(src)
+            if pooled_bias is not None:
+                out.pooled_bias = pooled_bias(src)
+        return out
