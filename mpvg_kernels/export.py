@@ -1,8 +1,9 @@
 """Export an inference graph with the PE cache frozen into constants: ONNX (standard operators) or ``torch.export``.
 
 - :class:`FrozenPEModel` wraps a copy of a model whose image-independent PE terms (the chain pos_1..pos_L, the
-  last PE term and the pooled last-LN bias c, see DESIGN.md section 1) are computed once and held as buffers; its
-  forward is the model's cached inference path, so no LN'(pos) is computed in the exported graph.
+  last PE term and the pooled last-LN bias c; ``docs/design.md#why-the-pe-term-collapses-into-a-pooled-bias``)
+  are computed once (``model.compute_pe_terms()``) and held as buffers; its forward runs the model with those
+  terms (``model(x, pe_terms=...)``), so no LN'(pos) is computed in the exported graph.
 - ONNX (:func:`export_onnx`): the TorchScript-based exporter (``dynamo=False``; it needs no ``onnxscript``), opset
   >= 17. The ``mpvg::layer_norm_add`` / ``mpvg::layer_norm_pool`` custom ops are translated to the standard
   ``LayerNormalization`` (+ ``Add``, + ``ReduceMean`` for the pooled op); where the backend resolves to ``torch``
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layers.pe_walk import PETerms
 from .ops import backends
 
 #: Opset used unless told otherwise (LayerNormalization needs >= 17).
@@ -43,10 +45,10 @@ FORMATS = ("onnx", "pt2")
 class FrozenPEModel(nn.Module):
     """Inference-only copy of a model with its image-independent PE terms precomputed and held as buffers.
 
-    ``model`` must be a :class:`~mpvg_kernels.models.VisionTransformer` (anything with ``pe_state``). The terms are
-    computed for the model's token grid (its ``img_size``); the wrapper takes images of that size at any batch
-    size. Parameters are frozen (``requires_grad=False``) and the wrapper stays in eval mode. The original model is
-    not modified.
+    ``model`` is any model with ``compute_pe_terms(grid)`` and ``forward(x, pe_terms=...)`` (every model of
+    :mod:`mpvg_kernels.models`). The terms are computed for the model's token grid (its ``img_size``); the wrapper
+    takes images of that size at any batch size. Parameters are frozen (``requires_grad=False``) and the wrapper
+    stays in eval mode. The original model is not modified.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -54,43 +56,30 @@ class FrozenPEModel(nn.Module):
         model = copy.deepcopy(model).eval()
         model.requires_grad_(False)
         self.model = model
-        self.grid: tuple[int, int] | None = None
-        self._term_names: list[str | None] = []
-        self._has_state = getattr(model, "pos_embed", None) is not None
-        if self._has_state:
-            self.grid = tuple(model.patch_embed.grid_size)  # type: ignore[assignment]
-            with torch.no_grad():
-                state = model._compute_pe_state(self.grid)
-            self.register_buffer("pe_pos", state.pos.detach().clone())
-            for i, t in enumerate(state.terms):
-                if t is None:
-                    self._term_names.append(None)
-                else:
-                    name = f"pe_term_{i}"
-                    self.register_buffer(name, t.detach().clone())
-                    self._term_names.append(name)
-            self.register_buffer("pe_last_term", None if state.last_term is None else state.last_term.clone())
-            self.register_buffer("pe_pooled_bias", None if state.pooled_bias is None else state.pooled_bias.clone())
-            # The model's forward asks pe_state(grid) for the cached terms: serve the frozen buffers, always
-            # (also while tracing or exporting, where the live cache is bypassed by design).
-            object.__setattr__(model, "pe_state", self._frozen_state)
+        self.depth = len(model.blocks)
+        with torch.no_grad():
+            terms = model.compute_pe_terms()
+        self._buffer_names: dict[str, str] = {}
+        if terms is not None:
+            for key, t in terms.tensors().items():
+                name = "pe_" + key.replace(".", "_")
+                self.register_buffer(name, t.detach().clone())
+                self._buffer_names[key] = name
         self.eval()
 
-    def _frozen_state(self, grid: tuple[int, int] | None = None) -> Any:
-        from .models.vision_transformer import _PEState
-
-        if grid is not None and tuple(grid) != self.grid:
-            raise ValueError(f"this frozen model serves the token grid {self.grid}, got {tuple(grid)}")
-        terms = [None if n is None else getattr(self, n) for n in self._term_names]
-        return _PEState(pos=self.pe_pos, terms=terms, last_term=self.pe_last_term, pooled_bias=self.pe_pooled_bias)
+    def frozen_terms(self) -> PETerms | None:
+        """The frozen PE terms (None for a model without PE)."""
+        if not self._buffer_names:
+            return None
+        return PETerms.from_tensors({k: getattr(self, n) for k, n in self._buffer_names.items()}, self.depth)
 
     def train(self, mode: bool = True) -> FrozenPEModel:
         """Always eval: the frozen terms are inference-only."""
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [B, C, H, W] -> logits [B, num_classes], through the cached-PE inference path."""
-        return self.model(x)
+        """Images [B, C, H, W] -> logits [B, num_classes], through the model's path for precomputed PE terms."""
+        return self.model(x, pe_terms=self.frozen_terms())
 
 
 def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:

@@ -115,7 +115,7 @@ def test_frozen_model_is_a_snapshot() -> None:
     x = _inputs(2)
     before = _logits(m, x)
     assert torch.allclose(_logits(frozen, x), before, atol=ATOL)
-    assert "pe_state" not in m.__dict__
+    assert "pe_terms" not in m.__dict__ and "forward" not in m.__dict__
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
     frozen.train()
     assert not frozen.training
