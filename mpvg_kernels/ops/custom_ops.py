@@ -21,6 +21,7 @@ import torch
 
 from . import backends, reference
 from . import validate as V
+from .reference import acc_dtype
 
 _lib = torch.library.Library("mpvg", "DEF")
 _lib.define(
@@ -39,30 +40,26 @@ _lib.define(
 )
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------- fake (meta) kernels
 
 
 @torch.library.register_fake("mpvg::layer_norm_add")
 def _add_fake(x, pe, weight, bias, eps):
     B, N, D = x.shape
-    stats = x.new_empty(B * N, dtype=_acc(x.dtype))
+    stats = x.new_empty(B * N, dtype=acc_dtype(x.dtype))
     return x.new_empty(B, N, D), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("mpvg::layer_norm_pool")
 def _pool_fake(x, weight, bias, pe, eps):
     B, N, D = x.shape
-    stats = x.new_empty(B * N, dtype=_acc(x.dtype))
+    stats = x.new_empty(B * N, dtype=acc_dtype(x.dtype))
     return x.new_empty(B, D), stats, torch.empty_like(stats)
 
 
 def _bwd_fake(grad, x, weight, mean, rstd, has_pe):
     B, N, D = x.shape
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     dpe = x.new_empty((N, D) if has_pe else (0,), dtype=acc)
     return x.new_empty(B, N, D), dpe, x.new_empty(D, dtype=acc), x.new_empty(D, dtype=acc)
 

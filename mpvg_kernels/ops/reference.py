@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every backend: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -26,7 +27,7 @@ def layer_norm_add(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """``LN(x) * weight + bias + pe`` over the last dim; ``pe`` ([N, D] or [1, N, D]) broadcasts over batch."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xf = x.to(acc)
     mean = xf.mean(-1, keepdim=True)
     var = (xf - mean).pow(2).mean(-1, keepdim=True)
@@ -58,7 +59,7 @@ def layer_norm_pool(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """``mean_n(LN(x[..., n, :]) + pe[n])``: the last LayerNorm (plus optional PE) and global average pooling."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     y = layer_norm_add(x.to(acc), None if pe is None else pe.to(acc), weight, bias, eps)
     return y.mean(-2).to(x.dtype)
 
@@ -69,7 +70,7 @@ def layer_norm_pool(
 
 
 def _stats(x3: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = _acc_dtype(x3.dtype)
+    acc = acc_dtype(x3.dtype)
     xf = x3.to(acc)
     mean = xf.mean(-1)
     rstd = torch.rsqrt((xf - mean.unsqueeze(-1)).pow(2).mean(-1) + eps)
@@ -90,7 +91,7 @@ def forward(
     Statistics and parameter gradients are float32, or float64 when x is float64.
     """
     B, N, D = x3.shape
-    acc = _acc_dtype(x3.dtype)
+    acc = acc_dtype(x3.dtype)
     xhat, mean, rstd = _stats(x3, eps)
     y = xhat * weight.to(acc) + bias.to(acc)
     if pe is not None:
@@ -114,7 +115,7 @@ def backward(
     The last three are in the accumulation dtype (float32, or float64 for float64 x).
     """
     B, N, D = x3.shape
-    acc = _acc_dtype(x3.dtype)
+    acc = acc_dtype(x3.dtype)
     xf = x3.to(acc)
     mean = mean.to(acc).reshape(B, N, 1)
     rstd = rstd.to(acc).reshape(B, N, 1)

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import acc_dtype
+
 __all__ = [
     "MAX_D",
     "BackwardPlan",
@@ -92,10 +94,6 @@ def _split(units: int, others: int) -> tuple[int, int]:
     want = max(1, min(units, triton.cdiv(_TARGET_PROGRAMS, max(others, 1))))
     per = triton.cdiv(units, want)
     return per, triton.cdiv(units, per)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tl_acc(dtype: torch.dtype) -> tl.dtype:
@@ -333,7 +331,7 @@ def plan_forward(
     """Allocate the outputs of :func:`forward` and describe its kernel launch (works on meta tensors)."""
     _check_x3(x3)
     B, N, D = x3.shape
-    acc = _acc_dtype(x3.dtype)
+    acc = acc_dtype(x3.dtype)
     dev = x3.device
     mean = torch.empty(B * N, dtype=acc, device=dev)
     rstd = torch.empty(B * N, dtype=acc, device=dev)
@@ -412,7 +410,7 @@ def plan_backward(
     """Allocate dx and the partial-sum buffers of :func:`backward` and describe its kernel launch."""
     _check_x3(x3)
     B, N, D = x3.shape
-    acc = _acc_dtype(x3.dtype)
+    acc = acc_dtype(x3.dtype)
     dev = x3.device
     dx = torch.empty((B, N, D), dtype=x3.dtype, device=dev)
     if B * N == 0:
