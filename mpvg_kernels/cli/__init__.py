@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 #: Modules that register a subcommand, in the order ``mpvg --help`` lists them.
 COMMANDS: list[str] = [
@@ -24,6 +25,43 @@ COMMANDS: list[str] = [
     "mpvg_kernels.cli.analyze",
 ]
 
+#: Optional modules and the extra that installs each (``pip install "mpvg-kernels[EXTRA]"``).
+EXTRA_OF_MODULE: dict[str, str] = {
+    "yaml": "train",
+    "sklearn": "train",
+    "kornia": "train",
+    "matplotlib": "train",
+    "PIL": "train",
+    "tqdm": "train",
+    "onnx": "export",
+    "onnxruntime": "export",
+    "triton": "triton",
+}
+
+
+def missing_extra_message(e: ModuleNotFoundError) -> str | None:
+    """``pip install "mpvg-kernels[EXTRA]"`` advice when ``e`` is about an optional module, else None."""
+    extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+    if extra is None:
+        return None
+    return (f"{e.name} is not installed; it comes with the [{extra}] extra: "
+            f'pip install "mpvg-kernels[{extra}]" (in a checkout: pip install -e ".[{extra}]")')
+
+
+def _unavailable_command(sub: Any, module: str, why: str) -> None:
+    """Register ``module``'s subcommand as one that only explains which extra to install."""
+    name = module.rsplit(".", 1)[-1]
+    name = {"evaluate": "eval"}.get(name, name)
+
+    def run(args: argparse.Namespace) -> int:
+        from ..errors import UserError
+
+        raise UserError(why)
+
+    p = sub.add_parser(name, help=f"(unavailable: {why})", description=why, add_help=False, prefix_chars="\0")
+    p.add_argument("ignored", nargs="*", help=argparse.SUPPRESS)  # any flags: the command cannot run anyway
+    p.set_defaults(func=run)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mpvg`` parser with every subcommand of :data:`COMMANDS` registered."""
@@ -34,7 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(name).add_parser(sub)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            why = missing_extra_message(e)
+            if why is None:
+                raise
+            _unavailable_command(sub, name, why)
+            continue
+        module.add_parser(sub)
     return parser
 
 
@@ -58,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"mpvg {args.command}: error: {_short_message(e)}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        why = missing_extra_message(e)
+        if why is None:
+            raise
+        print(f"mpvg {args.command}: error: {why}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mpvg {args.command}: interrupted", file=sys.stderr)
