@@ -1,5 +1,5 @@
-// CPU implementations of the mpvg:: custom ops (schemas defined in mpvg_kernels/ops.py) and the
-// Python module mpvg_kernels._C that registers them when imported.
+// CPU implementations of the mpvg:: custom ops (schemas defined in mpvg_kernels/ops/custom_ops.py) and the
+// Python module mpvg_kernels.ops._C that registers them when imported.
 //
 //   layer_norm_add(x, pe?, weight, bias, eps)            -> (y [B,N,D], mean [B*N], rstd [B*N])
 //   layer_norm_pool(x, weight, bias, pe?, eps)           -> (y [B,D],   mean [B*N], rstd [B*N])

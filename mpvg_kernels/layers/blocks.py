@@ -117,7 +117,7 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """A transformer block whose attention input may carry a PE term: ``LN1(x) + pos_term``.
 
-    ``use_pos``: ``norm1`` is a :class:`~mpvg_kernels.nn.DualLayerNorm` (LN1 + LN'), else a plain LayerNorm.
+    ``use_pos``: ``norm1`` is a :class:`~mpvg_kernels.layers.DualLayerNorm` (LN1 + LN'), else a plain LayerNorm.
     ``block_style``: ``prenorm`` (timm/DeiT) or ``cct`` (Compact-Transformers: LN2 normalises the stream).
     """
 

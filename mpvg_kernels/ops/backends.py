@@ -2,7 +2,7 @@
 
 Backends:
 - ``torch``: the plain PyTorch reference (``reference.py``); everywhere.
-- ``cpp``: the C++ CPU kernels in ``csrc/cpu`` (extension ``mpvg_kernels._C``); CPU tensors, when built.
+- ``cpp``: the C++ CPU kernels in ``csrc/cpu`` (extension ``mpvg_kernels.ops._C``); CPU tensors, when built.
 - ``triton``: the Triton kernels; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before
   this package was imported (the Triton interpreter: for tests, slow).
 
@@ -47,7 +47,7 @@ def _unavailable_reason(name: str, device: torch.device | None) -> str | None:
         return None
     if name == "cpp":
         if not _state["cpp_loaded"]:
-            return f"the C++ extension mpvg_kernels._C is not loaded ({_state['cpp_error']})"
+            return f"the C++ extension mpvg_kernels.ops._C is not loaded ({_state['cpp_error']})"
         if device is not None and device.type != "cpu":
             return f"the cpp backend serves CPU tensors only, got a tensor on {device}"
         return None

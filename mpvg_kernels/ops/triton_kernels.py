@@ -50,7 +50,7 @@ MAX_D = 65536
 
 # Elements of one [ROWS, BLOCK_D] tile (halved for float64), and tile elements per thread. Eight elements
 # per thread is one 16-byte load of bf16/fp16 or two of fp32, and keeps both kernels far from spilling
-# (the backward holds x, dy and two accumulator tiles); checked by tests/test_triton_compile.py.
+# (the backward holds x, dy and two accumulator tiles); checked by tests/ops/test_triton_compile.py.
 _TILE = 2048
 _ELEMS_PER_THREAD = 8
 _MAX_ROWS = 64

@@ -1,5 +1,5 @@
 """An independent, deliberately plain ViT for the model tests: nn.LayerNorm, nn.Linear and explicit softmax
-attention, the four PE modes written out from DESIGN.md section 1 (no code from mpvg_kernels).
+attention, the four PE modes written out from the papers (docs/design.md#the-method) (no code from mpvg_kernels).
 
 Knobs (MPVG Tables 5-6): ``layer0`` (PE at block 0), ``hier`` (pos_l = LN'_l(pos_{l-1}) vs LN'_l(pos)),
 ``x_plus_pe`` (tokens + pos before block 0), ``last`` (None, or k: LN(x) + LN'_last(p) with p = pos for k = 0 and
