@@ -8,8 +8,9 @@
 - bit-identical backward run to run and across thread counts;
 - the build without a compiler (setup.py message, and the package working with the C++ import failing).
 
-Tolerances (docs/design.md#test-tiers): fp32 1e-5 relative (fp64 1e-10); fp16/bf16 ``|out - ref| <= 2 |torch - ref| + atol``
-with ``torch`` the plain PyTorch expression in the same dtype, atol 1e-2 (fp16) / 5e-2 (bf16).
+Tolerances (docs/design.md#test-tiers): fp32 1e-5 relative (fp64 1e-10); fp16/bf16
+``|out - ref| <= 2 |torch - ref| + atol`` with ``torch`` the plain PyTorch expression in the same dtype, atol 1e-2
+(fp16) / 5e-2 (bf16).
 
 The module skips, with the reason, only when the extension was not built. If it was built but does not load,
 or loads and computes wrong results, the tests fail.
