@@ -103,12 +103,14 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def coerce_value(cls: type, name: str, value: Any, what: str = "config key") -> Any:
+def coerce_value(cls: type, name: str, value: Any, what: str | None = None) -> Any:
     """Convert ``value`` (YAML, or a command-line string parsed as YAML) to the type of field ``name`` of ``cls``.
 
     Strings are parsed as YAML first, so ``betas=[0.9,0.95]`` and ``clip_grad=none`` work and ``5e-4`` (a string to
-    YAML 1.1) becomes a float. A wrong type, or a value outside the field's ``choices``, is a :class:`UserError`.
+    YAML 1.1) becomes a float. A wrong type, or a value outside the field's ``choices``, is a :class:`UserError`
+    whose message starts with ``what`` (default: ``config key 'NAME'``).
     """
+    what = what or f"config key {name!r}"
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     tp, optional = unwrap_optional(typing.get_type_hints(cls)[name])
     if isinstance(value, str) and tp is not str:
@@ -119,18 +121,19 @@ def coerce_value(cls: type, name: str, value: Any, what: str = "config key") -> 
             try:
                 value = yaml.safe_load(text)
             except yaml.YAMLError as e:
-                raise UserError(f"{what} {name!r}: cannot parse {text!r} ({e})") from None
+                raise UserError(f"{what}: cannot parse {text!r} ({e})") from None
     if value is None:
         if optional:
             return None
-        raise UserError(f"{what} {name!r} cannot be None")
+        raise UserError(f"{what} cannot be None")
     try:
         out = coerce_type(tp, value)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{what} {name!r}: {value!r} is not a valid {type_name(tp)} ({e})") from None
+        raise UserError(f"{what}: {value!r} is not a valid {type_name(tp)} ({e})") from None
     choices = f.metadata.get("choices")
-    if choices and out not in choices:
-        raise UserError(f"{what} {name!r}: {out!r} is not one of {', '.join(choices)}")
+    for v in out if isinstance(out, list) else [out]:
+        if choices and v not in choices:
+            raise UserError(f"{what}: {v!r} is not one of {', '.join(choices)}")
     return out
 
 
@@ -194,7 +197,10 @@ def add_dataclass_flags(
                 default_text += f"{shown_note}; built-in {show(base[f.name], sep)}"
         else:
             default_text = meta.get("default_help") or show(base[f.name], sep)
-        help_text = f"{meta['help']} (default: {default_text})"
+        help_text = meta["help"]
+        if meta.get("choices") and typing.get_origin(tp) is list:
+            help_text += f", from {', '.join(meta['choices'])}"
+        help_text += f" (default: {default_text})"
         kwargs: dict[str, Any] = {"default": None, "dest": f.name}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -207,8 +213,6 @@ def add_dataclass_flags(
                 kwargs["metavar"] = meta.get("metavar", "V")
             if optional:
                 help_text += "; 'none' turns it off"
-            if meta.get("choices"):
-                help_text += f"; choose from {', '.join(meta['choices'])}"
         elif typing.get_origin(tp) is dict:
             if "item" in meta:
                 kwargs["action"] = "append"
