@@ -7,10 +7,11 @@ per-round samples. Machine noise therefore lands on every candidate alike and th
 what a report claims.
 
 - CPU: a ``time.perf_counter`` (or thread CPU time) loop with the garbage collector off; each sample runs the
-  candidate ``inner`` times back to back (the same count for every candidate, calibrated so that the fastest one's
-  sample lasts at least ``min_sample_s``) and reports the mean per call. Caches are not flushed: every candidate
-  starts its sample after the others have run (so its inputs are partly evicted) and continues in its own steady
-  state.
+  candidate ``inner`` times back to back and reports the mean per call. The op benchmark gives every candidate the
+  same count, calibrated so that the fastest one's sample lasts at least ``min_sample_s``; the model benchmark,
+  whose cases differ by orders of magnitude, calibrates each case on its own time. Caches are not flushed: every
+  candidate starts its sample after the others have run (so its inputs are partly evicted) and continues in its own
+  steady state.
 - CUDA: CUDA events around one call per sample, after zeroing a 256 MiB buffer to flush the L2 cache (the scheme
   of ``triton.testing.do_bench``), synchronising once per round.
 

@@ -745,15 +745,18 @@ def profile_model(name: str, cfg: BenchConfig, top: int = 12, device: torch.devi
             f"### {case.pe} / {case.impl} / {case.task} (B={case.batch}): "
             f"{total / 1e3 / cfg.rounds:.1f} ms self CPU per call, LayerNorm ops {ln / max(total, 1):.1%}",
             "",
-            "| op | calls/call | self CPU ms/call | share |",
-            "|---|---:|---:|---:|",
         ]
-        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
-            lines.append(
-                f"| `{e.key}` | {e.count / cfg.rounds:.0f} | {e.self_cpu_time_total / 1e3 / cfg.rounds:.2f} | "
-                f"{e.self_cpu_time_total / max(total, 1):.1%} |"
-            )
-        lines.append("")
+        rows = [
+            {
+                "op": f"`{e.key}`",
+                "calls": f"{e.count / cfg.rounds:.0f}",
+                "ms": f"{e.self_cpu_time_total / 1e3 / cfg.rounds:.2f}",
+                "share": f"{e.self_cpu_time_total / max(total, 1):.1%}",
+            }
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+        ]
+        cols = [("op", "op"), ("calls", "calls/call"), ("ms", "self CPU ms/call"), ("share", "share")]
+        lines += [harness.markdown_table(rows, cols, right=("calls", "ms", "share")), ""]
         case.run = lambda: None
     return "\n".join(lines)
 
