@@ -1,17 +1,15 @@
-"""Model-level benchmark (issue 6): the script form of ``mpvg bench``; the logic is in ``mpvg_kernels.bench``.
+"""Model-level benchmark, the script form of ``mpvg bench``; the logic is in ``mpvg_kernels.benchmark.models``.
 
 python benchmarks/bench_models.py --smoke                     # < 1 minute, tiny model, eager
 python benchmarks/bench_models.py                             # the full CPU run (see docs/bench_export.md)
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
+from pathlib import Path
 
-from mpvg_kernels.benchmark.models import add_arguments, main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package, also when one is installed
+
+from mpvg_kernels.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    sys.exit(main(["bench", *sys.argv[1:]]))

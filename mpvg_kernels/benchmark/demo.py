@@ -1,4 +1,4 @@
-"""A correctness-and-timing table of every available backend on CPU tensors."""
+"""A correctness-and-timing table of every backend available for the device's tensors."""
 
 from __future__ import annotations
 
@@ -12,14 +12,20 @@ from ..ops import backends, reference
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """Max error vs the float64 reference and median time of both ops under every usable backend on
+    ``args.device`` (``auto``: CUDA when available; absent CUDA is a :class:`UserError`)."""
+    from ..train.distributed import resolve_device
+
+    device = resolve_device(getattr(args, "device", "cpu"))
     torch.manual_seed(0)
     B, N, D = args.batch, args.tokens, args.dim
-    x = torch.randn(B, N, D)
-    pe, w, b = torch.randn(N, D), torch.randn(D), torch.randn(D)
+    x = torch.randn(B, N, D).to(device)
+    pe, w, b = (t.to(device) for t in (torch.randn(N, D), torch.randn(D), torch.randn(D)))
     ref = reference.layer_norm_add(x.double(), pe.double(), w.double(), b.double())
     ref_pool = reference.layer_norm_pool(x.double(), w.double(), b.double(), pe.double())
     usable = [n for n in backends.available_backends() if backends._unavailable_reason(n, x.device) is None]
-    print(f"mpvg demo: x [{B}, {N}, {D}] float32 on CPU, threads={torch.get_num_threads()}")
+    where = "CPU" if device.type == "cpu" else str(device)
+    print(f"mpvg demo: x [{B}, {N}, {D}] float32 on {where}, threads={torch.get_num_threads()}")
     print(f"{'backend':8s} {'op':16s} {'max err vs fp64':>16s} {'median ms':>10s}")
     for name in usable:
         with backends.use_backend(name):

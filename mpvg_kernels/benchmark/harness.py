@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: environment setup, interleaved timing, bandwidth, and JSON/Markdown/PNG reports.
+"""The one timing harness of the benchmarks (ops, models): malloc settings, interleaved timing, quantiles,
+environment capture, bandwidth, and JSON/Markdown/PNG reports.
 
 Timing model (DESIGN.md 5): every candidate of one case is built and warmed up first, then timed in interleaved
 rounds (round r visits the candidates in an order rotated by r), and each candidate's figure is the median of its
@@ -6,26 +7,31 @@ per-round samples. Machine noise therefore lands on every candidate alike and th
 what a report claims.
 
 - CPU: a ``time.perf_counter`` (or thread CPU time) loop with the garbage collector off; each sample runs the
-  candidate ``inner`` times back to back (the same count for every candidate, calibrated so that the fastest one's
-  sample lasts at least ``min_sample_s``) and reports the mean per call. Caches are not flushed: every candidate
-  starts its sample after the others have run (so its inputs are partly evicted) and continues in its own steady
-  state.
+  candidate ``inner`` times back to back and reports the mean per call. The op benchmark gives every candidate the
+  same count, calibrated so that the fastest one's sample lasts at least ``min_sample_s``; the model benchmark,
+  whose cases differ by orders of magnitude, calibrates each case on its own time. Caches are not flushed: every
+  candidate starts its sample after the others have run (so its inputs are partly evicted) and continues in its own
+  steady state.
 - CUDA: CUDA events around one call per sample, after zeroing a 256 MiB buffer to flush the L2 cache (the scheme
   of ``triton.testing.do_bench``), synchronising once per round.
 
 Large fresh allocations on glibc go through mmap and page faults, which makes the same CPU op take 1.5 ms or 10 ms
-at random; :func:`ensure_malloc_env` re-executes the script with ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_MAX_`` set so freed blocks are reused instead.
+at random; the settings of :data:`MALLOC_ENV` (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` and
+``MALLOC_MMAP_MAX_``) make glibc reuse freed blocks instead. A script applies them with :func:`ensure_malloc_env`
+(re-executes itself with the variables set); code that cannot re-execute its process (``mpvg bench``, tests) with
+:func:`tune_malloc` (the same three settings through ``mallopt``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,8 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from .models import _cpu_name, _git_commit
 
 #: glibc malloc settings for CPU benchmarks (DESIGN.md 5): freed blocks stay in the heap and are reused instead of
 #: being unmapped and page-faulted in again on the next allocation. MALLOC_MMAP_MAX_=0 extends this to blocks above
@@ -46,6 +50,14 @@ MALLOC_ENV = {
     "MALLOC_TRIM_THRESHOLD_": "1000000000000",
     "MALLOC_MMAP_MAX_": "0",
 }
+
+
+#: mallopt parameter numbers (glibc malloc.h) of the variables of MALLOC_ENV
+_MALLOPT_PARAMS = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_MMAP_MAX_": -4}
+_INT_MAX = 2**31 - 1  # mallopt takes a C int: the trim threshold above is clamped to 2 GiB, the most it accepts
+
+#: what is in force, for :func:`environment` (set by :func:`tune_malloc`)
+_malloc_how: str | None = None
 
 
 def ensure_malloc_env() -> None:
@@ -63,12 +75,45 @@ def ensure_malloc_env() -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
+def tune_malloc() -> dict[str, str]:
+    """Apply the settings of :data:`MALLOC_ENV` to this process without re-executing it.
+
+    When the variables are already set at start (by :func:`ensure_malloc_env` or the caller) nothing is needed;
+    otherwise each is applied with ``mallopt`` (the trim threshold clamped to 2^31-1, the largest int mallopt
+    takes). Returns (and records for :func:`environment`) what is in force: ``{"how": ..., **variables}``.
+    """
+    global _malloc_how
+    if all(k in os.environ for k in MALLOC_ENV):
+        how = "environment"
+    else:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = all(
+                libc.mallopt(_MALLOPT_PARAMS[k], min(int(v), _INT_MAX)) == 1 for k, v in MALLOC_ENV.items()
+            )
+        except (OSError, AttributeError):
+            ok = False
+        how = (
+            "mallopt(" + ", ".join(f"{k.strip('_')[7:]}={min(int(v), _INT_MAX)}" for k, v in MALLOC_ENV.items()) + ")"
+            if ok
+            else "not applied"
+        )
+    _malloc_how = how
+    return malloc_state()
+
+
+def malloc_state() -> dict[str, str]:
+    """``{"how": environment | mallopt(...) | not applied, MALLOC_*: the variables (empty when unset)}``."""
+    how = _malloc_how or ("environment" if all(k in os.environ for k in MALLOC_ENV) else "not applied")
+    return {**{k: os.environ.get(k, "") for k in MALLOC_ENV}, "how": how}
+
+
 # --------------------------------------------------------------------------------------------- timing
 
 
 @dataclass
 class Timing:
-    """Per-call seconds of one candidate: median and quartiles over the timed rounds."""
+    """Per-call seconds of one candidate: median and quartiles over the timed rounds (one sample per round)."""
 
     median_s: float
     p25_s: float
@@ -76,22 +121,45 @@ class Timing:
     samples: int
     inner: int
     all_s: list[float] = field(default_factory=list, repr=False)
+    #: seconds of the first warm-up call (compilation and one-time setup included)
+    first_call_s: float = float("nan")
+
+    @property
+    def min_s(self) -> float:
+        return min(self.all_s) if self.all_s else float("nan")
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("all_s")
         return d
 
+    @classmethod
+    def of(cls, samples: Sequence[float], inner: int = 1, first_call_s: float = float("nan")) -> Timing:
+        """The statistics of per-call ``samples`` (NaN when there are none)."""
+        s = list(samples)
+        return cls(
+            median_s=statistics.median(s) if s else float("nan"),
+            p25_s=quantile(s, 0.25),
+            p75_s=quantile(s, 0.75),
+            samples=len(s),
+            inner=inner,
+            all_s=s,
+            first_call_s=first_call_s,
+        )
 
-def _sync(device: torch.device) -> None:
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _quantile(xs: Sequence[float], q: float) -> float:
+def quantile(xs: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``xs`` with linear interpolation between order statistics (NaN when empty)."""
     s = sorted(xs)
-    if len(s) == 1:
-        return s[0]
+    if not s:
+        return float("nan")
     pos = q * (len(s) - 1)
     lo = math.floor(pos)
     hi = min(lo + 1, len(s) - 1)
@@ -105,39 +173,69 @@ def time_interleaved(
     rounds: int = 25,
     warmup: int = 3,
     min_sample_s: float = 2e-3,
+    min_inner: int = 1,
     max_inner: int = 1000,
+    inner: str = "shared",
     clock: str = "wall",
+    collect_each_round: bool = False,
+    errors: dict[str, str] | None = None,
+    progress: Callable[[str, int], None] | None = None,
 ) -> dict[str, Timing]:
     """Time every candidate (a no-argument callable) in ``rounds`` interleaved rounds; medians per call.
 
-    ``warmup`` untimed calls per candidate come first (after which the per-sample repeat count is calibrated on
-    CPU). On CUDA each sample is a single call timed with CUDA events after an L2 flush.
+    ``warmup`` untimed calls per candidate come first (the first one's time is ``Timing.first_call_s``); the
+    last of them calibrates the per-sample repeat count on CPU: ``inner="shared"`` gives every candidate the same
+    count (so that none gets warmer caches from more back-to-back calls than another), calibrated on the fastest so
+    that its sample lasts at least ``min_sample_s``; ``inner="each"`` calibrates each candidate on its own time.
+    Counts stay within [``min_inner``, ``max_inner``]. On CUDA each sample is a single call timed with CUDA events
+    after an L2 flush.
 
     ``clock`` (CPU only): ``wall`` (``time.perf_counter``) or ``thread`` (``time.thread_time``: CPU time of the
     calling thread). With one compute thread every candidate runs on the calling thread, and the thread clock leaves
     out the time this process spends preempted on a shared machine, which otherwise dominates the noise.
+
+    The garbage collector is off while timing (``collect_each_round``: a collection before every round instead of
+    once). ``errors``: when given, a candidate that raises during warm-up is left out of the timing and its error
+    recorded there (else the exception propagates). ``progress(label, calls)``: called with a label when a
+    candidate's warm-up or a round starts, and with the number of calls made after each warm-up and sample.
     """
     device = torch.device(device)
     if clock not in ("wall", "thread"):
         raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    if inner not in ("shared", "each"):
+        raise ValueError(f"inner must be 'shared' or 'each', got {inner!r}")
     now = time.thread_time if clock == "thread" else time.perf_counter
     names = list(candidates)
-    for name in names:
-        for _ in range(max(1, warmup)):
-            candidates[name]()
-    _sync(device)
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for name in list(names):
+        if progress is not None:
+            progress(f"warm-up {name}", 0)
+        try:
+            for i in range(max(1, warmup)):
+                sync(device)
+                t0 = time.perf_counter()
+                candidates[name]()
+                sync(device)
+                last[name] = max(time.perf_counter() - t0, 1e-7)
+                if i == 0:
+                    first[name] = last[name]
+        except Exception as exc:  # noqa: BLE001 - recorded for the report when the caller asks
+            if errors is None:
+                raise
+            errors[name] = f"{type(exc).__name__}: {exc}"[:500]
+            names.remove(name)
+        if progress is not None:
+            progress("", warmup)
+    sync(device)
 
-    # One repeat count for all candidates (so that none gets warmer caches from more back-to-back calls than
-    # another), calibrated on the fastest so that its sample lasts at least min_sample_s.
-    n_inner = 1
-    if device.type == "cpu":
-        fastest = math.inf
-        for name in names:
-            t0 = time.perf_counter()
-            candidates[name]()
-            fastest = min(fastest, max(time.perf_counter() - t0, 1e-7))
-        n_inner = int(min(max_inner, max(1, math.ceil(min_sample_s / fastest))))
-    inner = {name: n_inner for name in names}
+    def count(seconds: float) -> int:
+        return int(max(min_inner, min(max_inner, math.ceil(min_sample_s / seconds))))
+
+    n_inner = {name: 1 for name in names}
+    if device.type == "cpu" and names:
+        fastest = min(last[name] for name in names)
+        n_inner = {name: count(fastest if inner == "shared" else last[name]) for name in names}
 
     samples: dict[str, list[float]] = {name: [] for name in names}
     flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
@@ -146,7 +244,12 @@ def time_interleaved(
     gc.disable()
     try:
         for r in range(rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
+            if progress is not None:
+                progress(f"round {r + 1}/{rounds}", 0)
+            if collect_each_round:
+                gc.collect()
+            k = r % max(len(names), 1)
+            order = names[k:] + names[:k]
             if device.type == "cuda":
                 events = []
                 for name in order:
@@ -156,30 +259,24 @@ def time_interleaved(
                     candidates[name]()
                     end.record()
                     events.append((name, start, end))
+                    if progress is not None:
+                        progress("", 1)
                 torch.cuda.synchronize(device)
                 for name, start, end in events:
                     samples[name].append(start.elapsed_time(end) * 1e-3)
             else:
                 for name in order:
-                    fn, n = candidates[name], inner[name]
+                    fn, n = candidates[name], n_inner[name]
                     t0 = now()
                     for _ in range(n):
                         fn()
                     samples[name].append((now() - t0) / n)
+                    if progress is not None:
+                        progress("", 1)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {
-        name: Timing(
-            median_s=statistics.median(s),
-            p25_s=_quantile(s, 0.25),
-            p75_s=_quantile(s, 0.75),
-            samples=len(s),
-            inner=inner[name],
-            all_s=s,
-        )
-        for name, s in samples.items()
-    }
+    return {name: Timing.of(s, n_inner[name], first[name]) for name, s in samples.items()}
 
 
 def gbps(nbytes: float, seconds: float) -> float:
@@ -198,16 +295,69 @@ def copy_candidate(numel: int, dtype: torch.dtype, device: torch.device | str) -
 # --------------------------------------------------------------------------------------------- environment
 
 
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """The short commit of the checkout this package runs from ("" outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def environment(device: torch.device | str) -> dict[str, Any]:
-    """Device, versions, threads and malloc settings of this run, for the report."""
+    """Device, versions, threads, backend state and malloc settings of this run, for the reports.
+
+    Call it at the end of the run (``loadavg_1m`` is then the load at the end). A few entries appear under two
+    names: the op benchmark's results have used ``time_utc``, ``cpu_count``, ``loadavg_1m`` and ``malloc_env``,
+    the model benchmark's ``date_utc``, ``logical_cpus``, ``loadavg_1m_end`` and ``malloc``; both are kept so
+    that the committed results and their readers keep their field names.
+    """
+    from .. import __version__
+    from ..ops import backends
+
     device = torch.device(device)
+    cpp_ok, cpp_why = backends.cpp_status()
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = None
     info: dict[str, Any] = {
         "device": device.type,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_commit": _git_commit() or "unknown",
+        "mpvg_kernels": __version__,
+        "git_commit": git_commit() or "unknown",
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpp_backend_loaded": cpp_ok,
+        "cpp_backend_note": cpp_why,
+        "fused_backend": backends.resolve_backend(device),
+        "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
+        "malloc": malloc_state(),
+        "loadavg_1m": load,
     }
     try:
         import triton
@@ -218,16 +368,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
-    else:
-        info["cpu"] = _cpu_name()
-        info["cpu_count"] = os.cpu_count()
-        info["threads"] = torch.get_num_threads()
-        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        info["malloc_env"] = {k: os.environ.get(k) for k in MALLOC_ENV}
-        try:
-            info["loadavg_1m"] = os.getloadavg()[0]
-        except OSError:
-            pass
+    info.update(date_utc=info["time_utc"], logical_cpus=info["cpu_count"], loadavg_1m_end=load)
     return info
 
 
@@ -252,12 +393,23 @@ def fmt(value: object, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A GitHub Markdown table; ``columns`` are (key in each row, header)."""
+def markdown_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], *, right: Sequence[str] = ()
+) -> str:
+    """A GitHub Markdown table; ``columns`` are (key in each row, header), cells go through :func:`fmt` (strings
+    unchanged, so a caller may pass pre-formatted cells); the columns whose key is in ``right`` are right-aligned."""
     head = "| " + " | ".join(h for _, h in columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
+    sep = "|" + "|".join("---:" if k in right else "---" for k, _ in columns) + "|"
     body = ["| " + " | ".join(fmt(row.get(k)) for k, _ in columns) + " |" for row in rows]
     return "\n".join([head, sep, *body])
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    """Write a report (creating its folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
 
 
 def bar_chart(

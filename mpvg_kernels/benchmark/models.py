@@ -6,40 +6,36 @@ One run measures, for each model and PE mode (``default``, ``lape``, ``pvg``, ``
 - ``infer_bN``: inference at a large batch (throughput),
 - ``train``: one optimisation step (forward + backward + AdamW step) at the training batch,
 
-under each implementation (``fused``: the configured fast backend, ``cpp`` on CPU when built, with the inference
-PE cache; ``unfused``: backend ``torch`` and the PE cache switched off, the way the LaPE reference code computes
-LN'(pos) at every forward) and each execution mode (``eager``, ``compile`` = ``torch.compile``).
+under each implementation (``fused``: the configured fast backend, ``cpp`` on CPU when built, ``triton`` on CUDA,
+with the inference PE cache; ``unfused``: backend ``torch`` and the PE cache switched off, the way the LaPE
+reference code computes LN'(pos) at every forward) and each execution mode (``eager``, ``compile`` =
+``torch.compile``).
 
-All cases of one model are built first, warmed up, then timed in interleaved rounds (case A, B, C, ..., A, B, C,
-...), so machine noise lands on every case alike; the reported figure is the median over all timed calls.
-Results go to ``<out>/<name>.json``, ``.md`` and ``.png``. ``benchmarks/bench_models.py`` is the script form of
-``mpvg bench``.
+All cases of one model are built first, warmed up, then timed in interleaved rounds by the harness
+(:func:`.harness.time_interleaved`: case A, B, C, ..., A, B, C, ...), so machine noise lands on every case alike;
+the reported figure is the median over the rounds. Results go to ``<out>/<name>.json``, ``.md`` and ``.png``.
+``mpvg bench`` and ``benchmarks/bench_models.py`` run it; their flags are generated from :class:`BenchConfig`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ctypes
-import gc
-import json
-import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..dataclass_flags import option
+from ..models import PE_MODES, create_model
 from ..ops import backends
+from . import harness
 
-MODES = ("default", "lape", "pvg", "mpvg")
 IMPLS = ("fused", "unfused")
 EXECS = ("eager", "compile")
 TASKS = ("infer_b1", "infer_bN", "train")
@@ -53,52 +49,80 @@ SHORT_NAMES = {
 }
 #: The ratio targets of issue 6: MPVG images/s over default-mode images/s (same model, implementation, execution).
 TARGETS = {"infer_b1": 0.98, "infer_bN": 0.98, "train": 0.97}
+#: Config fields written under another key in the results' "config": the PE-mode fields were called modes and
+#: compile_modes when the committed results were written (and the flags keep those names).
+RESULT_KEYS = {"pes": "modes", "compile_pes": "compile_modes"}
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+
+def parse_batch_item(text: str) -> tuple[str, tuple[int, int]]:
+    """``MODEL=INFER,TRAIN`` (the value of ``--batch``) -> ``(model, (infer, train))``."""
+    import argparse
+
+    try:
+        model, sizes = text.split("=", 1)
+        bi, bt = (int(s) for s in sizes.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--batch expects MODEL=INFER,TRAIN (e.g. vit_lite_7_4_32=64,32), got {text!r}"
+        ) from None
+    return model.strip(), (bi, bt)
 
 
 @dataclass
 class BenchConfig:
-    """What one benchmark run measures and where it writes."""
+    """What one benchmark run measures and where it writes. Every field is a flag of ``mpvg bench`` (its metadata
+    is the flag's help), generated the way ``mpvg train``'s flags are generated from ``TrainConfig``."""
 
-    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
-    modes: list[str] = field(default_factory=lambda: list(MODES))
-    impls: list[str] = field(default_factory=lambda: list(IMPLS))
-    execs: list[str] = field(default_factory=lambda: list(EXECS))
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    batch_infer: int = 16
-    batch_train: int = 8
-    #: per-model overrides of (batch_infer, batch_train), e.g. {"vit_lite_7_4_32": (64, 32)}
-    batch_overrides: dict[str, tuple[int, int]] = field(
-        default_factory=lambda: {
-            "deit_tiny_patch16_224": (8, 4),
-            "deit_small_patch16_224": (4, 2),
-            "vit_lite_7_4_32": (32, 16),
-        }
+    models: list[str] = option(list(DEFAULT_MODELS), "comma-separated model names", sep=",", metavar="NAME,...")
+    #: PE modes (``pe`` of create_model); the flag stays --modes, and the records keep the key "mode"
+    pes: list[str] = option(
+        list(PE_MODES), "comma-separated PE modes", sep=",", flags=("--modes", "--pes"), choices=PE_MODES,
+        metavar="PE,...",
     )
-    warmup: int = 2
-    rounds: int = 12
+    impls: list[str] = option(list(IMPLS), "implementations", sep=",", choices=IMPLS, metavar="IMPL,...")
+    execs: list[str] = option(list(EXECS), "execution modes", sep=",", choices=EXECS, metavar="EXEC,...")
+    tasks: list[str] = option(list(TASKS), "tasks", sep=",", choices=TASKS, metavar="TASK,...")
+    batch_infer: int = option(16, "large inference batch (infer_bN) of the models without a --batch entry")
+    batch_train: int = option(8, "training batch of the models without a --batch entry")
+    #: per-model overrides of (batch_infer, batch_train), e.g. {"vit_lite_7_4_32": (64, 32)}
+    batch_overrides: dict[str, tuple[int, int]] = option(
+        {"deit_tiny_patch16_224": (8, 4), "deit_small_patch16_224": (4, 2), "vit_lite_7_4_32": (32, 16)},
+        "per-model batch sizes, e.g. vit_lite_7_4_32=64,32, added to the built-in ones (repeatable)",
+        flags=("--batch",), item=parse_batch_item, metavar="MODEL=INFER,TRAIN",
+        default_help="deit_tiny_patch16_224=8,4 deit_small_patch16_224=4,2 vit_lite_7_4_32=32,16",
+    )
+    warmup: int = option(2, "warm-up calls per case, the first compiles")
+    rounds: int = option(12, "interleaved timing rounds")
     #: calls per timed sample: at least ``iters``, more for fast cases so that one sample lasts ``min_sample_s``
-    iters: int = 1
-    min_sample_s: float = 0.25
-    max_inner: int = 50
-    threads: int = 1
-    pool: str = "avg"
-    seed: int = 0
-    out_dir: str = "benchmarks/results"
-    name: str = "models_cpu"
-    progress: bool = True
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    iters: int = option(1, "minimum calls per timed sample")
+    min_sample_s: float = option(0.25, "fast cases repeat calls until one sample lasts this long (seconds)")
+    max_inner: int = option(50, "maximum calls per timed sample")
+    threads: int = option(1, "torch CPU threads")
+    pool: str = option("avg", "pooling of every model (--model-arg pool=... wins)", choices=("avg", "cls"))
+    seed: int = option(0, "seed of the weights and the input images")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N (auto = cuda when available, else cpu)")
+    out_dir: str = option("benchmarks/results", "where to write NAME.json/.md/.png")
+    name: str = option("", "file name stem", default_help="models_<device>, e.g. models_cpu; models_smoke with --smoke")
+    progress: bool = option(True, "progress bar on stderr")
+    model_kwargs: dict[str, Any] = option({}, "create_model keywords for every model", flags=("--model-arg",))
     #: compiled cases are costly on CPU (tens of seconds of compilation each): they run only for these models,
     #: modes, implementations and tasks (empty list: all of the run's)
-    compile_models: list[str] = field(default_factory=lambda: ["vit_lite_7_4_32"])
-    compile_modes: list[str] = field(default_factory=lambda: ["default", "mpvg"])
-    compile_impls: list[str] = field(default_factory=list)
-    compile_tasks: list[str] = field(default_factory=lambda: ["infer_bN", "train"])
+    compile_models: list[str] = option(
+        ["vit_lite_7_4_32"], "models with compiled cases ('' = all)", sep=",", metavar="NAME,..."
+    )
+    compile_pes: list[str] = option(
+        ["default", "mpvg"], "PE modes with compiled cases ('' = all)", sep=",", flags=("--compile-modes",),
+        choices=PE_MODES, metavar="PE,...",
+    )
+    compile_impls: list[str] = option(
+        [], "implementations with compiled cases ('' = all)", sep=",", choices=IMPLS, metavar="IMPL,...",
+        default_help="all",
+    )
+    compile_tasks: list[str] = option(
+        ["infer_bN", "train"], "tasks with compiled cases ('' = all)", sep=",", choices=TASKS, metavar="TASK,..."
+    )
 
-    def wants(self, model: str, mode: str, impl: str, ex: str, task: str) -> bool:
+    def wants(self, model: str, pe: str, impl: str, ex: str, task: str) -> bool:
         """Whether the case is part of the run (every eager case; compiled ones per the compile_* filters)."""
         if ex != "compile":
             return True
@@ -106,7 +130,7 @@ class BenchConfig:
             not allowed or value in allowed
             for value, allowed in (
                 (model, self.compile_models),
-                (mode, self.compile_modes),
+                (pe, self.compile_pes),
                 (impl, self.compile_impls),
                 (task, self.compile_tasks),
             )
@@ -116,121 +140,49 @@ class BenchConfig:
         """(inference batch, training batch) for one model."""
         return tuple(self.batch_overrides.get(model, (self.batch_infer, self.batch_train)))  # type: ignore[return-value]
 
+    def record(self) -> dict[str, Any]:
+        """The config as written in the results (see :data:`RESULT_KEYS`)."""
+        return {RESULT_KEYS.get(k, k): v for k, v in asdict(self).items()}
+
 
 @dataclass
 class Case:
     """One timed configuration: a model, PE mode, implementation, execution mode and task."""
 
     model: str
-    mode: str
+    pe: str
     impl: str
     exec: str
     task: str
     batch: int
     run: Callable[[], None] = field(repr=False, default=lambda: None)
-    times: list[float] = field(default_factory=list)
-    compile_s: float = 0.0
-    inner: int = 1
+    timing: harness.Timing | None = None
     error: str = ""
 
     def key(self) -> tuple[str, str, str, str, str]:
-        return (self.model, self.mode, self.impl, self.exec, self.task)
+        return (self.model, self.pe, self.impl, self.exec, self.task)
+
+    @property
+    def label(self) -> str:
+        return f"{self.pe}/{self.impl}/{self.exec}/{self.task}"
 
 
-# ----------------------------------------------------------------------------------------------- environment
+def resolve(cfg: BenchConfig) -> tuple[BenchConfig, torch.device]:
+    """The device of the run (a :class:`UserError` when it is CUDA and there is none) and the config with its
+    file name stem filled in (``models_<device>`` unless set)."""
+    from ..train.distributed import resolve_device
+
+    device = resolve_device(cfg.device)
+    return replace(cfg, name=cfg.name or f"models_{device.type}"), device
 
 
-def tune_malloc() -> dict[str, str]:
-    """Keep large CPU allocations off mmap (DESIGN.md section 5): env vars when set at start, else ``mallopt``.
-
-    Returns a record of what is in force.
-    """
-    env = {k: os.environ.get(k, "") for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
-    if all(env.values()):
-        return {**env, "how": "environment"}
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 33554432) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    except OSError:
-        ok = False
-    return {**env, "how": "mallopt(M_MMAP_THRESHOLD=32MiB, M_TRIM_THRESHOLD=2^31-1)" if ok else "not applied"}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def environment(cfg: BenchConfig, malloc: dict[str, str]) -> dict[str, Any]:
-    """Device, versions, threads and backend state recorded with the results."""
-    from .. import __version__
-
-    cpp_ok, cpp_why = backends.cpp_status()
-    return {
-        "device": "cpu",
-        "cpu": _cpu_name(),
-        "logical_cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "mpvg_kernels": __version__,
-        "git_commit": _git_commit(),
-        "cpp_backend_loaded": cpp_ok,
-        "cpp_backend_note": cpp_why,
-        "fused_backend": backends.resolve_backend(torch.device("cpu")),
-        "malloc": malloc,
-        "loadavg_1m_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-# ----------------------------------------------------------------------------------------------- model hooks
-
-
-def build_model(name: str, mode: str, cfg: BenchConfig) -> torch.nn.Module:
-    """A freshly initialised model of one PE mode (same seed for every case)."""
-    from ..models import create_model
-
-    torch.manual_seed(cfg.seed)
-    kwargs = dict(cfg.model_kwargs)
-    kwargs.setdefault("pool", cfg.pool)
-    return create_model(name, pe=mode, **kwargs)
+# ----------------------------------------------------------------------------------------------- cases
 
 
 def input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) of the images a model takes (its ``default_cfg["input_size"]``)."""
     c, h, w = model.default_cfg["input_size"]  # type: ignore[index]
     return int(c), int(h), int(w)
-
-
-def num_classes(model: torch.nn.Module) -> int:
-    """The number of output classes."""
-    n = getattr(model, "num_classes", None)
-    if n is None:
-        n = model.head.out_features  # type: ignore[union-attr]
-    return int(n)
 
 
 @contextlib.contextmanager
@@ -246,9 +198,6 @@ def pe_cache_disabled(model: torch.nn.Module) -> Iterator[None]:
         model.pe_cache_enabled = old
 
 
-# ----------------------------------------------------------------------------------------------- cases
-
-
 def _impl_context(impl: str, model: torch.nn.Module) -> contextlib.AbstractContextManager:
     if impl == "fused":
         return contextlib.nullcontext()
@@ -258,53 +207,58 @@ def _impl_context(impl: str, model: torch.nn.Module) -> contextlib.AbstractConte
     return stack
 
 
-def _pair_order(mode: str) -> int:
-    """Round order of the modes: default and mpvg (the pair the targets compare) back to back."""
-    return ("default", "mpvg", "pvg", "lape").index(mode) if mode in MODES else len(MODES)
+def _pair_order(pe: str) -> int:
+    """Round order of the PE modes: default and mpvg (the pair the targets compare) back to back."""
+    return ("default", "mpvg", "pvg", "lape").index(pe) if pe in PE_MODES else len(PE_MODES)
 
 
-def make_cases(name: str, cfg: BenchConfig) -> list[Case]:
-    """Build every case of one model.
+def make_cases(name: str, cfg: BenchConfig, device: torch.device | str = "cpu") -> list[Case]:
+    """Build every case of one model on ``device``.
 
     Per PE mode there is one inference model (eval mode; shared by the implementations, execution modes and batch
     sizes: the implementation is a context entered at each call) and one training model with its AdamW optimizer
-    (shared the same way; its weights drift, which does not change the cost). Compiled cases wrap the shared
-    module in their own ``torch.compile`` object (static shapes), so each compiles once for its batch size.
+    (shared the same way; its weights drift, which does not change the cost); each is freshly initialised from
+    ``cfg.seed`` with ``create_model(name, pe=..., pool=cfg.pool, **cfg.model_kwargs)``. Compiled cases wrap the
+    shared module in their own ``torch.compile`` object (static shapes), so each compiles once for its batch size.
     """
+    device = torch.device(device)
     b_inf, b_train = cfg.batches(name)
     gen = torch.Generator().manual_seed(cfg.seed)
+    kwargs = {"pool": cfg.pool, **cfg.model_kwargs}
     infer_models: dict[str, torch.nn.Module] = {}
     train_models: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
-    for mode in cfg.modes:
+    for pe in cfg.pes:
         if any(t != "train" for t in cfg.tasks):
-            infer_models[mode] = build_model(name, mode, cfg).eval()
+            torch.manual_seed(cfg.seed)
+            infer_models[pe] = create_model(name, pe=pe, **kwargs).to(device).eval()
         if "train" in cfg.tasks:
-            m = build_model(name, mode, cfg).train()
-            train_models[mode] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05))
+            torch.manual_seed(cfg.seed)
+            m = create_model(name, pe=pe, **kwargs).to(device).train()
+            train_models[pe] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05))
     ref = next(iter(infer_models.values())) if infer_models else next(iter(train_models.values()))[0]
     c, h, w = input_shape(ref)
-    inputs = {  # the same images for every mode
-        "infer_b1": torch.randn(1, c, h, w, generator=gen),
-        "infer_bN": torch.randn(b_inf, c, h, w, generator=gen),
-        "train": torch.randn(b_train, c, h, w, generator=gen),
+    inputs = {  # the same images for every PE mode, made on the CPU generator, resident on the device
+        "infer_b1": torch.randn(1, c, h, w, generator=gen).to(device),
+        "infer_bN": torch.randn(b_inf, c, h, w, generator=gen).to(device),
+        "train": torch.randn(b_train, c, h, w, generator=gen).to(device),
     }
-    labels = torch.randint(0, num_classes(ref), (b_train,), generator=gen)
+    labels = torch.randint(0, int(ref.num_classes), (b_train,), generator=gen).to(device)
     cases: list[Case] = []
-    # mode innermost: the modes of one (impl, exec, task) run back to back in every round (paired ratios)
+    # PE mode innermost: the modes of one (impl, exec, task) run back to back in every round (paired ratios)
     for impl in cfg.impls:
         for ex in cfg.execs:
             for task in cfg.tasks:
-                for mode in sorted(cfg.modes, key=_pair_order):
-                    if not cfg.wants(name, mode, impl, ex, task):
+                for pe in sorted(cfg.pes, key=_pair_order):
+                    if not cfg.wants(name, pe, impl, ex, task):
                         continue
                     x = inputs[task]
-                    case = Case(name, mode, impl, ex, task, x.shape[0])
-                    model = train_models[mode][0] if task == "train" else infer_models[mode]
+                    case = Case(name, pe, impl, ex, task, x.shape[0])
+                    model = train_models[pe][0] if task == "train" else infer_models[pe]
                     fn: Callable[[torch.Tensor], torch.Tensor] = model
                     if ex == "compile":
                         fn = torch.compile(model, dynamic=False)
                     if task == "train":
-                        case.run = _train_step(model, fn, x, labels, impl, train_models[mode][1])
+                        case.run = _train_step(model, fn, x, labels, impl, train_models[pe][1])
                     else:
                         case.run = _infer_step(model, fn, x, impl)
                     cases.append(case)
@@ -332,93 +286,74 @@ def _train_step(
     return run
 
 
-def _time_call(run: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
-    run()
-    return time.perf_counter() - t0
+def run_model(name: str, cfg: BenchConfig, bar: Any = None, device: torch.device | str = "cpu") -> list[Case]:
+    """Build every case of one model, then warm up (compiling where asked) and time them with the harness.
 
+    Each case's calls per sample are calibrated on its own last warm-up call (at least ``iters``, at most
+    ``max_inner``, enough to last ``min_sample_s``); a collection runs before every round, never inside one; a case
+    that fails is recorded with its error and left out of the timing.
+    """
+    cases = make_cases(name, cfg, device)
+    short = SHORT_NAMES.get(name, name)
 
-def run_model(name: str, cfg: BenchConfig, bar: Any = None) -> list[Case]:
-    """Build, warm up (compiling where asked) and time every case of one model in interleaved rounds."""
-    cases = make_cases(name, cfg)
-    for case in cases:
+    def progress(label: str, calls: int) -> None:
         if bar is not None:
-            bar.set_postfix_str(
-                f"{SHORT_NAMES.get(name, name)} warm-up {case.mode}/{case.impl}/{case.exec}/{case.task}"
-            )
-        try:
-            case.compile_s = _time_call(case.run)  # first call: compilation (if any) + one-time setup
-            dt = case.compile_s
-            for _ in range(cfg.warmup - 1):
-                dt = _time_call(case.run)
-            case.inner = max(cfg.iters, min(cfg.max_inner, math.ceil(cfg.min_sample_s / max(dt, 1e-6))))
-        except Exception as exc:  # noqa: BLE001 - one failing case must not lose the whole run
-            case.error = f"{type(exc).__name__}: {exc}"[:500]
-        if bar is not None:
-            bar.update(cfg.warmup)
-    # Round r visits the cases in an order rotated by r (as benchmarks/common.py does), with the garbage
-    # collector off, so that neither position in the round nor a collection lands on one case only.
-    gc_was_enabled = gc.isenabled()
-    try:
-        for r in range(cfg.rounds):
-            if bar is not None:
-                bar.set_postfix_str(f"{SHORT_NAMES.get(name, name)} round {r + 1}/{cfg.rounds}")
-            gc.collect()
-            gc.disable()
-            k = r % max(len(cases), 1)
-            for case in cases[k:] + cases[:k]:
-                if not case.error:
-                    t0 = time.perf_counter()
-                    for _ in range(case.inner):
-                        case.run()
-                    case.times.append((time.perf_counter() - t0) / case.inner)
-                if bar is not None:
-                    bar.update(1)
-            if gc_was_enabled:
-                gc.enable()
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+            if label:
+                bar.set_postfix_str(f"{short} {label}")
+            if calls:
+                bar.update(calls)
+
+    errors: dict[str, str] = {}
+    timings = harness.time_interleaved(
+        {case.label: case.run for case in cases},
+        device,
+        rounds=cfg.rounds,
+        warmup=cfg.warmup,
+        min_sample_s=cfg.min_sample_s,
+        min_inner=cfg.iters,
+        max_inner=cfg.max_inner,
+        inner="each",
+        collect_each_round=True,
+        errors=errors,
+        progress=progress,
+    )
     for case in cases:
+        case.timing = timings.get(case.label)
+        case.error = errors.get(case.label, "")
         case.run = lambda: None  # drop the model references
+    if bar is not None and errors:
+        bar.update(len(errors) * cfg.rounds)
     return cases
 
 
 # ----------------------------------------------------------------------------------------------- results
 
 
-def _quantile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def summarise(cases: list[Case]) -> list[dict[str, Any]]:
-    """One record per case: median seconds per call and images/s."""
+    """One record per case: median seconds per call and images/s.
+
+    The PE mode is recorded under the key ``mode``, as in the results committed before it was renamed ``pe``.
+    """
     out = []
     for c in cases:
-        med = statistics.median(c.times) if c.times else float("nan")
+        t = c.timing or harness.Timing.of([])
         out.append(
             {
                 "model": c.model,
-                "mode": c.mode,
+                "mode": c.pe,
                 "impl": c.impl,
                 "exec": c.exec,
                 "task": c.task,
                 "batch": c.batch,
-                "median_s": med,
-                "images_per_s": c.batch / med if c.times else float("nan"),
-                "min_s": min(c.times) if c.times else float("nan"),
-                "p25_s": _quantile(c.times, 0.25),
-                "p75_s": _quantile(c.times, 0.75),
-                "n": len(c.times),
-                "calls_per_sample": c.inner,
-                "times_s": [round(t, 6) for t in c.times],
-                "first_call_s": c.compile_s,
+                "median_s": t.median_s,
+                "images_per_s": c.batch / t.median_s if t.samples else float("nan"),
+                "min_s": t.min_s,
+                "p25_s": t.p25_s,
+                "p75_s": t.p75_s,
+                "n": t.samples,
+                "calls_per_sample": t.inner,
+                "times_s": [round(v, 6) for v in t.all_s],
+                "first_call_s": t.first_call_s if c.timing else 0.0,
                 "error": c.error,
             }
         )
@@ -506,8 +441,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Model benchmark ({result['config']['name']})",
         "",
-        f"- device: {env['device']} ({env['cpu']}, {env['logical_cpus']} logical CPUs), "
-        f"{env['threads']} thread(s); torch {env['torch']}, python {env['python']}, "
+        f"- device: {env['device']} ({env['cpu']}, {env['logical_cpus']} logical CPUs"
+        + (f"; {env['gpu']}" if env.get("gpu") else "")
+        + f"), {env['threads']} thread(s); torch {env['torch']}, python {env['python']}, "
         f"mpvg-kernels {env['mpvg_kernels']} ({env['git_commit']})",
         f"- fused backend: `{env['fused_backend']}` (C++ loaded: {env['cpp_backend_loaded']}); "
         f"unfused: backend `torch`, PE cache off",
@@ -523,6 +459,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     ]
     tasks = [t for t in TASKS if any(r["task"] == t for r in recs)]
     morder = list(dict.fromkeys(r["model"] for r in recs))
+    task_cols = [(t, t) for t in tasks]
 
     def order(row: tuple[str, ...]) -> tuple[int, ...]:
         return (morder.index(row[0]), *_row_order(row)[1:])
@@ -535,17 +472,17 @@ def to_markdown(result: dict[str, Any]) -> str:
         b_inf = next((r["batch"] for r in recs if r["model"] == model and r["task"] == "infer_bN"), None)
         b_tr = next((r["batch"] for r in recs if r["model"] == model and r["task"] == "train"), None)
         lines += [f"### {SHORT_NAMES.get(model, model)} (`{model}`; infer_bN B={b_inf}, train B={b_tr})", ""]
-        lines.append("| mode | impl | exec | " + " | ".join(tasks) + " |")
-        lines.append("|---|---|---|" + "---:|" * len(tasks))
+        cells = []
         for row in rows:
             if row[0] != model:
                 continue
-            cells = []
+            cell = {"mode": row[1], "impl": row[2], "exec": row[3]}
             for t in tasks:
                 r = by_key.get((*row, t))
-                cells.append("error" if r and r["error"] else _fmt(r["images_per_s"]) if r else "")
-            lines.append(f"| {row[1]} | {row[2]} | {row[3]} | " + " | ".join(cells) + " |")
-        lines.append("")
+                cell[t] = "error" if r and r["error"] else _fmt(r["images_per_s"]) if r else ""
+            cells.append(cell)
+        cols = [("mode", "mode"), ("impl", "impl"), ("exec", "exec"), *task_cols]
+        lines += [harness.markdown_table(cells, cols, right=tasks), ""]
     rat = result["ratios"]
     if rat:
         lines += [
@@ -554,41 +491,36 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"Targets for `mpvg` with `fused`: inference >= {TARGETS['infer_bN']:.0%}, training >= "
             f"{TARGETS['train']:.0%}.",
             "",
-            "| model | mode | impl | exec | " + " | ".join(tasks) + " |",
-            "|---|---|---|---|" + "---:|" * len(tasks),
         ]
         rk = {(r["model"], r["mode"], r["impl"], r["exec"], r["task"]): r for r in rat}
+        cells = []
         for row in sorted({(r["model"], r["mode"], r["impl"], r["exec"]) for r in rat}, key=order):
-            cells = []
+            cell = {"model": SHORT_NAMES.get(row[0], row[0]), "mode": row[1], "impl": row[2], "exec": row[3]}
             for t in tasks:
                 r = rk.get((*row, t))
                 if r is None or r["ratio_vs_default"] != r["ratio_vs_default"]:
-                    cells.append("—")
+                    cell[t] = "—"
                     continue
                 mark = ""
                 if r["met"] is not None and row[2] == "fused":
                     mark = " ✓" if r["met"] else " ✗"
-                cells.append(f"{r['ratio_vs_default']:.3f}{mark}")
-            lines.append(
-                f"| {SHORT_NAMES.get(row[0], row[0])} | {row[1]} | {row[2]} | {row[3]} | " + " | ".join(cells) + " |"
-            )
-        lines.append("")
+                cell[t] = f"{r['ratio_vs_default']:.3f}{mark}"
+            cells.append(cell)
+        cols = [("model", "model"), ("mode", "mode"), ("impl", "impl"), ("exec", "exec"), *task_cols]
+        lines += [harness.markdown_table(cells, cols, right=tasks), ""]
     sp = result["speedups"]
     if sp:
-        lines += [
-            "## Fused over unfused (images/s ratio)",
-            "",
-            "| model | mode | exec | " + " | ".join(tasks) + " |",
-            "|---|---|---|" + "---:|" * len(tasks),
-        ]
+        lines += ["## Fused over unfused (images/s ratio)", ""]
         sk = {(r["model"], r["mode"], r["exec"], r["task"]): r for r in sp}
+        cells = []
         for row in sorted({(r["model"], r["mode"], "", r["exec"]) for r in sp}, key=order):
-            cells = []
+            cell = {"model": SHORT_NAMES.get(row[0], row[0]), "mode": row[1], "exec": row[3]}
             for t in tasks:
                 r = sk.get((row[0], row[1], row[3], t))
-                cells.append(f"{r['fused_over_unfused']:.3f}" if r else "—")
-            lines.append(f"| {SHORT_NAMES.get(row[0], row[0])} | {row[1]} | {row[3]} | " + " | ".join(cells) + " |")
-        lines.append("")
+                cell[t] = f"{r['fused_over_unfused']:.3f}" if r else "—"
+            cells.append(cell)
+        cols = [("model", "model"), ("mode", "mode"), ("exec", "exec"), *task_cols]
+        lines += [harness.markdown_table(cells, cols, right=tasks), ""]
     errs = [r for r in recs if r["error"]]
     if errs:
         lines += ["## Errors", ""]
@@ -613,24 +545,30 @@ def _target_table(result: dict[str, Any], tasks: list[str], morder: list[str]) -
         "`paired`: median of the per-round ratios (the modes run back to back in each round); `best`: ratio of "
         "the fastest calls.",
         "",
-        "| model | exec | task | medians | paired | best | target | met |",
-        "|---|---|---|---:|---:|---:|---:|---|",
     ]
+    cells = []
     for r in sorted(rat, key=lambda r: (morder.index(r["model"]), EXECS.index(r["exec"]), TASKS.index(r["task"]))):
-        met = "—" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        lines.append(
-            f"| {SHORT_NAMES.get(r['model'], r['model'])} | {r['exec']} | {r['task']} | {r['ratio_vs_default']:.3f} "
-            f"| {r.get('paired_ratio', float('nan')):.3f} | {r.get('best_ratio', float('nan')):.3f} "
-            f"| {r['target']:.2f} | {met} |"
+        cells.append(
+            {
+                "model": SHORT_NAMES.get(r["model"], r["model"]),
+                "exec": r["exec"],
+                "task": r["task"],
+                "medians": f"{r['ratio_vs_default']:.3f}",
+                "paired": f"{r.get('paired_ratio', float('nan')):.3f}",
+                "best": f"{r.get('best_ratio', float('nan')):.3f}",
+                "target": f"{r['target']:.2f}",
+                "met": "—" if r["met"] is None else ("yes" if r["met"] else "**no**"),
+            }
         )
-    return [*lines, ""]
+    cols = [(k, k) for k in ("model", "exec", "task", "medians", "paired", "best", "target", "met")]
+    return [*lines, harness.markdown_table(cells, cols, right=("medians", "paired", "best", "target")), ""]
 
 
 def _row_order(row: tuple[str, ...]) -> tuple[int, ...]:
     def pos(seq: tuple[str, ...], v: str) -> int:
         return seq.index(v) if v in seq else len(seq)
 
-    return (0, pos(MODES, row[1]), pos(IMPLS, row[2]), pos(EXECS, row[3]))
+    return (0, pos(PE_MODES, row[1]), pos(IMPLS, row[2]), pos(EXECS, row[3]))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -647,7 +585,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if not models or not tasks:
         return
     fig, axes = plt.subplots(len(models), len(tasks), figsize=(4.2 * len(tasks), 3.0 * len(models)), squeeze=False)
-    modes = [m for m in MODES if any(r["mode"] == m for r in recs)]
+    modes = [m for m in PE_MODES if any(r["mode"] == m for r in recs)]
     colors = {"default": "#7f7f7f", "lape": "#1f77b4", "pvg": "#ff7f0e", "mpvg": "#2ca02c"}
     width = 0.8 / max(len(modes), 1)
     idx = {(r["model"], r["mode"], r["impl"], r["exec"], r["task"]): r for r in recs}
@@ -693,10 +631,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def write_results(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
     """Write ``name``.json, .md and .png under ``out_dir``; returns the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
-    paths[0].write_text(json.dumps(result, indent=1, default=str) + "\n")
-    paths[1].write_text(to_markdown(result))
+    out_dir = Path(out_dir)
+    paths = [
+        harness.write_json(out_dir / f"{name}.json", result),
+        harness.write_text(out_dir / f"{name}.md", to_markdown(result)),
+        out_dir / f"{name}.png",
+    ]
     plot(result, paths[2])
     return paths
 
@@ -704,28 +644,39 @@ def write_results(result: dict[str, Any], out_dir: Path, name: str) -> list[Path
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Run every case of ``cfg`` (model by model, interleaved within a model) and write the result files."""
-    malloc = tune_malloc()
-    torch.set_num_threads(cfg.threads)
-    for m in cfg.modes:
-        if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+def _check(cfg: BenchConfig) -> None:
+    for pe in cfg.pes:
+        if pe not in PE_MODES:
+            raise ValueError(f"unknown mode {pe!r} (PE mode); choose from {', '.join(PE_MODES)}")
     for lst, known, what in ((cfg.impls, IMPLS, "impl"), (cfg.execs, EXECS, "exec"), (cfg.tasks, TASKS, "task")):
         for v in lst:
             if v not in known:
                 raise ValueError(f"unknown {what} {v!r}; choose from {', '.join(known)}")
-    if "fused" in cfg.impls and backends.resolve_backend(torch.device("cpu")) == "torch":
+
+
+def _setup(device: torch.device, threads: int) -> None:
+    """Malloc settings (CPU; the harness's, in-process) and the CPU thread count."""
+    if device.type == "cpu":
+        harness.tune_malloc()
+    torch.set_num_threads(threads)
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run every case of ``cfg`` (model by model, interleaved within a model) and write the result files."""
+    _check(cfg)
+    cfg, device = resolve(cfg)
+    _setup(device, cfg.threads)
+    if "fused" in cfg.impls and backends.resolve_backend(device) == "torch":
         print(
-            "warning: the fused implementation resolves to backend 'torch' (C++ backend not loaded: "
-            f"{backends.cpp_status()[1]}); fused and unfused then differ only by the PE cache",
+            f"warning: the fused implementation resolves to backend 'torch' on {device.type} (C++ backend: "
+            f"{backends.cpp_status()[1] or 'loaded'}); fused and unfused then differ only by the PE cache",
             file=sys.stderr,
         )
     per_case = cfg.warmup + cfg.rounds
     total = per_case * sum(
-        cfg.wants(m, mode, i, e, t)
+        cfg.wants(m, pe, i, e, t)
         for m in cfg.models
-        for mode in cfg.modes
+        for pe in cfg.pes
         for i in cfg.impls
         for e in cfg.execs
         for t in cfg.tasks
@@ -744,7 +695,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     dyn.recompile_limit = max(old_limit, 64)
     try:
         for name in cfg.models:
-            cases += run_model(name, cfg, bar)
+            cases += run_model(name, cfg, bar, device)
             if "compile" in cfg.execs:
                 torch._dynamo.reset()
     finally:
@@ -753,8 +704,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             bar.close()
     records = summarise(cases)
     result = {
-        "config": asdict(cfg),
-        "environment": environment(cfg, malloc),
+        "config": cfg.record(),
+        "environment": harness.environment(device),
         "wall_s": time.perf_counter() - t0,
         "loadavg_1m_start": load_start,
         "records": records,
@@ -765,7 +716,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return result
 
 
-def profile_model(name: str, cfg: BenchConfig, top: int = 12) -> str:
+def profile_model(name: str, cfg: BenchConfig, top: int = 12, device: torch.device | str = "cpu") -> str:
     """Where the time goes: ``torch.profiler`` op tables of every (mode, impl, task) case, eager, as Markdown.
 
     Each case is warmed up, then profiled over ``cfg.rounds`` calls; the table lists the ops with the largest self
@@ -774,14 +725,15 @@ def profile_model(name: str, cfg: BenchConfig, top: int = 12) -> str:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    sub = BenchConfig(**{**asdict(cfg), "execs": ["eager"], "progress": False})
+    sub = replace(cfg, execs=["eager"], progress=False)
     lines = [f"## Profile: {SHORT_NAMES.get(name, name)} (`{name}`), eager, {cfg.rounds} call(s) per case", ""]
-    for case in make_cases(name, sub):
+    for case in make_cases(name, sub, device):
         for _ in range(max(cfg.warmup, 1)):
             case.run()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(cfg.rounds):
                 case.run()
+            harness.sync(device)
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
         ln = sum(
@@ -790,18 +742,21 @@ def profile_model(name: str, cfg: BenchConfig, top: int = 12) -> str:
             if e.key.startswith("mpvg::") or "layer_norm" in e.key or "native_layer_norm" in e.key
         )
         lines += [
-            f"### {case.mode} / {case.impl} / {case.task} (B={case.batch}): "
+            f"### {case.pe} / {case.impl} / {case.task} (B={case.batch}): "
             f"{total / 1e3 / cfg.rounds:.1f} ms self CPU per call, LayerNorm ops {ln / max(total, 1):.1%}",
             "",
-            "| op | calls/call | self CPU ms/call | share |",
-            "|---|---:|---:|---:|",
         ]
-        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
-            lines.append(
-                f"| `{e.key}` | {e.count / cfg.rounds:.0f} | {e.self_cpu_time_total / 1e3 / cfg.rounds:.2f} | "
-                f"{e.self_cpu_time_total / max(total, 1):.1%} |"
-            )
-        lines.append("")
+        rows = [
+            {
+                "op": f"`{e.key}`",
+                "calls": f"{e.count / cfg.rounds:.0f}",
+                "ms": f"{e.self_cpu_time_total / 1e3 / cfg.rounds:.2f}",
+                "share": f"{e.self_cpu_time_total / max(total, 1):.1%}",
+            }
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+        ]
+        cols = [("op", "op"), ("calls", "calls/call"), ("ms", "self CPU ms/call"), ("share", "share")]
+        lines += [harness.markdown_table(rows, cols, right=("calls", "ms", "share")), ""]
         case.run = lambda: None
     return "\n".join(lines)
 
@@ -822,111 +777,24 @@ def smoke_config(out_dir: str = "benchmarks/results", name: str = "models_smoke"
     )
 
 
-def _csv(s: str) -> list[str]:
-    return [v.strip() for v in s.split(",") if v.strip()]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``mpvg bench`` / ``benchmarks/bench_models.py``."""
-    p.add_argument(
-        "--models", type=_csv, default=None, help="comma-separated model names (default: DeiT-Ti, DeiT-S, ViT-Lite)"
-    )
-    p.add_argument("--modes", type=_csv, default=None, help=f"PE modes (default: {','.join(MODES)})")
-    p.add_argument("--impls", type=_csv, default=None, help=f"implementations (default: {','.join(IMPLS)})")
-    p.add_argument("--execs", type=_csv, default=None, help=f"execution modes (default: {','.join(EXECS)})")
-    p.add_argument("--tasks", type=_csv, default=None, help=f"tasks (default: {','.join(TASKS)})")
-    p.add_argument(
-        "--compile-models", type=_csv, default=None, help="models with compiled cases (default: vit_lite_7_4_32)"
-    )
-    p.add_argument("--compile-modes", type=_csv, default=None, help="modes with compiled cases (default: default,mpvg)")
-    p.add_argument("--compile-impls", type=_csv, default=None, help="impls with compiled cases (default: all)")
-    p.add_argument(
-        "--compile-tasks", type=_csv, default=None, help="tasks with compiled cases (default: infer_bN,train)"
-    )
-    p.add_argument("--batch-infer", type=int, default=None, help="large inference batch (default: 16)")
-    p.add_argument("--batch-train", type=int, default=None, help="training batch (default: 8)")
-    p.add_argument(
-        "--batch",
-        action="append",
-        default=[],
-        metavar="MODEL=INFER,TRAIN",
-        help="per-model batch sizes, e.g. vit_lite_7_4_32=64,32 (repeatable)",
-    )
-    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per case, the first compiles (default: 2)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: 12)")
-    p.add_argument("--iters", type=int, default=None, help="minimum calls per timed sample (default: 1)")
-    p.add_argument(
-        "--min-sample-s",
-        type=float,
-        default=None,
-        help="fast cases repeat calls until one sample lasts this long (default: 0.25)",
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1)")
-    p.add_argument("--pool", choices=("avg", "cls"), default=None, help="pooling of every model (default: avg)")
-    p.add_argument("--out-dir", default=None, help="where to write NAME.json/.md/.png (default: benchmarks/results)")
-    p.add_argument("--name", default=None, help="file name stem (default: models_cpu; models_smoke with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny model, eager, few iterations: well under a minute")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--profile",
-        action="store_true",
-        help="instead of timing: torch.profiler op tables of every eager case (writes NAME_profile.md)",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    """A :class:`BenchConfig` from parsed flags (``--smoke`` gives the base, explicit flags override it)."""
-    cfg = smoke_config() if args.smoke else BenchConfig()
-    for attr in (
-        "models",
-        "modes",
-        "impls",
-        "execs",
-        "tasks",
-        "batch_infer",
-        "batch_train",
-        "warmup",
-        "rounds",
-        "iters",
-        "min_sample_s",
-        "threads",
-        "compile_models",
-        "compile_modes",
-        "compile_impls",
-        "compile_tasks",
-        "pool",
-        "out_dir",
-        "name",
-    ):
-        v = getattr(args, attr, None)
-        if v is not None:
-            setattr(cfg, attr, v)
-    for spec in args.batch:
-        try:
-            model, sizes = spec.split("=", 1)
-            bi, bt = (int(s) for s in sizes.split(","))
-        except ValueError:
-            raise SystemExit(f"--batch expects MODEL=INFER,TRAIN (e.g. vit_lite_7_4_32=64,32), got {spec!r}") from None
-        cfg.batch_overrides[model.strip()] = (bi, bt)
-    cfg.progress = not args.no_progress
-    return cfg
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``mpvg bench``: run, write files, print the Markdown summary."""
-    cfg = config_from_args(args)
-    if args.profile:
-        tune_malloc()
-        torch.set_num_threads(cfg.threads)
-        text = "\n".join(profile_model(m, cfg) for m in cfg.models)
-        path = Path(cfg.out_dir) / f"{cfg.name}_profile.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# torch.profiler tables ({torch.get_num_threads()} thread(s))\n\n" + text)
+def run_and_report(cfg: BenchConfig, profile: bool = False) -> int:
+    """What ``mpvg bench`` does: run, write the files, print the Markdown summary; the exit status (1 when a case
+    failed). ``profile``: instead of timing, write ``NAME_profile.md`` with torch.profiler tables. A device that
+    is not there (``cuda`` without CUDA) is a :class:`UserError`."""
+    if profile:
+        _check(cfg)
+        cfg, device = resolve(cfg)
+        _setup(device, cfg.threads)
+        text = "\n".join(profile_model(m, cfg, device=device) for m in cfg.models)
+        path = harness.write_text(
+            Path(cfg.out_dir) / f"{cfg.name}_profile.md",
+            f"# torch.profiler tables ({torch.get_num_threads()} thread(s))\n\n" + text,
+        )
         print(text)
         print(f"wrote {path}", file=sys.stderr)
         return 0
     result = run_bench(cfg)
     print(to_markdown(result))
-    out = Path(cfg.out_dir)
-    print(f"wrote {out / (cfg.name + '.json')}, .md, .png in {result['wall_s']:.0f} s", file=sys.stderr)
+    name = result["config"]["name"]
+    print(f"wrote {Path(cfg.out_dir) / (name + '.json')}, .md, .png in {result['wall_s']:.0f} s", file=sys.stderr)
     return 1 if any(r["error"] for r in result["records"]) else 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .options import add_device_arg
+
 
 def _run(args: argparse.Namespace) -> int:
     from ..benchmark.demo import run_demo
@@ -19,5 +21,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32, help="batch size B (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=196, help="tokens N (default: %(default)s)")
     p.add_argument("--dim", type=int, default=192, help="embedding dim D (default: %(default)s)")
+    add_device_arg(p)
     p.set_defaults(func=_run)
     return p

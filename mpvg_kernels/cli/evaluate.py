@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any
 
+from .options import add_device_arg
+
 
 def _run(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
@@ -62,7 +64,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers (default: 0 for in-memory data, 4 for folder data)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    add_device_arg(p)
     p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
                    help="which weights: auto = EMA when the run kept one, else the model (default: %(default)s)")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",

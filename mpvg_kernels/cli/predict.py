@@ -11,6 +11,8 @@ import argparse
 import json
 from typing import Any
 
+from .options import add_device_arg
+
 
 def predict_images(ckpt_path: str, images: list[str], topk: int = 5, weights: str = "auto",
                    device: str = "auto") -> list[dict[str, Any]]:
@@ -65,6 +67,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text (default: off)")
     p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
                    help="which weights: auto = EMA when the run kept one, else the model (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    add_device_arg(p)
     p.set_defaults(func=_run)
     return p

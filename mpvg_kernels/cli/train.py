@@ -7,6 +7,7 @@ Examples:
   torchrun --nproc_per_node=8 -m mpvg_kernels train --recipe deit_imagenet --data folder:/data/imagenet \\
       --model deit_small_patch16_224 --out runs/deit-s-mpvg
   mpvg train --set model_kwargs.drop_path_rate=0.05 --set betas=[0.9,0.95]
+  mpvg train --model-arg drop_path_rate=0.05     # merged into model_kwargs; wins over the recipe and --set
 
 The batch size is per process: under torchrun the global batch is --batch-size x WORLD_SIZE (and the learning
 rate scales with the global batch when the recipe sets lr_base_batch). Only rank 0 writes files.
@@ -15,6 +16,7 @@ rate scales with the global batch when the recipe sets lr_base_batch). Only rank
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from ..train.config import (
     list_recipes,
     load_recipe,
 )
+from .options import add_model_arg, parse_model_args
 
 
 def default_out(recipe: str, pe: str) -> str:
@@ -39,6 +42,9 @@ def _run(args: argparse.Namespace) -> int:
     import yaml
 
     cfg = build_config(args.recipe, args.set, flags_from_args(args))
+    model_args = parse_model_args(args.model_arg)
+    if model_args:  # the most explicit source: wins over --model-kwargs, --set model_kwargs.K=V and the recipe
+        cfg = dataclasses.replace(cfg, model_kwargs={**cfg.model_kwargs, **model_args})
     if args.print_config:
         sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
@@ -74,6 +80,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="tqdm progress bar (default: on when stderr is a terminal)")
     g.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration as YAML and exit (default: off)")
+    add_model_arg(g)
     add_config_flags(p, load_recipe(DEFAULT_RECIPE))
     p.set_defaults(func=_run)
     return p

@@ -13,6 +13,7 @@ import torch
 
 from mpvg_kernels.benchmark import models as B
 from mpvg_kernels.cli import bench as bench_cli
+from mpvg_kernels.models import PE_MODES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +32,7 @@ def test_smoke_run_writes_files(tmp_path, capsys) -> None:
     recs = data["records"]
     # every mode x impl x task of the tiny model, eager
     assert {(r["mode"], r["impl"], r["task"]) for r in recs} == {
-        (m, i, t) for m in B.MODES for i in B.IMPLS for t in B.TASKS
+        (m, i, t) for m in PE_MODES for i in B.IMPLS for t in B.TASKS
     }
     assert all(r["exec"] == "eager" and r["model"] == "vit_digits" and not r["error"] for r in recs)
     assert all(r["images_per_s"] > 0 and r["n"] == 2 for r in recs)
@@ -51,7 +52,7 @@ def test_compiled_case(tmp_path) -> None:
     """One compiled inference case (the fused MPVG model) goes through torch.compile and is timed."""
     cfg = B.BenchConfig(
         models=["vit_digits"],
-        modes=["mpvg"],
+        pes=["mpvg"],
         impls=["fused"],
         execs=["compile"],
         tasks=["infer_bN"],
@@ -100,11 +101,11 @@ def test_ratios_and_flags() -> None:
     assert r["ratio_vs_default"] == pytest.approx(1 / 1.04) and r["target"] == 0.97 and r["met"] is False
     assert r["paired_ratio"] == pytest.approx(1 / 1.04) and r["best_ratio"] == pytest.approx(1.0)
     ns = _parser().parse_args(["bench", "--models", "a,b", "--batch", "a=8,4", "--threads", "2", "--no-progress"])
-    cfg = B.config_from_args(ns)
+    cfg = bench_cli.config_from_args(ns)
     assert cfg.models == ["a", "b"] and cfg.batches("a") == (8, 4) and cfg.batches("b") == (16, 8)
     assert cfg.threads == 2
     with pytest.raises(ValueError, match="unknown mode"):
-        B.run_bench(B.BenchConfig(models=[], modes=["nope"], progress=False))
+        B.run_bench(B.BenchConfig(models=[], pes=["nope"], progress=False))
 
 
 def test_script_help() -> None:
@@ -115,3 +116,56 @@ def test_script_help() -> None:
         timeout=120,
     )
     assert out.returncode == 0 and "--smoke" in out.stdout
+
+
+def test_help_lists_every_benchconfig_field(capsys) -> None:
+    """``mpvg bench`` has one flag per BenchConfig field, generated from the dataclass (its help text included)."""
+    import dataclasses
+
+    from mpvg_kernels import cli
+    from mpvg_kernels.dataclass_flags import field_flags
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(B.BenchConfig):
+        flag = bench_cli.SHARED_FLAGS.get(f.name) or field_flags(f)[0]
+        assert flag in text, f.name
+        if f.name not in bench_cli.SHARED_FLAGS:
+            assert " ".join(f.metadata["help"].split()) in text, f.name
+    for flag in ("--models", "--modes", "--batch-infer", "--batch", "--smoke", "--profile", "--no-progress"):
+        assert flag in text
+
+
+def test_model_arg_reaches_every_built_model(monkeypatch) -> None:
+    """``--model-arg pool=cls`` applies to every benchmarked model (and wins over --pool)."""
+    built = []
+
+    def create(*args, **kwargs):
+        m = create_model(*args, **kwargs)
+        built.append(m)
+        return m
+
+    from mpvg_kernels.models import create_model
+
+    monkeypatch.setattr(B, "create_model", create)
+    ns = _parser().parse_args(
+        ["bench", "--smoke", "--pool", "avg", "--model-arg", "pool=cls", "--modes", "default,mpvg", "--tasks",
+         "infer_b1,train", "--device", "cpu"]
+    )
+    cfg = bench_cli.config_from_args(ns)
+    assert cfg.model_kwargs == {"pool": "cls"} and cfg.pes == ["default", "mpvg"] and cfg.device == "cpu"
+    cases = B.make_cases("vit_digits", cfg)
+    assert {c.pe for c in cases} == {"default", "mpvg"} and len(built) == 4  # inference + training model per mode
+    assert all(m.pool == "cls" for m in built)
+
+
+def test_cuda_without_cuda_is_a_user_error(tmp_path, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    from mpvg_kernels import cli
+
+    assert cli.main(["bench", "--smoke", "--device", "cuda", "--out-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -38,3 +38,40 @@ def test_demo_runs(capsys):
     assert cli.main(["demo", "--batch", "2", "--tokens", "4", "--dim", "8"]) == 0
     out = capsys.readouterr().out
     assert "layer_norm_add" in out and "layer_norm_pool" in out
+
+
+def test_parse_model_args():
+    from mpvg_kernels.cli.options import parse_model_args
+    from mpvg_kernels.errors import UserError
+
+    assert parse_model_args(["pool=cls", "depth=6", "drop_path_rate=0.1", "name=a=b"]) == {
+        "pool": "cls", "depth": 6, "drop_path_rate": 0.1, "name": "a=b"}
+    assert parse_model_args(None) == {}
+    for bad in ("pool", "=cls", "not a key=1", "1x=2"):
+        with pytest.raises(UserError, match="--model-arg expects KEY=VALUE"):
+            parse_model_args([bad])
+    with pytest.raises(UserError, match="given twice"):
+        parse_model_args(["pool=cls", "pool=avg"])
+
+
+def test_malformed_model_arg_is_a_one_line_error(capsys):
+    for cmd in (["train", "--print-config"], ["bench", "--smoke"]):
+        assert cli.main([*cmd, "--model-arg", "pool"]) == 2
+        err = capsys.readouterr().err
+        assert "--model-arg expects KEY=VALUE" in err and "Traceback" not in err
+
+
+def test_train_model_arg_wins_over_recipe_and_set(capsys):
+    argv = ["train", "--print-config", "--set", "model_kwargs.pool=avg", "--set", "model_kwargs.drop_path_rate=0.1",
+            "--model-arg", "pool=cls"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "  pool: cls" in out and "  drop_path_rate: 0.1" in out
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "predict", "demo", "bench"])
+def test_device_flag_defaults_to_auto(name):
+    parser = cli.build_parser()._subparsers._group_actions[0].choices[name]
+    (action,) = [a for a in parser._actions if "--device" in a.option_strings]
+    # train's flag is generated from TrainConfig (None = not given, so a recipe may set it); its value is auto
+    assert action.default == "auto" or (name == "train" and action.default is None and "auto" in action.help)
