@@ -131,6 +131,7 @@ def _make_autograd(pool: bool):
             x, pe, weight, bias, _ = inputs
         _, mean, rstd = output
         ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.eps = inputs[-1]
         ctx.pe_dtype = None if pe is None else pe.dtype
         ctx.bias_dtype = bias.dtype
         ctx.set_materialize_grads(False)  # mean/rstd never get gradients: no zero-filled tensors for them
@@ -140,7 +141,12 @@ def _make_autograd(pool: bool):
             return None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
         has_pe = ctx.pe_dtype is not None
-        dx, dpe, dw, db = bwd_op(grad.contiguous(), x, weight, mean, rstd, has_pe)
+        if torch.is_grad_enabled() and (grad.requires_grad or x.requires_grad or weight.requires_grad):
+            # create_graph=True: the kernels' gradients are not differentiable, so compute them with the
+            # reference's differentiable math (statistics recomputed from x); double backward is then exact.
+            dx, dpe, dw, db = reference.backward_differentiable(grad, x, weight, ctx.eps, has_pe, pool)
+        else:
+            dx, dpe, dw, db = bwd_op(grad.contiguous(), x, weight, mean, rstd, has_pe)
         dpe = dpe.to(ctx.pe_dtype) if has_pe else None
         dw, db = dw.to(weight.dtype), db.to(ctx.bias_dtype)
         if pool:

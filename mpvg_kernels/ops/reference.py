@@ -132,3 +132,17 @@ def backward(
     db = dy.sum((0, 1))
     dpe = dy.sum(0) if has_pe else dy.new_zeros(0)
     return dx.to(x3.dtype), dpe.to(acc), dw.to(acc), db.to(acc)
+
+
+def backward_differentiable(
+    grad: torch.Tensor,
+    x3: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    has_pe: bool,
+    pool: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`backward` with the statistics recomputed from ``x3`` by differentiable ops, so that the gradients
+    are themselves differentiable in ``grad``, ``x3`` and ``weight`` (double backward, ``create_graph=True``)."""
+    _, mean, rstd = _stats(x3, eps)
+    return backward(grad, x3, weight, mean, rstd, has_pe, pool)

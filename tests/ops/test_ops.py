@@ -114,6 +114,35 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(lambda x, w, b: mk.layer_norm_pool(x, w, b), (x, w, b))
 
 
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_gradgradcheck_float64(backend):
+    """Double backward (``create_graph=True``) is exact on every backend, not first-order gradients that drop
+    the second-order terms."""
+    x = _rand(2, 5, 7, seed=30, requires_grad=True)
+    pe = _rand(5, 7, seed=31, requires_grad=True)
+    w, b, pw, pb = (_rand(7, seed=s, requires_grad=True) for s in (32, 33, 34, 35))
+    with mk.use_backend(backend):
+        assert torch.autograd.gradgradcheck(mk.layer_norm_add, (x, pe, w, b))
+        assert torch.autograd.gradgradcheck(lambda *a: mk.dual_layer_norm(*a)[0], (x, pe, w, b, pw, pb))
+        assert torch.autograd.gradgradcheck(lambda x, w, b, pe: mk.layer_norm_pool(x, w, b, pe), (x, w, b, pe))
+        assert torch.autograd.gradgradcheck(lambda x, w, b: mk.layer_norm_pool(x, w, b), (x, w, b))
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_second_order_gradient_matches_torch_backend(backend):
+    """The gradient of a gradient norm (as in gradient penalties) equals the plain-PyTorch one."""
+
+    def second_order(name):
+        x = _rand(2, 5, 8, seed=40, requires_grad=True)
+        pe, w, b = _rand(5, 8, seed=41), _rand(8, seed=42, requires_grad=True), _rand(8, seed=43)
+        with mk.use_backend(name):
+            (g,) = torch.autograd.grad(mk.layer_norm_add(x, pe, w, b).pow(3).sum(), x, create_graph=True)
+            return torch.autograd.grad(g.pow(2).sum(), (x, w))
+
+    for got, want in zip(second_order(backend), second_order("torch"), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
 def test_row_strided_x_is_not_copied_and_correct():
     big = _rand(3, 20, 64, dtype=torch.float32, seed=30)
     x = big[:, 2:18, :48]  # strides (1280, 64, 1)

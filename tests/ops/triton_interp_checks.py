@@ -409,3 +409,14 @@ def test_layer_norm_pool_api(triton_backend, case, with_pe):
     s = reference.layer_norm_pool(*sames, eps=EPS)
     _compare_autograd(f"layer_norm_pool {case} pe={with_pe}", [out], [r], [s], ins, refs, sames, low, gen)
     assert triton_backend["forward"] >= 1 and triton_backend["backward"] >= 1
+
+
+def test_double_backward_is_exact(triton_backend):
+    """create_graph=True through the Triton-backed ops: gradgradcheck in float64 (second-order terms kept)."""
+    g = torch.Generator().manual_seed(50)
+    x = torch.randn(2, 5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
+    pe = torch.randn(5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
+    w, b = (torch.randn(7, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(2))
+    assert torch.autograd.gradgradcheck(mpvg_kernels.layer_norm_add, (x, pe, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, w, b, pe: mpvg_kernels.layer_norm_pool(x, w, b, pe), (x, w, b, pe))
+    assert triton_backend["forward"] > 0
