@@ -47,7 +47,6 @@ def correlation_table(analyses: Sequence[ModelAnalysis]) -> str:
     return "\n".join(lines)
 
 
-
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label) or "model"
 
@@ -112,7 +111,6 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-
 def _unique_labels(wanted: Sequence[str] | None, defaults: Sequence[str]) -> list[str]:
     if wanted is not None:
         if len(wanted) != len(defaults):
@@ -134,7 +132,6 @@ def _unique_labels(wanted: Sequence[str] | None, defaults: Sequence[str]) -> lis
     return out
 
 
-
 def load_eval_images(data: str, in_chans: int, input_size: Sequence[int], mean: Sequence[float],
                      std: Sequence[float], crop_pct: float, num_images: int) -> Tensor:
     """The first ``num_images`` held-out images of ``data``, preprocessed as ``mpvg eval`` does -> [n, C, H, W]."""
@@ -149,7 +146,6 @@ def load_eval_images(data: str, in_chans: int, input_size: Sequence[int], mean: 
         raise UserError(f"{data} has no held-out images")
     raw = torch.stack([splits.test[i][0] for i in range(n)])
     return EvalTransform(input_size, in_chans, mean, std)(raw)
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
