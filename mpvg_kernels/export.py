@@ -12,20 +12,20 @@
 - ``torch.export`` (:func:`export_pt2`): keeps the ``mpvg::`` ops as they are (with the C++ backend built; saved
   with ``torch.export.save``; load with ``torch.export.load`` after ``import mpvg_kernels``). Batch is dynamic.
 
-CLI: ``mpvg export --model NAME --pe MODE [--checkpoint FILE] --format onnx|pt2 --out FILE``.
+- :func:`export_model`: one call for either format (optional backend, optional verification run), what
+  ``mpvg export --model NAME --pe MODE [--checkpoint FILE] --format onnx|pt2 --out FILE`` calls after
+  :func:`load_model`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import os
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -281,18 +281,20 @@ def load_model(
     weights: str = "auto",
     model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """The model to export, in eval mode.
+    """The model to export, in eval mode; the loading itself is :mod:`mpvg_kernels.train.checkpoint`'s and
+    :func:`mpvg_kernels.models.load_pretrained`'s, the file is read once.
 
     - an ``mpvg train`` checkpoint: the model is rebuilt from it (name, PE mode and options recorded there; a
       ``name``/``pe`` that disagrees is an error); ``weights`` picks ``auto``/``ema``/``model``;
     - a timm/DeiT-format checkpoint: needs ``name`` (and ``pe``), loaded with the models' checkpoint filter;
-    - no checkpoint: ``create_model(name, pe=pe)`` with its random init (for smoke tests and benchmarking).
+    - no checkpoint: ``create_model(name, pe=pe, num_classes=..., **model_kwargs)`` with its random init (for smoke
+      tests and benchmarking); ``num_classes`` None keeps the registered one.
     """
     from .errors import UserError
+    from .train import checkpoint as C
 
+    raw = None
     if checkpoint is not None:
-        from .train import checkpoint as C
-
         path = Path(checkpoint)
         raw = C.read_torch_file(path)  # read once: a train checkpoint or timm/DeiT-format weights
         if C.is_train_checkpoint(raw):
@@ -306,13 +308,8 @@ def load_model(
             raise UserError(f"{path} is not an `mpvg train` checkpoint: pass --model (and --pe) to load it")
     if name is None:
         raise UserError("pass --model NAME (or --checkpoint of an `mpvg train` run)")
-    from .train.checkpoint import build_model
-
-    kwargs = dict(model_kwargs or {})
-    model = build_model(
-        name, pe or "default", num_classes if num_classes is not None else _registered_classes(name), kwargs
-    )
-    if checkpoint is not None:
+    model = C.build_model(name, pe or "default", num_classes, dict(model_kwargs or {}))  # type: ignore[arg-type]
+    if raw is not None:
         from .models import load_pretrained
 
         try:
@@ -320,12 +317,6 @@ def load_model(
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"cannot load {checkpoint} into {name} (pe={pe}): {e}") from None
     return model.eval()
-
-
-def _registered_classes(name: str) -> int:
-    from .models import MODEL_CFGS
-
-    return int(MODEL_CFGS[name]["model"].get("num_classes", 1000)) if name in MODEL_CFGS else 1000
 
 
 def max_abs_diff_onnx(model: nn.Module, path: str | os.PathLike, x: torch.Tensor) -> float:
@@ -339,55 +330,59 @@ def max_abs_diff_onnx(model: nn.Module, path: str | os.PathLike, x: torch.Tensor
     return float((got - ref).abs().max())
 
 
-# ----------------------------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------------------------- one call
 
 
-def _parse_kv(items: list[str]) -> dict[str, Any]:
-    import ast
+class ExportResult(NamedTuple):
+    """What :func:`export_model` wrote: the file, a one-line report, and the verification's max |diff| (or None)."""
 
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, val = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = val
-    return out
+    path: Path
+    message: str
+    max_abs_diff: float | None
 
 
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``mpvg export``."""
+def export_model(
+    model: nn.Module,
+    out: str | os.PathLike,
+    format: str,
+    *,
+    opset: int = DEFAULT_OPSET,
+    backend: str | None = None,
+    verify: bool = False,
+    verify_batch: int = 3,
+) -> ExportResult:
+    """Export ``model`` (frozen, see :class:`FrozenPEModel`) as ``format`` (``onnx`` or ``pt2``) to ``out``.
+
+    ``backend``: the op backend while tracing (None: the configured one, i.e. the fused kernels). ``verify``: run
+    the exported graph once at batch ``verify_batch`` (onnxruntime for ONNX, ``torch.export.load`` for pt2) and
+    report the max |diff| to the PyTorch model. A failed export is a :class:`~mpvg_kernels.errors.UserError`.
+    """
     from .errors import UserError
 
-    model = load_model(
-        args.model,
-        args.pe,
-        args.checkpoint,
-        num_classes=args.num_classes,
-        weights=args.weights,
-        model_kwargs=_parse_kv(args.model_arg),
-    )
-    backend = args.backend
-    with backends.use_backend(backend) if backend else contextlib.nullcontext():
+    if format not in FORMATS:
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+
+    def backend_scope() -> contextlib.AbstractContextManager:
+        return backends.use_backend(backend) if backend else contextlib.nullcontext()
+
+    with backend_scope():
         try:
-            if args.format == "onnx":
-                path = export_onnx(model, args.out, opset=args.opset)
+            if format == "onnx":
+                path = export_onnx(model, out, opset=opset)
             else:
-                path = export_pt2(model, args.out)
+                path = export_pt2(model, out)
         except (RuntimeError, ValueError) as e:
             raise UserError(f"export failed: {e}") from e
     resolved = backends.resolve_backend(torch.device("cpu")) if not backend else backend
-    msg = f"wrote {path} ({args.format}, {path.stat().st_size / 1e6:.1f} MB; dynamic batch; backend {resolved})"
-    if args.verify:
-        x = example_input(model, 3)
-        with backends.use_backend(backend) if backend else contextlib.nullcontext():
-            if args.format == "onnx":
+    msg = f"wrote {path} ({format}, {path.stat().st_size / 1e6:.1f} MB; dynamic batch; backend {resolved})"
+    diff = None
+    if verify:
+        x = example_input(model, verify_batch)
+        with backend_scope():
+            if format == "onnx":
                 diff = max_abs_diff_onnx(model, path, x)
             else:
                 with torch.no_grad():
                     diff = float((load_pt2(path).module()(x) - model(x)).abs().max())
-        msg += f"; verified at batch 3: max |diff| = {diff:.2e}"
-    print(msg, file=sys.stderr)
-    return 0
+        msg += f"; verified at batch {verify_batch}: max |diff| = {diff:.2e}"
+    return ExportResult(path, msg, diff)

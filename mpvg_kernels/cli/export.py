@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ..export import DEFAULT_OPSET, FORMATS
+from ..models.vision_transformer import PE_MODES
 from ..ops.backends import KNOWN_BACKENDS
+from .options import add_model_arg, parse_model_args, require_extra
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..export import main
+    if args.format == "onnx":  # before any work: which extra to install
+        require_extra("export", "onnx", *(("onnxruntime",) if args.verify else ()))
+    model_kwargs = parse_model_args(args.model_arg)
+    from ..export import export_model, load_model
 
-    return main(args)
+    model = load_model(args.model, args.pe, args.checkpoint, num_classes=args.num_classes, weights=args.weights,
+                       model_kwargs=model_kwargs)
+    result = export_model(model, args.out, args.format, opset=args.opset, backend=args.backend, verify=args.verify)
+    print(result.message, file=sys.stderr)
+    return 0
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -23,7 +33,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__,
     )
     p.add_argument("--model", default=None, help="registered model name (taken from --checkpoint when omitted)")
-    p.add_argument("--pe", default=None, choices=("default", "lape", "pvg", "mpvg"), help="PE mode")
+    p.add_argument("--pe", default=None, choices=PE_MODES, help="PE mode")
     p.add_argument("--checkpoint", default=None, help="an `mpvg train` checkpoint or timm/DeiT-format weights")
     p.add_argument(
         "--weights",
@@ -32,13 +42,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="which weights of an `mpvg train` checkpoint (default: %(default)s)",
     )
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the registered one)")
-    p.add_argument(
-        "--model-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra create_model keyword, e.g. pool=avg (repeatable; without --checkpoint)",
-    )
+    add_model_arg(p)
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx or pt2 (torch.export)")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, >= 17 (default: %(default)s)")
@@ -48,6 +52,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=KNOWN_BACKENDS,
         help="op backend while tracing (default: the configured one, i.e. the fused kernels)",
     )
-    p.add_argument("--verify", action="store_true", help="run the exported graph once and print the max abs diff")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="run the exported graph once and print the max abs diff (ONNX: needs onnxruntime)",
+    )
     p.set_defaults(func=_run)
     return p

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpvg_kernels import analysis as A
 from mpvg_kernels import cli
-from mpvg_kernels.analysis import analyze as A
 from mpvg_kernels.errors import UserError
 from mpvg_kernels.train.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -421,5 +421,67 @@ def test_fresh_models_and_class_token(tmp_path: Path, capsys: pytest.CaptureFixt
     ):
         rc = _mpvg(["analyze", "--model", "vit_digits", "--pe", "pvg", "mpvg", "--num-images", "4",
                     "--out", str(tmp_path / "bad"), *argv])
+        assert rc == 2, argv
+        assert msg in capsys.readouterr().err, argv
+
+
+def test_run_analysis_takes_keyword_options(tmp_path: Path) -> None:
+    """The library entry point: every option a keyword (no argparse Namespace), notes through a callback."""
+    import inspect
+
+    params = inspect.signature(A.run_analysis).parameters.values()
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
+    with pytest.raises(TypeError):
+        A.run_analysis(argparse.Namespace(out=str(tmp_path / "ns")))  # type: ignore[misc]
+
+    notes: list[str] = []
+    report = A.run_analysis(out=tmp_path / "kw", model="vit_digits", pe=["default", "mpvg"], labels=["d", "m"],
+                            num_images=6, batch_size=4, figures=None, layers=[1, 2], ref_token=0, seed=0,
+                            device="auto", threads=1, on_note=notes.append)
+    assert isinstance(report, A.AnalysisReport) and report.out == tmp_path / "kw"
+    assert [a.spec.label for a in report.analyses] == ["d", "m"] and report.analyses[1].spec.pe == "mpvg"
+    assert len(notes) == 1 and notes[0].startswith("d: skipping 'correlation'") and "no per-layer PE" in notes[0]
+    assert "correlation" in report.skipped["d"] and report.skipped["m"] == {}
+    doc = json.loads((tmp_path / "kw" / "analysis.json").read_text())
+    assert doc["files"] == report.doc["files"] and list(doc["models"]) == list(report.doc["models"]) == ["d", "m"]
+    assert doc["num_images"] == [6] and doc["models"]["m"]["heatmaps"]["layers"] == [1, 2]
+    assert doc["models"]["m"]["pos_maps"]["ref_token"] == 0
+    for f in doc["files"]:
+        assert (tmp_path / "kw" / f).is_file(), f
+
+    # mistakes are UserErrors raised before any output is written
+    for kwargs, msg in (
+        ({"model": "vit_digits", "figures": ["nope"]}, "unknown figure"),
+        ({"model": "vit_digits", "checkpoints": ["x.pt"]}, "not both"),
+        ({}, "either checkpoints"),
+        ({"checkpoints": ["x.pt"], "model_kwargs": {"depth": 2}}, "--model-arg applies to a fresh --model"),
+        ({"model": "vit_digits", "batch_size": 0}, "--batch-size must be >= 1"),
+    ):
+        with pytest.raises(UserError, match=msg):
+            A.run_analysis(out=tmp_path / "bad", num_images=2, **kwargs)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_model_arg_reaches_fresh_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--model-arg KEY=VALUE` (the shared create_model syntax) builds the fresh models with those keywords."""
+    out = tmp_path / "margs"
+    rc = _mpvg(["analyze", "--model", "vit_digits", "--pe", "pvg", "mpvg", "--model-arg", "depth=2",
+                "--model-arg", "pool=cls", "--num-images", "4", "--figures", "correlation,last-ln",
+                "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "analysis.json").read_text())
+    for pe in ("pvg", "mpvg"):
+        m = doc["models"][pe]
+        assert m["depth"] == 2 and m["pool"] == "cls" and m["num_prefix_tokens"] == 1, m
+        assert m["correlation"]["layers"] == [0, 1]
+    assert doc["models"]["mpvg"]["last_ln"]["pe_bias_c"] is None  # class-token pooling: no pooled PE bias
+    capsys.readouterr()
+
+    for argv, msg in (
+        (["--model", "vit_digits", "--model-arg", "depth"], "--model-arg expects KEY=VALUE"),
+        (["--model", "vit_digits", "--model-arg", "no_such_option=1"], "cannot build model 'vit_digits'"),
+        (["--checkpoint", str(tmp_path / "x.pt"), "--model-arg", "depth=2"], "--model-arg applies to a fresh"),
+    ):
+        rc = _mpvg(["analyze", *argv, "--num-images", "2", "--out", str(tmp_path / "bad")])
         assert rc == 2, argv
         assert msg in capsys.readouterr().err, argv

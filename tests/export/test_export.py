@@ -6,6 +6,8 @@ shows in the logits. Every PE mode, two batch sizes, fp32: max |diff| <= 1e-4.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -182,3 +184,76 @@ def test_export_from_plain_state_dict(tmp_path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot load checkpoint"):
         E.load_model("vit_digits", "pvg", bad)
+
+
+def test_export_model_one_call(tmp_path) -> None:
+    """The library entry point of `mpvg export`: any format, optional backend and verification, no argparse."""
+    from mpvg_kernels.errors import UserError
+
+    m = _model("mpvg", seed=5)
+    path, message, diff = E.export_model(m, tmp_path / "one.onnx", "onnx", opset=17, verify=True)
+    assert path == tmp_path / "one.onnx" and path.is_file()
+    assert diff is not None and diff <= ATOL
+    assert message.startswith(f"wrote {path} (onnx, ") and "verified at batch 3" in message
+    res = E.export_model(m, tmp_path / "ref.pt2", "pt2", backend="torch")
+    assert res.path.is_file() and res.max_abs_diff is None and "backend torch" in res.message
+    with pytest.raises(UserError, match="format must be one of onnx, pt2"):
+        E.export_model(m, tmp_path / "x.bin", "tflite")
+
+
+_REAL_FIND_SPEC = importlib.util.find_spec
+
+
+def _patch_missing(monkeypatch, *missing: str) -> None:
+    """``importlib.util.find_spec`` reports ``missing`` as not installed (replacing an earlier patch)."""
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name in missing else _REAL_FIND_SPEC(name, *a, **k))
+
+
+def test_export_onnx_names_the_missing_extra(tmp_path, monkeypatch, capsys) -> None:
+    """Without onnx (or, for --verify, onnxruntime) `mpvg export --format onnx` names the extra before any work."""
+    from mpvg_kernels import cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the missing package was reported")
+
+    monkeypatch.setattr(E, "load_model", no_work)
+    out = tmp_path / "m.onnx"
+    base = ["export", "--model", "vit_digits", "--pe", "mpvg", "--format", "onnx", "--out", str(out)]
+    for missing, extra_args, named in ((("onnx",), [], "onnx"), (("onnxruntime",), ["--verify"], "onnxruntime")):
+        _patch_missing(monkeypatch, *missing)
+        assert cli.main(base + extra_args) == 2
+        err = capsys.readouterr().err
+        assert f"mpvg export: error: this command needs {named}, which is not installed" in err
+        assert 'pip install "mpvg-kernels[export]"' in err
+    assert not out.exists()
+
+    # onnxruntime is only needed to verify; pt2 needs neither: both get past the check to the model loading
+    _patch_missing(monkeypatch, "onnx", "onnxruntime")
+    with pytest.raises(AssertionError, match="model was loaded"):
+        cli.main(base[:-3] + ["pt2", "--out", str(tmp_path / "m.pt2")])
+    _patch_missing(monkeypatch, "onnxruntime")
+    with pytest.raises(AssertionError, match="model was loaded"):
+        cli.main(base)
+
+
+def test_export_cli_model_arg(tmp_path, monkeypatch, capsys) -> None:
+    """--model-arg is the shared KEY=VALUE syntax: it reaches create_model; a malformed item is a clear error."""
+    from mpvg_kernels import cli
+
+    seen = {}
+
+    def fake_export(model, out, format, **kwargs):
+        seen.update(model=model, format=format, **kwargs)
+        return E.ExportResult(tmp_path / "x", "wrote nothing", None)
+
+    monkeypatch.setattr(E, "export_model", fake_export)
+    rc = cli.main(["export", "--model", "vit_digits", "--pe", "lape", "--model-arg", "pool=cls", "--model-arg",
+                   "depth=2", "--num-classes", "3", "--format", "pt2", "--out", str(tmp_path / "x")])
+    assert rc == 0 and "wrote nothing" in capsys.readouterr().err
+    m = seen["model"]
+    assert m.pool == "cls" and len(m.blocks) == 2 and m.head.out_features == 3 and not m.training
+    assert seen["format"] == "pt2" and seen["backend"] is None and seen["verify"] is False
+    rc = cli.main(["export", "--model", "vit_digits", "--model-arg", "pool", "--format", "pt2", "--out",
+                   str(tmp_path / "x")])
+    assert rc == 2 and "--model-arg expects KEY=VALUE" in capsys.readouterr().err
