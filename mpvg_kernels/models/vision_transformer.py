@@ -95,8 +95,13 @@ class VisionTransformer(nn.Module):
         pool = default_pool(pe) if pool is None else pool
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+        _check_sizes(
+            ("depth", depth, 1), ("num_classes", num_classes, 0), ("embed_dim", embed_dim, 1),
+            ("num_heads", num_heads, 1), ("in_chans", in_chans, 1),
+            *(("patch_size", p, 1) for p in to_2tuple(patch_size)), *(("img_size", v, 1) for v in to_2tuple(img_size)),
+        )
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
         if patch_init not in ("default", "kaiming_normal"):
             raise ValueError(f"patch_init must be 'default' or 'kaiming_normal', got {patch_init!r}")
         preset = PRESETS[pe]
@@ -243,6 +248,7 @@ class VisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a fresh one for ``num_classes`` (0: identity, features out)."""
+        _check_sizes(("num_classes", num_classes, 0))
         self.num_classes = num_classes
         ref = self.norm.weight
         if num_classes > 0:
@@ -484,6 +490,13 @@ class VisionTransformer(nn.Module):
             f"include_layer0={self.include_layer0}, hierarchical={self.hierarchical}, last_pos={self.last_pos}, "
             f"block_style={self.block_style!r}"
         )
+
+
+def _check_sizes(*checks: tuple[str, Any, int]) -> None:
+    """Raise a ValueError naming the first (name, value, minimum) whose value is not an int >= minimum."""
+    for name, value, minimum in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _clear_cache_hook(module: nn.Module, incompatible_keys: Any) -> None:

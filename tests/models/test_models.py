@@ -526,3 +526,25 @@ def test_param_table_rows_and_paper_agreement():
         assert abs(by[key]["diff_vs_paper"]) <= 1100, (key, by[key])
     text = format_param_table(rows)
     assert "deit_base_patch16_224" in text and "vit_digits" in text
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(patch_size=0), "patch_size"),
+        (dict(num_classes=-1), "num_classes"),
+        (dict(embed_dim=0), "embed_dim"),
+        (dict(num_heads=0), "num_heads"),
+        (dict(in_chans=0), "in_chans"),
+        (dict(img_size=(16, 0)), "img_size"),
+        (dict(depth=0), "depth"),
+        (dict(mlp_ratio=0.0), "mlp_ratio"),
+    ],
+)
+def test_bad_sizes_are_clear_errors(kwargs, name):
+    """A size that cannot build a model is a ValueError naming it, not a ZeroDivisionError or a silent model."""
+    with pytest.raises(ValueError, match=name):
+        create_model("vit_digits", **kwargs)
+    model = create_model("vit_digits")
+    with pytest.raises(ValueError, match="num_classes"):
+        model.reset_classifier(-3)
