@@ -82,6 +82,18 @@ class FrozenPEModel(nn.Module):
         return self.model(x, pe_terms=self.frozen_terms())
 
 
+def _prepare(
+    model: nn.Module, out: str | os.PathLike, freeze: bool, example_batch: int
+) -> tuple[nn.Module, Path, torch.Tensor]:
+    """(the model to trace, in eval mode and frozen if asked; the output path, its folder created; an input)."""
+    if freeze and not isinstance(model, FrozenPEModel):
+        model = FrozenPEModel(model)
+    model.eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return model, out, example_input(model, example_batch)
+
+
 def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
     """A random image batch of the model's input size (``default_cfg["input_size"]``)."""
     inner = model.model if isinstance(model, FrozenPEModel) else model
@@ -172,12 +184,7 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
     register_onnx_symbolics()
-    if freeze and not isinstance(model, FrozenPEModel):
-        model = FrozenPEModel(model)
-    model.eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    x = example_input(model, example_batch)
+    model, out, x = _prepare(model, out, freeze, example_batch)
     with torch.no_grad(), _quiet_export():
         torch.onnx.export(
             model,
@@ -243,12 +250,7 @@ def export_pt2(
     The ``mpvg::`` custom ops stay in the graph (when the backend in force resolves to a fused kernel); the program
     loads with ``torch.export.load`` in a process that has imported ``mpvg_kernels``. Returns the path.
     """
-    if freeze and not isinstance(model, FrozenPEModel):
-        model = FrozenPEModel(model)
-    model.eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    x = example_input(model, example_batch)
+    model, out, x = _prepare(model, out, freeze, example_batch)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     with torch.no_grad():
         ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
