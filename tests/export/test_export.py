@@ -13,12 +13,12 @@ import torch
 
 import mpvg_kernels as mk
 from mpvg_kernels import export as E
+from mpvg_kernels.models import PE_MODES as MODES
 from mpvg_kernels.models import create_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-MODES = ("default", "lape", "pvg", "mpvg")
 ATOL = 1e-4
 BATCHES = (1, 5)  # neither is the export's example batch (2): the batch dimension must be dynamic
 
