@@ -303,7 +303,7 @@ class _Trainer:
             t_train = time.perf_counter() - t0
             train_time += t_train
             train_images += stats["images"]
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": sched.get_last_lr(),
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": sched.get_last_lr()[0],
                                       "train_images_per_s": stats["images"] / t_train, "train_time_s": t_train}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or epoch + 1 == stop_after_epoch:
                 res = evaluate(model, eval_loader, eval_tf, device, amp_dtype, info)
@@ -405,7 +405,7 @@ class _Trainer:
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0 or step + 1 == len(loader):
-                    bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{sched.get_last_lr():.2e}")
+                    bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         if bar is not None:
             bar.close()
         total_loss, total_n = D.all_reduce_sum([float(loss_sum), float(n)], self.info)
