@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader
@@ -51,13 +50,13 @@ from .checkpoint import (
 )
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .ema import ModelEma
+from .evaluate import AMP_DTYPES, evaluate
 from .metrics import JsonlLog, plot_curves
 from .schedule import WarmupCosine
 
 #: Config keys that may differ between a checkpoint and the run that resumes it (they do not change the math).
 RESUME_FREE_KEYS = frozenset({"num_workers", "device", "compile", "threads"})
 CHECKPOINT_NAME = "checkpoint.pt"
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -79,36 +78,6 @@ def model_input_spec(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
             raise UserError(f"{name} {list(v)} has {len(v)} values; the model {cfg.model} has {c} input channels")
     return {"in_chans": c, "input_size": [h, w], "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "crop_pct": crop_pct}
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module, device: torch.device,
-             amp_dtype: torch.dtype | None, info: D.DistInfo | None = None) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean cross-entropy, summed exactly over ranks.
-
-    Runs ``model.eval()`` under ``torch.inference_mode()``, so the model uses its inference PE cache.
-    """
-    was_training = model.training
-    model.eval()
-    c1 = c5 = loss_sum = n = 0.0
-    for x, y in loader:
-        x = transform(x.to(device, non_blocking=True))
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(x)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        c1 += float((top[:, 0] == y).sum())
-        c5 += float((top == y[:, None]).any(dim=1).sum())
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        n += len(y)
-    if info is not None:
-        c1, c5, loss_sum, n = D.all_reduce_sum([c1, c5, loss_sum, n], info)
-    model.train(was_training)
-    if n == 0:
-        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
-    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n, "n": int(n)}
 
 
 def _show_progress(flag: bool | None, info: D.DistInfo) -> bool:
