@@ -34,13 +34,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import UserError
+from ..models import count_parameters, param_groups
 from . import data as data_mod
 from . import distributed as D
 from .augment import EvalTransform, TrainTransform, classification_loss
 from .checkpoint import (
     build_model,
     capture_rng,
-    count_params,
     load_checkpoint,
     load_state_dict_checked,
     restore_rng,
@@ -48,7 +48,7 @@ from .checkpoint import (
     seed_all,
     weights_digest,
 )
-from .config import TrainConfig, config_from_dict, config_to_dict
+from .config import TrainConfig, config_to_dict
 from .ema import ModelEma
 from .evaluate import AMP_DTYPES, evaluate
 from .metrics import JsonlLog, plot_curves
@@ -97,9 +97,10 @@ def _check_resume_config(ckpt_cfg: dict[str, Any], cfg: TrainConfig, path: Path)
                         + "; ".join(diffs[:6]) + "). Resume with the same recipe and flags.")
 
 
-def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to start a new run in ``out`` over an unfinished one (unless ``overwrite``)."""
     ckpt = out / CHECKPOINT_NAME
-    if resume or not ckpt.exists() or overwrite:
+    if not ckpt.exists() or overwrite:
         return
     try:
         old = load_checkpoint(ckpt)
@@ -149,7 +150,7 @@ class _Trainer:
         device = info.device
         if info.is_main:
             if not resume:
-                _prepare_out_dir(out, False, overwrite)
+                _prepare_out_dir(out, overwrite)
             out.mkdir(parents=True, exist_ok=True)
         resume_path: Path | None = None
         if resume:
@@ -171,7 +172,7 @@ class _Trainer:
         for note in splits.notes:
             self.log(f"note: {note}")
         model.to(device)
-        n_params = count_params(model)
+        n_params = count_parameters(model)
 
         # loaders
         workers = cfg.num_workers
@@ -191,8 +192,6 @@ class _Trainer:
                             f"{cfg.batch_size}; lower --batch-size")
 
         # optimisation
-        from ..models import param_groups
-
         global_batch = cfg.batch_size * info.world_size
         peak_lr = cfg.lr * global_batch / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr,
@@ -397,9 +396,3 @@ def _backend_name(device: torch.device) -> str:
         return str(backends.resolve_backend(device))
     except Exception:  # noqa: BLE001 - informational only
         return "unknown"
-
-
-def config_of_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
-    """The :class:`TrainConfig` a checkpoint was trained with."""
-    return config_from_dict(ckpt["config"])
-
