@@ -14,40 +14,9 @@ from typing import Any
 from .options import add_device_arg
 
 
-def predict_images(ckpt_path: str, images: list[str], topk: int = 5, weights: str = "auto",
-                   device: str = "auto") -> list[dict[str, Any]]:
-    """``[{"image": path, "top": [{"class", "index", "prob"}, ...]}, ...]`` for each image path."""
-    import torch
-
-    from ..train.augment import EvalTransform
-    from ..train.checkpoint import load_checkpoint, model_from_checkpoint
-    from ..train.data import read_image, resize_center_crop
-    from ..train.distributed import resolve_device
-
-    ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, weights, f"checkpoint {ckpt_path}")
-    meta = ckpt["data"]
-    dev = resolve_device(device)
-    model.to(dev).eval()
-    in_chans, size = int(meta["in_chans"]), meta["input_size"]
-    tf = EvalTransform(size, in_chans, meta["mean"], meta["std"]).to(dev)
-    classes = list(meta["classes"])
-    k = max(1, min(topk, len(classes)))
-    out = []
-    with torch.inference_mode():
-        for path in images:
-            img = read_image(path, in_chans)
-            if meta.get("eval_resize") == "center_crop":
-                img = resize_center_crop(img, size, float(meta["crop_pct"]))
-            logits = model(tf(img[None].to(dev))).float()
-            probs = logits.softmax(dim=-1)[0]
-            p, idx = probs.topk(k)
-            out.append({"image": str(path), "top": [{"class": classes[int(i)], "index": int(i), "prob": float(q)}
-                                                    for q, i in zip(p.tolist(), idx.tolist(), strict=True)]})
-    return out
-
-
 def _run(args: argparse.Namespace) -> int:
+    from ..train.predict import predict_images
+
     results = predict_images(args.checkpoint, args.images, args.topk, args.weights, args.device)
     if args.json:
         print(json.dumps(results, indent=2))

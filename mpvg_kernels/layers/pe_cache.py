@@ -13,20 +13,30 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 __all__ = ["PECache", "cache_bypassed", "no_autocast", "optimizer_step_count"]
 
 _optimizer_steps = [0]
+_step_hook: Any = None  # the handle once the hook is registered
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     _optimizer_steps[0] += 1
 
 
-# Fused optimizers (``torch.optim.AdamW(fused=True)`` and friends) update parameters without bumping their
-# autograd version counters, so every ``optimizer.step()`` of any optimizer also advances a global counter that
-# is part of every cache key. The hook costs one integer increment per step.
-register_optimizer_step_post_hook(_count_optimizer_step)
+def _watch_optimizer_steps() -> None:
+    """Register the global optimizer step post-hook that advances :func:`optimizer_step_count`, once.
+
+    Fused optimizers (``torch.optim.AdamW(fused=True)`` and friends) update parameters without bumping their
+    autograd version counters, so the step counter is part of every cache key. The hook is registered lazily, the
+    first time any :class:`PECache` stores a value: importing the package or building and training a model
+    registers nothing, and every step after a cache fill (the only steps a stored key can miss) is counted. The
+    hook costs one integer increment per step.
+    """
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def optimizer_step_count() -> int:
-    """How many ``optimizer.step()`` calls this process has made (any optimizer); part of every cache key."""
+    """How many ``optimizer.step()`` calls (any optimizer) this process has made since the first
+    :class:`PECache` stored a value (0 before that; see :func:`_watch_optimizer_steps`); part of every cache key."""
     return _optimizer_steps[0]
 
 
@@ -53,7 +63,8 @@ class PECache:
     be reused by new tensors while it lives.
 
     What invalidates it: ``load_state_dict`` (``copy_`` bumps versions), optimizer steps (versions, plus the
-    global step counter for fused optimizers), in-place edits under ``no_grad``, ``.to()``/``.half()``/``.cuda()``
+    global step counter for fused optimizers, counted by a global optimizer step post-hook that the first stored
+    value registers), in-place edits under ``no_grad``, ``.to()``/``.half()``/``.cuda()``
     (new storage, dtype or device). What it cannot see: writes that bypass autograd's version counter, such as
     ``p.data.mul_(2)`` or in-place collectives (``dist.broadcast(p)``); call :meth:`clear` after those.
 
@@ -101,6 +112,7 @@ class PECache:
         if key is None:
             self.clear()
         else:
+            _watch_optimizer_steps()  # before storing: every later step changes the counter in the key
             self._key, self._value, self._refs = key, value, tuple(t.detach() for t in tensors)
         return value
 

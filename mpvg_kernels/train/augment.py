@@ -29,25 +29,20 @@ from .data import resize_batch
 
 
 def channel_stats(values: Sequence[float], channels: int, name: str) -> torch.Tensor:
-    """Per-channel mean/std as ``[1, C, 1, 1]``; a single value is broadcast to all channels."""
+    """Per-channel mean/std as ``[1, C]``; a single value is broadcast to all channels."""
     v = [float(x) for x in values]
     if len(v) == 1:
         v = v * channels
     if len(v) != channels:
         raise ValueError(f"{name} has {len(v)} values but the images have {channels} channels")
-    return torch.tensor(v, dtype=torch.float32).view(1, channels, 1, 1)
+    return torch.tensor(v, dtype=torch.float32).view(1, channels)
 
 
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel."""
+def channel_normalize(mean: Sequence[float], std: Sequence[float], channels: int) -> nn.Module:
+    """kornia's ``Normalize``: ``(x - mean) / std`` per channel, the statistics as non-persistent buffers."""
+    from kornia.enhance import Normalize
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], channels: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", channel_stats(mean, channels, "mean"), persistent=False)
-        self.register_buffer("std", channel_stats(std, channels, "std"), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+    return Normalize(channel_stats(mean, channels, "mean"), channel_stats(std, channels, "std"))
 
 
 class ChunkedRandAugment(nn.Module):
@@ -135,7 +130,7 @@ class TrainTransform(nn.Module):
         if aug and cfg.randaug_n > 0:
             pixel_ops.append(ChunkedRandAugment(cfg.randaug_n, cfg.randaug_m, cfg.randaug_chunk))
         self.pixel_ops = nn.Sequential(*pixel_ops)
-        self.normalize = Normalize(mean, std, channels)
+        self.normalize = channel_normalize(mean, std, channels)
         self.erase = K.RandomErasing(p=cfg.reprob, value=0.0) if aug and cfg.reprob > 0 else None
         self.mix = MixupCutmix(cfg.mixup if aug else 0.0, cfg.cutmix if aug else 0.0, cfg.mixup_prob,
                                cfg.mixup_switch_prob, num_classes, cfg.label_smoothing)
@@ -160,7 +155,7 @@ class EvalTransform(nn.Module):
                  std: Sequence[float]) -> None:
         super().__init__()
         self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.normalize = Normalize(mean, std, channels)
+        self.normalize = channel_normalize(mean, std, channels)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +165,6 @@ class EvalTransform(nn.Module):
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Cross-entropy in fp32: soft targets ``[B, K]`` (mixup) or int labels with label smoothing."""
     logits = logits.float()
-    if target.ndim == 2:
-        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    if target.ndim == 2:  # class probabilities, smoothing already folded in
+        return F.cross_entropy(logits, target)
     return F.cross_entropy(logits, target, label_smoothing=smoothing)

@@ -48,11 +48,6 @@ def build_model(name: str, pe: str, num_classes: int, kwargs: dict[str, Any] | N
                         f"kwargs={kwargs or {}}): {e}") from None
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (each shared tensor counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 of every parameter and buffer (name, dtype, shape and bytes), for cross-rank equality checks."""
     h = hashlib.sha256()

@@ -185,7 +185,6 @@ class DataSplits:
     train: Dataset
     test: Dataset
     classes: list[str]
-    source_channels: int
     #: ``full``: the batch pipeline resizes whole images to the input size (digits, CIFAR);
     #: ``center_crop``: images arrive already cropped (folder data) with :func:`resize_center_crop`.
     eval_resize: str
@@ -250,7 +249,6 @@ def _load_digits(in_chans: int) -> DataSplits:
         train=TensorImageDataset(x[train_idx], y[train_idx], in_chans, "digits"),
         test=TensorImageDataset(x[test_idx], y[test_idx], in_chans, "digits"),
         classes=[str(i) for i in range(10)],
-        source_channels=1,
         eval_resize="full",
         test_name="test",
         in_memory=True,
@@ -358,7 +356,6 @@ def _load_cifar(spec: DataSpec, in_chans: int) -> DataSplits:
         train=TensorImageDataset(xtr, ytr, in_chans, spec.kind),
         test=TensorImageDataset(xte, yte, in_chans, spec.kind),
         classes=_cifar_classes(root, spec.kind),
-        source_channels=3,
         eval_resize="full",
         test_name="test",
         in_memory=True,
@@ -427,7 +424,6 @@ def _load_folder(spec: DataSpec, in_chans: int, input_size: Sequence[int], crop_
         train=train_ds,
         test=ImageFolderDataset(val, in_chans, (h, w), crop_pct),
         classes=classes,
-        source_channels=in_chans,
         eval_resize="center_crop",
         test_name="val",
         in_memory=False,

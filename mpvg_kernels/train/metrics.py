@@ -51,9 +51,13 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
         pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None and not _nan(r[key])]
         return [p[0] for p in pts], [p[1] for p in pts]
 
+    # With EMA on, the trainer logs the EMA weights' results as eval_loss/top1/top5 and the trained weights' as
+    # eval_loss_raw/top1_raw/top5_raw.
+    ema = any(r.get("eval_loss_raw") is not None for r in records)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     ax = axes[0]
-    for key, label in (("train_loss", "train"), ("eval_loss", "held-out"), ("eval_loss_ema", "held-out (EMA)")):
+    for key, label in (("train_loss", "train"), ("eval_loss", "held-out (EMA)" if ema else "held-out"),
+                       ("eval_loss_raw", "held-out (raw weights)")):
         xs, ys = series(key)
         if xs:
             ax.plot(xs, ys, marker=".", label=label)
@@ -61,7 +65,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
     ax.set_ylabel("loss")
     ax.legend()
     ax = axes[1]
-    for key, label in (("top1", "top-1"), ("top5", "top-5"), ("top1_raw", "top-1 (raw weights)")):
+    suffix = " (EMA)" if ema else ""
+    for key, label in (("top1", "top-1" + suffix), ("top5", "top-5" + suffix), ("top1_raw", "top-1 (raw weights)")):
         xs, ys = series(key)
         if xs:
             ax.plot(xs, ys, marker=".", label=label)

@@ -25,23 +25,23 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import UserError
+from ..models import count_parameters, param_groups
 from . import data as data_mod
 from . import distributed as D
 from .augment import EvalTransform, TrainTransform, classification_loss
 from .checkpoint import (
     build_model,
     capture_rng,
-    count_params,
     load_checkpoint,
     load_state_dict_checked,
     restore_rng,
@@ -49,15 +49,15 @@ from .checkpoint import (
     seed_all,
     weights_digest,
 )
-from .config import TrainConfig, config_from_dict, config_to_dict
+from .config import TrainConfig, config_to_dict
 from .ema import ModelEma
+from .evaluate import AMP_DTYPES, evaluate
 from .metrics import JsonlLog, plot_curves
 from .schedule import WarmupCosine
 
 #: Config keys that may differ between a checkpoint and the run that resumes it (they do not change the math).
 RESUME_FREE_KEYS = frozenset({"num_workers", "device", "compile", "threads"})
 CHECKPOINT_NAME = "checkpoint.pt"
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -81,36 +81,6 @@ def model_input_spec(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
             "crop_pct": crop_pct}
 
 
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module, device: torch.device,
-             amp_dtype: torch.dtype | None, info: D.DistInfo | None = None) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean cross-entropy, summed exactly over ranks.
-
-    Runs ``model.eval()`` under ``torch.inference_mode()``, so the model uses its inference PE cache.
-    """
-    was_training = model.training
-    model.eval()
-    c1 = c5 = loss_sum = n = 0.0
-    for x, y in loader:
-        x = transform(x.to(device, non_blocking=True))
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(x)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        c1 += float((top[:, 0] == y).sum())
-        c5 += float((top == y[:, None]).any(dim=1).sum())
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        n += len(y)
-    if info is not None:
-        c1, c5, loss_sum, n = D.all_reduce_sum([c1, c5, loss_sum, n], info)
-    model.train(was_training)
-    if n == 0:
-        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
-    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n, "n": int(n)}
-
-
 def _show_progress(flag: bool | None, info: D.DistInfo) -> bool:
     if not info.is_main:
         return False
@@ -128,9 +98,10 @@ def _check_resume_config(ckpt_cfg: dict[str, Any], cfg: TrainConfig, path: Path)
                         + "; ".join(diffs[:6]) + "). Resume with the same recipe and flags.")
 
 
-def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to start a new run in ``out`` over an unfinished one (unless ``overwrite``)."""
     ckpt = out / CHECKPOINT_NAME
-    if resume or not ckpt.exists() or overwrite:
+    if not ckpt.exists() or overwrite:
         return
     try:
         old = load_checkpoint(ckpt)
@@ -164,6 +135,42 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool | str | os.P
         torch.set_num_threads(threads_before)
 
 
+@dataclass
+class _Data:
+    """The data side of a run: the data set, the model's input spec and the loaders."""
+
+    spec: data_mod.DataSpec
+    classes: list[str]
+    inp: dict[str, Any]  # model_input_spec
+    splits: data_mod.DataSplits
+    sampler: D.ShardedSampler
+    train_loader: DataLoader
+    eval_loader: DataLoader
+
+
+@dataclass
+class _Optimization:
+    """Optimizer, per-step learning-rate schedule, gradient scaler, EMA and autocast dtype of a run."""
+
+    optimizer: torch.optim.Optimizer
+    sched: WarmupCosine
+    scaler: torch.amp.GradScaler
+    ema: ModelEma | None
+    amp_dtype: torch.dtype | None
+    peak_lr: float
+    global_batch: int
+
+
+@dataclass
+class _Progress:
+    """What the epoch loop did in this invocation."""
+
+    last: dict[str, Any]  # the last epoch's record ({} when nothing was left to train)
+    completed: int  # epochs completed, counting those before a resume
+    train_images: int = 0
+    train_time: float = 0.0
+
+
 class _Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, info: D.DistInfo, verbose: bool = True) -> None:
         self.cfg, self.out, self.info, self.verbose = cfg, out, info, verbose
@@ -175,24 +182,40 @@ class _Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def run(self, resume: bool | str | os.PathLike, stop_after_epoch: int | None, progress: bool | None,
             overwrite: bool) -> dict[str, Any]:
-        cfg, info, out = self.cfg, self.info, self.out
         t_start = time.perf_counter()
-        device = info.device
+        ckpt, resume_path = self._open_run(resume, overwrite)
+        model, data = self._setup_model_and_data()
+        opt = self._build_optimization(model, len(data.train_loader))
+        log = JsonlLog(self.out / "metrics.jsonl")
+        start_epoch = self._restore(ckpt, resume_path, model, opt, log)
+        del ckpt
+        done = self._epoch_loop(model, data, opt, log, start_epoch, stop_after_epoch, progress)
+        return self._finish(model, data, opt, log, done, t_start)
+
+    def _open_run(self, resume: bool | str | os.PathLike, overwrite: bool) -> tuple[dict[str, Any] | None,
+                                                                                   Path | None]:
+        """Create the output directory (refusing to overwrite an unfinished run) and load the checkpoint to
+        resume from, checked against this run's settings and world size."""
+        cfg, info, out = self.cfg, self.info, self.out
         if info.is_main:
             if not resume:
-                _prepare_out_dir(out, False, overwrite)
+                _prepare_out_dir(out, overwrite)
             out.mkdir(parents=True, exist_ok=True)
-        resume_path: Path | None = None
-        if resume:
-            resume_path = out / CHECKPOINT_NAME if resume is True else Path(resume)
-        ckpt = load_checkpoint(resume_path) if resume_path is not None else None
-        if ckpt is not None:
-            _check_resume_config(ckpt["config"], cfg, resume_path)  # type: ignore[arg-type]
-            if int(ckpt.get("world_size", 1)) != info.world_size:
-                raise UserError(f"cannot resume {resume_path}: written with world size {ckpt.get('world_size')}, "
-                                f"now {info.world_size}; the global batch and schedule would change")
+        if not resume:
+            return None, None
+        resume_path = out / CHECKPOINT_NAME if resume is True else Path(resume)
+        ckpt = load_checkpoint(resume_path)
+        _check_resume_config(ckpt["config"], cfg, resume_path)
+        if int(ckpt.get("world_size", 1)) != info.world_size:
+            raise UserError(f"cannot resume {resume_path}: written with world size {ckpt.get('world_size')}, "
+                            f"now {info.world_size}; the global batch and schedule would change")
+        return ckpt, resume_path
 
-        # model (same init on every rank), data
+    def _setup_model_and_data(self) -> tuple[nn.Module, _Data]:
+        """Build the model (same init on every rank: seeded with ``cfg.seed``), load the data in the model's input
+        format and build the sharded loaders."""
+        cfg, info = self.cfg, self.info
+        device = info.device
         seed_all(cfg.seed)
         spec = data_mod.parse_data_spec(cfg.data)
         classes = data_mod.class_names(spec)
@@ -202,9 +225,7 @@ class _Trainer:
         for note in splits.notes:
             self.log(f"note: {note}")
         model.to(device)
-        n_params = count_params(model)
 
-        # loaders
         workers = cfg.num_workers
         if workers is None:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(info.world_size)))
@@ -216,14 +237,15 @@ class _Trainer:
         eval_loader = DataLoader(splits.test, batch_size=max(cfg.batch_size, 128),
                                  sampler=D.EvalShardSampler(len(splits.test), info.world_size, info.rank),
                                  num_workers=workers, pin_memory=pin)
-        steps_per_epoch = len(train_loader)
-        if steps_per_epoch == 0:
+        if len(train_loader) == 0:
             raise UserError(f"the training set has {len(sampler)} images per process, fewer than the batch size "
                             f"{cfg.batch_size}; lower --batch-size")
+        return model, _Data(spec, classes, inp, splits, sampler, train_loader, eval_loader)
 
-        # optimisation
-        from ..models import param_groups
-
+    def _build_optimization(self, model: nn.Module, steps_per_epoch: int) -> _Optimization:
+        """AdamW on the model's param groups, the warmup + cosine schedule (warmup and cooldown shrunk to half of
+        a short run), the fp16 gradient scaler and the EMA."""
+        cfg, info = self.cfg, self.info
         global_batch = cfg.batch_size * info.world_size
         peak_lr = cfg.lr * global_batch / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr,
@@ -238,33 +260,42 @@ class _Trainer:
                              warmup_steps=round(warmup * steps_per_epoch),
                              cooldown_steps=round(cooldown * steps_per_epoch),
                              warmup_lr=min(cfg.warmup_lr, peak_lr), min_lr=min(cfg.min_lr, peak_lr))
-        amp_dtype = AMP_DTYPES[cfg.amp]
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
         ema = ModelEma(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
+        return _Optimization(optimizer, sched, scaler, ema, AMP_DTYPES[cfg.amp], peak_lr, global_batch)
 
-        log = JsonlLog(out / "metrics.jsonl")
-        start_epoch = 0
-        if ckpt is not None:
-            load_state_dict_checked(model, ckpt["state_dict"], f"checkpoint {resume_path}")
-            optimizer.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler") is not None:
-                scaler.load_state_dict(ckpt["scaler"])
-            if ema is not None:
-                if not ckpt.get("ema"):
-                    raise UserError(f"checkpoint {resume_path} has no EMA state")
-                ema.load_state_dict(ckpt["ema"])
-            start_epoch = int(ckpt["epoch"])
-            restore_rng(ckpt["rng"][info.rank])
-            if info.is_main:
-                log.truncate_after(start_epoch)
-            self.log(f"resumed {resume_path} at epoch {start_epoch}/{cfg.epochs}")
-        else:
+    def _restore(self, ckpt: dict[str, Any] | None, resume_path: Path | None, model: nn.Module,
+                 opt: _Optimization, log: JsonlLog) -> int:
+        """Load the checkpoint's weights, optimizer, schedule, scaler, EMA and this rank's RNG state and return the
+        epoch to start from; a fresh run seeds this rank's augmentation RNG and starts a new metrics log."""
+        cfg, info = self.cfg, self.info
+        if ckpt is None:
             seed_all(_rank_seed(cfg.seed, info.rank))
             if info.is_main and log.path.exists():
                 log.path.unlink()
-        del ckpt
+            return 0
+        load_state_dict_checked(model, ckpt["state_dict"], f"checkpoint {resume_path}")
+        opt.optimizer.load_state_dict(ckpt["optimizer"])
+        opt.sched.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler") is not None:
+            opt.scaler.load_state_dict(ckpt["scaler"])
+        if opt.ema is not None:
+            if not ckpt.get("ema"):
+                raise UserError(f"checkpoint {resume_path} has no EMA state")
+            opt.ema.load_state_dict(ckpt["ema"])
+        start_epoch = int(ckpt["epoch"])
+        restore_rng(ckpt["rng"][info.rank])
+        if info.is_main:
+            log.truncate_after(start_epoch)
+        self.log(f"resumed {resume_path} at epoch {start_epoch}/{cfg.epochs}")
+        return start_epoch
 
+    def _epoch_loop(self, model: nn.Module, data: _Data, opt: _Optimization, log: JsonlLog, start_epoch: int,
+                    stop_after_epoch: int | None, progress: bool | None) -> _Progress:
+        """Wrap the model (DDP, compile), then per epoch: train, evaluate (every ``eval_every`` epochs and at the
+        end), log the record, save the checkpoint and redraw the curves; stop early after ``stop_after_epoch``."""
+        cfg, info, out = self.cfg, self.info, self.out
+        device = info.device
         train_model: nn.Module = model
         if info.distributed:
             train_model = nn.parallel.DistributedDataParallel(
@@ -272,43 +303,44 @@ class _Trainer:
         if cfg.compile:
             train_model = torch.compile(train_model)  # type: ignore[assignment]
 
-        train_tf = TrainTransform(cfg, inp["input_size"], inp["in_chans"], len(classes), inp["mean"],
+        inp, spec, splits = data.inp, data.spec, data.splits
+        train_tf = TrainTransform(cfg, inp["input_size"], inp["in_chans"], len(data.classes), inp["mean"],
                                   inp["std"]).to(device)
         eval_tf = EvalTransform(inp["input_size"], inp["in_chans"], inp["mean"], inp["std"]).to(device)
 
+        n_params = count_parameters(model)
         meta = {
-            "model": {"name": cfg.model, "pe": cfg.pe, "kwargs": dict(cfg.model_kwargs), "num_classes": len(classes),
-                      "params": n_params},
-            "data": {"spec": str(spec), "classes": list(classes), "in_chans": inp["in_chans"],
+            "model": {"name": cfg.model, "pe": cfg.pe, "kwargs": dict(cfg.model_kwargs),
+                      "num_classes": len(data.classes), "params": n_params},
+            "data": {"spec": str(spec), "classes": list(data.classes), "in_chans": inp["in_chans"],
                      "input_size": inp["input_size"], "mean": inp["mean"], "std": inp["std"],
                      "crop_pct": inp["crop_pct"], "eval_resize": splits.eval_resize},
         }
         if info.is_main:
             (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         self.log(f"mpvg train: {cfg.model} pe={cfg.pe} ({n_params / 1e6:.3f} M params) on {spec} "
-                 f"({len(splits.train)} train / {len(splits.test)} {splits.test_name} images, {len(classes)} classes)"
-                 f"; {info.world_size} process(es) on {device}, global batch {global_batch} = {cfg.batch_size} x "
-                 f"{info.world_size}, peak lr {peak_lr:.3g}, {cfg.epochs} epochs x {steps_per_epoch} steps, "
-                 f"amp={cfg.amp}{', compile' if cfg.compile else ''}{', EMA' if ema else ''}")
+                 f"({len(splits.train)} train / {len(splits.test)} {splits.test_name} images, "
+                 f"{len(data.classes)} classes); {info.world_size} process(es) on {device}, global batch "
+                 f"{opt.global_batch} = {cfg.batch_size} x {info.world_size}, peak lr {opt.peak_lr:.3g}, "
+                 f"{cfg.epochs} epochs x {len(data.train_loader)} steps, "
+                 f"amp={cfg.amp}{', compile' if cfg.compile else ''}{', EMA' if opt.ema else ''}")
 
         show_bar = _show_progress(progress, info)
-        train_images = 0
-        train_time = 0.0
-        last: dict[str, Any] = {}
-        completed = start_epoch
+        done = _Progress(last={}, completed=start_epoch)
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            stats = self._train_epoch(train_model, model, train_loader, sampler, train_tf, optimizer, sched, scaler,
-                                      ema, amp_dtype, epoch, show_bar)
+            stats = self._train_epoch(train_model, model, data.train_loader, data.sampler, train_tf, opt.optimizer,
+                                      opt.sched, opt.scaler, opt.ema, opt.amp_dtype, epoch, show_bar)
             t_train = time.perf_counter() - t0
-            train_time += t_train
-            train_images += stats["images"]
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": sched.get_last_lr(),
+            done.train_time += t_train
+            done.train_images += stats["images"]
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": stats["loss"],
+                                      "lr": opt.sched.get_last_lr()[0],
                                       "train_images_per_s": stats["images"] / t_train, "train_time_s": t_train}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or epoch + 1 == stop_after_epoch:
-                res = evaluate(model, eval_loader, eval_tf, device, amp_dtype, info)
-                if ema is not None:
-                    res_ema = evaluate(ema.module, eval_loader, eval_tf, device, amp_dtype, info)
+                res = evaluate(model, data.eval_loader, eval_tf, device, opt.amp_dtype, info)
+                if opt.ema is not None:
+                    res_ema = evaluate(opt.ema.module, data.eval_loader, eval_tf, device, opt.amp_dtype, info)
                     record.update(top1=res_ema["top1"], top5=res_ema["top5"], eval_loss=res_ema["loss"],
                                   top1_raw=res["top1"], top5_raw=res["top5"], eval_loss_raw=res["loss"])
                 else:
@@ -320,37 +352,45 @@ class _Trainer:
                 log.append(record)
                 save_checkpoint(out / CHECKPOINT_NAME, {
                     **meta, "config": config_to_dict(cfg), "epoch": epoch + 1, "world_size": info.world_size,
-                    "state_dict": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                    "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rng_states,
+                    "state_dict": model.state_dict(), "ema": opt.ema.state_dict() if opt.ema is not None else None,
+                    "optimizer": opt.optimizer.state_dict(), "scheduler": opt.sched.state_dict(),
+                    "scaler": opt.scaler.state_dict() if opt.scaler.is_enabled() else None, "rng": rng_states,
                     "metrics": record,
                 })
                 try:
                     plot_curves(log.read(), out / "curves.png", f"{cfg.model} pe={cfg.pe} on {spec}")
                 except Exception as e:  # noqa: BLE001 - a plotting failure must not stop training
                     print(f"warning: could not draw curves.png: {e}", file=sys.stderr)
-            last = record
-            completed = epoch + 1
+            done.last = record
+            done.completed = epoch + 1
             self._print_epoch(record, cfg.epochs)
             D.barrier(info)
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
                 self.log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
                 break
+        return done
 
+    def _finish(self, model: nn.Module, data: _Data, opt: _Optimization, log: JsonlLog, done: _Progress,
+                t_start: float) -> dict[str, Any]:
+        """Check that the ranks hold the same weights, write ``summary.json`` and report where everything is."""
+        cfg, info, out = self.cfg, self.info, self.out
+        spec, splits = data.spec, data.splits
         digests = D.all_gather_objects(weights_digest(model), info)
+        last, completed = done.last, done.completed
         if not last and info.is_main:  # resumed a finished run: report the stored metrics
             last = log.read()[-1] if log.read() else {}
         summary = {
             "top1": last.get("top1"), "top5": last.get("top5"), "eval_loss": last.get("eval_loss"),
             "top1_raw": last.get("top1_raw"), "eval_split": splits.test_name, "eval_images": last.get("eval_images"),
             "epochs": completed, "epochs_planned": cfg.epochs, "finished": completed >= cfg.epochs,
-            "train_images_per_s": train_images / train_time if train_time > 0 else None,
-            "train_images": train_images, "train_time_s": train_time, "wall_s": time.perf_counter() - t_start,
-            "params": n_params, "model": cfg.model, "pe": cfg.pe, "model_kwargs": dict(cfg.model_kwargs),
-            "data": str(spec), "num_classes": len(classes), "world_size": info.world_size,
-            "batch_size_per_process": cfg.batch_size, "global_batch": global_batch, "peak_lr": peak_lr,
-            "amp": cfg.amp, "compile": cfg.compile, "ema": cfg.ema, "seed": cfg.seed, "device": str(device),
-            "backend": _backend_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "train_images_per_s": done.train_images / done.train_time if done.train_time > 0 else None,
+            "train_images": done.train_images, "train_time_s": done.train_time,
+            "wall_s": time.perf_counter() - t_start, "params": count_parameters(model), "model": cfg.model,
+            "pe": cfg.pe, "model_kwargs": dict(cfg.model_kwargs), "data": str(spec), "num_classes": len(data.classes),
+            "world_size": info.world_size, "batch_size_per_process": cfg.batch_size,
+            "global_batch": opt.global_batch, "peak_lr": opt.peak_lr, "amp": cfg.amp, "compile": cfg.compile,
+            "ema": cfg.ema, "seed": cfg.seed, "device": str(info.device), "backend": _backend_name(info.device),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
             "ranks_in_sync": len(set(digests)) == 1, "weights_sha256": digests,
             "checkpoint": str(out / CHECKPOINT_NAME), "metrics": str(out / "metrics.jsonl"),
             "curves": str(out / "curves.png"),
@@ -405,7 +445,7 @@ class _Trainer:
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0 or step + 1 == len(loader):
-                    bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{sched.get_last_lr():.2e}")
+                    bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         if bar is not None:
             bar.close()
         total_loss, total_n = D.all_reduce_sum([float(loss_sum), float(n)], self.info)
@@ -428,9 +468,3 @@ def _backend_name(device: torch.device) -> str:
         return str(backends.resolve_backend(device))
     except Exception:  # noqa: BLE001 - informational only
         return "unknown"
-
-
-def config_of_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
-    """The :class:`TrainConfig` a checkpoint was trained with."""
-    return config_from_dict(ckpt["config"])
-

@@ -167,6 +167,39 @@ def test_warmup_cosine_schedule() -> None:
     assert opt.param_groups[0]["lr"] == pytest.approx(s.lr_at(37))
 
 
+def test_warmup_cosine_is_a_torch_scheduler() -> None:
+    """A torch LRScheduler with list get_last_lr(); the values are those of the hand-written schedule it replaced
+    (computed with it and hard-coded here), bit for bit, also after a state-dict round trip."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    s = WarmupCosine(opt, peak_lr=1e-3, total_steps=100, warmup_steps=10, cooldown_steps=10, warmup_lr=1e-6,
+                     min_lr=1e-5)
+    assert isinstance(s, torch.optim.lr_scheduler.LRScheduler)
+    expected = {0: 1e-06, 1: 0.00010090000000000001, 5: 0.0005005000000000001, 9: 0.0009001000000000001,
+                10: 0.001, 11: 0.000999618372939158, 37: 0.0007468675145409927, 50: 0.000505,
+                79: 5.546912895658472e-05, 80: 4.7679631406913064e-05, 89: 1.0381627060842164e-05, 90: 1e-05,
+                99: 1e-05, 100: 1e-05}
+    seen = {}
+    for step in range(101):
+        last = s.get_last_lr()
+        assert isinstance(last, list) and len(last) == 1 and last[0] == opt.param_groups[0]["lr"]
+        if step in expected:
+            seen[step] = last[0]
+        p.grad = torch.zeros(1)
+        opt.step()
+        s.step()
+    assert seen == expected
+    odd = WarmupCosine(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 0.0007, 330, 33, 7)
+    assert [odd.lr_at(i) for i in (0, 17, 33, 200, 329)] == [1e-06, 0.0003610909090909091, 0.0007,
+                                                             0.0002735531092044871, 1e-05]
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s2 = WarmupCosine(opt2, 1e-3, 100, 10, 10, 1e-6, 1e-5)
+    s2.load_state_dict({"step_count": 37})  # the state dict the hand-written schedule saved
+    assert s2.get_last_lr() == [expected[37]] and opt2.param_groups[0]["lr"] == expected[37]
+    s2.load_state_dict(s.state_dict())
+    assert s2.get_last_lr() == [1e-05] and s2.last_epoch == 101
+
+
 def test_ema_tracks_weights() -> None:
     m = torch.nn.Linear(3, 2)
     ema = ModelEma(m, decay=0.5, warmup=False)
@@ -178,6 +211,53 @@ def test_ema_tracks_weights() -> None:
     e2 = ModelEma(m, decay=0.5)
     e2.load_state_dict(ema.state_dict())
     assert torch.equal(e2.module.weight, ema.module.weight) and e2.updates == 1
+
+
+def test_ema_decay_warmup_and_averaged_model() -> None:
+    m = torch.nn.Linear(3, 2)
+    ema = ModelEma(m, decay=0.9)
+    assert isinstance(ema.averaged, torch.optim.swa_utils.AveragedModel) and ema.module is ema.averaged.module
+    assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+    expected = [t.detach().clone() for t in (m.weight, m.bias)]
+    for k in range(4):
+        with torch.no_grad():
+            m.weight.mul_(1.5).add_(0.25)
+            m.bias.sub_(0.5)
+        d = min(0.9, (1 + k) / (10 + k))
+        assert ema.current_decay() == d
+        ema.update(m)
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, (m.weight, m.bias), strict=True)]
+        assert torch.allclose(ema.module.weight, expected[0]) and torch.allclose(ema.module.bias, expected[1])
+    assert ema.updates == 4 and int(ema.averaged.n_averaged) == 5
+    e2 = ModelEma(torch.nn.Linear(3, 2), decay=0.9)
+    e2.load_state_dict(ema.state_dict())
+    assert e2.current_decay() == ema.current_decay() and int(e2.averaged.n_averaged) == 5
+    assert set(ema.state_dict()["state_dict"]) == {"weight", "bias"}  # the plain model's keys
+
+
+def test_plot_curves_draws_the_logged_series(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.axes
+
+    from mpvg_kernels.train.metrics import plot_curves
+
+    labels: list[str] = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def plot(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        labels.append(kwargs.get("label", ""))
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    ema_records = [{"epoch": e, "train_loss": 2.0 / e, "lr": 1e-3, "top1": 50.0 + e, "top5": 90.0,
+                    "eval_loss": 1.0 / e, "top1_raw": 49.0 + e, "top5_raw": 89.0, "eval_loss_raw": 1.1 / e}
+                   for e in (1, 2)]
+    plot_curves(ema_records, tmp_path / "ema.png")
+    assert labels == ["train", "held-out (EMA)", "held-out (raw weights)", "top-1 (EMA)", "top-5 (EMA)",
+                      "top-1 (raw weights)", ""]
+    labels.clear()
+    plot_curves([{k: v for k, v in r.items() if "raw" not in k} for r in ema_records], tmp_path / "plain.png")
+    assert labels == ["train", "held-out", "top-1", "top-5", ""]
+    assert (tmp_path / "ema.png").stat().st_size > 0 and (tmp_path / "plain.png").stat().st_size > 0
 
 
 def test_sharded_sampler_matches_single_process_batches() -> None:
@@ -251,6 +331,34 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
         C.model_from_checkpoint(ck)
     with pytest.raises(UserError, match="no EMA weights"):
         C.model_from_checkpoint(C.load_checkpoint(good), weights="ema")
+
+
+def test_evaluate_checkpoint_and_predict_images_as_library_calls(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from mpvg_kernels.train.data import digits_split
+    from mpvg_kernels.train.evaluate import evaluate_checkpoint
+    from mpvg_kernels.train.predict import predict_images
+
+    model = C.build_model("vit_digits", "mpvg", 10)
+    path = tmp_path / "c.pt"
+    C.save_checkpoint(path, {
+        "model": {"name": "vit_digits", "pe": "mpvg", "kwargs": {}, "num_classes": 10},
+        "data": {"spec": "digits", "classes": [str(i) for i in range(10)], "in_chans": 1, "input_size": [16, 16],
+                 "mean": [0.3053], "std": [0.376], "crop_pct": 1.0, "eval_resize": "full"},
+        "config": {}, "epoch": 1, "state_dict": model.state_dict()})
+    r = evaluate_checkpoint(path, batch_size=100)
+    assert r["images"] == 360 and r["split"] == "test" and r["data"] == "digits" and r["weights"] == "model"
+    assert r["checkpoint"] == str(path) and r["epoch"] == 1 and 0.0 <= r["top1"] <= r["top5"] <= 100.0
+    with pytest.raises(UserError, match="no EMA weights"):
+        evaluate_checkpoint(path, weights="ema")
+    with pytest.raises(UserError, match="amp must be one of"):
+        evaluate_checkpoint(path, amp="fp8")
+    images, _, _, test_idx = digits_split()
+    png = tmp_path / "d.png"
+    Image.fromarray(images[test_idx[0]]).save(png)
+    out = predict_images(path, [png], topk=3)
+    assert [o["image"] for o in out] == [str(png)] and len(out[0]["top"]) == 3
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""Held-out evaluation: the evaluation loop (used by the trainer after each epoch) and a checkpoint's accuracy on a
+data set's held-out split (``mpvg eval``).
+
+The model runs in eval mode under ``torch.inference_mode()``, i.e. with its inference PE cache.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import distributed as D
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module, device: torch.device,
+             amp_dtype: torch.dtype | None, info: D.DistInfo | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy, summed exactly over ranks.
+
+    Runs ``model.eval()`` under ``torch.inference_mode()``, so the model uses its inference PE cache.
+    """
+    was_training = model.training
+    model.eval()
+    c1 = c5 = loss_sum = n = 0.0
+    for x, y in loader:
+        x = transform(x.to(device, non_blocking=True))
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        c1 += float((top[:, 0] == y).sum())
+        c5 += float((top == y[:, None]).any(dim=1).sum())
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        n += len(y)
+    if info is not None:
+        c1, c5, loss_sum, n = D.all_reduce_sum([c1, c5, loss_sum, n], info)
+    model.train(was_training)
+    if n == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n, "n": int(n)}
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, batch_size: int = 256,
+                        num_workers: int | None = None, device: str = "auto", weights: str = "auto",
+                        amp: str = "none") -> dict[str, Any]:
+    """Top-1/top-5 accuracy and mean loss of a checkpoint's model on a data set's held-out split.
+
+    ``data``: a data spec (``digits``, ``cifar10:PATH``, ...) with the checkpoint's classes; None: the data set the
+    checkpoint was trained on (a warning goes to stderr when the class names differ; classes compare by index).
+    ``num_workers``: DataLoader workers (None: 0 for in-memory data, 4 for folder data). ``weights``: ``auto``
+    (EMA when the run kept one), ``ema`` or ``model``. ``amp``: ``none``, ``bf16`` or ``fp16`` autocast.
+
+    Returns ``{top1, top5, loss, images, split, data, checkpoint, model, pe, epoch, weights}``; every failure the
+    user can fix is a :class:`~mpvg_kernels.errors.UserError`.
+    """
+    from ..errors import UserError
+    from . import data as data_mod
+    from .augment import EvalTransform
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+
+    if amp not in AMP_DTYPES:
+        raise UserError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt, weights, f"checkpoint {checkpoint}")
+    meta = ckpt["data"]
+    spec = data_mod.parse_data_spec(data or meta["spec"])
+    classes = data_mod.class_names(spec)
+    n_classes = int(ckpt["model"]["num_classes"])
+    if len(classes) != n_classes:
+        raise UserError(f"{spec} has {len(classes)} classes but the checkpoint's model predicts {n_classes}")
+    if list(classes) != list(meta["classes"]):
+        print(f"warning: the class names of {spec} differ from the checkpoint's; comparing by index",
+              file=sys.stderr)
+    splits = data_mod.load_data(spec, int(meta["in_chans"]), meta["input_size"], float(meta["crop_pct"]))
+    dev = D.resolve_device(device)
+    loader = DataLoader(splits.test, batch_size=batch_size, num_workers=num_workers if num_workers
+                        is not None else (0 if splits.in_memory else 4), pin_memory=dev.type == "cuda")
+    tf = EvalTransform(meta["input_size"], int(meta["in_chans"]), meta["mean"], meta["std"]).to(dev)
+    res = evaluate(model.to(dev), loader, tf, dev, AMP_DTYPES[amp])
+    return {"top1": res["top1"], "top5": res["top5"], "loss": res["loss"], "images": res["n"],
+            "split": splits.test_name, "data": str(spec), "checkpoint": str(checkpoint),
+            "model": ckpt["model"]["name"], "pe": ckpt["model"]["pe"], "epoch": int(ckpt["epoch"]),
+            "weights": "ema" if ckpt.get("ema") and weights != "model" else "model"}
