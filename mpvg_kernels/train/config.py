@@ -20,6 +20,7 @@ import yaml
 from ..dataclass_flags import add_dataclass_flags, coerce_value, explicit_values
 from ..dataclass_flags import flag_name as flag_name  # re-exported: ``--field-name`` of a config field
 from ..errors import UserError
+from ..models import PE_MODES
 
 RECIPE_PACKAGE, RECIPE_FOLDER = "mpvg_kernels.train", "recipes"
 DEFAULT_RECIPE = "digits"
@@ -37,7 +38,7 @@ class TrainConfig:
 
     # model
     model: str = _f("vit_digits", "model name (see mpvg_kernels.models.list_models())")
-    pe: str = _f("mpvg", "position-embedding mode", choices=("mpvg", "default", "lape", "pvg"))
+    pe: str = _f("mpvg", "position-embedding mode", choices=PE_MODES)
     model_kwargs: dict[str, Any] = _f(
         {}, "extra keyword arguments for create_model, e.g. drop_path_rate (YAML/JSON mapping)"
     )
