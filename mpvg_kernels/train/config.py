@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -207,6 +208,11 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.ema_decay < 1, "ema_decay must be in (0, 1)"),
         (cfg.threads is None or cfg.threads >= 1, "threads must be >= 1"),
     ]
+    for f in dataclasses.fields(cfg):  # inf/nan anywhere (lr, weight_decay, betas, ...) is never meant
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise UserError(f"invalid config: {f.name} must be finite, got {value}")
     for ok, msg in checks:
         if not ok:
             raise UserError(f"invalid config: {msg}")

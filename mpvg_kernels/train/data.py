@@ -130,6 +130,8 @@ def read_image(path: str | os.PathLike, in_chans: int) -> torch.Tensor:
             arr = np.asarray(im.convert(mode), dtype=np.uint8)
     except FileNotFoundError:
         raise ImageReadError(f"image not found: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"cannot read image {path}: {e}") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"cannot read image {path}: {e}") from None
     t = torch.from_numpy(arr.copy())

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from ..errors import UserError
 
 
 class JsonlLog:
@@ -27,10 +30,27 @@ class JsonlLog:
             os.fsync(f.fileno())
 
     def read(self) -> list[dict[str, Any]]:
-        """All records (an empty list when the file does not exist)."""
+        """All records (an empty list when the file does not exist).
+
+        A partial last line (a write cut short by a kill) is dropped with a warning; an unreadable line anywhere
+        else is a :class:`UserError` naming the file and line."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        lines = text.splitlines()
+        records = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1 and not text.endswith("\n"):
+                    print(f"warning: {self.path}: dropped a partial last line (a write was cut short)",
+                          file=sys.stderr)
+                    break
+                raise UserError(f"{self.path} line {i + 1} is not JSON: {line[:80]!r}") from None
+        return records
 
     def truncate_after(self, epoch: int) -> None:
         """Keep only records with ``record["epoch"] <= epoch``."""

@@ -38,6 +38,7 @@ from ..errors import UserError
 from ..models import count_parameters, param_groups
 from . import data as data_mod
 from . import distributed as D
+from . import run_dir
 from .augment import EvalTransform, TrainTransform, classification_loss
 from .checkpoint import (
     build_model,
@@ -98,19 +99,15 @@ def _check_resume_config(ckpt_cfg: dict[str, Any], cfg: TrainConfig, path: Path)
                         + "; ".join(diffs[:6]) + "). Resume with the same recipe and flags.")
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to start a new run in ``out`` over an unfinished one (unless ``overwrite``)."""
-    ckpt = out / CHECKPOINT_NAME
-    if not ckpt.exists() or overwrite:
-        return
+def _is_finished(ckpt_path: Path) -> bool | None:
+    """Whether the checkpoint at ``ckpt_path`` finished its schedule (None: no readable checkpoint)."""
+    if not ckpt_path.exists():
+        return None
     try:
-        old = load_checkpoint(ckpt)
-        finished = int(old["epoch"]) >= int(old["config"]["epochs"])
-    except UserError:
-        finished = False
-    if not finished:
-        raise UserError(f"{out} holds an unfinished run ({ckpt}); pass --resume to continue it or --overwrite to "
-                        "start again")
+        old = load_checkpoint(ckpt_path)
+        return int(old["epoch"]) >= int(old["config"]["epochs"])
+    except (UserError, KeyError, TypeError, ValueError):
+        return None
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool | str | os.PathLike = False,
@@ -183,29 +180,61 @@ class _Trainer:
     def run(self, resume: bool | str | os.PathLike, stop_after_epoch: int | None, progress: bool | None,
             overwrite: bool) -> dict[str, Any]:
         t_start = time.perf_counter()
-        ckpt, resume_path = self._open_run(resume, overwrite)
-        model, data = self._setup_model_and_data()
-        opt = self._build_optimization(model, len(data.train_loader))
-        log = JsonlLog(self.out / "metrics.jsonl")
-        start_epoch = self._restore(ckpt, resume_path, model, opt, log)
-        del ckpt
-        done = self._epoch_loop(model, data, opt, log, start_epoch, stop_after_epoch, progress)
-        return self._finish(model, data, opt, log, done, t_start)
+        created = self._claim_out_dir()
+        try:
+            ckpt, resume_path = self._open_run(resume, overwrite)
+            model, data = self._setup_model_and_data()
+            opt = self._build_optimization(model, len(data.train_loader))
+        except BaseException:
+            # nothing was trained: leave no empty folder behind (and never touch an existing run's files)
+            self._lock.release(remove=created)
+            if created and self.info.is_main and not any(self.out.iterdir()):
+                self.out.rmdir()
+            raise
+        try:
+            if ckpt is None and overwrite and self.info.is_main:
+                removed = run_dir.clear_run_files(self.out)
+                if removed:
+                    self.log(f"note: --overwrite: removed the previous run's {', '.join(removed)} from {self.out}")
+            log = JsonlLog(self.out / "metrics.jsonl")
+            start_epoch = self._restore(ckpt, resume_path, model, opt, log)
+            del ckpt
+            done = self._epoch_loop(model, data, opt, log, start_epoch, stop_after_epoch, progress)
+            return self._finish(model, data, opt, log, done, t_start)
+        finally:
+            self._lock.release()
+
+    def _claim_out_dir(self) -> bool:
+        """Rank 0: check ``--out``, create it and take the run lock. Returns whether the folder was created."""
+        self._lock = run_dir.RunLock(self.out)
+        if not self.info.is_main:
+            return False
+        run_dir.check_out_dir(self.out)
+        created = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except BaseException:
+            if created and not any(self.out.iterdir()):
+                self.out.rmdir()
+            raise
+        return created
 
     def _open_run(self, resume: bool | str | os.PathLike, overwrite: bool) -> tuple[dict[str, Any] | None,
                                                                                    Path | None]:
-        """Create the output directory (refusing to overwrite an unfinished run) and load the checkpoint to
-        resume from, checked against this run's settings and world size."""
+        """Refuse to start over an existing run (unless ``overwrite``), or load the checkpoint to resume from,
+        checked against this run's settings and world size; a finished run has nothing to resume."""
         cfg, info, out = self.cfg, self.info, self.out
-        if info.is_main:
-            if not resume:
-                _prepare_out_dir(out, overwrite)
-            out.mkdir(parents=True, exist_ok=True)
         if not resume:
+            if info.is_main and not overwrite and run_dir.existing_run_files(out):
+                run_dir.refuse_existing_run(out, _is_finished(out / CHECKPOINT_NAME))
             return None, None
         resume_path = out / CHECKPOINT_NAME if resume is True else Path(resume)
         ckpt = load_checkpoint(resume_path)
         _check_resume_config(ckpt["config"], cfg, resume_path)
+        if int(ckpt["epoch"]) >= cfg.epochs:
+            raise UserError(f"nothing to resume: {resume_path} is a finished run ({int(ckpt['epoch'])}/{cfg.epochs} "
+                            "epochs); its files are left as they are (train longer with a new run and --epochs)")
         if int(ckpt.get("world_size", 1)) != info.world_size:
             raise UserError(f"cannot resume {resume_path}: written with world size {ckpt.get('world_size')}, "
                             f"now {info.world_size}; the global batch and schedule would change")
@@ -451,8 +480,10 @@ class _Trainer:
         total_loss, total_n = D.all_reduce_sum([float(loss_sum), float(n)], self.info)
         mean_loss = total_loss / max(total_n, 1)
         if not math.isfinite(mean_loss):
-            raise RuntimeError(f"training diverged in epoch {epoch + 1}: the loss is {mean_loss} (lower --lr, set "
-                               "--clip-grad, or use --amp bf16 instead of fp16)")
+            kept = (f"the checkpoint of epoch {epoch} in {self.out / CHECKPOINT_NAME} is kept as it was" if epoch
+                    else "no checkpoint was written")
+            raise UserError(f"training diverged in epoch {epoch + 1}: the mean loss is {mean_loss}; {kept} (lower "
+                            "--lr, set --clip-grad, or use --amp bf16 instead of fp16)")
         return {"loss": mean_loss, "images": int(total_n)}
 
     def _print_epoch(self, r: dict[str, Any], epochs: int) -> None:

@@ -238,3 +238,14 @@ def test_resize_helpers() -> None:
     assert torch.equal(same, img[:, :24, :24])
     x = torch.rand(2, 1, 8, 8)
     assert D.resize_batch(x, (16, 16)).shape == (2, 1, 16, 16) and D.resize_batch(x, (8, 8)) is x
+
+
+def test_decompression_bomb_names_the_file(tmp_path, monkeypatch):
+    """PIL refuses images over its pixel limit; the error must say which file (it reaches the user as one line)."""
+    from PIL import Image
+
+    path = tmp_path / "huge.png"
+    Image.new("L", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2 x the limit: a "bomb"
+    with pytest.raises(D.ImageReadError, match="huge.png"):
+        D.read_image(path, 1)
