@@ -20,11 +20,14 @@ with weights bitwise equal to an uninterrupted run (same machine, same world siz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,9 @@ from .schedule import WarmupCosine
 #: Config keys that may differ between a checkpoint and the run that resumes it (they do not change the math).
 RESUME_FREE_KEYS = frozenset({"num_workers", "device", "compile", "threads"})
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Error texts of a collective whose peer process is gone (gloo, NCCL).
+_PEER_FAILURE_HINTS = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+                       "remote process exited", "ProcessGroupGloo")
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -198,11 +204,40 @@ class _Trainer:
                     self.log(f"note: --overwrite: removed the previous run's {', '.join(removed)} from {self.out}")
             log = JsonlLog(self.out / "metrics.jsonl")
             start_epoch = self._restore(ckpt, resume_path, model, opt, log)
+            self._saved_epoch = start_epoch
             del ckpt
-            done = self._epoch_loop(model, data, opt, log, start_epoch, stop_after_epoch, progress)
-            return self._finish(model, data, opt, log, done, t_start)
+            with self._stop_cleanly_if_a_peer_fails():
+                done = self._epoch_loop(model, data, opt, log, start_epoch, stop_after_epoch, progress)
+                return self._finish(model, data, opt, log, done, t_start)
         finally:
             self._lock.release()
+
+    def _peer_failed_message(self, why: str) -> str:
+        saved = (f"the checkpoint of epoch {self._saved_epoch} in {self.out / CHECKPOINT_NAME} is intact: continue "
+                 "with --resume" if self._saved_epoch else "no checkpoint was written yet")
+        return f"rank {self.info.rank} stopped: {why}; {saved}"
+
+    @contextlib.contextmanager
+    def _stop_cleanly_if_a_peer_fails(self) -> Iterator[None]:
+        """Under torchrun, turn the end of the job after another rank failed (the launcher's SIGTERM, or a
+        collective whose peer vanished) into one line that says where the last good checkpoint is."""
+        if not self.info.distributed:
+            yield
+            return
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            raise UserError(self._peer_failed_message("the launcher ended the job (another process failed)"))
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            yield
+        except RuntimeError as e:  # DistError subclasses it; gloo reports a vanished peer as a plain RuntimeError
+            msg = str(e)
+            if not (isinstance(e, torch.distributed.DistError) or any(k in msg for k in _PEER_FAILURE_HINTS)):
+                raise
+            raise UserError(self._peer_failed_message(f"a collective failed ({msg.splitlines()[0][:160]})")) from e
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def _claim_out_dir(self) -> bool:
         """Rank 0: check ``--out``, create it and take the run lock. Returns whether the folder was created."""
@@ -386,14 +421,18 @@ class _Trainer:
                     "scaler": opt.scaler.state_dict() if opt.scaler.is_enabled() else None, "rng": rng_states,
                     "metrics": record,
                 })
+                self._saved_epoch = epoch + 1
                 try:
                     plot_curves(log.read(), out / "curves.png", f"{cfg.model} pe={cfg.pe} on {spec}")
+                except UserError:  # e.g. the job is being stopped: not a plotting problem
+                    raise
                 except Exception as e:  # noqa: BLE001 - a plotting failure must not stop training
                     print(f"warning: could not draw curves.png: {e}", file=sys.stderr)
             done.last = record
             done.completed = epoch + 1
             self._print_epoch(record, cfg.epochs)
             D.barrier(info)
+            self._saved_epoch = epoch + 1  # on every rank: rank 0 wrote it before the barrier
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
                 self.log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
                 break
