@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["PECache", "cache_bypassed", "no_autocast", "optimizer_step_count"]
+__all__ = ["PECache", "cache_bypassed", "no_autocast", "optimizer_step_count", "watch_optimizer_steps"]
 
 _optimizer_steps = [0]
 _step_hook: Any = None  # the handle once the hook is registered
@@ -20,7 +20,7 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: A
     _optimizer_steps[0] += 1
 
 
-def _watch_optimizer_steps() -> None:
+def watch_optimizer_steps() -> None:
     """Register the global optimizer step post-hook that advances :func:`optimizer_step_count`, once.
 
     Fused optimizers (``torch.optim.AdamW(fused=True)`` and friends) update parameters without bumping their
@@ -36,7 +36,7 @@ def _watch_optimizer_steps() -> None:
 
 def optimizer_step_count() -> int:
     """How many ``optimizer.step()`` calls (any optimizer) this process has made since the first
-    :class:`PECache` stored a value (0 before that; see :func:`_watch_optimizer_steps`); part of every cache key."""
+    :class:`PECache` stored a value (0 before that; see :func:`watch_optimizer_steps`); part of every cache key."""
     return _optimizer_steps[0]
 
 
@@ -112,7 +112,7 @@ class PECache:
         if key is None:
             self.clear()
         else:
-            _watch_optimizer_steps()  # before storing: every later step changes the counter in the key
+            watch_optimizer_steps()  # before storing: every later step changes the counter in the key
             self._key, self._value, self._refs = key, value, tuple(t.detach() for t in tensors)
         return value
 
