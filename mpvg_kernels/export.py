@@ -284,11 +284,17 @@ def load_model(
     model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """The model to export, in eval mode; the loading itself is :mod:`mpvg_kernels.train.checkpoint`'s and
-    :func:`mpvg_kernels.models.load_pretrained`'s, the file is read once.
+    :func:`mpvg_kernels.models.checkpoint_filter_fn`'s, the file is read once.
+
+    Every parameter and buffer of the returned model comes from the checkpoint (when one is given); anything else
+    is a :class:`~mpvg_kernels.errors.UserError` naming what is missing, unused or of another shape:
 
     - an ``mpvg train`` checkpoint: the model is rebuilt from it (name, PE mode and options recorded there; a
-      ``name``/``pe`` that disagrees is an error); ``weights`` picks ``auto``/``ema``/``model``;
-    - a timm/DeiT-format checkpoint: needs ``name`` (and ``pe``), loaded with the models' checkpoint filter;
+      ``name``, ``pe``, ``num_classes`` or ``model_kwargs`` entry that disagrees is an error); ``weights`` picks
+      ``auto``/``ema``/``model``;
+    - a timm/DeiT-format checkpoint or plain state dict: needs ``name`` (and ``pe``), adapted with the models'
+      checkpoint filter (PE grid resampling and RGB -> gray patch filters are allowed), then every tensor of the
+      model must be there with its shape and every tensor of the checkpoint must be used;
     - no checkpoint: ``create_model(name, pe=pe, num_classes=..., **model_kwargs)`` with its random init (for smoke
       tests and benchmarking); ``num_classes`` None keeps the registered one.
     """
@@ -305,20 +311,98 @@ def load_model(
             for what, given, stored in (("model", name, meta["name"]), ("pe", pe, meta["pe"])):
                 if given is not None and given != stored:
                     raise UserError(f"--{what} {given!r} disagrees with the checkpoint, which holds {stored!r}")
-            return C.model_from_checkpoint(ckpt, weights=weights, where=str(path)).eval()
+            model = C.model_from_checkpoint(ckpt, weights=weights, where=str(path)).eval()
+            _check_options_against_checkpoint(meta, num_classes, model_kwargs or {}, model)
+            return model
         if name is None:
             raise UserError(f"{path} is not an `mpvg train` checkpoint: pass --model (and --pe) to load it")
     if name is None:
         raise UserError("pass --model NAME (or --checkpoint of an `mpvg train` run)")
     model = C.build_model(name, pe or "default", num_classes, dict(model_kwargs or {}))  # type: ignore[arg-type]
     if raw is not None:
-        from .models import load_pretrained
-
-        try:
-            load_pretrained(model, raw)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"cannot load {checkpoint} into {name} (pe={pe}): {e}") from None
+        _load_complete(model, raw, f"{checkpoint}", f"{name} (pe={pe or 'default'})")
     return model.eval()
+
+
+def _norm_value(v: Any) -> Any:
+    """Lists and tuples compare alike (``img_size=[16, 16]`` from a YAML file, ``(16, 16)`` from Python)."""
+    return tuple(_norm_value(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _check_options_against_checkpoint(meta: dict[str, Any], num_classes: int | None,
+                                      model_kwargs: dict[str, Any], model: nn.Module) -> None:
+    """``--num-classes`` / ``--model-arg`` given with an ``mpvg train`` checkpoint must equal what it holds (its
+    recorded options, else the registered defaults, else what the rebuilt ``model`` resolved a None default to):
+    the model is rebuilt from the checkpoint, never changed."""
+    import inspect
+
+    from .errors import UserError
+    from .models import MODEL_CFGS
+    from .models.vision_transformer import VisionTransformer
+
+    stored_classes = int(meta["num_classes"])
+    if num_classes is not None and int(num_classes) != stored_classes:
+        raise UserError(f"--num-classes {num_classes} disagrees with the checkpoint, which holds {stored_classes} "
+                        "(the model is rebuilt from the checkpoint; drop --num-classes)")
+    if not model_kwargs:
+        return
+    effective: dict[str, Any] = {
+        k: p.default for k, p in inspect.signature(VisionTransformer.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    effective.update(MODEL_CFGS.get(meta["name"], {}).get("model", {}))
+    effective.update(dict(meta.get("kwargs") or {}))
+    for key, value in model_kwargs.items():
+        if effective.get(key, "") is None and isinstance(getattr(model, key, None), (str, int, float, bool)):
+            effective[key] = getattr(model, key)  # e.g. pool=None: resolved by the model
+        if key not in effective:
+            raise UserError(f"--model-arg {key}={value!r}: {key!r} is not an option of {meta['name']} (the model "
+                            "is rebuilt from the checkpoint; drop --model-arg)")
+        if _norm_value(value) != _norm_value(effective[key]):
+            raise UserError(f"--model-arg {key}={value!r} disagrees with the checkpoint, which holds "
+                            f"{effective[key]!r} (the model is rebuilt from the checkpoint; drop --model-arg)")
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def _load_complete(model: nn.Module, raw: Any, where: str, what: str) -> None:
+    """Load timm/DeiT-format weights (or a plain state dict) into ``model`` only if they give every one of its
+    parameters and buffers and every checkpoint tensor is used; else a UserError listing the differences."""
+    from .errors import UserError
+    from .models.pretrained import checkpoint_filter_fn, unwrap_state_dict
+
+    try:
+        sd = unwrap_state_dict(raw)
+        filtered = checkpoint_filter_fn(raw, model)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"cannot load {where} into {what}: {e}") from None
+    own = model.state_dict()
+    shapes, missing = [], []
+    for k, t in own.items():
+        v = filtered.get(k, sd.get(k))  # the filter drops a head of another size: report its shape
+        if v is None:
+            missing.append(k)
+        elif tuple(v.shape) != tuple(t.shape):
+            shapes.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(t.shape)}")
+    has_cls_src = "cls_token" in sd or "dist_token" in sd
+    if "pos_embed" in filtered and getattr(model, "cls_token", None) is not None and not has_cls_src:
+        missing.append("pos_embed[class-token row]")  # the filter keeps the model's own (random) row
+    unused = [k for k in sd if k not in filtered and k not in own] + [k for k in filtered if k not in own]
+    if "cls_token" in unused and "pos_embed" in filtered:
+        unused.append("pos_embed[class-token row]")  # dropped with the class token
+    if missing or shapes or unused:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (they would keep their initial values): {_few(missing)}")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape: {_few(shapes, 3)}")
+        if unused:
+            parts.append(f"unused {len(unused)} (in the checkpoint, not in the model): {_few(unused)}")
+        raise UserError(f"{where} does not fit {what}: the exported model would not be entirely from the "
+                        f"checkpoint: {'; '.join(parts)}")
+    model.load_state_dict(filtered, strict=True)
 
 
 def max_abs_diff_onnx(model: nn.Module, path: str | os.PathLike, x: torch.Tensor) -> float:
@@ -333,6 +417,35 @@ def max_abs_diff_onnx(model: nn.Module, path: str | os.PathLike, x: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------- one call
+
+
+def check_export_options(out: str | os.PathLike, format: str, *, opset: int = DEFAULT_OPSET,
+                         backend: str | None = None, device: torch.device | str = "cpu") -> None:
+    """Refuse, before any work, what an export cannot do (a :class:`~mpvg_kernels.errors.UserError` naming the
+    value): an unknown format, an opset below 17, an output path that is a folder (or below a file), a backend
+    that is unknown or not available for tensors on ``device`` (where the model is traced)."""
+    from .errors import UserError
+
+    if format not in FORMATS:
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "onnx" and opset < MIN_OPSET:
+        raise UserError(f"--opset {opset}: ONNX export needs opset >= {MIN_OPSET} (LayerNormalization)")
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; give the file to write, e.g. {path / ('model.' + format)}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"--out {path}: {parent} is a file, not a folder")
+    if backend is not None:
+        if backend not in backends.KNOWN_BACKENDS:
+            raise UserError(f"--backend {backend}: unknown backend; choose one of "
+                            f"{', '.join(backends.KNOWN_BACKENDS)}")
+        dev = torch.device(device)
+        why = None if backend == "auto" else backends._unavailable_reason(backend, dev)
+        if why is not None:
+            raise UserError(f"--backend {backend} is not available to trace a model on {dev.type}: {why}")
 
 
 class ExportResult(NamedTuple):
@@ -361,8 +474,9 @@ def export_model(
     """
     from .errors import UserError
 
-    if format not in FORMATS:
-        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    first = next(iter(model.parameters()), None)
+    check_export_options(out, format, opset=opset, backend=backend,
+                         device=first.device if first is not None else "cpu")
 
     def backend_scope() -> contextlib.AbstractContextManager:
         return backends.use_backend(backend) if backend else contextlib.nullcontext()
