@@ -2,6 +2,10 @@
 
 With --checkpoint, every parameter and buffer of the exported model comes from the checkpoint, or the command
 fails naming what is missing, unused or of another shape (it never exports a partly random model).
+
+The file carries deployment metadata (ONNX metadata_props; mpvg_metadata.json in a .pt2 archive): input size,
+mean/std, resize policy, interpolation and antialiasing, crop_pct, class names, model name, PE mode and backend;
+see docs/deploy.md.
 """
 
 from __future__ import annotations
