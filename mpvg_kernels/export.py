@@ -332,6 +332,9 @@ def load_model(
             return model
         if name is None:
             raise UserError(f"{path} is not an `mpvg train` checkpoint: pass --model (and --pe) to load it")
+        if weights != "auto":
+            raise UserError(f"--weights {weights} picks the EMA or trained weights of an `mpvg train` checkpoint; "
+                            f"{path} is not an `mpvg train` checkpoint (it holds one set of weights): drop --weights")
     if name is None:
         raise UserError("pass --model NAME (or --checkpoint of an `mpvg train` run)")
     model = C.build_model(name, pe or "default", num_classes, dict(model_kwargs or {}))  # type: ignore[arg-type]

@@ -88,6 +88,15 @@ def test_unused_class_token_and_missing_class_token_are_refused(tmp_path, capsys
     assert rc == 2 and "cls_token" in line and "pos_embed[class-token row]" in line
 
 
+def test_weights_choice_with_a_plain_state_dict_is_refused(tmp_path, capsys) -> None:
+    """--weights ema|model picks among the weights of an `mpvg train` checkpoint; a plain state dict has one set."""
+    sd = _state_dict(tmp_path / "sd.pt")
+    rc, err = _export(capsys, "--checkpoint", str(sd), "--model", "vit_digits", "--pe", "mpvg", "--weights", "ema",
+                      "--format", "pt2", "--out", str(tmp_path / "m.pt2"))
+    line = _one_line_error(err)
+    assert rc == 2 and "--weights ema" in line and "not an `mpvg train` checkpoint" in line
+
+
 def test_complete_state_dict_exports(tmp_path, capsys) -> None:
     sd = _state_dict(tmp_path / "sd.pt", pool="cls")
     out = tmp_path / "ok.onnx"
