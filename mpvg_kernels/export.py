@@ -600,16 +600,16 @@ def export_model(
     from .errors import UserError
 
     first = next(iter(model.parameters()), None)
-    check_export_options(out, format, opset=opset, backend=backend,
-                         device=first.device if first is not None else "cpu")
+    device = first.device if first is not None else torch.device("cpu")
+    check_export_options(out, format, opset=opset, backend=backend, device=device)
 
     def backend_scope() -> contextlib.AbstractContextManager:
         return backends.use_backend(backend) if backend else contextlib.nullcontext()
 
     with backend_scope():
-        resolved = backends.resolve_backend(torch.device("cpu"))
-        props = {**deployment_metadata(model, resolved), **(metadata or {})}
         try:
+            resolved = backends.resolve_backend(device)  # the backend the graph is traced with
+            props = {**deployment_metadata(model, resolved), **(metadata or {})}
             if format == "onnx":
                 path = export_onnx(model, out, opset=opset)
                 write_onnx_metadata(path, props)
