@@ -119,3 +119,24 @@ def test_predict_images_checks_topk_too(tmp_path) -> None:
 
     with pytest.raises(UserError, match="topk 0"):
         predict_images(tmp_path / "missing.pt", [tmp_path / "a.png"], topk=0)
+
+
+def test_eval_on_cifar_without_meta_compares_by_index_with_a_warning(tmp_path, capsys) -> None:
+    """CIFAR data without its meta file has no class names (0..9): only then is a mismatch a warning."""
+    from test_data import write_cifar10
+
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    cifar = write_cifar10(tmp_path / "c")
+    ckpt = _checkpoint(tmp_path / "c.pt", names, spec=f"cifar10:{cifar}")
+    (cifar / "batches.meta").unlink()
+    rc, out, err = _run(capsys, "eval", "--checkpoint", str(ckpt))
+    assert rc == 0 and "top-1" in out and "class names are unknown; comparing classes by index" in err
+    # with the meta file, other names are an error
+    write_cifar10(tmp_path / "other")
+    meta = tmp_path / "other" / "cifar-10-batches-py" / "batches.meta"
+    import pickle
+
+    with meta.open("wb") as f:
+        pickle.dump({b"label_names": [n.upper().encode() for n in names]}, f)
+    rc, out, err = _run(capsys, "eval", "--checkpoint", str(ckpt), "--data", f"cifar10:{tmp_path / 'other'}")
+    assert rc == 2 and "index 0: checkpoint 'airplane', data 'AIRPLANE'" in _one_line(err, "eval")
