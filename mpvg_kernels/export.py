@@ -14,7 +14,11 @@
 
 - :func:`export_model`: one call for either format (optional backend, optional verification run), what
   ``mpvg export --model NAME --pe MODE [--checkpoint FILE] --format onnx|pt2 --out FILE`` calls after
-  :func:`load_model`.
+  :func:`load_model`. With a checkpoint, every parameter and buffer of the exported model comes from it
+  (:func:`load_model` refuses anything else).
+- :func:`deployment_metadata`: the preprocessing (input size, mean/std, resize policy, interpolation,
+  antialiasing, crop_pct), class names, model name, PE mode and backend, written into the file (ONNX
+  ``metadata_props``; ``mpvg_metadata.json`` in a pt2 archive); ``docs/deploy.md`` says how to read it.
 """
 
 from __future__ import annotations
@@ -244,17 +248,24 @@ def export_pt2(
     example_batch: int = 2,
     max_batch: int = 4096,
     freeze: bool = True,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write ``model`` (frozen as for ONNX) as a ``torch.export`` program (``torch.export.save``), dynamic batch.
 
     The ``mpvg::`` custom ops stay in the graph (when the backend in force resolves to a fused kernel); the program
-    loads with ``torch.export.load`` in a process that has imported ``mpvg_kernels``. Returns the path.
+    loads with ``torch.export.load`` in a process that has imported ``mpvg_kernels``. ``metadata`` is stored as
+    the JSON file :data:`PT2_METADATA_FILE` in the archive. Returns the path.
     """
     model, out, x = _prepare(model, out, freeze, example_batch)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     with torch.no_grad():
         ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
-    torch.export.save(ep, str(out))
+    extra = None
+    if metadata:
+        import json
+
+        extra = {PT2_METADATA_FILE: json.dumps(metadata, indent=1)}
+    torch.export.save(ep, str(out), extra_files=extra)
     return out
 
 
@@ -284,13 +295,23 @@ def load_model(
     model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """The model to export, in eval mode; the loading itself is :mod:`mpvg_kernels.train.checkpoint`'s and
-    :func:`mpvg_kernels.models.load_pretrained`'s, the file is read once.
+    :func:`mpvg_kernels.models.checkpoint_filter_fn`'s, the file is read once.
+
+    Every parameter and buffer of the returned model comes from the checkpoint (when one is given); anything else
+    is a :class:`~mpvg_kernels.errors.UserError` naming what is missing, unused or of another shape:
 
     - an ``mpvg train`` checkpoint: the model is rebuilt from it (name, PE mode and options recorded there; a
-      ``name``/``pe`` that disagrees is an error); ``weights`` picks ``auto``/``ema``/``model``;
-    - a timm/DeiT-format checkpoint: needs ``name`` (and ``pe``), loaded with the models' checkpoint filter;
+      ``name``, ``pe``, ``num_classes`` or ``model_kwargs`` entry that disagrees is an error); ``weights`` picks
+      ``auto``/``ema``/``model``;
+    - a timm/DeiT-format checkpoint or plain state dict: needs ``name`` (and ``pe``), adapted with the models'
+      checkpoint filter (PE grid resampling and RGB -> gray patch filters are allowed), then every tensor of the
+      model must be there with its shape and every tensor of the checkpoint must be used;
     - no checkpoint: ``create_model(name, pe=pe, num_classes=..., **model_kwargs)`` with its random init (for smoke
       tests and benchmarking); ``num_classes`` None keeps the registered one.
+
+    A model from an ``mpvg train`` checkpoint carries the checkpoint's preprocessing and class names
+    (:func:`attach_preprocessing`), which :func:`export_model` writes into the exported file
+    (:func:`deployment_metadata`).
     """
     from .errors import UserError
     from .train import checkpoint as C
@@ -305,20 +326,102 @@ def load_model(
             for what, given, stored in (("model", name, meta["name"]), ("pe", pe, meta["pe"])):
                 if given is not None and given != stored:
                     raise UserError(f"--{what} {given!r} disagrees with the checkpoint, which holds {stored!r}")
-            return C.model_from_checkpoint(ckpt, weights=weights, where=str(path)).eval()
+            model = C.model_from_checkpoint(ckpt, weights=weights, where=str(path)).eval()
+            _check_options_against_checkpoint(meta, num_classes, model_kwargs or {}, model)
+            attach_preprocessing(model, ckpt.get("data") or {})
+            return model
         if name is None:
             raise UserError(f"{path} is not an `mpvg train` checkpoint: pass --model (and --pe) to load it")
+        if weights != "auto":
+            raise UserError(f"--weights {weights} picks the EMA or trained weights of an `mpvg train` checkpoint; "
+                            f"{path} is not an `mpvg train` checkpoint (it holds one set of weights): drop --weights")
     if name is None:
         raise UserError("pass --model NAME (or --checkpoint of an `mpvg train` run)")
     model = C.build_model(name, pe or "default", num_classes, dict(model_kwargs or {}))  # type: ignore[arg-type]
     if raw is not None:
-        from .models import load_pretrained
-
-        try:
-            load_pretrained(model, raw)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"cannot load {checkpoint} into {name} (pe={pe}): {e}") from None
+        _load_complete(model, raw, f"{checkpoint}", f"{name} (pe={pe or 'default'})")
     return model.eval()
+
+
+def _norm_value(v: Any) -> Any:
+    """Lists and tuples compare alike (``img_size=[16, 16]`` from a YAML file, ``(16, 16)`` from Python)."""
+    return tuple(_norm_value(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _check_options_against_checkpoint(meta: dict[str, Any], num_classes: int | None,
+                                      model_kwargs: dict[str, Any], model: nn.Module) -> None:
+    """``--num-classes`` / ``--model-arg`` given with an ``mpvg train`` checkpoint must equal what it holds (its
+    recorded options, else the registered defaults, else what the rebuilt ``model`` resolved a None default to):
+    the model is rebuilt from the checkpoint, never changed."""
+    import inspect
+
+    from .errors import UserError
+    from .models import MODEL_CFGS
+    from .models.vision_transformer import VisionTransformer
+
+    stored_classes = int(meta["num_classes"])
+    if num_classes is not None and int(num_classes) != stored_classes:
+        raise UserError(f"--num-classes {num_classes} disagrees with the checkpoint, which holds {stored_classes} "
+                        "(the model is rebuilt from the checkpoint; drop --num-classes)")
+    if not model_kwargs:
+        return
+    effective: dict[str, Any] = {
+        k: p.default for k, p in inspect.signature(VisionTransformer.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    effective.update(MODEL_CFGS.get(meta["name"], {}).get("model", {}))
+    effective.update(dict(meta.get("kwargs") or {}))
+    for key, value in model_kwargs.items():
+        if effective.get(key, "") is None and isinstance(getattr(model, key, None), (str, int, float, bool)):
+            effective[key] = getattr(model, key)  # e.g. pool=None: resolved by the model
+        if key not in effective:
+            raise UserError(f"--model-arg {key}={value!r}: {key!r} is not an option of {meta['name']} (the model "
+                            "is rebuilt from the checkpoint; drop --model-arg)")
+        if _norm_value(value) != _norm_value(effective[key]):
+            raise UserError(f"--model-arg {key}={value!r} disagrees with the checkpoint, which holds "
+                            f"{effective[key]!r} (the model is rebuilt from the checkpoint; drop --model-arg)")
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def _load_complete(model: nn.Module, raw: Any, where: str, what: str) -> None:
+    """Load timm/DeiT-format weights (or a plain state dict) into ``model`` only if they give every one of its
+    parameters and buffers and every checkpoint tensor is used; else a UserError listing the differences."""
+    from .errors import UserError
+    from .models.pretrained import checkpoint_filter_fn, unwrap_state_dict
+
+    try:
+        sd = unwrap_state_dict(raw)
+        filtered = checkpoint_filter_fn(raw, model)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"cannot load {where} into {what}: {e}") from None
+    own = model.state_dict()
+    shapes, missing = [], []
+    for k, t in own.items():
+        v = filtered.get(k, sd.get(k))  # the filter drops a head of another size: report its shape
+        if v is None:
+            missing.append(k)
+        elif tuple(v.shape) != tuple(t.shape):
+            shapes.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(t.shape)}")
+    has_cls_src = "cls_token" in sd or "dist_token" in sd
+    if "pos_embed" in filtered and getattr(model, "cls_token", None) is not None and not has_cls_src:
+        missing.append("pos_embed[class-token row]")  # the filter keeps the model's own (random) row
+    unused = [k for k in sd if k not in filtered and k not in own] + [k for k in filtered if k not in own]
+    if "cls_token" in unused and "pos_embed" in filtered:
+        unused.append("pos_embed[class-token row]")  # dropped with the class token
+    if missing or shapes or unused:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (they would keep their initial values): {_few(missing)}")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape: {_few(shapes, 3)}")
+        if unused:
+            parts.append(f"unused {len(unused)} (in the checkpoint, not in the model): {_few(unused)}")
+        raise UserError(f"{where} does not fit {what}: the exported model would not be entirely from the "
+                        f"checkpoint: {'; '.join(parts)}")
+    model.load_state_dict(filtered, strict=True)
 
 
 def max_abs_diff_onnx(model: nn.Module, path: str | os.PathLike, x: torch.Tensor) -> float:
@@ -332,7 +435,138 @@ def max_abs_diff_onnx(model: nn.Module, path: str | os.PathLike, x: torch.Tensor
     return float((got - ref).abs().max())
 
 
+# ----------------------------------------------------------------------------------------------- metadata
+
+#: Version of the metadata layout written by :func:`deployment_metadata` (docs/deploy.md).
+METADATA_VERSION = 1
+#: The file inside a ``.pt2`` archive that holds the same metadata as JSON (``torch.export.load(extra_files=...)``).
+PT2_METADATA_FILE = "mpvg_metadata.json"
+_PREPROCESSING_ATTR = "_mpvg_preprocessing"
+#: How ``mpvg predict`` / ``mpvg eval`` resize for each eval resize policy (train/data.py: ``resize_batch`` for
+#: ``full``, ``resize_center_crop`` for ``center_crop``): (interpolation, antialias).
+_RESIZE = {"full": ("bilinear", "true"), "center_crop": ("bicubic", "when_downscaling")}
+
+
+def attach_preprocessing(model: nn.Module, data: dict[str, Any]) -> nn.Module:
+    """Record a checkpoint's ``data`` entry (classes, in_chans, input_size, mean, std, crop_pct, eval_resize) on
+    ``model`` for :func:`deployment_metadata`; returns the model."""
+    model.__dict__[_PREPROCESSING_ATTR] = dict(data)
+    return model
+
+
+def deployment_metadata(model: nn.Module, backend: str | None = None) -> dict[str, str]:
+    """What a deployment needs to run the exported file exactly like ``mpvg predict``, as strings (lists as JSON).
+
+    From the ``mpvg train`` checkpoint the model was loaded from (``preprocessing_source`` ``checkpoint``), else
+    from the model's ``default_cfg`` (``model default_cfg``: timm's resize + center crop, no class names). Keys:
+    ``model_name``, ``pe``, ``pool``, ``backend`` (the op backend the graph was traced with), ``input_name``,
+    ``output_name``, ``input_size`` [C, H, W], ``color_mode`` (PIL mode: L or RGB), ``mean``, ``std`` (per
+    channel, on pixels / 255), ``eval_resize`` (``full``: the whole image to H x W; ``center_crop``: shorter side
+    to floor(min(H, W) / crop_pct), rounded to uint8, then a centered H x W crop), ``interpolation``,
+    ``antialias``, ``bicubic_a`` (JSON, the cubic kernel's a for down/upscaling) and ``resize_dtype`` (uint8: the
+    resized image is rounded to uint8; float: resized on pixels / 255) of that resize, ``crop_pct``,
+    ``class_names`` (JSON list, index = logit), ``num_classes``, ``preprocessing_source``,
+    ``mpvg_kernels_version``, ``metadata_version``. See docs/deploy.md.
+    """
+    import json
+
+    from . import __version__
+
+    inner = model.model if isinstance(model, FrozenPEModel) else model
+    cfg = dict(getattr(inner, "default_cfg", {}) or {})
+    data = inner.__dict__.get(_PREPROCESSING_ATTR)
+    head = getattr(inner, "head", None)
+    num_classes = int(getattr(head, "out_features", cfg.get("num_classes", 0)) or 0)
+    c, h, w = (int(v) for v in cfg.get("input_size", (0, 0, 0)))
+    if data:
+        source = "checkpoint"
+        c = int(data.get("in_chans", c))
+        h, w = (int(v) for v in data.get("input_size", (h, w)))
+        mean, std = list(data.get("mean", cfg.get("mean", ()))), list(data.get("std", cfg.get("std", ())))
+        crop_pct = float(data.get("crop_pct", cfg.get("crop_pct", 1.0)))
+        eval_resize = str(data.get("eval_resize") or "full")
+        classes = [str(x) for x in data.get("classes", ())]
+    else:
+        source = "model default_cfg"
+        mean, std = list(cfg.get("mean", ())), list(cfg.get("std", ()))
+        crop_pct = float(cfg.get("crop_pct", 1.0))
+        eval_resize = "center_crop"
+        classes = []
+    if len(mean) == 1 and c > 1:  # one value for every channel, as the transforms broadcast it
+        mean, std = mean * c, std * c
+    interpolation, antialias = _RESIZE.get(eval_resize, ("bilinear", "true"))
+    # center_crop resizes uint8 images (rounded back to uint8 before the crop); its bicubic kernel is PyTorch's:
+    # a = -0.5 when antialiased (downscaling; PIL's BICUBIC), a = -0.75 otherwise (upscaling)
+    cubic = {"downscale": -0.5, "upscale": -0.75} if interpolation == "bicubic" else {}
+    resolved = backend if backend not in (None, "auto") else backends.resolve_backend(torch.device("cpu"))
+    return {
+        "model_name": str(cfg.get("architecture", type(inner).__name__)),
+        "pe": str(getattr(inner, "pe", cfg.get("pe", ""))),
+        "pool": str(getattr(inner, "pool", cfg.get("pool", ""))),
+        "backend": str(resolved),
+        "input_name": "images",
+        "output_name": "logits",
+        "input_size": json.dumps([c, h, w]),
+        "color_mode": {1: "L", 3: "RGB"}.get(c, str(c)),
+        "mean": json.dumps([float(v) for v in mean]),
+        "std": json.dumps([float(v) for v in std]),
+        "eval_resize": eval_resize,
+        "interpolation": interpolation,
+        "antialias": antialias,
+        "bicubic_a": json.dumps(cubic),
+        "resize_dtype": "uint8" if eval_resize == "center_crop" else "float",
+        "crop_pct": repr(crop_pct),
+        "class_names": json.dumps(classes),
+        "num_classes": str(num_classes),
+        "preprocessing_source": source,
+        "mpvg_kernels_version": str(__version__),
+        "metadata_version": str(METADATA_VERSION),
+    }
+
+
+def write_onnx_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Set ``metadata_props`` of an ONNX file (existing keys replaced, others kept)."""
+    import onnx
+
+    m = onnx.load(str(path))
+    kept = {p.key: p.value for p in m.metadata_props if p.key not in metadata}
+    del m.metadata_props[:]
+    for key, value in {**kept, **metadata}.items():
+        entry = m.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    onnx.save(m, str(path))
+
+
 # ----------------------------------------------------------------------------------------------- one call
+
+
+def check_export_options(out: str | os.PathLike, format: str, *, opset: int = DEFAULT_OPSET,
+                         backend: str | None = None, device: torch.device | str = "cpu") -> None:
+    """Refuse, before any work, what an export cannot do (a :class:`~mpvg_kernels.errors.UserError` naming the
+    value): an unknown format, an opset below 17, an output path that is a folder (or below a file), a backend
+    that is unknown or not available for tensors on ``device`` (where the model is traced)."""
+    from .errors import UserError
+
+    if format not in FORMATS:
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "onnx" and opset < MIN_OPSET:
+        raise UserError(f"--opset {opset}: ONNX export needs opset >= {MIN_OPSET} (LayerNormalization)")
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; give the file to write, e.g. {path / ('model.' + format)}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"--out {path}: {parent} is a file, not a folder")
+    if backend is not None:
+        if backend not in backends.KNOWN_BACKENDS:
+            raise UserError(f"--backend {backend}: unknown backend; choose one of "
+                            f"{', '.join(backends.KNOWN_BACKENDS)}")
+        dev = torch.device(device)
+        why = None if backend == "auto" else backends._unavailable_reason(backend, dev)
+        if why is not None:
+            raise UserError(f"--backend {backend} is not available to trace a model on {dev.type}: {why}")
 
 
 class ExportResult(NamedTuple):
@@ -352,30 +586,37 @@ def export_model(
     backend: str | None = None,
     verify: bool = False,
     verify_batch: int = 3,
+    metadata: dict[str, str] | None = None,
 ) -> ExportResult:
     """Export ``model`` (frozen, see :class:`FrozenPEModel`) as ``format`` (``onnx`` or ``pt2``) to ``out``.
 
     ``backend``: the op backend while tracing (None: the configured one, i.e. the fused kernels). ``verify``: run
     the exported graph once at batch ``verify_batch`` (onnxruntime for ONNX, ``torch.export.load`` for pt2) and
     report the max |diff| to the PyTorch model. A failed export is a :class:`~mpvg_kernels.errors.UserError`.
+
+    The file carries :func:`deployment_metadata` (plus ``metadata``, which wins): ONNX ``metadata_props``, and for
+    pt2 the JSON file :data:`PT2_METADATA_FILE` in the archive.
     """
     from .errors import UserError
 
-    if format not in FORMATS:
-        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    check_export_options(out, format, opset=opset, backend=backend, device=device)
 
     def backend_scope() -> contextlib.AbstractContextManager:
         return backends.use_backend(backend) if backend else contextlib.nullcontext()
 
     with backend_scope():
         try:
+            resolved = backends.resolve_backend(device)  # the backend the graph is traced with
+            props = {**deployment_metadata(model, resolved), **(metadata or {})}
             if format == "onnx":
                 path = export_onnx(model, out, opset=opset)
+                write_onnx_metadata(path, props)
             else:
-                path = export_pt2(model, out)
+                path = export_pt2(model, out, metadata=props)
         except (RuntimeError, ValueError) as e:
             raise UserError(f"export failed: {e}") from e
-    resolved = backends.resolve_backend(torch.device("cpu")) if not backend else backend
     msg = f"wrote {path} ({format}, {path.stat().st_size / 1e6:.1f} MB; dynamic batch; backend {resolved})"
     diff = None
     if verify:

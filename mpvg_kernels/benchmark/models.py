@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -644,14 +644,47 @@ def write_results(result: dict[str, Any], out_dir: Path, name: str) -> list[Path
 # ----------------------------------------------------------------------------------------------- driver
 
 
+def _flag(name: str) -> str:
+    """The ``mpvg bench`` flag of a :class:`BenchConfig` field (its first option string)."""
+    f = next(f for f in fields(BenchConfig) if f.name == name)
+    return f.metadata.get("flags", (f"--{name.replace('_', '-')}",))[0]
+
+
+#: the smallest value that gives a measurement, per numeric field
+MINIMUMS = {"batch_infer": 1, "batch_train": 1, "warmup": 0, "rounds": 1, "iters": 1, "min_sample_s": 0,
+            "max_inner": 1, "threads": 1}
+
+
 def _check(cfg: BenchConfig) -> None:
-    for pe in cfg.pes:
-        if pe not in PE_MODES:
-            raise ValueError(f"unknown mode {pe!r} (PE mode); choose from {', '.join(PE_MODES)}")
-    for lst, known, what in ((cfg.impls, IMPLS, "impl"), (cfg.execs, EXECS, "exec"), (cfg.tasks, TASKS, "task")):
-        for v in lst:
+    """Refuse, before any work, settings that cannot give a measurement: a :class:`UserError` naming the flag and
+    the value (unknown model, PE mode, implementation, execution mode or task; sizes and counts below their
+    minimum)."""
+    from ..errors import UserError
+    from ..models import list_models
+
+    known_models = list_models()
+    for field_name, names in (("models", cfg.models), ("compile_models", cfg.compile_models),
+                              ("batch_overrides", list(cfg.batch_overrides))):
+        for m in names:
+            if m not in known_models:
+                raise UserError(f"{_flag(field_name)}: unknown model {m!r}; choose from {', '.join(known_models)}")
+    if not cfg.models:
+        raise UserError(f"{_flag('models')}: no model given")
+    for field_name, values, known in (("pes", cfg.pes, PE_MODES), ("compile_pes", cfg.compile_pes, PE_MODES),
+                                      ("impls", cfg.impls, IMPLS), ("compile_impls", cfg.compile_impls, IMPLS),
+                                      ("execs", cfg.execs, EXECS), ("tasks", cfg.tasks, TASKS),
+                                      ("compile_tasks", cfg.compile_tasks, TASKS)):
+        for v in values:
             if v not in known:
-                raise ValueError(f"unknown {what} {v!r}; choose from {', '.join(known)}")
+                raise UserError(f"{_flag(field_name)}: {v!r} is not one of {', '.join(known)}")
+    for field_name, minimum in MINIMUMS.items():
+        value = getattr(cfg, field_name)
+        if not isinstance(value, (int, float)) or value != value or value < minimum:
+            raise UserError(f"{_flag(field_name)} {value}: must be at least {minimum}")
+    for m, sizes in cfg.batch_overrides.items():
+        if len(tuple(sizes)) != 2 or any(int(b) < 1 for b in sizes):
+            raise UserError(f"{_flag('batch_overrides')} {m}={','.join(str(b) for b in sizes)}: batch sizes must "
+                            "be at least 1")
 
 
 def _setup(device: torch.device, threads: int) -> None:

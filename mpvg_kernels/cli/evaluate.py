@@ -1,7 +1,8 @@
 """``mpvg eval``: top-1/top-5 accuracy of a checkpoint on a data set's held-out split.
 
 The model runs in eval mode under ``torch.inference_mode()``, i.e. with its inference PE cache. By default the
-data set is the one the checkpoint was trained on; ``--data`` evaluates on another one with the same classes.
+data set is the one the checkpoint was trained on; ``--data`` evaluates on another one with the same classes (the
+same class names in the same order as the checkpoint's, else an error listing the first differences).
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import argparse
 import json
 from typing import Any
 
-from .options import add_device_arg
+from .options import add_device_arg, check_at_least
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_at_least("--batch-size", args.batch_size, 1)
+    check_at_least("--num-workers", args.num_workers, 0)
     from ..train.evaluate import evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -33,8 +36,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                               description=__doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `mpvg train` (required)")
     p.add_argument("--data", default=None,
-                   help="digits | cifar10:PATH | cifar100:PATH | folder:PATH (default: the checkpoint's data set)")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: %(default)s)")
+                   help="digits | cifar10:PATH | cifar100:PATH | folder:PATH with the checkpoint's class names, in its "
+                   "order (default: the checkpoint's data set)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size, >= 1 (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers (default: 0 for in-memory data, 4 for folder data)")
     add_device_arg(p)

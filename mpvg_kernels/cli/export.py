@@ -1,4 +1,12 @@
-"""``mpvg export``: an inference graph with the PE terms frozen, as ONNX (standard operators) or torch.export."""
+"""``mpvg export``: an inference graph with the PE terms frozen, as ONNX (standard operators) or torch.export.
+
+With --checkpoint, every parameter and buffer of the exported model comes from the checkpoint, or the command
+fails naming what is missing, unused or of another shape (it never exports a partly random model).
+
+The file carries deployment metadata (ONNX metadata_props; mpvg_metadata.json in a .pt2 archive): input size,
+mean/std, resize policy, interpolation and antialiasing, crop_pct, class names, model name, PE mode and backend;
+see docs/deploy.md.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +24,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.format == "onnx":  # before any work: which extra to install
         require_extra("export", "onnx", *(("onnxruntime",) if args.verify else ()))
     model_kwargs = parse_model_args(args.model_arg)
-    from ..export import export_model, load_model
+    from ..export import check_export_options, export_model, load_model
 
+    check_export_options(args.out, args.format, opset=args.opset, backend=args.backend)
     model = load_model(args.model, args.pe, args.checkpoint, num_classes=args.num_classes, weights=args.weights,
                        model_kwargs=model_kwargs)
     result = export_model(model, args.out, args.format, opset=args.opset, backend=args.backend, verify=args.verify)
@@ -34,7 +43,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="registered model name (taken from --checkpoint when omitted)")
     p.add_argument("--pe", default=None, choices=PE_MODES, help="PE mode")
-    p.add_argument("--checkpoint", default=None, help="an `mpvg train` checkpoint or timm/DeiT-format weights")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="an `mpvg train` checkpoint (model, PE mode and options come from it; --model/--pe/--num-classes/"
+        "--model-arg that disagree are errors) or timm/DeiT-format weights / a plain state dict (needs --model). "
+        "Every parameter and buffer of the exported model must come from the checkpoint: a tensor that is "
+        "missing, unused or of another shape is an error naming it (default: none, random init)",
+    )
     p.add_argument(
         "--weights",
         default="auto",

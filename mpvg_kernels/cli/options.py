@@ -56,3 +56,9 @@ def require_extra(extra: str, *modules: str) -> None:
             f"this command needs {', '.join(missing)}, which is not installed: run "
             f'pip install "mpvg-kernels[{extra}]" (or pip install -e ".[{extra}]" in a checkout)'
         )
+
+
+def check_at_least(flag: str, value: int | float | None, minimum: int | float) -> None:
+    """A :class:`UserError` naming the flag and its value when ``value`` is below ``minimum`` (None passes)."""
+    if value is not None and value < minimum:
+        raise UserError(f"{flag} {value}: must be at least {minimum}")

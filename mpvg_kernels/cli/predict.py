@@ -11,10 +11,11 @@ import argparse
 import json
 from typing import Any
 
-from .options import add_device_arg
+from .options import add_device_arg, check_at_least
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_at_least("--topk", args.topk, 1)
     from ..train.predict import predict_images
 
     results = predict_images(args.checkpoint, args.images, args.topk, args.weights, args.device)
@@ -32,7 +33,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("predict", help="top-k classes of image files under a checkpoint", description=__doc__)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ... anything PIL reads)")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `mpvg train` (required)")
-    p.add_argument("--topk", type=int, default=5, help="classes to show per image (default: %(default)s)")
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image, >= 1 (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text (default: off)")
     p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
                    help="which weights: auto = EMA when the run kept one, else the model (default: %(default)s)")

@@ -50,13 +50,29 @@ def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module, device:
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss_sum / n, "n": int(n)}
 
 
+def class_mismatch(expected: list[str], got: list[str], limit: int = 3) -> str | None:
+    """None when ``got`` equals ``expected`` (names and order); else what differs, the first ``limit`` indices."""
+    if list(expected) == list(got):
+        return None
+    diffs = [(i, a, b) for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b]
+    kind = "same names in another order" if sorted(expected) == sorted(got) else "other names"
+    parts = [f"index {i}: checkpoint {a!r}, data {b!r}" for i, a, b in diffs[:limit]]
+    if len(diffs) > limit:
+        parts.append("...")
+    if len(expected) != len(got):
+        parts.append(f"checkpoint {len(expected)} classes, data {len(got)}")
+    return f"{kind}, {len(diffs)} of {max(len(expected), len(got))} differ: {'; '.join(parts)}"
+
+
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, batch_size: int = 256,
                         num_workers: int | None = None, device: str = "auto", weights: str = "auto",
                         amp: str = "none") -> dict[str, Any]:
     """Top-1/top-5 accuracy and mean loss of a checkpoint's model on a data set's held-out split.
 
     ``data``: a data spec (``digits``, ``cifar10:PATH``, ...) with the checkpoint's classes; None: the data set the
-    checkpoint was trained on (a warning goes to stderr when the class names differ; classes compare by index).
+    checkpoint was trained on. Its class names must be the checkpoint's, in the same order (else an error listing
+    the first differences); only CIFAR data without its meta file (names unknown) is compared by index, with a
+    warning. ``batch_size`` >= 1, ``num_workers`` >= 0.
     ``num_workers``: DataLoader workers (None: 0 for in-memory data, 4 for folder data). ``weights``: ``auto``
     (EMA when the run kept one), ``ema`` or ``model``. ``amp``: ``none``, ``bf16`` or ``fp16`` autocast.
 
@@ -70,6 +86,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, 
 
     if amp not in AMP_DTYPES:
         raise UserError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+    if int(batch_size) < 1:
+        raise UserError(f"batch_size {batch_size}: must be at least 1")
+    if num_workers is not None and int(num_workers) < 0:
+        raise UserError(f"num_workers {num_workers}: must be at least 0")
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, weights, f"checkpoint {checkpoint}")
     meta = ckpt["data"]
@@ -78,9 +98,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, 
     n_classes = int(ckpt["model"]["num_classes"])
     if len(classes) != n_classes:
         raise UserError(f"{spec} has {len(classes)} classes but the checkpoint's model predicts {n_classes}")
-    if list(classes) != list(meta["classes"]):
-        print(f"warning: the class names of {spec} differ from the checkpoint's; comparing by index",
-              file=sys.stderr)
+    mismatch = class_mismatch(list(meta["classes"]), list(classes))
+    if mismatch is not None:
+        if spec.kind in ("cifar10", "cifar100") and list(classes) == [str(i) for i in range(len(classes))]:
+            print(f"warning: {spec} has no meta file, its class names are unknown; comparing classes by index "
+                  "with the checkpoint's", file=sys.stderr)
+        else:
+            raise UserError(f"the class names of {spec} differ from the checkpoint's ({mismatch}); the accuracy "
+                            "would compare unrelated classes. Evaluate on data with the checkpoint's classes")
     splits = data_mod.load_data(spec, int(meta["in_chans"]), meta["input_size"], float(meta["crop_pct"]))
     dev = D.resolve_device(device)
     loader = DataLoader(splits.test, batch_size=batch_size, num_workers=num_workers if num_workers

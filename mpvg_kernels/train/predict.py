@@ -21,7 +21,14 @@ from .distributed import resolve_device
 
 def predict_images(ckpt_path: str | os.PathLike, images: Sequence[str | os.PathLike], topk: int = 5,
                    weights: str = "auto", device: str = "auto") -> list[dict[str, Any]]:
-    """``[{"image": path, "top": [{"class", "index", "prob"}, ...]}, ...]`` for each image path."""
+    """``[{"image": path, "top": [{"class", "index", "prob"}, ...]}, ...]`` for each image path.
+
+    ``topk`` >= 1 (a :class:`~mpvg_kernels.errors.UserError` otherwise); more than the number of classes shows
+    them all."""
+    from ..errors import UserError
+
+    if int(topk) < 1:
+        raise UserError(f"topk {topk}: must be at least 1")
     ckpt = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, weights, f"checkpoint {ckpt_path}")
     meta = ckpt["data"]
@@ -30,7 +37,7 @@ def predict_images(ckpt_path: str | os.PathLike, images: Sequence[str | os.PathL
     in_chans, size = int(meta["in_chans"]), meta["input_size"]
     tf = EvalTransform(size, in_chans, meta["mean"], meta["std"]).to(dev)
     classes = list(meta["classes"])
-    k = max(1, min(topk, len(classes)))
+    k = min(int(topk), len(classes))
     out = []
     with torch.inference_mode():
         for path in images:

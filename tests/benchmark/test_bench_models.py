@@ -104,8 +104,12 @@ def test_ratios_and_flags() -> None:
     cfg = bench_cli.config_from_args(ns)
     assert cfg.models == ["a", "b"] and cfg.batches("a") == (8, 4) and cfg.batches("b") == (16, 8)
     assert cfg.threads == 2
-    with pytest.raises(ValueError, match="unknown mode"):
-        B.run_bench(B.BenchConfig(models=[], pes=["nope"], progress=False))
+    from mpvg_kernels.errors import UserError
+
+    with pytest.raises(UserError, match="--modes: 'nope' is not one of"):
+        B.run_bench(B.BenchConfig(models=["vit_digits"], pes=["nope"], progress=False))
+    with pytest.raises(UserError, match="--models: no model given"):
+        B.run_bench(B.BenchConfig(models=[], progress=False))
 
 
 def test_script_help() -> None:

@@ -65,3 +65,21 @@ def test_help_lists_unavailable_commands() -> None:
     proc = _child("from mpvg_kernels.cli import main\nmain(['--help'])")
     assert proc.returncode == 0, proc.stderr
     assert "train" in proc.stdout and "mpvg-kernels[train]" in proc.stdout
+
+
+def test_export_onnx_names_the_export_extra(tmp_path) -> None:
+    """A core-only install (no onnx/onnxruntime): `mpvg export --format onnx` (with or without --verify) is one line
+    naming the [export] extra, and writes nothing."""
+    out = tmp_path / "m.onnx"
+    for extra in ([], ["--verify"]):
+        proc = _child(
+            "import sys\n"
+            "from mpvg_kernels.cli import main\n"
+            f"sys.exit(main(['export', '--model', 'vit_digits', '--pe', 'mpvg', '--format', 'onnx', '--out', "
+            f"{str(out)!r}, *{extra!r}]))"
+        )
+        assert proc.returncode == 2, proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("mpvg export: error: "), proc.stderr
+        assert 'pip install "mpvg-kernels[export]"' in lines[0] and "onnx" in lines[0]
+        assert not out.exists()
