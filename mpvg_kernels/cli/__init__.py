@@ -98,12 +98,16 @@ def _short_message(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand and return its exit status."""
     from ..errors import UserError
+    from ..ops.backends import BackendUnavailableError, UnknownBackendError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"mpvg {args.command}: error: {_short_message(e)}", file=sys.stderr)
+        return 2
+    except (BackendUnavailableError, UnknownBackendError) as e:  # e.g. MPVG_BACKEND=triton on a machine without it
+        print(f"mpvg {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         why = missing_extra_message(e)

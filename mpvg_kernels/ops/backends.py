@@ -32,6 +32,14 @@ _state: dict[str, object] = {
 }
 
 
+class UnknownBackendError(ValueError):
+    """A backend name that does not exist (from ``set_backend`` or ``MPVG_BACKEND``)."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """A known backend that cannot run here (not built, not installed, or the tensors' device it cannot serve)."""
+
+
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -83,11 +91,11 @@ def set_backend(name: str) -> None:
         raise TypeError(f"backend name must be a str, got {type(name).__name__}")
     name = name.strip().lower()
     if name not in KNOWN_BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(KNOWN_BACKENDS)}")
+        raise UnknownBackendError(f"unknown backend {name!r}; choose one of {', '.join(KNOWN_BACKENDS)}")
     if name != "auto":
         why = _unavailable_reason(name, None)
         if why is not None:
-            raise RuntimeError(f"backend {name!r} is not available: {why}")
+            raise BackendUnavailableError(f"backend {name!r} is not available: {why}")
     _state["backend"] = name
 
 
@@ -117,11 +125,11 @@ def resolve_backend(device: torch.device) -> str:
             return "triton"
         return "torch"
     if name not in KNOWN_BACKENDS:
-        raise ValueError(
+        raise UnknownBackendError(
             f"unknown backend {name!r} (from MPVG_BACKEND or set_backend); choose one of "
             f"{', '.join(KNOWN_BACKENDS)}"
         )
     why = _unavailable_reason(name, device)
     if why is not None:
-        raise RuntimeError(f"backend {name!r} cannot run this op: {why}")
+        raise BackendUnavailableError(f"backend {name!r} cannot run this op: {why}")
     return name

@@ -83,3 +83,18 @@ def test_export_onnx_names_the_export_extra(tmp_path) -> None:
         assert len(lines) == 1 and lines[0].startswith("mpvg export: error: "), proc.stderr
         assert 'pip install "mpvg-kernels[export]"' in lines[0] and "onnx" in lines[0]
         assert not out.exists()
+
+
+def test_unusable_backend_from_the_environment_is_one_line(tmp_path) -> None:
+    """MPVG_BACKEND=triton on a machine where triton cannot run the ops: one line, exit 2, no traceback."""
+    import os
+
+    env = {**os.environ, "MPVG_BACKEND": "triton"}
+    env.pop("TRITON_INTERPRET", None)
+    code = ("import sys\nfrom mpvg_kernels.cli import main\n"
+            f"sys.exit(main(['train', '--epochs', '1', '--batch-size', '64', '--no-progress', '--out', "
+            f"{str(tmp_path / 'run')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "backend 'triton'" in proc.stderr and "Traceback" not in proc.stderr
