@@ -382,15 +382,12 @@ def _check_options_against_checkpoint(meta: dict[str, Any], num_classes: int | N
                             f"{effective[key]!r} (the model is rebuilt from the checkpoint; drop --model-arg)")
 
 
-def _few(items: list[str], n: int = 4) -> str:
-    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
-
-
 def _load_complete(model: nn.Module, raw: Any, where: str, what: str) -> None:
     """Load timm/DeiT-format weights (or a plain state dict) into ``model`` only if they give every one of its
     parameters and buffers and every checkpoint tensor is used; else a UserError listing the differences."""
     from .errors import UserError
     from .models.pretrained import checkpoint_filter_fn, unwrap_state_dict
+    from .train.checkpoint import mismatch_parts
 
     try:
         sd = unwrap_state_dict(raw)
@@ -411,14 +408,9 @@ def _load_complete(model: nn.Module, raw: Any, where: str, what: str) -> None:
     unused = [k for k in sd if k not in filtered and k not in own] + [k for k in filtered if k not in own]
     if "cls_token" in unused and "pos_embed" in filtered:
         unused.append("pos_embed[class-token row]")  # dropped with the class token
-    if missing or shapes or unused:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (they would keep their initial values): {_few(missing)}")
-        if shapes:
-            parts.append(f"{len(shapes)} of another shape: {_few(shapes, 3)}")
-        if unused:
-            parts.append(f"unused {len(unused)} (in the checkpoint, not in the model): {_few(unused)}")
+    parts = mismatch_parts(missing, unused, shapes, missing_note="(they would keep their initial values)",
+                           unexpected_word="unused", unexpected_note="(in the checkpoint, not in the model)")
+    if parts:
         raise UserError(f"{where} does not fit {what}: the exported model would not be entirely from the "
                         f"checkpoint: {'; '.join(parts)}")
     model.load_state_dict(filtered, strict=True)

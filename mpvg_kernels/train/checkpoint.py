@@ -58,6 +58,20 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def mismatch_parts(missing: list[str], unexpected: list[str], shapes: list[str],
+                   missing_note: str = "keys", unexpected_word: str = "unexpected",
+                   unexpected_note: str = "keys") -> list[str]:
+    """The readable pieces of a state-dict mismatch, the first few names of each kind (empty: no mismatch)."""
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} {missing_note} (e.g. {', '.join(missing[:4])})")
+    if unexpected:
+        parts.append(f"{unexpected_word} {len(unexpected)} {unexpected_note} (e.g. {', '.join(unexpected[:4])})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
+    return parts
+
+
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
     """``model.load_state_dict(strict=True)`` with a readable error listing what does not match."""
     own = model.state_dict()
@@ -65,14 +79,8 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:4])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:4])})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
+    parts = mismatch_parts(missing, unexpected, shapes)
+    if parts:
         raise UserError(f"{where} does not match the model: {'; '.join(parts)}")
     model.load_state_dict(state_dict, strict=True)
 
