@@ -2,7 +2,7 @@
 (:class:`Intermediates`), which figure applies to which PE mode, the measurements over all images
 (:func:`analyze_model` -> :class:`ModelAnalysis`) and their JSON form (:func:`analysis_to_json`).
 
-What is measured (block indices l = 0..L are 0-based, as in DESIGN.md and the MPVG paper's Eqs. 2-6):
+What is measured (block indices l = 0..L are 0-based, as in docs/design.md#notation and the MPVG paper's Eqs. 2-6):
 
 * **Token/PE correlation** (MPVG Figs. 2 and 4). For block l that adds a PE term to its attention input,
   ``T_l = LN1_l(x_l)`` (the normalised token term, affine included, [B, N, D]) and ``P_l`` (the PE term as added

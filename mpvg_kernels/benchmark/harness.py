@@ -1,10 +1,10 @@
 """The one timing harness of the benchmarks (ops, models): malloc settings, interleaved timing, quantiles,
 environment capture, bandwidth, and JSON/Markdown/PNG reports.
 
-Timing model (DESIGN.md 5): every candidate of one case is built and warmed up first, then timed in interleaved
-rounds (round r visits the candidates in an order rotated by r), and each candidate's figure is the median of its
-per-round samples. Machine noise therefore lands on every candidate alike and the ratios measured in one run are
-what a report claims.
+Timing model (docs/design.md#measuring-performance): every candidate of one case is built and warmed up first, then
+timed in interleaved rounds (round r visits the candidates in an order rotated by r), and each candidate's figure is
+the median of its per-round samples. Machine noise therefore lands on every candidate alike and the ratios measured
+in one run are what a report claims.
 
 - CPU: a ``time.perf_counter`` (or thread CPU time) loop with the garbage collector off; each sample runs the
   candidate ``inner`` times back to back and reports the mean per call. The op benchmark gives every candidate the
@@ -41,10 +41,11 @@ from typing import Any
 
 import torch
 
-#: glibc malloc settings for CPU benchmarks (DESIGN.md 5): freed blocks stay in the heap and are reused instead of
-#: being unmapped and page-faulted in again on the next allocation. MALLOC_MMAP_MAX_=0 extends this to blocks above
-#: 32 MiB, the largest mmap threshold glibc accepts on 64-bit: without it every output the size of a DeiT-B fp32
-#: activation (38.5 MB) is a fresh mmap, and its page faults (~9,400 of them) dominate the op's time.
+#: glibc malloc settings for CPU benchmarks (docs/design.md#measuring-performance): freed blocks stay in the heap
+#: and are reused instead of being unmapped and page-faulted in again on the next allocation. MALLOC_MMAP_MAX_=0
+#: extends this to blocks above 32 MiB, the largest mmap threshold glibc accepts on 64-bit: without it every output
+#: the size of a DeiT-B fp32 activation (38.5 MB) is a fresh mmap, and its page faults (~9,400 of them) dominate the
+#: op's time.
 MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",
     "MALLOC_TRIM_THRESHOLD_": "1000000000000",

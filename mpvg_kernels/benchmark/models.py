@@ -47,7 +47,7 @@ SHORT_NAMES = {
     "vit_lite_7_4_32": "ViT-Lite-7/4",
     "vit_digits": "ViT-digits",
 }
-#: The ratio targets of issue 6: MPVG images/s over default-mode images/s (same model, implementation, execution).
+#: The model-level ratio targets: MPVG images/s over default-mode images/s (same model, implementation, execution).
 TARGETS = {"infer_b1": 0.98, "infer_bN": 0.98, "train": 0.97}
 #: Config fields written under another key in the results' "config": the PE-mode fields were called modes and
 #: compile_modes when the committed results were written (and the flags keep those names).
@@ -534,7 +534,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def _target_table(result: dict[str, Any], tasks: list[str], morder: list[str]) -> list[str]:
-    """The issue's claim in one table: fused MPVG images/s over fused default (GAP) images/s, per model/exec/task."""
+    """The headline claim in one table: fused MPVG images/s over fused default (GAP) images/s, per model/exec/task."""
     rat = [r for r in result["ratios"] if r["mode"] == "mpvg" and r["impl"] == "fused"]
     if not rat:
         return []

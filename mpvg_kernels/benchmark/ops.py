@@ -59,7 +59,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPS = ("add", "dual", "pool")
 MODES = ("fwd", "bwd", "fwd+bwd")
 EPS = 1e-6
-#: Issue 3 targets, checked on op "add" at deit_ti fp32 (CPU, 2 cores, B = 64): candidate -> minimum speedup.
+#: The op-level targets, checked on op "add" at deit_ti fp32 (CPU, 2 cores, B = 64): candidate -> minimum speedup.
 TARGETS = {
     "fwd": {"eager": 2.0, "compile": 1.0},
     "fwd+bwd": {"eager": 1.5, "compile": 1.0},
@@ -300,7 +300,7 @@ def _cpp_capability() -> str | None:
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue-3 targets on add / deit_ti / fp32 (only meaningful for the CPU run at B = 64)."""
+    """The op-level targets on add / deit_ti / fp32 (only meaningful for the CPU run at B = 64)."""
     fast = result["config"]["fast_candidate"]
     out = []
     for r in result["rows"]:
@@ -460,7 +460,8 @@ def main(argv: list[str] | None = None, default_out: Path | str = DEFAULT_OUT) -
             print(f"wrote {path}")
         return 0
     if args.device == "cpu":
-        common.ensure_malloc_env()  # re-executes this script once with the malloc settings of DESIGN.md 5
+        # re-executes this script once with the malloc settings (docs/design.md#measuring-performance)
+        common.ensure_malloc_env()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device available", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .registry import create_model, list_models
-from .vision_transformer import PE_MODES
+from .vision_transformer import PE_MODES, count_parameters
 
 __all__ = ["PAPER_PARAMS_M", "format_param_table", "param_table"]
 
@@ -48,7 +48,7 @@ def param_table(names: Sequence[str] | None = None, modes: Sequence[str] = PE_MO
         for pe in modes:
             with torch.device("meta"):
                 model = create_model(name, pe=pe)
-            total = sum(p.numel() for p in model.parameters())
+            total = count_parameters(model)
             pe_norm = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".pos_weight", ".pos_bias")))
             if pe == "default":
                 base = total
