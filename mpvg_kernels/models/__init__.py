@@ -4,8 +4,14 @@
 groups with the DeiT/LaPE weight-decay exclusions; ``load_pretrained`` loads timm/DeiT-format weights;
 ``param_table`` counts parameters per model and mode (``mpvg params`` prints it).
 
+``from_timm`` (timm ViT instance -> this package's model) and the timm registry live in
+:mod:`mpvg_kernels.models.timm_bridge`, which needs timm and is imported only on first use of ``from_timm`` (or
+explicitly, to register the models with timm).
+
 May import :mod:`mpvg_kernels.ops` and :mod:`mpvg_kernels.layers`; never training or tools.
 """
+
+from typing import Any
 
 from .param_table import PAPER_PARAMS_M, format_param_table, param_table
 from .pretrained import checkpoint_filter_fn, load_pretrained, unwrap_state_dict
@@ -29,9 +35,18 @@ __all__ = [
     "create_model",
     "default_pool",
     "format_param_table",
+    "from_timm",
     "list_models",
     "load_pretrained",
     "param_groups",
     "param_table",
     "unwrap_state_dict",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "from_timm":  # lazy: timm is imported only when the converter is used
+        from .timm_bridge import from_timm
+
+        return from_timm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
