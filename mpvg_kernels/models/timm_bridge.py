@@ -43,7 +43,7 @@ from .pretrained import checkpoint_filter_fn
 from .registry import MODEL_CFGS
 from .vision_transformer import PE_MODES, VisionTransformer
 
-__all__ = ["TIMM_MODELS", "from_timm", "timm_checkpoint_filter_fn", "timm_name"]
+__all__ = ["TIMM_MODELS", "attach_pe", "from_timm", "timm_checkpoint_filter_fn", "timm_name"]
 
 _POOL_ALIASES = {"token": "cls", "cls": "cls", "avg": "avg"}
 
@@ -308,3 +308,57 @@ def from_timm(model: nn.Module, pe: str = "default", **kwargs: Any) -> VisionTra
     cfg["num_classes"] = ours.num_classes
     ours.default_cfg = ours.pretrained_cfg = cfg
     return ours
+
+
+# ----------------------------------------------------------------------------- attach_pe: timm's own Block
+
+
+def attach_pe(model: nn.Module, pe: str = "mpvg", hierarchical: bool = True, include_layer0: bool = False) -> nn.Module:
+    """Give a timm ``VisionTransformer`` PVG/MPVG position embeddings in place, keeping timm's ``Block`` and forward.
+
+    Each PE block's ``norm1`` becomes a :class:`~mpvg_kernels.layers.blocks.StreamDualLayerNorm` (same LN1 weights,
+    LN' identity affine) that timm's ``Block.forward`` calls as ``norm1(x)`` and that computes LN1(x) + LN'_l(p_l)
+    with the fused ``dual_layer_norm``; for ``mpvg`` the final ``norm`` becomes LN(x) + LN'_last(pos)
+    (:class:`~mpvg_kernels.layers.blocks.StreamLastNorm`). Blocks 1..L take a PE term (``include_layer0=True``:
+    block 0 as well), chained when ``hierarchical``. timm still adds ``pos`` to the input (PVG/MPVG do), so
+    ``lape`` (no input PE) is refused: use :func:`from_timm` or ``timm.create_model("lape_...")``. Pool by average
+    without a class token (``global_pool='avg', class_token=False, fc_norm=False``) for the papers' setting; MPVG
+    needs the norm before pooling (``fc_norm=False``). Returns ``model``; its new keys are ``*.pos_weight/pos_bias``.
+    """
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from ..layers.blocks import PEStream, StreamDualLayerNorm, StreamLastNorm
+
+    if pe not in ("pvg", "mpvg"):
+        raise ValueError(
+            f"attach_pe supports pe='pvg' or 'mpvg' (timm adds the PE to the input), got {pe!r}; for 'lape' use "
+            "from_timm(model, pe='lape') or timm.create_model('lape_...')"
+        )
+    if not isinstance(model, TimmViT):
+        raise TypeError(f"attach_pe expects a timm VisionTransformer, got {type(model).__name__}")
+    bad = []
+    pos = model.pos_embed
+    n_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    if pos is None or getattr(model, "no_embed_class", False) or pos.shape[1] != n_tokens:
+        bad.append("a pos_embed with one row per token (prefix tokens included; no no_embed_class, no pos_embed=None)")
+    if pe == "mpvg" and not isinstance(model.norm, nn.LayerNorm):
+        bad.append("MPVG's last PE needs the LayerNorm before pooling (fc_norm=False)")
+    for i, blk in enumerate(model.blocks):
+        if not isinstance(getattr(blk, "norm1", None), nn.LayerNorm):
+            bad.append(f"blocks.{i}.norm1 is not a LayerNorm")
+    if bad:
+        raise ValueError("attach_pe cannot use this model: " + "; ".join(bad))
+    stream = PEStream(model, hierarchical=hierarchical)
+    for i, blk in enumerate(model.blocks):
+        if i == 0 and not include_layer0:
+            continue
+        norm = StreamDualLayerNorm.from_layer_norm(blk.norm1)
+        norm.stream = stream
+        stream.norms.append(norm)
+        blk.norm1 = norm
+    if pe == "mpvg":
+        last = StreamLastNorm.from_layer_norm(model.norm, use_pos=True)
+        last.stream = stream
+        model.norm = last
+    model.pe = pe
+    return model

@@ -339,3 +339,58 @@ def test_compile_fullgraph_converted():
     for k in gp:
         torch.testing.assert_close(cgp[k.removeprefix("_orig_mod.")] if k in cgp else cgp["_orig_mod." + k], gp[k],
                                    **TOL)
+
+
+# ----------------------------------------------------------------------------- timm's own Block with the fused norms
+
+
+@pytest.mark.parametrize("pe", ["pvg", "mpvg"])
+def test_attach_pe_timm_block_matches_from_timm(pe, monkeypatch):
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    from mpvg_kernels.models.timm_bridge import attach_pe
+
+    torch.manual_seed(0)
+    src = timm.create_model("deit_tiny_patch16_224", global_pool="avg", class_token=False, fc_norm=False,
+                            num_classes=5, **{**SMALL, "depth": 3})
+    ours = from_timm(src, pe=pe)
+    with torch.no_grad():  # non-trivial LN' so that the chain matters
+        for n, p in ours.named_parameters():
+            if ".pos_" in n:
+                p.normal_()
+    t = attach_pe(copy.deepcopy(src), pe=pe)
+    assert all(type(b) is TimmBlock for b in t.blocks) and isinstance(t.blocks[0].norm1, torch.nn.LayerNorm)
+    t.load_state_dict(ours.state_dict(), strict=True)  # same keys as the project's model
+    x = _x()
+    a, ga, pa = _grads(ours, x)
+    b, gb, pb = _grads(t, x)
+    torch.testing.assert_close(b, a, **TOL)
+    torch.testing.assert_close(gb, ga, **TOL)
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], **TOL)
+    t.set_grad_checkpointing(True)  # stateless chain: recomputation in backward gives the same gradients
+    _, gc, pc = _grads(t, x)
+    torch.testing.assert_close(gc, gb, **TOL)
+    with torch.no_grad():
+        feats = t.forward_intermediates(x, indices=1, norm=True, output_fmt="NLC", intermediates_only=True)[0]
+        torch.testing.assert_close(feats, ours.eval().forward_features(x), **TOL)
+    ema = copy.deepcopy(t)  # copies keep their own PE binding
+    assert ema.blocks[1].norm1.stream.owner is ema
+    from mpvg_kernels.ops import custom_ops
+
+    calls = []
+    orig = custom_ops.dual_layer_norm
+    import mpvg_kernels.layers.norms as norms
+
+    monkeypatch.setattr(norms, "dual_layer_norm", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    t(x)
+    assert len(calls) == 2  # blocks 1 and 2 run the fused op
+
+
+def test_attach_pe_refuses():
+    from mpvg_kernels.models.timm_bridge import attach_pe
+
+    with pytest.raises(ValueError, match="lape"):
+        attach_pe(timm.create_model("deit_tiny_patch16_224", **SMALL), pe="lape")
+    with pytest.raises(ValueError, match="fc_norm=False"):
+        attach_pe(timm.create_model("deit_tiny_patch16_224", global_pool="avg", **SMALL), pe="mpvg")
