@@ -22,6 +22,7 @@ from .vision_transformer import (
     VisionTransformer,
     count_parameters,
     default_pool,
+    feature_take_indices,
 )
 
 __all__ = [
@@ -34,8 +35,8 @@ __all__ = [
     "count_parameters",
     "create_model",
     "default_pool",
+    "feature_take_indices",
     "format_param_table",
-    "from_timm",
     "list_models",
     "load_pretrained",
     "param_groups",
@@ -45,7 +46,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "from_timm":  # lazy: timm is imported only when the converter is used
+    # lazy, and left out of __all__: timm is imported only when the converter is used
+    if name == "from_timm":
         from .timm_bridge import from_timm
 
         return from_timm
