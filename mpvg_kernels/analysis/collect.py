@@ -99,8 +99,8 @@ def describe_model(model: nn.Module, label: str, source: str = "fresh") -> Model
     """A :class:`ModelSpec` from a :class:`mpvg_kernels.models.VisionTransformer` (or a model with its attributes:
     ``pe``, ``pool``, ``blocks`` (with ``use_pos``), ``embed_dim``, ``patch_embed.grid_size``, ``num_prefix_tokens``,
     ``pos_embed``, ``norm`` (``weight``, ``bias``, optional ``pos_weight``/``pos_bias``) and
-    ``forward_intermediates``)."""
-    missing = [a for a in ("pe", "blocks", "norm", "patch_embed", "forward_intermediates") if not hasattr(model, a)]
+    ``forward_analysis``)."""
+    missing = [a for a in ("pe", "blocks", "norm", "patch_embed", "forward_analysis") if not hasattr(model, a)]
     if missing:
         raise UserError(f"{label}: {type(model).__name__} lacks {', '.join(missing)}; `mpvg analyze` needs a "
                         "mpvg_kernels.models.VisionTransformer")
@@ -133,8 +133,8 @@ def describe_model(model: nn.Module, label: str, source: str = "fresh") -> Model
 
 
 def collect_intermediates(model: nn.Module, spec: ModelSpec, images: Tensor) -> Intermediates:
-    """One batch through ``model.forward_intermediates`` (plain PyTorch steps, no PE cache), patch rows only."""
-    out = model.forward_intermediates(images)
+    """One batch through ``model.forward_analysis`` (plain PyTorch steps, no PE cache), patch rows only."""
+    out = model.forward_analysis(images)
     p = int(out.get("num_prefix_tokens", spec.num_prefix_tokens))
 
     def rows(t: Tensor | None) -> Tensor | None:  # PE terms: [1, T, D] or [T, D], shared by the batch

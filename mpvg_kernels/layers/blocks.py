@@ -1,15 +1,30 @@
 """Transformer building blocks with timm parameter names: patch embedding, attention, MLP, stochastic depth and a
-block whose attention input may carry a position-embedding term (``LN1(x) + pos_term``)."""
+block whose attention input may carry a position-embedding term (``LN1(x) + pos_term``); plus PE-aware norms that
+timm's own ``Block`` can call with one argument (:class:`StreamDualLayerNorm`, :class:`StreamLastNorm`, bound by
+``mpvg_kernels.models.timm_bridge.attach_pe``)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norms import DualLayerNorm
+from .norms import DualLayerNorm, LastLayerNormPE
 
-__all__ = ["BLOCK_STYLES", "Attention", "Block", "DropPath", "Mlp", "PatchEmbed", "to_2tuple"]
+__all__ = [
+    "BLOCK_STYLES",
+    "Attention",
+    "Block",
+    "DropPath",
+    "Mlp",
+    "PEStream",
+    "PatchEmbed",
+    "StreamDualLayerNorm",
+    "StreamLastNorm",
+    "to_2tuple",
+]
 
 BLOCK_STYLES = ("prenorm", "cct")
 
@@ -173,3 +188,76 @@ class Block(nn.Module):
         """x [B, T, D], pos [1, T, D] -> (x_next, PE for the next block)."""
         a, pos_next = self.attn_input(x, pos, pos_term)
         return self.forward_rest(x, a), pos_next
+
+
+# ----------------------------------------------------------------------------- norms for timm's own Block
+
+
+class PEStream:
+    """Where the PE-aware norms below find the position embedding when a block calls them with ``x`` alone, as
+    timm's ``Block.forward`` calls ``norm1(x)`` and its ``VisionTransformer`` calls ``norm(x)``.
+
+    ``owner``: the module holding ``pos_embed`` ([1, T, D]), ``num_prefix_tokens`` and ``patch_embed.grid_size``
+    (a timm ViT); the PE is read from it at every call, so ``.to()``, loading and optimizer steps are seen. For
+    another token count the PE is resampled (bicubic) to the grid. ``norms``: the blocks' PE norms in block order.
+    The chain is recomputed from ``pos`` by each block (a few LayerNorms of [T, D]), so a block's result depends
+    on the parameters only, never on state left by another call: gradient checkpointing recomputes it exactly.
+    """
+
+    def __init__(self, owner: nn.Module, hierarchical: bool = True) -> None:
+        self.owner = owner
+        self.hierarchical = hierarchical
+        self.norms: list[StreamDualLayerNorm] = []
+
+    def pos(self, num_tokens: int) -> torch.Tensor:
+        """The PE for ``num_tokens`` tokens (prefix rows included)."""
+        from .pos_embed import infer_grid_size, resample_abs_pos_embed
+
+        pos = self.owner.pos_embed
+        if pos.shape[-2] == num_tokens:
+            return pos
+        npt = int(getattr(self.owner, "num_prefix_tokens", 0))
+        old = tuple(self.owner.patch_embed.grid_size)
+        return resample_abs_pos_embed(pos, infer_grid_size(num_tokens - npt), old, npt)
+
+    def source(self, norm: StreamDualLayerNorm, num_tokens: int) -> torch.Tensor:
+        """The PE that ``norm`` normalises: ``pos`` (non-hierarchical, or the first PE block) or the previous PE
+        block's term LN'_{l-1}(...LN'_first(pos))."""
+        p = self.pos(num_tokens)
+        if not self.hierarchical:
+            return p
+        for n in self.norms:
+            if n is norm:
+                return p
+            p = n.norm_pos(p)
+        raise RuntimeError("this norm is not part of its PEStream")
+
+
+class StreamDualLayerNorm(DualLayerNorm):
+    """A :class:`DualLayerNorm` that timm's ``Block`` can call as ``norm1(x)``: it returns LN1(x) + LN'(p) (the fused
+    ``dual_layer_norm``), p from its :class:`PEStream`. ``norm(x, pos)`` keeps DualLayerNorm's two outputs."""
+
+    stream: PEStream | None = None
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> Any:  # type: ignore[override]
+        if pos is not None:
+            return super().forward(x, pos)
+        if self.stream is None:
+            raise RuntimeError("this StreamDualLayerNorm is not bound to a model's PE (attach_pe)")
+        y, _ = super().forward(x, self.stream.source(self, x.shape[-2]))
+        return y
+
+
+class StreamLastNorm(LastLayerNormPE):
+    """MPVG's last norm for a timm model: ``norm(x)`` gives LN(x) + LN'_last(pos) per token (``pos`` from its
+    :class:`PEStream`), so timm's pooling, ``forward_features`` and ``forward_intermediates(norm=True)`` see the
+    MPVG features."""
+
+    stream: PEStream | None = None
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None, pool: bool = False, **kw: Any) -> torch.Tensor:
+        if pos is None and not kw and self.use_pos:
+            if self.stream is None:
+                raise RuntimeError("this StreamLastNorm is not bound to a model's PE (attach_pe)")
+            pos = self.stream.pos(x.shape[-2])
+        return super().forward(x, pos, pool, **kw)

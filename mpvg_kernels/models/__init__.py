@@ -4,8 +4,14 @@
 groups with the DeiT/LaPE weight-decay exclusions; ``load_pretrained`` loads timm/DeiT-format weights;
 ``param_table`` counts parameters per model and mode (``mpvg params`` prints it).
 
+``from_timm`` (timm ViT instance -> this package's model) and the timm registry live in
+:mod:`mpvg_kernels.models.timm_bridge`, which needs timm and is imported only on first use of ``from_timm`` (or
+explicitly, to register the models with timm).
+
 May import :mod:`mpvg_kernels.ops` and :mod:`mpvg_kernels.layers`; never training or tools.
 """
+
+from typing import Any
 
 from .param_table import PAPER_PARAMS_M, format_param_table, param_table
 from .pretrained import checkpoint_filter_fn, load_pretrained, unwrap_state_dict
@@ -16,6 +22,7 @@ from .vision_transformer import (
     VisionTransformer,
     count_parameters,
     default_pool,
+    feature_take_indices,
 )
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "count_parameters",
     "create_model",
     "default_pool",
+    "feature_take_indices",
     "format_param_table",
     "list_models",
     "load_pretrained",
@@ -35,3 +43,12 @@ __all__ = [
     "param_table",
     "unwrap_state_dict",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy, and left out of __all__: timm is imported only when the converter is used
+    if name == "from_timm":
+        from .timm_bridge import from_timm
+
+        return from_timm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,8 +9,11 @@ N + 1 with a class token). The modes are presets of the knobs ``add_pos_to_input
 - ``last_pos``: the last step is LN(x_{L+1}) + LN'_last(p) with p = ``pos`` for ``last_pos=0`` (the paper's
   choice) or p = the PE term added at block k for ``last_pos=k >= 1`` (MPVG Table 5); ``None``: plain
   LN(x_{L+1}). Negative k counts from the last block.
-- ``pool``: ``avg`` (GAP over all tokens, no class token) or ``cls`` (a class token with its own PE row, as in
-  DeiT and the LaPE code). Default: ``cls`` for default/lape, ``avg`` for pvg/mpvg.
+- ``pool``: ``avg`` (GAP over the patch tokens; no class token unless ``class_token=True``) or ``cls`` (a class
+  token with its own PE row, as in DeiT and the LaPE code). Default: ``cls`` for default/lape, ``avg`` for pvg/mpvg.
+- ``fc_norm=True`` (``avg`` only) puts the last LayerNorm after pooling, as timm's GAP ViTs do (``norm`` is then
+  an identity and the norm is ``fc_norm``); with a last PE the pooled output is
+  fc_norm(mean_n x_n) + mean_n LN'_last(p)_n.
 - Image-independent PE terms: :meth:`VisionTransformer.compute_pe_terms` (live), :meth:`~VisionTransformer.pe_terms`
   (the inference cache), and ``forward(x, pe_terms=...)`` to run with given (e.g. frozen) terms.
 
@@ -24,7 +27,7 @@ x = LN2(x); x = x + MLP(x) (the second norm is applied to the residual stream it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from os import PathLike
 from typing import Any
 
@@ -44,6 +47,7 @@ __all__ = [
     "VisionTransformer",
     "count_parameters",
     "default_pool",
+    "feature_take_indices",
 ]
 
 _AUTO = "auto"
@@ -59,7 +63,13 @@ class VisionTransformer(nn.Module):
     ``include_layer0``, ``hierarchical``, ``add_pos_to_input`` (None = mode default) and ``last_pos`` (``"auto"`` =
     mode default, None = no PE at the last LN, int k), ``block_style`` (``prenorm``/``cct``), ``norm_eps``,
     ``pos_init_std``, ``patch_init`` (``default``: PyTorch's conv init as in timm/DeiT; ``kaiming_normal``: CCT),
-    ``dynamic_img_size`` (resample the PE at forward for other input sizes), ``pe_cache`` (inference PE cache).
+    ``dynamic_img_size`` (resample the PE at forward for other input sizes), ``pe_cache`` (inference PE cache),
+    ``class_token`` (None: only for ``pool="cls"``; True with ``pool="avg"``: a class token that attention sees
+    but the average leaves out, as timm's GAP models with a class token), ``fc_norm`` (last norm after pooling).
+
+    timm's model contract is implemented: ``forward_intermediates``/``prune_intermediate_layers``/``feature_info``
+    (``features_only``), ``group_matcher`` (layer decay), ``set_grad_checkpointing``, ``reset_classifier``,
+    ``get_classifier``, ``no_weight_decay``. :meth:`forward_analysis` is the richer call of ``mpvg analyze``.
     """
 
     def __init__(
@@ -88,6 +98,8 @@ class VisionTransformer(nn.Module):
         patch_init: str = "default",
         dynamic_img_size: bool = False,
         pe_cache: bool = True,
+        class_token: bool | None = None,
+        fc_norm: bool = False,
     ) -> None:
         super().__init__()
         if pe not in PE_MODES:
@@ -100,6 +112,10 @@ class VisionTransformer(nn.Module):
             ("num_heads", num_heads, 1), ("in_chans", in_chans, 1),
             *(("patch_size", p, 1) for p in to_2tuple(patch_size)), *(("img_size", v, 1) for v in to_2tuple(img_size)),
         )
+        if class_token is not None and not class_token and pool == "cls":
+            raise ValueError("pool='cls' needs the class token; class_token=False goes with pool='avg'")
+        if fc_norm and pool != "avg":
+            raise ValueError(f"fc_norm=True (the last norm after pooling) needs pool='avg', got pool={pool!r}")
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
         if patch_init not in ("default", "kaiming_normal"):
@@ -128,7 +144,8 @@ class VisionTransformer(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.pe_cache_enabled = pe_cache
         self.grad_checkpointing = False
-        self.has_class_token = pool == "cls"
+        self.has_class_token = pool == "cls" if class_token is None else bool(class_token)
+        self.use_fc_norm = bool(fc_norm)
         self.num_prefix_tokens = 1 if self.has_class_token else 0
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -153,7 +170,10 @@ class VisionTransformer(nn.Module):
             )
             for i in range(depth)
         )
-        self.norm = LastLayerNormPE(embed_dim, eps=norm_eps, use_pos=self.last_pos is not None)
+        last_norm = LastLayerNormPE(embed_dim, eps=norm_eps, use_pos=self.last_pos is not None)
+        # timm's names: ``norm`` before pooling, or an identity ``norm`` and ``fc_norm`` after pooling.
+        self.norm: nn.Module = nn.Identity() if fc_norm else last_norm
+        self.fc_norm: nn.Module = last_norm if fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -162,6 +182,7 @@ class VisionTransformer(nn.Module):
         self._pe_cache = PECache()
         self.register_load_state_dict_post_hook(_clear_cache_hook)
         self.init_weights()
+        self.feature_info = self._make_feature_info()
         self.default_cfg: dict[str, Any] = self._make_default_cfg()
         self.pretrained_cfg = self.default_cfg
 
@@ -199,6 +220,23 @@ class VisionTransformer(nn.Module):
             "pool": self.pool,
         }
 
+    def _make_feature_info(self) -> list[dict[str, Any]]:
+        r = max(self.patch_embed.patch_size)
+        return [dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=r) for i in range(len(self.blocks))]
+
+    @property
+    def last_norm(self) -> LastLayerNormPE | None:
+        """The last LayerNorm (with LN'_last for MPVG): ``norm``, or ``fc_norm`` when it follows the pooling;
+        None once pruned away (:meth:`prune_intermediate_layers`)."""
+        m = self.fc_norm if self.use_fc_norm else self.norm
+        return m if isinstance(m, LastLayerNormPE) else None
+
+    def _last_norm(self) -> LastLayerNormPE:
+        m = self.last_norm
+        if m is None:
+            raise RuntimeError("the last norm of this model was pruned (prune_intermediate_layers)")
+        return m
+
     @property
     def global_pool(self) -> str:
         """timm's name for the pooling: ``token`` (class token) or ``avg``."""
@@ -230,6 +268,11 @@ class VisionTransformer(nn.Module):
             nn.init.kaiming_normal_(self.patch_embed.proj.weight)
         self.clear_pe_cache()
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups (layer-wise LR decay): stem (class token, PE, patch embedding), one group per
+        block, the last norm after the blocks (the head and ``fc_norm`` fall in the last group)."""
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
     def no_weight_decay(self) -> set[str]:
         """Names excluded from weight decay besides every 1-D parameter (see :func:`param_groups`)."""
         return {"pos_embed", "cls_token"}
@@ -246,11 +289,24 @@ class VisionTransformer(nn.Module):
         """The classifier head."""
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a fresh one for ``num_classes`` (0: identity, features out)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh one for ``num_classes`` (0: identity, features out). ``global_pool``
+        (timm's name): None keeps the pooling; ``token`` or ``avg`` switch it (``token`` needs the class token)."""
         _check_sizes(("num_classes", num_classes, 0))
+        if global_pool is not None:
+            pools = {"token": "cls", "cls": "cls", "avg": "avg"}
+            if global_pool not in pools:
+                raise ValueError(f"global_pool must be None, 'token' or 'avg', got {global_pool!r}")
+            pool = pools[global_pool]
+            if pool == "cls" and not self.has_class_token:
+                raise ValueError("global_pool='token' needs a class token; this model has none")
+            if pool == "cls" and self.use_fc_norm:
+                raise ValueError("global_pool='token' does not go with fc_norm (the norm after average pooling)")
+            self.pool = pool
+            self.default_cfg["pool"] = pool
+            self.clear_pe_cache()
         self.num_classes = num_classes
-        ref = self.norm.weight
+        ref = self.patch_embed.proj.weight
         if num_classes > 0:
             self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
             nn.init.trunc_normal_(self.head.weight, std=0.02)
@@ -305,8 +361,9 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             if blk.use_pos:
                 ts += [blk.norm1.pos_weight, blk.norm1.pos_bias]
-        if self.has_last_pos:
-            ts += [self.norm.bias, self.norm.pos_weight, self.norm.pos_bias]
+        last = self.last_norm
+        if self.has_last_pos and last is not None:
+            ts += [last.bias, last.pos_weight, last.pos_bias]
         return ts
 
     def _pos_for_grid(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -326,12 +383,18 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is None:
             return None
         pos = self._pos_for_grid(self.patch_embed.grid_size if grid is None else tuple(grid))
+        last = self.last_norm
+        with_last = self.has_last_pos and last is not None
+        npt = self.num_prefix_tokens
         with no_autocast(pos.device.type):
             return self.pe_walk.terms(
                 pos,
                 lambda i, p: self.blocks[i].norm1.norm_pos(p),
-                last_term=self.norm.pos_term if self.has_last_pos else None,
-                pooled_bias=self.norm.pooled_bias if self.has_last_pos and self.pool == "avg" else None,
+                last_term=last.pos_term if with_last else None,
+                # the pooled bias averages the patch rows (a class token is left out of the mean)
+                pooled_bias=(lambda p: last.pooled_bias(p[:, npt:]))
+                if with_last and self.pool == "avg" and not self.use_fc_norm
+                else None,
             )
 
     def pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
@@ -375,9 +438,14 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(x)
 
     def _forward_body(
-        self, x: torch.Tensor, pe_terms: PETerms | None = None
-    ) -> tuple[torch.Tensor, PETerms | None, torch.Tensor | None]:
-        """Images -> (x_{L+1} [B, T, D], the precomputed PE terms used or None, LN'_last source when not).
+        self,
+        x: torch.Tensor,
+        pe_terms: PETerms | None = None,
+        take: Collection[int] = (),
+        stop_after: int | None = None,
+    ) -> tuple[torch.Tensor, PETerms | None, torch.Tensor | None, list[torch.Tensor]]:
+        """Images -> (x_{L+1} [B, T, D], the precomputed PE terms used or None, LN'_last source when not, the
+        residual stream after each block in ``take``). ``stop_after``: run blocks 0..stop_after only.
 
         The PE terms come from ``pe_terms`` when given, else from the cache where it may be used; otherwise the
         fused per-block ops compute them along the walk (with gradients)."""
@@ -388,56 +456,191 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             pos = pe_terms.pos if pe_terms is not None else self._pos_for_grid(grid)
         x = self._embed(x, pos)
+        kept: list[torch.Tensor] = []
+        last = len(self.blocks) - 1 if stop_after is None else stop_after
 
         if pe_terms is not None:
-            for blk, term in zip(self.blocks, pe_terms.terms, strict=True):
+            for i, (blk, term) in enumerate(zip(self.blocks, pe_terms.terms, strict=True)):
+                if i > last:
+                    break
                 x, _ = blk(x, pos_term=term)
-            return x, pe_terms, None
+                if i in take:
+                    kept.append(x)
+            return x, pe_terms, None, kept
 
         step = self.pe_walk.start(pos)
         for i, blk in enumerate(self.blocks):
+            if i > last:
+                break
             x, term = self._run_block(blk, x, step.source(i))
             step.record(i, term)
-        return x, None, step.last_source
+            if i in take:
+                kept.append(x)
+        return x, None, step.last_source, kept
 
-    def _last_term(self, terms: PETerms | None, last_src: torch.Tensor | None) -> torch.Tensor | None:
-        if not self.has_last_pos:
+    def _last_term(
+        self, terms: PETerms | None, last_src: torch.Tensor | None, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor | None:
+        """LN'_last(p) [1, T, D] (None without a last PE). ``last_src`` None with no ``terms`` (a walk stopped
+        before block ``last_pos``): the terms are computed from the parameters for ``grid``."""
+        if not self.has_last_pos or self.last_norm is None:
             return None
         if terms is not None:
             return terms.last_term
-        assert last_src is not None
-        return self.norm.pos_term(last_src)
+        if last_src is None:
+            full = self.compute_pe_terms(grid)
+            assert full is not None
+            return full.last_term
+        return self._last_norm().pos_term(last_src)
+
+    def _norm_tokens(self, x: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
+        """The per-token last norm of forward_features: LN(x) (+ LN'_last(p)); identity with ``fc_norm`` (timm's
+        GAP models normalise after pooling) or once the norm is pruned."""
+        if self.use_fc_norm or self.last_norm is None:
+            return x
+        return self.last_norm(x, pos_term=term)
+
+    def _pool_fc_norm(self, x: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
+        """``fc_norm`` models: fc_norm(mean of the patch tokens) (+ mean of LN'_last(p) over the patch rows)."""
+        npt = self.num_prefix_tokens
+        m = x[:, npt:].mean(dim=1, keepdim=True)
+        c = None if term is None else term[:, npt:].mean(dim=1, keepdim=True)
+        fc = self.fc_norm
+        if not isinstance(fc, LastLayerNormPE):  # pruned: plain mean
+            return m.squeeze(1)
+        return fc(m, pos_term=c).squeeze(1)
 
     def forward_features(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
         """Per-token features [B, T, D] after the last norm: LN(x_{L+1}) (+ LN'_last(pos_k) for MPVG), for dense
         heads. With a class token, token 0 is the class token. ``pe_terms``: precomputed terms to use
-        (:meth:`compute_pe_terms`, e.g. frozen for export); default: the cache, or computed live."""
-        x, terms, last_src = self._forward_body(x, pe_terms)
-        return self.norm(x, pos_term=self._last_term(terms, last_src))
+        (:meth:`compute_pe_terms`, e.g. frozen for export); default: the cache, or computed live. With
+        ``fc_norm`` the tokens are not normalised (as in timm); the norm follows the pooling in forward_head."""
+        x, terms, last_src, _ = self._forward_body(x, pe_terms)
+        return self._norm_tokens(x, self._last_term(terms, last_src))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Features [B, T, D] from :meth:`forward_features` -> pooled (class token or mean) -> logits."""
-        x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)
+        """Features [B, T, D] from :meth:`forward_features` -> pooled (class token or mean of the patch tokens,
+        then ``fc_norm`` where the model has it) -> logits."""
+        if self.pool == "cls":
+            x = x[:, 0]
+        elif self.use_fc_norm:
+            grid = self._feature_grid(x.shape[1])
+            x = self._pool_fc_norm(x, self._last_term(self.pe_terms(grid), None, grid))
+        else:
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
+
+    def _feature_grid(self, num_tokens: int) -> tuple[int, int]:
+        grid = self.patch_embed.grid_size
+        if num_tokens - self.num_prefix_tokens == grid[0] * grid[1]:
+            return grid
+        from ..layers.pos_embed import infer_grid_size
+
+        return infer_grid_size(num_tokens - self.num_prefix_tokens)
 
     def forward_pooled(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
         """Images -> pooled features [B, D] (the head's input), with the fused last step: LN + GAP (+ the cached
         PE bias, or LN'_last(pos_k) per token when gradients are needed) in one pass for ``avg`` pooling."""
-        x, terms, last_src = self._forward_body(x, pe_terms)
+        x, terms, last_src, _ = self._forward_body(x, pe_terms)
+        term = self._last_term(terms, last_src)
+        if self.pool == "avg" and self.use_fc_norm:
+            return self._pool_fc_norm(x, term)
+        norm = self._last_norm()
+        npt = self.num_prefix_tokens
         if self.pool == "avg":
             if terms is not None and terms.pooled_bias is not None:
-                return self.norm(x, pool=True, pooled_bias=terms.pooled_bias)
-            return self.norm(x, pool=True, pos_term=self._last_term(terms, last_src))
-        term = self._last_term(terms, last_src)
-        return self.norm(x[:, :1], pos_term=None if term is None else term[:, :1]).squeeze(1)
+                return norm(x[:, npt:], pool=True, pooled_bias=terms.pooled_bias)
+            return norm(x[:, npt:], pool=True, pos_term=None if term is None else term[:, npt:])
+        return norm(x[:, :1], pos_term=None if term is None else term[:, :1]).squeeze(1)
 
     def forward(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
         """Images [B, C, H, W] -> logits [B, num_classes] (``pe_terms``: see :meth:`forward_features`)."""
         return self.head(self.head_drop(self.forward_pooled(x, pe_terms)))
 
-    def forward_intermediates(self, x: torch.Tensor) -> dict[str, Any]:
-        """Every intermediate the analysis needs, computed with unfused plain-PyTorch steps (no cache). Keys:
+    # ------------------------------------------------------------------ timm's feature contract
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+    ) -> Any:
+        """timm's ``forward_intermediates``: the residual stream after the blocks named by ``indices`` (None: all;
+        int n: the last n; a sequence: those, negative from the end).
+
+        ``norm=True`` normalises each with the last norm *including* MPVG's LN'_last(p): LN(x_l) + LN'_last(p), the
+        per-token features dense heads receive. ``output_fmt``: ``NCHW`` ([B, D, h, w], prefix tokens split off)
+        or ``NLC`` ([B, h*w, D]). Returns the list (``intermediates_only``), ``(final features, list)``, or with
+        ``output_dict`` ``{"image_intermediates", "image_intermediates_prefix"?, "image_features"?}``."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        grid = self._grid(x)
+        feats, terms, last_src, kept = self._forward_body(
+            x, take=set(take), stop_after=max_index if stop_early else None
+        )
+        term = None
+        if norm or not intermediates_only:
+            term = self._last_term(terms, last_src, grid)
+        if norm:
+            kept = [self._norm_tokens(y, term) for y in kept]
+        npt = self.num_prefix_tokens
+        prefix = [y[:, :npt] for y in kept] if npt else None
+        kept = [y[:, npt:] for y in kept]
+        if output_fmt == "NCHW":
+            kept = [y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in kept]
+        if output_dict:
+            out: dict[str, Any] = {"image_intermediates": kept}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self._norm_tokens(feats, term)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            kept = list(zip(kept, prefix, strict=True))
+        if intermediates_only:
+            return kept
+        return self._norm_tokens(feats, term), kept
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's pruning for feature extraction: keep blocks up to the last index taken, optionally drop the last
+        norm (``prune_norm``) and the head and ``fc_norm`` (``prune_head``). Returns the absolute indices kept."""
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        if self.last_pos is not None and self.last_pos > max_index and not prune_norm:
+            raise ValueError(
+                f"last_pos={self.last_pos} takes LN'_last's input from block {self.last_pos}, which pruning to "
+                f"{max_index + 1} blocks removes; pass prune_norm=True"
+            )
+        self.blocks = self.blocks[: max_index + 1]
+        self.depth = len(self.blocks)
+        self.block_uses_pos = self.block_uses_pos[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+            if self.use_fc_norm:
+                self.fc_norm = nn.Identity()
+            self.last_pos = None
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0)
+        self.pe_walk = PEWalk(self.block_uses_pos, self.hierarchical, self.last_pos)
+        self.feature_info = self._make_feature_info()
+        self.clear_pe_cache()
+        return take
+
+    # ------------------------------------------------------------------ analysis
+
+    def forward_analysis(self, x: torch.Tensor) -> dict[str, Any]:
+        """Every intermediate the analysis needs (``mpvg analyze``), computed with unfused plain-PyTorch steps (no
+        cache). Keys:
 
         - ``block_inputs``: x_l entering block l, [B, T, D] each (L+1 entries);
         - ``token_terms``: LN1_l(x_l), the normalised token term of block l's attention input;
@@ -448,6 +651,8 @@ class VisionTransformer(nn.Module):
         - ``features``: forward_features' output; ``pooled``: [B, D]; ``logits``: [B, num_classes];
         - ``grid``: the token grid (h, w); ``num_prefix_tokens``: 1 with a class token, else 0.
         """
+        if self.use_fc_norm:
+            raise ValueError("forward_analysis needs the last norm before pooling; this model has fc_norm=True")
         grid = self._grid(x)
         pos = self._pos_for_grid(grid) if self.pos_embed is not None else None
         x = self._embed(x, pos)
@@ -475,11 +680,11 @@ class VisionTransformer(nn.Module):
             out["pos_terms"].append(term)
             out["attn_inputs"].append(a)
             x = blk.forward_rest(x, a)
-        last_out = self.norm.norm_tokens(x)
+        last_out = self._last_norm().norm_tokens(x)
         last_term = self._last_term(None, step.last_source)
         feats = last_out if last_term is None else last_out + last_term
         out.update(last_norm_input=x, last_norm_output=last_out, last_pos_term=last_term, features=feats)
-        pooled = feats[:, 0] if self.pool == "cls" else feats.mean(dim=1)
+        pooled = feats[:, 0] if self.pool == "cls" else feats[:, self.num_prefix_tokens :].mean(dim=1)
         out["pooled"] = pooled
         out["logits"] = self.head(self.head_drop(pooled))
         return out
@@ -490,6 +695,25 @@ class VisionTransformer(nn.Module):
             f"include_layer0={self.include_layer0}, hierarchical={self.hierarchical}, last_pos={self.last_pos}, "
             f"block_style={self.block_style!r}"
         )
+
+
+def feature_take_indices(num_features: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
+    """timm's rule for ``indices``: None = all, int n = the last n, a sequence = those (negative from the end).
+    Returns (absolute indices, their maximum)."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"last-n indices={indices} is out of range (1 to {num_features})")
+        take = list(range(num_features - indices, num_features))
+    else:
+        take = []
+        for i in indices:
+            j = num_features + i if i < 0 else i
+            if not 0 <= j < num_features:
+                raise ValueError(f"feature index {i} is out of range (0 to {num_features - 1})")
+            take.append(j)
+    return take, max(take)
 
 
 def _check_sizes(*checks: tuple[str, Any, int]) -> None:

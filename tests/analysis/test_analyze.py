@@ -153,7 +153,7 @@ class KnownPEModel(nn.Module):
         self.pe2 = torch.tensor([[0.5, -1.0], [2.0, 0.0], [1.0, 3.0], [-2.0, 1.0]])
         self.last = torch.tensor([[1.0, 2.0], [-1.0, 0.0], [3.0, -2.0], [0.0, 1.0]])
 
-    def forward_intermediates(self, x: torch.Tensor) -> dict:
+    def forward_analysis(self, x: torch.Tensor) -> dict:
         b = x.shape[0]
         shift = x.reshape(b, 1, 1)  # the "image" is a scalar per sample
         cls_row = torch.full((b, 1, 2), 100.0)  # must not enter any number

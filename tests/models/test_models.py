@@ -156,11 +156,11 @@ def test_knob_errors():
     assert m(_images()).shape == (3, 5)
 
 
-def test_forward_intermediates():
+def test_forward_analysis():
     model, ref = _pair("mpvg", "avg", {}, {})
     x = _images()
     with torch.no_grad():
-        it = model.forward_intermediates(x)
+        it = model.forward_analysis(x)
         r = ref(x, everything=True)
         torch.testing.assert_close(it["logits"], model(x), atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(it["logits"], r["logits"], atol=ATOL, rtol=RTOL)

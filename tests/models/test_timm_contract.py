@@ -1,0 +1,134 @@
+"""timm's model contract and the GAP placements on the project's model, without timm (the real timm is in
+tests/timm)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpvg_kernels.models import VisionTransformer, feature_take_indices
+
+SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=5)
+
+
+def _x(b: int = 2) -> torch.Tensor:
+    return torch.randn(b, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def _model(pe: str, **kw) -> VisionTransformer:
+    torch.manual_seed(0)
+    m = VisionTransformer(pe=pe, **{**SMALL, **kw})
+    with torch.no_grad():  # non-trivial PE LayerNorms and biases
+        for n, p in m.named_parameters():
+            if n.endswith(("pos_weight", "pos_bias", "norm.bias", "fc_norm.bias")):
+                p.normal_()
+    return m
+
+
+@pytest.mark.parametrize("pe", ["default", "mpvg"])
+@pytest.mark.parametrize("class_token", [False, True])
+def test_fc_norm_after_pooling(pe, class_token):
+    m = _model(pe, pool="avg", fc_norm=True, class_token=class_token)
+    keys = set(m.state_dict())
+    assert "fc_norm.weight" in keys and not any(k.startswith("norm.") for k in keys)
+    x = _x()
+    feats = m.forward_features(x)  # not normalised (timm's fc_norm models)
+    npt = int(class_token)
+    pooled = F.layer_norm(feats[:, npt:].mean(1), (32,), m.fc_norm.weight, m.fc_norm.bias, 1e-6)
+    if pe == "mpvg":
+        term = F.layer_norm(m.pos_embed, (32,), m.fc_norm.pos_weight, m.fc_norm.pos_bias, 1e-6)
+        pooled = pooled + term[:, npt:].mean(1)
+    torch.testing.assert_close(m.forward_pooled(x), pooled)
+    torch.testing.assert_close(m.forward_head(feats), m(x))
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), m.head(pooled), atol=1e-6, rtol=1e-5)  # cached path
+
+
+@pytest.mark.parametrize("pe", ["default", "mpvg"])
+def test_class_token_with_average_pooling(pe):
+    m = _model(pe, pool="avg", class_token=True)
+    assert m.num_prefix_tokens == 1 and m.pos_embed.shape[1] == 17
+    x = _x()
+    feats = m.forward_features(x)
+    want = m.head(feats[:, 1:].mean(1))  # the class token is left out of the mean
+    torch.testing.assert_close(m(x), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(m.forward_head(feats), want, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), want, atol=1e-6, rtol=1e-5)  # cached pooled bias over patch rows
+
+
+def test_option_errors():
+    with pytest.raises(ValueError, match="needs the class token"):
+        VisionTransformer(pe="default", pool="cls", class_token=False, **SMALL)
+    with pytest.raises(ValueError, match="fc_norm=True"):
+        VisionTransformer(pe="default", pool="cls", fc_norm=True, **SMALL)
+
+
+def test_feature_take_indices():
+    assert feature_take_indices(4) == ([0, 1, 2, 3], 3)
+    assert feature_take_indices(4, 2) == ([2, 3], 3)
+    assert feature_take_indices(4, [0, -2]) == ([0, 2], 2)
+    with pytest.raises(ValueError):
+        feature_take_indices(4, 5)
+    with pytest.raises(ValueError):
+        feature_take_indices(4, [4])
+
+
+@pytest.mark.parametrize("pe", ["default", "lape", "mpvg"])
+def test_forward_intermediates_contract(pe):
+    m = _model(pe).eval()
+    x = _x()
+    npt = m.num_prefix_tokens
+    with torch.no_grad():
+        final, inter = m.forward_intermediates(x)
+        assert len(inter) == 3 and all(t.shape == (2, 32, 4, 4) for t in inter)
+        torch.testing.assert_close(final, m.forward_features(x))
+        nlc = m.forward_intermediates(x, indices=[-1], norm=True, output_fmt="NLC", intermediates_only=True)
+        torch.testing.assert_close(nlc[0], final[:, npt:])  # last block + norm (with LN'_last) = features
+        early = m.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], inter[0])
+        early_norm = m.forward_intermediates(x, indices=[0], stop_early=True, norm=True, output_fmt="NLC")
+        full_norm = m.forward_intermediates(x, indices=[0], norm=True, output_fmt="NLC")
+        torch.testing.assert_close(early_norm[1][0], full_norm[1][0])
+        pairs = m.forward_intermediates(x, indices=1, return_prefix_tokens=True, intermediates_only=True)
+        if npt:
+            assert pairs[0][1].shape == (2, 1, 32)
+        d = m.forward_intermediates(x, indices=1, output_dict=True)
+        assert set(d) == {"image_intermediates", "image_features"}
+    with pytest.raises(ValueError, match="output_fmt"):
+        m.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_prune_and_feature_info():
+    m = _model("mpvg")
+    assert [f["module"] for f in m.feature_info] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert m.prune_intermediate_layers([0, 1], prune_norm=True) == [0, 1]
+    assert len(m.blocks) == 2 and len(m.feature_info) == 2 and m.num_classes == 0 and m.last_norm is None
+    out = m.forward_intermediates(_x(), indices=[0, 1], intermediates_only=True)
+    assert [t.shape for t in out] == [(2, 32, 4, 4)] * 2
+    k = _model("mpvg", last_pos=2)
+    with pytest.raises(ValueError, match="prune_norm=True"):
+        k.prune_intermediate_layers([1])
+
+
+def test_group_matcher_and_classifier():
+    m = _model("mpvg")
+    gm = m.group_matcher()
+    assert gm["stem"].startswith("^cls_token") and gm["blocks"][0][0] == r"^blocks\.(\d+)"
+    m.reset_classifier(7, global_pool="avg")
+    assert m(_x()).shape == (2, 7) and m.get_classifier().out_features == 7
+    with pytest.raises(ValueError, match="class token"):
+        m.reset_classifier(7, global_pool="token")
+    d = _model("default")
+    d.reset_classifier(3, global_pool="avg")  # the class token stays, the mean leaves it out
+    assert d.pool == "avg" and d.has_class_token
+    feats = d.forward_features(_x())
+    torch.testing.assert_close(d(_x()), d.head(feats[:, 1:].mean(1)), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="global_pool"):
+        d.reset_classifier(3, global_pool="map")
+
+
+def test_forward_analysis_refuses_fc_norm():
+    with pytest.raises(ValueError, match="fc_norm"):
+        _model("default", pool="avg", fc_norm=True).forward_analysis(_x())
