@@ -19,6 +19,15 @@ from .ops import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """``mpvg_kernels.from_timm`` without importing timm at ``import mpvg_kernels``."""
+    if name == "from_timm":
+        from .models.timm_bridge import from_timm
+
+        return from_timm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "DualLayerNorm",
     "LastLayerNormPE",
