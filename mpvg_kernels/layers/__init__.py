@@ -6,11 +6,20 @@ May import :mod:`mpvg_kernels.ops` and torch; never models, training or tools.
 
 from .blocks import BLOCK_STYLES, Attention, Block, DropPath, Mlp, PatchEmbed, to_2tuple
 from .norms import DualLayerNorm, LastLayerNormPE
-from .pe_cache import PECache, cache_bypassed, no_autocast, optimizer_step_count
+from .pe_cache import PECache, cache_bypassed, no_autocast, optimizer_step_count, watch_optimizer_steps
+from .pe_walk import PE_MODES, POOLS, PRESETS, PEPreset, PETerms, PEWalk, default_pool
 from .pos_embed import infer_grid_size, resample_abs_pos_embed
 
 __all__ = [
     "BLOCK_STYLES",
+    "PE_MODES",
+    "POOLS",
+    "PRESETS",
+    "PEPreset",
+    "PETerms",
+    "PEWalk",
+    "default_pool",
+    "watch_optimizer_steps",
     "Attention",
     "Block",
     "DropPath",
