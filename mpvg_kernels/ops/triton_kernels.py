@@ -188,8 +188,14 @@ def vector_width(elem_size: int, strides: tuple[int, ...], addr_mods: tuple[int,
     return v
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
 def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Make t's GPU the current one for the launches (a no-op on CPU and when it already is)."""
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(t.device)
 
 
 def _check_x3(x3: torch.Tensor) -> None:
@@ -464,20 +470,28 @@ class BackwardPlan(NamedTuple):
     db: torch.Tensor | None = None  # [D]
 
 
-def _finish_launch(segments: list[tuple[torch.Tensor, torch.Tensor, int, int, int]], acc: torch.dtype) -> Launch:
-    """One ``_sum_partials_kernel`` launch for up to three (partials, out, parts, pitch, width) segments."""
-    segs = list(segments)
-    blocks = [_cdiv(s[4], _SUM_BLOCK) for s in segs]
-    while len(segs) < 3:  # empty segments: zero programs
-        segs.append((segs[0][0], segs[0][1], 0, 0, 0))
-        blocks.append(0)
-    args: list = []
-    for i, (p, o, parts, pitch, width) in enumerate(segs):
-        args += [p, o, parts, pitch, width]
-        if i < 2:
-            args.append(blocks[i])
+class _FinishStatic(NamedTuple):
+    grid: tuple[int]
+    scalars: tuple[tuple, ...]  # per segment: (parts, pitch, width[, blocks])
+    meta: dict
+
+
+@functools.lru_cache(maxsize=1024)
+def _finish_static(segments: tuple[tuple[int, int, int], ...], acc: torch.dtype) -> _FinishStatic:
+    """Grid and scalar arguments of one ``_sum_partials_kernel`` launch for up to three (parts, pitch, width)
+    segments; absent segments get zero programs."""
+    segs = list(segments) + [(0, 0, 0)] * (3 - len(segments))
+    blocks = [_cdiv(w, _SUM_BLOCK) for _, _, w in segs]
+    scalars = tuple((*seg, blocks[i]) if i < 2 else seg for i, seg in enumerate(segs))
     meta = dict(BLOCK=_SUM_BLOCK, ACC_DTYPE=_tl_acc(acc), num_warps=4)
-    return Launch(_sum_partials_kernel, (max(1, sum(blocks)),), tuple(args), meta)
+    return _FinishStatic((max(1, sum(blocks)),), scalars, meta)
+
+
+def _finish_launch(st: _FinishStatic, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> Launch:
+    """The launch of :func:`_finish_static`'s plan on (partials, out) pairs (absent ones repeat the first)."""
+    pairs = tensors + [tensors[0]] * (3 - len(tensors))
+    args = (*pairs[0], *st.scalars[0], *pairs[1], *st.scalars[1], *pairs[2], *st.scalars[2])
+    return Launch(_sum_partials_kernel, st.grid, args, st.meta)
 
 
 class _FwdStatic(NamedTuple):
@@ -547,7 +561,7 @@ def plan_forward(
     if st.splits > 1:
         partial = torch.empty((st.splits, B, D), dtype=acc, device=dev)
         target = partial
-        finish = _finish_launch([(partial, out, st.splits, B * D, B * D)], acc)
+        finish = _finish_launch(_finish_static(((st.splits, B * D, B * D),), acc), [(partial, out)])
     args = (x3, pe_arg, weight, bias, target, mean, rstd, *st.scalars, *_eps_pair(eps))
     return ForwardPlan(Launch(_ln_fwd_kernel, st.grid, args, st.meta), out, mean, rstd, partial, finish)
 
@@ -585,6 +599,7 @@ class _BwdStatic(NamedTuple):
     programs: int
     pitch_w: int
     pitch_pe: int
+    finish: _FinishStatic
 
 
 @functools.lru_cache(maxsize=1024)
@@ -619,7 +634,12 @@ def _bwd_static(B, N, D, xs, gs, dtype, addr_mods, has_pe, pool) -> _BwdStatic:
         B, N, units(xs[0], B), units(xs[1], N), units(gs[0], B), units(gs[1], N),
         b_per_prog, pitch_w, pitch_pe,
     )  # fmt: skip
-    return _BwdStatic((n_tok, splits), scalars, meta, splits, n_tok * splits, pitch_w, pitch_pe)
+    programs = n_tok * splits
+    segments = ((programs, pitch_w, D), (programs, pitch_w, D))
+    if has_pe:
+        segments += ((splits, pitch_pe, N * D),)
+    finish = _finish_static(segments, acc_dtype(dtype))
+    return _BwdStatic((n_tok, splits), scalars, meta, splits, programs, pitch_w, pitch_pe, finish)
 
 
 def plan_backward(
@@ -648,21 +668,20 @@ def plan_backward(
         weight = weight.contiguous()
     gs = (grad.stride(0), 0) if pool else (grad.stride(0), grad.stride(1))
     st = _bwd_static(B, N, D, (x3.stride(0), x3.stride(1)), gs, dtype, (_addr_mod(x3), _addr_mod(grad)), has_pe, pool)
-    dw_part = torch.empty((st.programs, st.pitch_w), dtype=acc, device=dev)
-    db_part = torch.empty((st.programs, st.pitch_w), dtype=acc, device=dev)
-    dpe_part = torch.empty((st.splits, st.pitch_pe), dtype=acc, device=dev) if has_pe else None
+    # One workspace for all partials (internal), separate tensors for the results (op outputs never alias).
+    wp = st.programs * st.pitch_w
+    work = torch.empty(2 * wp + (st.splits * st.pitch_pe if has_pe else 0), dtype=acc, device=dev)
+    dw_part = work[:wp].view(st.programs, st.pitch_w)
+    db_part = work[wp : 2 * wp].view(st.programs, st.pitch_w)
+    dpe_part = work[2 * wp :].view(st.splits, st.pitch_pe) if has_pe else None
     dw = torch.empty(D, dtype=acc, device=dev)
     db = torch.empty(D, dtype=acc, device=dev)
+    dpe = torch.empty((N, D) if has_pe else (0,), dtype=acc, device=dev)
     args = (x3, grad, weight, mean, rstd, dx, dw_part if dpe_part is None else dpe_part, dw_part, db_part, *st.scalars)
-    segments = [(dw_part, dw, st.programs, st.pitch_w, D), (db_part, db, st.programs, st.pitch_w, D)]
-    if dpe_part is not None:
-        dpe = torch.empty((N, D), dtype=acc, device=dev)
-        segments.append((dpe_part, dpe, st.splits, st.pitch_pe, N * D))
-    else:
-        dpe = torch.empty(0, dtype=acc, device=dev)
+    pairs = [(dw_part, dw), (db_part, db)] + ([(dpe_part, dpe)] if dpe_part is not None else [])
     return BackwardPlan(
         Launch(_ln_bwd_kernel, st.grid, args, st.meta), dx, dpe_part, dw_part, db_part,
-        _finish_launch(segments, acc), dpe, dw, db,
+        _finish_launch(st.finish, pairs), dpe, dw, db,
     )  # fmt: skip
 
 
