@@ -168,11 +168,9 @@ def _eps_pair(eps: float) -> tuple[float, float]:
 
 def _addr_mod(t: torch.Tensor) -> int:
     """Start address of t modulo 16 bytes (0 for tensors without storage: meta/fake tensors plan as aligned)."""
-    if t.device.type == "meta":
-        return 0
     try:
-        return t.data_ptr() % 16
-    except RuntimeError:
+        return t.data_ptr() % 16  # 0 for meta tensors
+    except RuntimeError:  # fake tensors
         return 0
 
 
@@ -546,7 +544,8 @@ def plan_forward(
     if B * N == 0:
         return ForwardPlan(None, out, mean, rstd, None)
     if pe is not None:
-        pe = pe.reshape(N, D)
+        if pe.dim() != 2:
+            pe = pe.reshape(N, D)
         if not pe.is_contiguous():
             pe = pe.contiguous()
     if not weight.is_contiguous():

@@ -320,6 +320,7 @@ def test_autocast_bf16(op):
 # ------------------------------------------------------------------------------------------ dry run in CI
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CUDA, reason="a CUDA device is present: the tier above runs for real")
 @pytest.mark.skipif(DRY, reason="already inside the dry run")
 def test_gpu_tier_dry_run():
