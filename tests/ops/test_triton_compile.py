@@ -366,3 +366,20 @@ def test_partials_finish_compiles(ptxas):
     # The partial pointers are loop-carried (no getelementptr chain to an argument): read the PTX directly.
     loads = re.findall(r"ld\.global[\w.]*", r.ptx)
     assert loads and all(".v4." in op for op in loads), sorted(set(loads))
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_unit_arguments_compile(ptxas, pool):
+    """Triton turns integer arguments equal to 1 into constants: B = 1 (one batch element per backward program,
+    one dpe partial) and N = 1 (one token tile, 1 / N from a constant) must compile as well as the general case."""
+    meta = dict(device="meta")
+    for b, n in ((1, 197), (B, 1)):
+        x = torch.empty(b, n, 1000, dtype=torch.bfloat16, **meta)
+        w = torch.empty(1000, **meta)
+        stats = torch.empty(b * n, **meta)
+        grad = torch.empty((b, 1000) if pool else (b, n, 1000), dtype=torch.bfloat16, **meta)
+        fwd = tk.plan_forward(x, torch.empty(n, 1000, dtype=torch.bfloat16, **meta), w, w, 1e-6, pool)
+        bwd = tk.plan_backward(grad, x, w, stats, stats, True, pool)
+        for name, launch in (("fwd", fwd.launch), ("bwd", bwd.launch), ("finish", bwd.finish)):
+            r = _compile_launch(name, "fwd", 1000, torch.bfloat16, launch, 90, ptxas[90])
+            assert r.registers > 0 and r.spill_stores == 0, (b, n, name, r.ptxas_log)
