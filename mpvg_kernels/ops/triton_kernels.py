@@ -667,12 +667,10 @@ def plan_backward(
         weight = weight.contiguous()
     gs = (grad.stride(0), 0) if pool else (grad.stride(0), grad.stride(1))
     st = _bwd_static(B, N, D, (x3.stride(0), x3.stride(1)), gs, dtype, (_addr_mod(x3), _addr_mod(grad)), has_pe, pool)
-    # One workspace for all partials (internal), separate tensors for the results (op outputs never alias).
-    wp = st.programs * st.pitch_w
-    work = torch.empty(2 * wp + (st.splits * st.pitch_pe if has_pe else 0), dtype=acc, device=dev)
-    dw_part = work[:wp].view(st.programs, st.pitch_w)
-    db_part = work[wp : 2 * wp].view(st.programs, st.pitch_w)
-    dpe_part = work[2 * wp :].view(st.splits, st.pitch_pe) if has_pe else None
+    # (Separate allocations: cheaper on the host than views of one workspace, the same on the device.)
+    dw_part = torch.empty((st.programs, st.pitch_w), dtype=acc, device=dev)
+    db_part = torch.empty((st.programs, st.pitch_w), dtype=acc, device=dev)
+    dpe_part = torch.empty((st.splits, st.pitch_pe), dtype=acc, device=dev) if has_pe else None
     dw = torch.empty(D, dtype=acc, device=dev)
     db = torch.empty(D, dtype=acc, device=dev)
     dpe = torch.empty((N, D) if has_pe else (0,), dtype=acc, device=dev)
