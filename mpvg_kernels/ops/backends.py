@@ -40,8 +40,13 @@ class BackendUnavailableError(RuntimeError):
     """A known backend that cannot run here (not built, not installed, or the tensors' device it cannot serve)."""
 
 
+# Looked up once at import: resolve_backend runs inside torch.compile'd code, where a find_spec call would be a
+# graph break (an error under fullgraph=True).
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def cpp_status() -> tuple[bool, str]:

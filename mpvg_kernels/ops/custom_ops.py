@@ -14,6 +14,7 @@ The ops stay opaque to ``torch.compile`` and ``torch.export`` (``register_fake``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from types import ModuleType
 
@@ -24,16 +25,12 @@ from . import validate as V
 from .reference import acc_dtype
 
 _lib = torch.library.Library("mpvg", "DEF")
-_lib.define(
-    "layer_norm_add(Tensor x, Tensor? pe, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)"
-)
+_lib.define("layer_norm_add(Tensor x, Tensor? pe, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)")
 _lib.define(
     "layer_norm_add_backward(Tensor grad, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool has_pe)"
     " -> (Tensor, Tensor, Tensor, Tensor)"
 )
-_lib.define(
-    "layer_norm_pool(Tensor x, Tensor weight, Tensor bias, Tensor? pe, float eps) -> (Tensor, Tensor, Tensor)"
-)
+_lib.define("layer_norm_pool(Tensor x, Tensor weight, Tensor bias, Tensor? pe, float eps) -> (Tensor, Tensor, Tensor)")
 _lib.define(
     "layer_norm_pool_backward(Tensor grad, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool has_pe)"
     " -> (Tensor, Tensor, Tensor, Tensor)"
@@ -176,10 +173,11 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2:
         return x.unsqueeze(0)
     n, d = x.shape[-2:]
+    b = math.prod(x.shape[:-2])  # explicit: -1 is ambiguous for empty x
     try:
-        return x.view(-1, n, d)
+        return x.view(b, n, d)
     except RuntimeError:  # leading dims that no single stride describes: one copy is unavoidable
-        return x.reshape(-1, n, d)
+        return x.reshape(b, n, d)
 
 
 def _check_common(x, pe_name, pe, weight, bias, eps):
@@ -208,12 +206,28 @@ def layer_norm_add(
     return _layer_norm_add(x, pe, weight, bias, eps)
 
 
+def _cuda_autocast_fp32(x: torch.Tensor, *ts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...] | None:
+    """The registered autocast rule of the custom ops, for the ``torch`` backend that does not call them: under
+    CUDA autocast, CUDA inputs are cast to float32 (as ``F.layer_norm``'s are). None when autocast is off."""
+    if not (x.is_cuda and torch.is_autocast_enabled("cuda")):
+        return None
+    return tuple(None if t is None else t.float() for t in (x, *ts))
+
+
 def _layer_norm_add(
     x: torch.Tensor, pe: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """:func:`layer_norm_add` without the argument checks, for callers whose shapes are known to be valid
-    (the modules' cached inference path); pe may be None (a plain LayerNorm) and must be [N, D]."""
-    if x.numel() == 0 or backends.resolve_backend(x.device) == "torch":
+    (the modules' cached inference path); pe may be None (a plain LayerNorm) and must be [N, D].
+
+    Every input, empty ones included, reaches the ``mpvg::`` op unless the backend is ``torch``, so one dtype
+    rule holds: the op's (x's dtype; float32 under CUDA autocast), which the ``torch`` backend follows too.
+    """
+    if backends.resolve_backend(x.device) == "torch":
+        cast = _cuda_autocast_fp32(x, pe, weight, bias)
+        if cast is not None:
+            with torch.autocast("cuda", enabled=False):
+                return reference.layer_norm_add(*cast, eps)  # type: ignore[arg-type]
         return reference.layer_norm_add(x, pe, weight, bias, eps)
     if pe is not None and not pe.is_contiguous():
         pe = pe.contiguous()
@@ -225,7 +239,11 @@ def _layer_norm_pool(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pe: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     """:func:`layer_norm_pool` without the argument checks (see :func:`_layer_norm_add`); x has N >= 1 tokens."""
-    if x.numel() == 0 or backends.resolve_backend(x.device) == "torch":
+    if backends.resolve_backend(x.device) == "torch":
+        cast = _cuda_autocast_fp32(x, weight, bias, pe)
+        if cast is not None:
+            with torch.autocast("cuda", enabled=False):
+                return reference.layer_norm_pool(*cast, eps)  # type: ignore[arg-type]
         return reference.layer_norm_pool(x, weight, bias, pe, eps)
     if pe is not None and not pe.is_contiguous():
         pe = pe.contiguous()

@@ -4,25 +4,47 @@ The launchers :func:`forward` and :func:`backward` follow the kernel contract of
 ``reference.backward`` (see there): ``x3`` is ``[B, N, D]`` with stride 1 in the last dim and any strides in
 the first two, ``pe`` an ``[N, D]`` tensor indexed by token (never expanded over the batch).
 
-One forward kernel and one backward kernel serve every variant through constexpr flags:
+Kernels (each variant is selected by constexpr flags):
 
 - ``_ln_fwd_kernel``: ``HAS_PE`` adds ``pe[n]``; ``POOL`` averages over tokens instead of writing per-token
   output. Per-token mode: each program normalises ``ROWS`` consecutive rows (a ``[ROWS, BLOCK_D]`` tile),
   reading x once and writing y once. Pool mode: program ``(b, s)`` walks split ``s`` of batch element ``b``'s
   tokens in tiles and writes one fp32 partial ``[D]`` (or, with a single split, the output row itself).
 - ``_ln_bwd_kernel``: program ``(t, s)`` owns ``ROWS`` tokens and loops over batch chunk ``s``; it writes dx
-  and fixed-order partial sums for dweight, dbias (``[programs, D]``) and dpe (``[splits, N, D]``). A
-  ``torch.sum`` over the partial dim finishes them. No atomics: results are bitwise reproducible.
+  and fixed-layout partial sums of dweight, dbias (``[programs, D]``) and dpe (``[splits, N, D]``).
+- ``_sum_partials_kernel``: one small launch that sums up to three partial buffers over their leading dim in
+  a fixed order (row 0, 1, 2, ...) and casts to the output dtype: the backward's dweight, dbias and dpe, or
+  the pooled forward's token splits. No atomics anywhere: results are bitwise reproducible.
 
-Statistics and accumulation are float32 (float64 when x is float64). Tile sizes and warp counts come from
-the pure functions :func:`forward_config` / :func:`backward_config` of ``D`` and dtype; split counts from
-the shape only, so a given shape always runs the same reduction order (and no autotuning happens, which
-keeps the launches CUDA-graph friendly). Importing this module needs no GPU.
+**Compile-time D.** The feature dim ``D`` is a constexpr, so each D compiles its own kernels (ViT widths are
+few; the compile is cached per D, dtype and flags). With D known, the column mask and the row offsets of the
+contiguous buffers (y, dx, pe, partials) have a provable alignment for any D that is a multiple of the vector
+width (D = 200 or 1000, not only multiples of 16), and the compiler emits 16-byte accesses. The row strides of
+x and of the upstream gradient are passed in units of ``VEC`` elements and multiplied back by the constexpr
+``VEC`` inside the kernel, so the compiler knows every row start is a multiple of ``VEC`` elements. The host
+chooses ``VEC`` (:func:`vector_width`) as the widest power of two, up to 16 bytes, that divides those strides
+and the tensors' start addresses; a misaligned view (one element in) gets ``VEC = 1`` and scalar accesses,
+never a misaligned vector access. (Triton itself also checks every pointer argument's 16-byte alignment when
+it specialises a launch.)
+
+**Float arguments.** On a GPU, Python floats reach a kernel as fp32. So ``1 / N`` is computed inside the
+kernel from the integer N in the accumulation dtype, and ``eps`` is passed as an fp32 pair ``eps_hi + eps_lo``
+that the kernel adds in the accumulation dtype: float64 x gets eps to ~1e-15 relative, not fp32's 6e-8.
+
+**Work splits.** Statistics and accumulation are float32 (float64 when x is float64). Tile sizes and warp
+counts are pure functions of D and dtype (:func:`forward_config`, :func:`backward_config`); split counts of
+the shape only, aiming at ``_TARGET_PROGRAMS`` programs (two waves of the 132 SMs of an H100/H200; a constant
+so that the summation order never depends on the GPU), with the backward's split count also capped so that
+its partial sums cost at most a fixed share of its minimal memory traffic. No autotuning, which keeps the
+launches CUDA-graph friendly. Planning is cached per shape, strides and dtype (:func:`plan_forward`,
+:func:`plan_backward` only allocate and fill in the launch). Importing this module needs no GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import struct
 from typing import NamedTuple
 
 import torch
@@ -41,8 +63,10 @@ __all__ = [
     "backward_config",
     "forward",
     "forward_config",
+    "partial_traffic_ratio",
     "plan_backward",
     "plan_forward",
+    "vector_width",
 ]
 
 #: Largest feature dim the single-tile-per-row kernels accept.
@@ -50,14 +74,25 @@ MAX_D = 65536
 
 # Elements of one [ROWS, BLOCK_D] tile (halved for float64), and tile elements per thread. Eight elements
 # per thread is one 16-byte load of bf16/fp16 or two of fp32, and keeps both kernels far from spilling
-# (the backward holds x, dy and two accumulator tiles); checked by tests/ops/test_triton_compile.py.
-_TILE = 2048
+# (the backward holds x, dy and two accumulator tiles); checked by tests/ops/test_triton_compile.py. The
+# backward uses smaller tiles: more token tiles give it enough programs with fewer batch splits, hence
+# smaller dpe partials.
+_TILE_FWD = 2048
+_TILE_BWD = 1024
 _ELEMS_PER_THREAD = 8
 _MAX_ROWS = 64
 _MAX_WARPS = 32
-# Programs a launch aims for when it splits work for parallelism (pool forward, backward batch splits).
-# A constant, not the SM count: split counts (hence summation order) must depend on the shape alone.
-_TARGET_PROGRAMS = 1024
+# Programs a launch aims for when it splits work for parallelism (pool forward, backward batch splits): two
+# waves of a 132-SM GPU (H100/H200; 2.4 of an A100's 108). A constant, not the SM count of the device at
+# hand: split counts (hence summation order) must depend on the shape alone.
+_TARGET_PROGRAMS = 264
+# The backward's dpe partials (written once, read once) may cost at most 1/_PARTIAL_SHARE of the bytes the
+# backward must move anyway (x and dy read, dx written); this caps its batch splits for small batches.
+_PARTIAL_SHARE = 8
+# Columns per program of the partial-sum finish.
+_SUM_BLOCK = 1024
+# Partial buffers' rows start at multiples of this many elements (16-byte aligned for any dtype).
+_PITCH = 16
 
 
 class KernelConfig(NamedTuple):
@@ -68,9 +103,18 @@ class KernelConfig(NamedTuple):
     num_warps: int
 
 
-def _config(D: int, dtype: torch.dtype) -> KernelConfig:
-    tile = _TILE // 2 if dtype == torch.float64 else _TILE
-    block_d = triton.next_power_of_2(max(int(D), 1))
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=256)
+def _config(D: int, dtype: torch.dtype, tile: int) -> KernelConfig:
+    tile = tile // 2 if dtype == torch.float64 else tile
+    block_d = _next_pow2(max(int(D), 1))
     rows = max(1, min(_MAX_ROWS, tile // block_d))
     num_warps = max(1, min(_MAX_WARPS, rows * block_d // (32 * _ELEMS_PER_THREAD)))
     return KernelConfig(block_d, rows, num_warps)
@@ -78,12 +122,12 @@ def _config(D: int, dtype: torch.dtype) -> KernelConfig:
 
 def forward_config(D: int, dtype: torch.dtype) -> KernelConfig:
     """Tile and warp heuristic of the forward kernel (per-token and pooled) for feature dim D and x dtype."""
-    return _config(D, dtype)
+    return _config(D, dtype, _TILE_FWD)
 
 
 def backward_config(D: int, dtype: torch.dtype) -> KernelConfig:
     """Tile and warp heuristic of the backward kernel for feature dim D and x dtype."""
-    return _config(D, dtype)
+    return _config(D, dtype, _TILE_BWD)
 
 
 def _split(units: int, others: int) -> tuple[int, int]:
@@ -91,17 +135,65 @@ def _split(units: int, others: int) -> tuple[int, int]:
 
     Returns (items per chunk, number of chunks); a pure function of its arguments.
     """
-    want = max(1, min(units, triton.cdiv(_TARGET_PROGRAMS, max(others, 1))))
-    per = triton.cdiv(units, want)
-    return per, triton.cdiv(units, per)
+    want = max(1, min(units, _cdiv(_TARGET_PROGRAMS, max(others, 1))))
+    per = _cdiv(units, want)
+    return per, _cdiv(units, per)
+
+
+def _bwd_split(B: int, n_tok: int, elem_size: int, acc_size: int) -> tuple[int, int]:
+    """Batch split of the backward: (batch elements per program, splits); a pure function of its arguments.
+
+    Aims at ``_TARGET_PROGRAMS`` programs, but never so many splits that the dpe partials (``splits * N * D``
+    accumulators, written and read once) exceed 1/_PARTIAL_SHARE of the x, dy and dx traffic
+    (``3 * B * N * D`` elements of x's dtype).
+    """
+    want = _cdiv(_TARGET_PROGRAMS, max(n_tok, 1))
+    cap = max(1, (3 * B * elem_size) // (2 * acc_size * _PARTIAL_SHARE))
+    want = max(1, min(B, want, cap))
+    per = _cdiv(B, want)
+    return per, _cdiv(B, per)
 
 
 def _tl_acc(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@functools.lru_cache(maxsize=64)
+def _eps_pair(eps: float) -> tuple[float, float]:
+    """eps as two fp32-representable floats whose sum (in fp64) is eps to ~2^-48 relative."""
+    hi = struct.unpack("f", struct.pack("f", eps))[0]
+    lo = struct.unpack("f", struct.pack("f", eps - hi))[0]
+    return hi, lo
+
+
+def _addr_mod(t: torch.Tensor) -> int:
+    """Start address of t modulo 16 bytes (0 for tensors without storage: meta/fake tensors plan as aligned)."""
+    try:
+        return t.data_ptr() % 16  # 0 for meta tensors
+    except RuntimeError:  # fake tensors
+        return 0
+
+
+def vector_width(elem_size: int, strides: tuple[int, ...], addr_mods: tuple[int, ...]) -> int:
+    """Widest power-of-two element count (at most 16 bytes) dividing every row stride and start address.
+
+    The kernels multiply row indices by strides given in units of this width, so the compiler may assume
+    every row starts at a multiple of it: only what the host has checked here.
+    """
+    v = max(1, 16 // elem_size)
+    while v > 1 and (any(s % v for s in strides) or any(a % (v * elem_size) for a in addr_mods)):
+        v //= 2
+    return v
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
 def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Make t's GPU the current one for the launches (a no-op on CPU and when it already is)."""
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(t.device)
 
 
 def _check_x3(x3: torch.Tensor) -> None:
@@ -128,29 +220,30 @@ def _rstd(var_eps, ACC_DTYPE: tl.constexpr):
 
 @triton.jit
 def _ln_fwd_kernel(
-    X,  # [B, N, D] input, row address b * stride_xb + n * stride_xn
+    X,  # [B, N, D] input, row address (b * sxb + n * sxn) * VEC
     PE,  # [N, D] contiguous (read only when HAS_PE)
     W,  # [D]
     Bias,  # [D]
-    Y,  # per-token: [B*N, D] contiguous; pool: [splits, B, D] at s * stride_ys + b * stride_yb
+    Y,  # per-token: [B*N, D] contiguous; pool: [splits, B, D] at s * stride_ys + b * D
     Mean,  # [B*N]
     Rstd,  # [B*N]
     N,
-    D,
     n_rows,  # B * N
-    stride_xb,
-    stride_xn,
+    sxb,  # x's batch stride / VEC
+    sxn,  # x's token stride / VEC
     stride_ys,
-    stride_yb,
     tiles_per_prog,  # pool: token tiles handled by one program
-    eps,
-    inv_n,  # pool: 1 / N
+    eps_hi,
+    eps_lo,
+    D: tl.constexpr,
+    VEC: tl.constexpr,
     HAS_PE: tl.constexpr,
     POOL: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
+    eps = tl.cast(eps_hi, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
@@ -159,11 +252,12 @@ def _ln_fwd_kernel(
         b = tl.program_id(0).to(tl.int64)
         n0 = tl.program_id(1).to(tl.int64) * tiles_per_prog * ROWS
         acc = tl.zeros([ROWS, BLOCK_D], dtype=ACC_DTYPE)
-        for t in range(0, tiles_per_prog):
+        t = 0
+        while t < tiles_per_prog:  # a while loop: see _ln_bwd_kernel
             n = n0 + t * ROWS + tl.arange(0, ROWS).to(tl.int64)
             row_mask = n < N
             mask = row_mask[:, None] & col_mask[None, :]
-            x_ptrs = X + (b * stride_xb + n * stride_xn)[:, None] + cols[None, :]
+            x_ptrs = X + ((b * sxb + n * sxn) * VEC)[:, None] + cols[None, :]
             x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
             mean = tl.sum(x, axis=1) / D
             xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -176,8 +270,9 @@ def _ln_fwd_kernel(
                 pe = tl.load(PE + n[:, None] * D + cols[None, :], mask=mask, other=0.0)
                 y += pe.to(ACC_DTYPE)
             acc += tl.where(mask, y, 0.0)
-        out = tl.sum(acc, axis=0) * inv_n
-        y_ptrs = Y + tl.program_id(1).to(tl.int64) * stride_ys + b * stride_yb + cols
+            t += 1
+        out = tl.sum(acc, axis=0) / tl.cast(N, ACC_DTYPE)
+        y_ptrs = Y + tl.program_id(1).to(tl.int64) * stride_ys + b * D + cols
         tl.store(y_ptrs, out.to(Y.dtype.element_ty), mask=col_mask)
     else:
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
@@ -185,7 +280,7 @@ def _ln_fwd_kernel(
         b = rows // N
         n = rows - b * N
         mask = row_mask[:, None] & col_mask[None, :]
-        x_ptrs = X + (b * stride_xb + n * stride_xn)[:, None] + cols[None, :]
+        x_ptrs = X + ((b * sxb + n * sxn) * VEC)[:, None] + cols[None, :]
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
         mean = tl.sum(x, axis=1) / D
         xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -201,24 +296,26 @@ def _ln_fwd_kernel(
 
 @triton.jit
 def _ln_bwd_kernel(
-    X,  # [B, N, D] input, row address b * stride_xb + n * stride_xn
-    G,  # per-token: [B, N, D] upstream gradient; pool: [B, D] (stride_gn unused)
+    X,  # [B, N, D] input, row address (b * sxb + n * sxn) * VEC
+    G,  # per-token: [B, N, D] upstream gradient, row address (b * sgb + n * sgn) * VEC; pool: [B, D]
     W,  # [D]
     Mean,  # [B*N]
     Rstd,  # [B*N]
     DX,  # [B*N, D] contiguous
-    DPE,  # [splits, N, D] partials (written only when HAS_PE)
-    DW,  # [programs, D] partials
-    DB,  # [programs, D] partials
+    DPE,  # [splits, pitch_pe] partials, [N, D] each (written only when HAS_PE)
+    DW,  # [programs, pitch_w] partials
+    DB,  # [programs, pitch_w] partials
     B,
     N,
-    D,
-    stride_xb,
-    stride_xn,
-    stride_gb,
-    stride_gn,
+    sxb,
+    sxn,
+    sgb,
+    sgn,
     b_per_prog,  # batch elements handled by one program
-    inv_n,  # pool: 1 / N
+    pitch_w,
+    pitch_pe,
+    D: tl.constexpr,
+    VEC: tl.constexpr,
     HAS_PE: tl.constexpr,
     POOL: tl.constexpr,
     ROWS: tl.constexpr,
@@ -228,29 +325,35 @@ def _ln_bwd_kernel(
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     n = pid_t.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    row_mask = n < N
+    n_ok = n < N
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    mask = row_mask[:, None] & col_mask[None, :]
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
     acc_dw = tl.zeros([ROWS, BLOCK_D], dtype=ACC_DTYPE)
     if POOL:
         # Every token of batch element b receives the same dy = grad[b] / N: accumulate it once per column.
+        inv_n = 1.0 / tl.cast(N, ACC_DTYPE)
         acc_g = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
     else:
         acc_db = tl.zeros([ROWS, BLOCK_D], dtype=ACC_DTYPE)
-    # int64 loop bounds make the loop variable (hence every offset built from it) int64.
     b_start = pid_s.to(tl.int64) * b_per_prog
-    b_end = tl.minimum(b_start + b_per_prog, B)
-    for b in range(b_start, b_end):
+    # Loops with run-time bounds are while loops over a plain count (the last chunk masked): the interpreter
+    # of Triton 3.6 cannot run `for ... in range(bound)` with a kernel argument as bound.
+    i = 0
+    while i < b_per_prog:
+        b = b_start + i
+        b_ok = b < B
+        row_mask = n < tl.where(b_ok, N, 0)
+        mask = row_mask[:, None] & col_mask[None, :]
         rows = b * N + n
         mean = tl.load(Mean + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
-        x_ptrs = X + (b * stride_xb + n * stride_xn)[:, None] + cols[None, :]
+        x_ptrs = X + ((b * sxb + n * sxn) * VEC)[:, None] + cols[None, :]
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         if POOL:
-            g = tl.load(G + b * stride_gb + cols, mask=col_mask, other=0.0).to(ACC_DTYPE) * inv_n
+            g = tl.load(G + tl.minimum(b, B - 1) * sgb * VEC + cols, mask=col_mask, other=0.0)
+            g = tl.where(b_ok, g.to(ACC_DTYPE) * inv_n, 0.0)
             wg = w * g
             c1 = tl.sum(xhat * wg[None, :], axis=1) / D
             c2 = tl.sum(wg, axis=0) / D
@@ -258,7 +361,7 @@ def _ln_bwd_kernel(
             acc_dw += g[None, :] * xhat  # xhat is 0 on padding rows and columns
             acc_g += g
         else:
-            g_ptrs = G + (b * stride_gb + n * stride_gn)[:, None] + cols[None, :]
+            g_ptrs = G + ((b * sgb + n * sgn) * VEC)[:, None] + cols[None, :]
             dy = tl.load(g_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
             wdy = dy * w[None, :]
             c1 = tl.sum(xhat * wdy, axis=1) / D
@@ -267,18 +370,58 @@ def _ln_bwd_kernel(
             acc_dw += dy * xhat
             acc_db += dy
         tl.store(DX + rows[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        i += 1
     prog = pid_s.to(tl.int64) * tl.num_programs(0) + pid_t
-    tl.store(DW + prog * D + cols, tl.sum(acc_dw, axis=0), mask=col_mask)
+    tl.store(DW + prog * pitch_w + cols, tl.sum(acc_dw, axis=0), mask=col_mask)
+    tile_mask = n_ok[:, None] & col_mask[None, :]
     if POOL:
         n_valid = tl.minimum(N - pid_t * ROWS, ROWS)
-        tl.store(DB + prog * D + cols, acc_g * n_valid, mask=col_mask)
-        dpe_tile = tl.where(mask, acc_g[None, :], 0.0)
+        tl.store(DB + prog * pitch_w + cols, acc_g * n_valid, mask=col_mask)
+        dpe_tile = tl.where(tile_mask, acc_g[None, :], 0.0)
     else:
-        tl.store(DB + prog * D + cols, tl.sum(acc_db, axis=0), mask=col_mask)
+        tl.store(DB + prog * pitch_w + cols, tl.sum(acc_db, axis=0), mask=col_mask)
         dpe_tile = acc_db
     if HAS_PE:
-        dpe_ptrs = DPE + (pid_s.to(tl.int64) * N + n)[:, None] * D + cols[None, :]
-        tl.store(dpe_ptrs, dpe_tile, mask=mask)
+        dpe_ptrs = DPE + pid_s.to(tl.int64) * pitch_pe + n[:, None] * D + cols[None, :]
+        tl.store(dpe_ptrs, dpe_tile, mask=tile_mask)
+
+
+@triton.jit
+def _sum_rows(P, O, n_parts, pitch, width, blk, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """O[c] = sum over r = 0, 1, ..., n_parts - 1 (in that order) of P[r * pitch + c], for one column block.
+
+    The loads run over the padded row (``pitch``, a multiple of 16 elements, so they can be 16 bytes wide);
+    only the ``width`` real columns are stored.
+    """
+    cols = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    load_mask = cols < pitch
+    acc = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    ptrs = P + cols
+    r = 0
+    while r < n_parts:  # a while loop: see _ln_bwd_kernel
+        acc += tl.load(ptrs, mask=load_mask, other=0.0).to(ACC_DTYPE)
+        ptrs += pitch
+        r += 1
+    tl.store(O + cols, acc.to(O.dtype.element_ty), mask=cols < width)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    P0, O0, parts0, pitch0, width0, blocks0,
+    P1, O1, parts1, pitch1, width1, blocks1,
+    P2, O2, parts2, pitch2, width2,
+    BLOCK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """Up to three fixed-order reductions in one launch: programs [0, blocks0) reduce P0 into O0, the next
+    blocks1 programs P1 into O1, the rest P2 into O2."""
+    pid = tl.program_id(0)
+    if pid < blocks0:
+        _sum_rows(P0, O0, parts0, pitch0, width0, pid, BLOCK, ACC_DTYPE)
+    elif pid < blocks0 + blocks1:
+        _sum_rows(P1, O1, parts1, pitch1, width1, pid - blocks0, BLOCK, ACC_DTYPE)
+    else:
+        _sum_rows(P2, O2, parts2, pitch2, width2, pid - blocks0 - blocks1, BLOCK, ACC_DTYPE)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -301,23 +444,84 @@ class Launch(NamedTuple):
 
 
 class ForwardPlan(NamedTuple):
-    """Buffers and launch of one forward call; ``launch`` is None when there is nothing to compute."""
+    """Buffers and launches of one forward call; ``launch`` is None when there is nothing to compute."""
 
     launch: Launch | None
     out: torch.Tensor
     mean: torch.Tensor
     rstd: torch.Tensor
     partial: torch.Tensor | None  # pool with several token splits: [splits, B, D], summed into out
+    finish: Launch | None = None  # the sum of ``partial`` into ``out``
 
 
 class BackwardPlan(NamedTuple):
-    """Buffers and launch of one backward call; ``launch`` is None when there is nothing to compute."""
+    """Buffers and launches of one backward call; ``launch`` is None when there is nothing to compute."""
 
     launch: Launch | None
     dx: torch.Tensor
-    dpe_part: torch.Tensor | None  # [splits, N, D]
-    dw_part: torch.Tensor  # [programs, D]
-    db_part: torch.Tensor  # [programs, D]
+    dpe_part: torch.Tensor | None  # [splits, pitch_pe]: [N, D] per split
+    dw_part: torch.Tensor  # [programs, pitch_w]: [D] per program
+    db_part: torch.Tensor  # [programs, pitch_w]
+    finish: Launch | None = None  # the fixed-order sum of the partials into dpe, dweight, dbias
+    dpe: torch.Tensor | None = None  # [N, D] or [0] (accumulation dtype)
+    dw: torch.Tensor | None = None  # [D]
+    db: torch.Tensor | None = None  # [D]
+
+
+class _FinishStatic(NamedTuple):
+    grid: tuple[int]
+    scalars: tuple[tuple, ...]  # per segment: (parts, pitch, width[, blocks])
+    meta: dict
+
+
+@functools.lru_cache(maxsize=1024)
+def _finish_static(segments: tuple[tuple[int, int, int], ...], acc: torch.dtype) -> _FinishStatic:
+    """Grid and scalar arguments of one ``_sum_partials_kernel`` launch for up to three (parts, pitch, width)
+    segments; absent segments get zero programs."""
+    segs = list(segments) + [(0, 0, 0)] * (3 - len(segments))
+    blocks = [_cdiv(w, _SUM_BLOCK) for _, _, w in segs]
+    scalars = tuple((*seg, blocks[i]) if i < 2 else seg for i, seg in enumerate(segs))
+    meta = dict(BLOCK=_SUM_BLOCK, ACC_DTYPE=_tl_acc(acc), num_warps=4)
+    return _FinishStatic((max(1, sum(blocks)),), scalars, meta)
+
+
+def _finish_launch(st: _FinishStatic, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> Launch:
+    """The launch of :func:`_finish_static`'s plan on (partials, out) pairs (absent ones repeat the first)."""
+    pairs = tensors + [tensors[0]] * (3 - len(tensors))
+    args = (*pairs[0], *st.scalars[0], *pairs[1], *st.scalars[1], *pairs[2], *st.scalars[2])
+    return Launch(_sum_partials_kernel, st.grid, args, st.meta)
+
+
+class _FwdStatic(NamedTuple):
+    grid: tuple[int, ...]
+    scalars: tuple  # N, n_rows, sxb, sxn, stride_ys, tiles_per_prog
+    meta: dict
+    splits: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _fwd_static(B, N, D, sxb, sxn, dtype, addr_mods, has_pe, pool) -> _FwdStatic:
+    """Everything of a forward launch that depends on shape, strides, dtype and alignment only."""
+    cfg = forward_config(D, dtype)
+    es = torch.empty((), dtype=dtype, device="meta").element_size()
+    strides = tuple(s for s, size in ((sxb, B), (sxn, N)) if size > 1)
+    vec = vector_width(es, strides, addr_mods)
+    meta = dict(
+        D=D,
+        VEC=vec,
+        HAS_PE=has_pe,
+        POOL=pool,
+        ROWS=cfg.rows,
+        BLOCK_D=cfg.block_d,
+        ACC_DTYPE=_tl_acc(dtype),
+        num_warps=cfg.num_warps,
+    )
+    sv = (sxb // vec if B > 1 else 0, sxn // vec if N > 1 else 0)
+    if pool:
+        tiles_per_prog, splits = _split(_cdiv(N, cfg.rows), B)
+        stride_ys = 0 if splits == 1 else B * D
+        return _FwdStatic((B, splits), (N, B * N, *sv, stride_ys, tiles_per_prog), meta, splits)
+    return _FwdStatic((_cdiv(B * N, cfg.rows),), (N, B * N, *sv, 0, 1), meta, 1)
 
 
 def plan_forward(
@@ -328,49 +532,37 @@ def plan_forward(
     eps: float,
     pool: bool,
 ) -> ForwardPlan:
-    """Allocate the outputs of :func:`forward` and describe its kernel launch (works on meta tensors)."""
+    """Allocate the outputs of :func:`forward` and describe its kernel launches (works on meta tensors)."""
     _check_x3(x3)
     B, N, D = x3.shape
-    acc = acc_dtype(x3.dtype)
+    dtype = x3.dtype
+    acc = acc_dtype(dtype)
     dev = x3.device
     mean = torch.empty(B * N, dtype=acc, device=dev)
     rstd = torch.empty(B * N, dtype=acc, device=dev)
-    out = torch.empty((B, D) if pool else (B, N, D), dtype=x3.dtype, device=dev)
+    out = torch.empty((B, D) if pool else (B, N, D), dtype=dtype, device=dev)
     if B * N == 0:
         return ForwardPlan(None, out, mean, rstd, None)
     if pe is not None:
-        pe = pe.reshape(N, D).contiguous()
-    weight, bias = weight.contiguous(), bias.contiguous()
-    cfg = forward_config(D, x3.dtype)
-    meta = dict(
-        HAS_PE=pe is not None,
-        POOL=pool,
-        ROWS=cfg.rows,
-        BLOCK_D=cfg.block_d,
-        ACC_DTYPE=_tl_acc(x3.dtype),
-        num_warps=cfg.num_warps,
-    )
+        if pe.dim() != 2:
+            pe = pe.reshape(N, D)
+        if not pe.is_contiguous():
+            pe = pe.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if not bias.is_contiguous():
+        bias = bias.contiguous()
+    st = _fwd_static(B, N, D, x3.stride(0), x3.stride(1), dtype, (_addr_mod(x3),), pe is not None, pool)
     pe_arg = pe if pe is not None else weight  # never read without HAS_PE
     partial = None
-    if pool:
-        tiles_per_prog, splits = _split(triton.cdiv(N, cfg.rows), B)
-        partial = None if splits == 1 else torch.empty((splits, B, D), dtype=acc, device=dev)
-        target = out if partial is None else partial
-        stride_ys = 0 if partial is None else partial.stride(0)
-        grid: tuple[int, ...] = (B, splits)
-        args = (
-            x3, pe_arg, weight, bias, target, mean, rstd,
-            N, D, B * N, x3.stride(0), x3.stride(1), stride_ys, D,
-            tiles_per_prog, eps, 1.0 / N,
-        )  # fmt: skip
-    else:
-        grid = (triton.cdiv(B * N, cfg.rows),)
-        args = (
-            x3, pe_arg, weight, bias, out, mean, rstd,
-            N, D, B * N, x3.stride(0), x3.stride(1), 0, 0,
-            1, eps, 1.0,
-        )  # fmt: skip
-    return ForwardPlan(Launch(_ln_fwd_kernel, grid, args, meta), out, mean, rstd, partial)
+    finish = None
+    target = out
+    if st.splits > 1:
+        partial = torch.empty((st.splits, B, D), dtype=acc, device=dev)
+        target = partial
+        finish = _finish_launch(_finish_static(((st.splits, B * D, B * D),), acc), [(partial, out)])
+    args = (x3, pe_arg, weight, bias, target, mean, rstd, *st.scalars, *_eps_pair(eps))
+    return ForwardPlan(Launch(_ln_fwd_kernel, st.grid, args, st.meta), out, mean, rstd, partial, finish)
 
 
 def forward(
@@ -393,9 +585,60 @@ def forward(
         return plan.out, plan.mean, plan.rstd
     with _device_guard(x3):
         plan.launch()
-        if plan.partial is not None:
-            plan.out.copy_(plan.partial.sum(0))
+        if plan.finish is not None:
+            plan.finish()
     return plan.out, plan.mean, plan.rstd
+
+
+class _BwdStatic(NamedTuple):
+    grid: tuple[int, int]
+    scalars: tuple  # B, N, sxb, sxn, sgb, sgn, b_per_prog, pitch_w, pitch_pe
+    meta: dict
+    splits: int
+    programs: int
+    pitch_w: int
+    pitch_pe: int
+    finish: _FinishStatic
+
+
+@functools.lru_cache(maxsize=1024)
+def _bwd_static(B, N, D, xs, gs, dtype, addr_mods, has_pe, pool) -> _BwdStatic:
+    """Everything of a backward launch that depends on shape, strides, dtype and alignment only."""
+    cfg = backward_config(D, dtype)
+    es = torch.empty((), dtype=dtype, device="meta").element_size()
+    acc_size = 8 if dtype == torch.float64 else 4
+    sizes = (B, N)
+    strides = tuple(s for s, size in zip(xs, sizes, strict=True) if size > 1)
+    strides += tuple(s for s, size in zip(gs, sizes, strict=True) if size > 1)
+    vec = vector_width(es, strides, addr_mods)
+    n_tok = _cdiv(N, cfg.rows)
+    b_per_prog, splits = _bwd_split(B, n_tok, es, acc_size)
+    pitch_w = _cdiv(D, _PITCH) * _PITCH
+    pitch_pe = _cdiv(N * D, _PITCH) * _PITCH
+    meta = dict(
+        D=D,
+        VEC=vec,
+        HAS_PE=has_pe,
+        POOL=pool,
+        ROWS=cfg.rows,
+        BLOCK_D=cfg.block_d,
+        ACC_DTYPE=_tl_acc(dtype),
+        num_warps=cfg.num_warps,
+    )
+
+    def units(s: int, size: int) -> int:
+        return s // vec if size > 1 else 0
+
+    scalars = (
+        B, N, units(xs[0], B), units(xs[1], N), units(gs[0], B), units(gs[1], N),
+        b_per_prog, pitch_w, pitch_pe,
+    )  # fmt: skip
+    programs = n_tok * splits
+    segments = ((programs, pitch_w, D), (programs, pitch_w, D))
+    if has_pe:
+        segments += ((splits, pitch_pe, N * D),)
+    finish = _finish_static(segments, acc_dtype(dtype))
+    return _BwdStatic((n_tok, splits), scalars, meta, splits, programs, pitch_w, pitch_pe, finish)
 
 
 def plan_backward(
@@ -407,39 +650,36 @@ def plan_backward(
     has_pe: bool,
     pool: bool,
 ) -> BackwardPlan:
-    """Allocate dx and the partial-sum buffers of :func:`backward` and describe its kernel launch."""
+    """Allocate dx, the partial-sum buffers and the results of :func:`backward`; describe its launches."""
     _check_x3(x3)
     B, N, D = x3.shape
-    acc = acc_dtype(x3.dtype)
+    dtype = x3.dtype
+    acc = acc_dtype(dtype)
     dev = x3.device
-    dx = torch.empty((B, N, D), dtype=x3.dtype, device=dev)
+    dx = torch.empty((B, N, D), dtype=dtype, device=dev)
     if B * N == 0:
-        dpe_part = torch.zeros((1, N, D), dtype=acc, device=dev) if has_pe else None
-        zeros = torch.zeros((1, D), dtype=acc, device=dev)
-        return BackwardPlan(None, dx, dpe_part, zeros, zeros)
-    if grad.stride(-1) != 1:
+        dpe = torch.zeros((N, D) if has_pe else (0,), dtype=acc, device=dev)
+        zeros = torch.zeros(D, dtype=acc, device=dev)
+        return BackwardPlan(None, dx, None, zeros, zeros, None, dpe, zeros, zeros.clone())
+    if grad.stride(-1) != 1 and grad.shape[-1] > 1:
         grad = grad.contiguous()
-    weight = weight.contiguous()
-    cfg = backward_config(D, x3.dtype)
-    n_tok = triton.cdiv(N, cfg.rows)
-    b_per_prog, splits = _split(B, n_tok)
-    dw_part = torch.empty((splits * n_tok, D), dtype=acc, device=dev)
-    db_part = torch.empty((splits * n_tok, D), dtype=acc, device=dev)
-    dpe_part = torch.empty((splits, N, D), dtype=acc, device=dev) if has_pe else None
-    meta = dict(
-        HAS_PE=has_pe,
-        POOL=pool,
-        ROWS=cfg.rows,
-        BLOCK_D=cfg.block_d,
-        ACC_DTYPE=_tl_acc(x3.dtype),
-        num_warps=cfg.num_warps,
-    )
-    args = (
-        x3, grad, weight, mean, rstd, dx, dw_part if dpe_part is None else dpe_part, dw_part, db_part,
-        B, N, D, x3.stride(0), x3.stride(1), grad.stride(0), 0 if pool else grad.stride(1),
-        b_per_prog, 1.0 / N,
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    gs = (grad.stride(0), 0) if pool else (grad.stride(0), grad.stride(1))
+    st = _bwd_static(B, N, D, (x3.stride(0), x3.stride(1)), gs, dtype, (_addr_mod(x3), _addr_mod(grad)), has_pe, pool)
+    # (Separate allocations: cheaper on the host than views of one workspace, the same on the device.)
+    dw_part = torch.empty((st.programs, st.pitch_w), dtype=acc, device=dev)
+    db_part = torch.empty((st.programs, st.pitch_w), dtype=acc, device=dev)
+    dpe_part = torch.empty((st.splits, st.pitch_pe), dtype=acc, device=dev) if has_pe else None
+    dw = torch.empty(D, dtype=acc, device=dev)
+    db = torch.empty(D, dtype=acc, device=dev)
+    dpe = torch.empty((N, D) if has_pe else (0,), dtype=acc, device=dev)
+    args = (x3, grad, weight, mean, rstd, dx, dw_part if dpe_part is None else dpe_part, dw_part, db_part, *st.scalars)
+    pairs = [(dw_part, dw), (db_part, db)] + ([(dpe_part, dpe)] if dpe_part is not None else [])
+    return BackwardPlan(
+        Launch(_ln_bwd_kernel, st.grid, args, st.meta), dx, dpe_part, dw_part, db_part,
+        _finish_launch(st.finish, pairs), dpe, dw, db,
     )  # fmt: skip
-    return BackwardPlan(Launch(_ln_bwd_kernel, (n_tok, splits), args, meta), dx, dpe_part, dw_part, db_part)
 
 
 def backward(
@@ -456,18 +696,26 @@ def backward(
     grad is ``[B, N, D]`` (``[B, D]`` when ``pool``: every token receives ``grad[b] / N``). Returns
     (dx ``[B, N, D]`` contiguous in x's dtype, dpe ``[N, D]`` or an empty ``[0]`` when not ``has_pe``,
     dweight ``[D]``, dbias ``[D]``), the last three in the accumulation dtype. Bitwise deterministic: the
-    partial sums have a fixed layout for a given shape and are reduced by ``torch.sum`` in a fixed order.
+    partial sums have a fixed layout for a given shape and are reduced in a fixed order by one small kernel.
     """
     plan = plan_backward(grad, x3, weight, mean, rstd, has_pe, pool)
-    with _device_guard(x3):
-        if plan.launch is not None:
+    if plan.launch is not None:
+        with _device_guard(x3):
             plan.launch()
-        if plan.dpe_part is None:
-            dpe = torch.zeros(0, dtype=plan.dw_part.dtype, device=x3.device)
-        elif plan.dpe_part.shape[0] == 1:
-            dpe = plan.dpe_part[0]
-        else:
-            dpe = plan.dpe_part.sum(0)
-        dw = plan.dw_part.sum(0)
-        db = plan.db_part.sum(0)
-    return plan.dx, dpe, dw, db
+            assert plan.finish is not None
+            plan.finish()
+    return plan.dx, plan.dpe, plan.dw, plan.db
+
+
+def partial_traffic_ratio(B: int, N: int, D: int, dtype: torch.dtype, has_pe: bool = True) -> tuple[float, int]:
+    """(bytes of the backward's partial buffers, written and read back, / its minimal bytes; programs).
+
+    Minimal bytes: x and dy read and dx written in x's dtype, mean and rstd read, dweight, dbias (and dpe)
+    written once in the accumulation dtype. Computed from the launch plan of a contiguous input.
+    """
+    es = torch.empty((), dtype=dtype, device="meta").element_size()
+    acc_size = 8 if dtype == torch.float64 else 4
+    st = _bwd_static(B, N, D, (N * D, D), (N * D, D), dtype, (0, 0), has_pe, False)
+    partial = 2 * acc_size * (2 * st.programs * st.pitch_w + (st.splits * st.pitch_pe if has_pe else 0))
+    minimal = 3 * B * N * D * es + 2 * B * N * acc_size + acc_size * (2 * D + (N * D if has_pe else 0))
+    return partial / minimal, st.programs

@@ -9,6 +9,11 @@ launch uses. The specialisation (signature, constexprs, divisibility-16 attribut
 - ``ptxas -v`` (the ptxas Triton itself uses for that arch, same flags) reports no spill stores/loads;
 - every global load of x (and of the upstream gradient / stores of y and dx) is 16 bytes wide
   (``ld.global.v4.b32`` / ``st.global.v4.b32``): loads are attributed to kernel arguments through the LLVM IR.
+  This holds for D = 200 and 1000 too (not multiples of 16): D is a constexpr and the row strides are passed in
+  units of the vector width the launcher checked; rows that are not aligned (``row_pad=1``) get narrow accesses.
+
+Also: the launch plan's backward partial buffers stay within 25% of the backward's minimal traffic at B >= 64
+with at least 264 programs, and the fixed-order reduction of those partials compiles with 16-byte loads.
 
 Run with ``-s`` to see the register table.
 """
@@ -33,7 +38,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from mpvg_kernels.ops import triton_kernels as tk  # noqa: E402
 
 CCS = (80, 90)
-DS = (192, 384, 768, 1280)
+DS = (192, 200, 384, 768, 1000, 1280)
 DTYPES = (torch.bfloat16, torch.float32)
 # (name, kernel, has_pe, pool)
 VARIANTS = (
@@ -109,9 +114,10 @@ def _specialise(launch: tk.Launch, backend) -> tuple[dict, dict, dict, dict]:
     return signature, constexprs, attrs, {"num_warps": launch.meta["num_warps"]}
 
 
-def _plan(kind: str, D: int, dtype: torch.dtype, has_pe: bool, pool: bool, n: int = N) -> tk.Launch:
+def _plan(kind: str, D: int, dtype: torch.dtype, has_pe: bool, pool: bool, n: int = N, row_pad: int = 0) -> tk.Launch:
+    """The launch the launcher plans for x of shape [B, n, D] (rows D + row_pad elements apart)."""
     meta = dict(device="meta")
-    x = torch.empty(B, n, D, dtype=dtype, **meta)
+    x = torch.empty(B, n, D + row_pad, dtype=dtype, **meta)[:, :, :D]
     w = torch.empty(D, dtype=torch.float32, **meta)
     if kind == "fwd":
         pe = torch.empty(n, D, dtype=dtype, **meta) if has_pe else None
@@ -168,10 +174,17 @@ class Compiled:
     spill_loads: int
     mem_ops: dict[str, list[str]]
     ptxas_log: str
+    ptx: str = ""
 
 
-def _compile(name: str, kind: str, D: int, dtype: torch.dtype, has_pe: bool, pool: bool, cc: int, ptxas: str):
-    launch = _plan(kind, D, dtype, has_pe, pool)
+def _compile(
+    name: str, kind: str, D: int, dtype: torch.dtype, has_pe: bool, pool: bool, cc: int, ptxas: str, row_pad: int = 0
+):
+    launch = _plan(kind, D, dtype, has_pe, pool, row_pad=row_pad)
+    return _compile_launch(name, kind, D, dtype, launch, cc, ptxas)
+
+
+def _compile_launch(name: str, kind: str, D: int, dtype: torch.dtype, launch: tk.Launch, cc: int, ptxas: str):
     target = GPUTarget("cuda", cc, 32)
     backend = make_backend(target)
     signature, constexprs, attrs, options = _specialise(launch, backend)
@@ -194,7 +207,7 @@ def _compile(name: str, kind: str, D: int, dtype: torch.dtype, has_pe: bool, poo
     cfg = tk.forward_config(D, dtype) if kind == "fwd" else tk.backward_config(D, dtype)
     return Compiled(
         name, cc, D, dtype, cfg, int(regs.group(1)), int(spills.group(1)), int(spills.group(2)),
-        _memory_ops_by_arg(kernel.asm["llir"], arg_names), log,
+        _memory_ops_by_arg(kernel.asm["llir"], arg_names), log, kernel.asm["ptx"],
     )  # fmt: skip
 
 
@@ -297,9 +310,76 @@ def test_other_dtypes_compile(ptxas, dtype, variant):
 
 
 def test_unaligned_rows_are_detected_as_narrow(ptxas):
-    """Control for the width check: with D = 200 (rows 400 bytes apart in bf16, not a multiple of 16 that the
-    JIT could prove) the x loads cannot be 16 bytes wide, and the parser must see that."""
-    r = _compile("fwd", "fwd", 200, torch.bfloat16, False, False, 90, ptxas[90])
+    """Control for the width check, and the safe path: x rows 201 elements apart (a slice of a wider tensor) are
+    not 16-byte aligned, so the launcher picks VEC = 1 and the x loads must be narrow; the parser must see that.
+    The output y is contiguous with D = 200, so its stores stay 16 bytes wide."""
+    launch = _plan("fwd", 200, torch.bfloat16, False, False, row_pad=1)
+    assert launch.meta["VEC"] == 1
+    r = _compile_launch("fwd", "fwd", 200, torch.bfloat16, launch, 90, ptxas[90])
     ops = r.mem_ops.get("X", [])
     assert ops and all(".v4." not in op for op in ops), ops
+    assert r.mem_ops.get("Y") and all(".v4." in op for op in r.mem_ops["Y"]), r.mem_ops
     assert r.spill_stores == 0 and r.spill_loads == 0
+
+
+@pytest.mark.parametrize("D", [1000, 200])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+def test_vector_width_of_vit_widths(D, dtype):
+    """D = 1000 and 200 (not multiples of 16) plan 16-byte vectors for contiguous x, narrower for odd strides."""
+    full = 16 // torch.empty((), dtype=dtype).element_size()
+    assert _plan("fwd", D, dtype, True, False).meta["VEC"] == full
+    assert _plan("bwd", D, dtype, True, False).meta["VEC"] == full
+    assert _plan("fwd", D, dtype, True, False, row_pad=2).meta["VEC"] == 2
+    assert _plan("fwd", D, dtype, True, False, row_pad=1).meta["VEC"] == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("D", [192, 384, 768, 1024, 1280])
+@pytest.mark.parametrize("batch", [64, 128, 256])
+def test_backward_partials_are_small(batch, D, dtype):
+    """The backward's partial buffers (written and read back) cost <= 25% of its minimal traffic at B >= 64, with at
+    least 264 programs (two waves of a 132-SM GPU), for ViT shapes (N = 197)."""
+    ratio, programs = tk.partial_traffic_ratio(batch, 197, D, dtype)
+    assert programs >= 264, programs
+    assert ratio <= 0.25, ratio
+
+
+def test_backward_partial_plan_is_a_function_of_the_shape():
+    """Split counts come from the shape alone (not the device): two plans of one shape are identical."""
+    a = _plan("bwd", 768, torch.bfloat16, True, False)
+    b = _plan("bwd", 768, torch.bfloat16, True, False)
+    assert a.grid == b.grid and a.meta == b.meta
+    assert [v for v in a.args if not isinstance(v, torch.Tensor)] == [
+        v for v in b.args if not isinstance(v, torch.Tensor)
+    ]
+
+
+def test_partials_finish_compiles(ptxas):
+    """The fixed-order reduction of the backward's partials compiles for sm_90 with 16-byte partial loads."""
+    meta = dict(device="meta")
+    x = torch.empty(B, N, 1000, dtype=torch.bfloat16, **meta)
+    w = torch.empty(1000, **meta)
+    stats = torch.empty(B * N, **meta)
+    plan = tk.plan_backward(torch.empty_like(x), x, w, stats, stats, True, False)
+    r = _compile_launch("finish", "fwd", 1000, torch.float32, plan.finish, 90, ptxas[90])
+    assert r.spill_stores == 0 and r.spill_loads == 0
+    # The partial pointers are loop-carried (no getelementptr chain to an argument): read the PTX directly.
+    loads = re.findall(r"ld\.global[\w.]*", r.ptx)
+    assert loads and all(".v4." in op for op in loads), sorted(set(loads))
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_unit_arguments_compile(ptxas, pool):
+    """Triton turns integer arguments equal to 1 into constants: B = 1 (one batch element per backward program,
+    one dpe partial) and N = 1 (one token tile, 1 / N from a constant) must compile as well as the general case."""
+    meta = dict(device="meta")
+    for b, n in ((1, 197), (B, 1)):
+        x = torch.empty(b, n, 1000, dtype=torch.bfloat16, **meta)
+        w = torch.empty(1000, **meta)
+        stats = torch.empty(b * n, **meta)
+        grad = torch.empty((b, 1000) if pool else (b, n, 1000), dtype=torch.bfloat16, **meta)
+        fwd = tk.plan_forward(x, torch.empty(n, 1000, dtype=torch.bfloat16, **meta), w, w, 1e-6, pool)
+        bwd = tk.plan_backward(grad, x, w, stats, stats, True, pool)
+        for name, launch in (("fwd", fwd.launch), ("bwd", bwd.launch), ("finish", bwd.finish)):
+            r = _compile_launch(name, "fwd", 1000, torch.bfloat16, launch, 90, ptxas[90])
+            assert r.registers > 0 and r.spill_stores == 0, (b, n, name, r.ptxas_log)

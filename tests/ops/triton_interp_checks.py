@@ -17,7 +17,11 @@ What it covers (see ``_direct_cases`` for the exact list):
 - the public ops through the ``mpvg::`` custom ops with ``set_backend("triton")``: ``layer_norm_add`` (pe as
   [N, D] and [1, N, D]), ``dual_layer_norm`` (the pos gradient flows through both branches),
   ``layer_norm_pool`` with and without pe, float32 and float16 (fp32 params), 2-D/3-D/4-D and strided x;
-- bitwise determinism of the backward, and the B = 0 / empty cases.
+- bitwise determinism of the backward, and the B = 0 / empty cases;
+- misaligned inputs (a view one element into its storage, rows D + 1 elements apart): the launcher picks
+  scalar accesses (``VEC = 1``) and the results still match;
+- float arguments rounded to fp32 before the launch, as a GPU receives them: float64 results still match the
+  float64 reference to 1e-12 (``1 / N`` and ``eps`` are formed in the accumulation dtype inside the kernels).
 
 Every buffer the kernels write is filled with NaN before the launch (``poison`` fixture), so an element a
 kernel forgets to write fails the comparison.
@@ -64,7 +68,7 @@ def poison(monkeypatch):
     def poisoned_backward(*args, **kwargs):
         plan = plan_bwd(*args, **kwargs)
         if plan.launch is not None:
-            for t in (plan.dx, plan.dpe_part, plan.dw_part, plan.db_part):
+            for t in (plan.dx, plan.dpe_part, plan.dw_part, plan.db_part, plan.dpe, plan.dw, plan.db):
                 if t is not None:
                     t.fill_(math.nan)
         return plan
@@ -89,6 +93,10 @@ def make_x(
         x = rnd(B, 2 * N, D)[:, ::2, :]
     elif layout == "transposed":  # batch stride D, token stride B * D
         x = rnd(N, B, D).transpose(0, 1)
+    elif layout == "offset1":  # contiguous strides, but the data starts one element into its storage
+        x = rnd(B * N * D + 1)[1:].view(B, N, D)
+    elif layout == "odd_stride":  # rows D + 1 elements apart: no row start is vector aligned
+        x = rnd(B, N, D + 1)[:, :, :D]
     else:
         raise ValueError(layout)
     assert x.shape == (B, N, D) and (D == 1 or x.stride(2) == 1)
@@ -420,3 +428,74 @@ def test_double_backward_is_exact(triton_backend):
     assert torch.autograd.gradgradcheck(mpvg_kernels.layer_norm_add, (x, pe, w, b))
     assert torch.autograd.gradgradcheck(lambda x, w, b, pe: mpvg_kernels.layer_norm_pool(x, w, b, pe), (x, w, b, pe))
     assert triton_backend["forward"] > 0
+
+
+# ------------------------------------------------------------------------------ alignment and float arguments
+
+
+@pytest.mark.parametrize("layout", ["offset1", "odd_stride"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("pool", [False, True])
+def test_misaligned_inputs_take_the_scalar_path(layout, dtype, pool):
+    """A view one element into its storage (or rows D + 1 apart) must not get vector accesses, and still match."""
+    B, N, D = 3, 16, 200
+    gen = torch.Generator().manual_seed(5)
+    x = make_x(B, N, D, dtype, layout, gen)
+    w, b, pe = make_params(N, D, dtype, torch.float32, gen)
+    assert tk.plan_forward(x, pe, w, b, EPS, pool).launch.meta["VEC"] == 1
+    grad_shape = (B, D) if pool else (B, N, D)
+    stats = torch.empty(B * N)
+    grad = torch.empty(grad_shape, dtype=dtype)
+    assert tk.plan_backward(grad, x, w, stats, stats, True, pool).launch.meta["VEC"] == 1
+    aligned = make_x(B, N, D, dtype, "contiguous", gen)
+    assert tk.plan_forward(aligned, pe, w, b, EPS, pool).launch.meta["VEC"] == 16 // aligned.element_size()
+    check_kernels(B, N, D, dtype, layout, True, pool, seed=9)
+
+
+def test_vector_width_rule():
+    assert tk.vector_width(2, (200, 200 * 16), (0,)) == 8
+    assert tk.vector_width(2, (1000,), (0, 0)) == 8
+    assert tk.vector_width(4, (1000,), (0,)) == 4
+    assert tk.vector_width(2, (201,), (0,)) == 1
+    assert tk.vector_width(2, (204,), (0,)) == 4
+    assert tk.vector_width(2, (200,), (2,)) == 1  # start address 2 bytes off: one element
+    assert tk.vector_width(2, (200,), (8,)) == 4
+    assert tk.vector_width(8, (), (0,)) == 2
+
+
+@pytest.fixture
+def fp32_float_args(monkeypatch):
+    """Round every Python float a kernel receives to fp32, as a GPU launch does (the interpreter keeps doubles)."""
+    call = tk.Launch.__call__
+    rounded = {"n": 0}
+
+    def to_fp32(v):
+        if isinstance(v, float):
+            rounded["n"] += 1
+            return float(torch.tensor(v, dtype=torch.float32).item())
+        return v
+
+    def launch(self):
+        call(self._replace(args=tuple(to_fp32(a) for a in self.args)))
+
+    monkeypatch.setattr(tk.Launch, "__call__", launch)
+    return rounded
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_float64_exact_with_fp32_float_arguments(fp32_float_args, pool):
+    """float64 to 1e-12 although floats arrive as fp32: an fp32 ``1 / N`` or ``eps`` would be ~1e-8 off here."""
+    B, N, D, eps = 3, 3, 200, 1e-6  # 1 / 3 and 1e-6 are not fp32 numbers; rows with variance ~ eps
+    eps32 = float(torch.tensor(eps, dtype=torch.float32).item())
+    gen = torch.Generator().manual_seed(17)
+    x = make_x(B, N, D, torch.float64, "contiguous", gen, scale=1e-3)
+    w, b, pe = make_params(N, D, torch.float64, torch.float64, gen)
+    # The test has teeth: eps rounded to fp32 moves the float64 result by more than the 1e-12 tolerance.
+    r = reference.forward(x, pe, w, b, eps, pool)[0]
+    r32 = reference.forward(x, pe, w, b, eps32, pool)[0]
+    assert ((r - r32).abs() / r.abs().max()).max() > 1e-10
+    third = torch.tensor(1 / 3, dtype=torch.float32).double().item()
+    assert abs(third - 1 / 3) * 3 > 1e-9
+    check_kernels(B, N, D, torch.float64, "contiguous", True, pool, seed=17, param_dtype=torch.float64, eps=eps,
+                  scale=1e-3)  # fmt: skip
+    assert fp32_float_args["n"] > 0
