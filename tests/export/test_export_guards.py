@@ -4,7 +4,6 @@ folder, a backend that is not available. Every refusal is one line, exit status 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -151,7 +150,6 @@ def test_out_that_is_a_folder(tmp_path, capsys, monkeypatch) -> None:
         assert rc == 2 and f"--out {tmp_path} is a folder" in line
 
 
-_REAL_FIND_SPEC = importlib.util.find_spec
 
 
 def test_unavailable_backend(tmp_path, capsys, monkeypatch) -> None:
@@ -163,8 +161,9 @@ def test_unavailable_backend(tmp_path, capsys, monkeypatch) -> None:
         rc, err = _export(capsys, *argv)
         line = _one_line_error(err)
         assert rc == 2 and "--backend triton" in line and "not available" in line
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a, **k: None if name == "triton" else _REAL_FIND_SPEC(name, *a, **k))
+    from mpvg_kernels.ops import backends
+
+    monkeypatch.setattr(backends, "_TRITON_FOUND", False)  # looked up once at import: as without triton
     rc, err = _export(capsys, *argv)
     line = _one_line_error(err)
     assert rc == 2 and "--backend triton" in line and "triton is not installed" in line
@@ -178,8 +177,9 @@ def test_export_model_checks_out_and_backend_too(tmp_path, monkeypatch) -> None:
     m = create_model("vit_digits", pe="mpvg").eval()
     with pytest.raises(UserError, match="is a folder"):
         E.export_model(m, tmp_path, "onnx")
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a, **k: None if name == "triton" else _REAL_FIND_SPEC(name, *a, **k))
+    from mpvg_kernels.ops import backends
+
+    monkeypatch.setattr(backends, "_TRITON_FOUND", False)  # as without triton
     with pytest.raises(UserError, match="triton is not installed"):
         E.export_model(m, tmp_path / "m.onnx", "onnx", backend="triton")
     with pytest.raises(UserError, match="unknown backend"):
