@@ -214,6 +214,15 @@ def _cuda_autocast_fp32(x: torch.Tensor, *ts: torch.Tensor | None) -> tuple[torc
     return tuple(None if t is None else t.float() for t in (x, *ts))
 
 
+def _run_reference(fn: Callable[..., torch.Tensor], args: tuple, eps: float) -> torch.Tensor:
+    """The ``torch`` backend: the reference function, under the ops' CUDA-autocast rule (float32)."""
+    cast = _cuda_autocast_fp32(*args)
+    if cast is not None:
+        with torch.autocast("cuda", enabled=False):
+            return fn(*cast, eps)
+    return fn(*args, eps)
+
+
 def _layer_norm_add(
     x: torch.Tensor, pe: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
@@ -224,11 +233,7 @@ def _layer_norm_add(
     rule holds: the op's (x's dtype; float32 under CUDA autocast), which the ``torch`` backend follows too.
     """
     if backends.resolve_backend(x.device) == "torch":
-        cast = _cuda_autocast_fp32(x, pe, weight, bias)
-        if cast is not None:
-            with torch.autocast("cuda", enabled=False):
-                return reference.layer_norm_add(*cast, eps)  # type: ignore[arg-type]
-        return reference.layer_norm_add(x, pe, weight, bias, eps)
+        return _run_reference(reference.layer_norm_add, (x, pe, weight, bias), eps)
     if pe is not None and not pe.is_contiguous():
         pe = pe.contiguous()
     y = torch.ops.mpvg.layer_norm_add(_as_3d(x), pe, weight.contiguous(), bias.contiguous(), eps)[0]
@@ -240,11 +245,7 @@ def _layer_norm_pool(
 ) -> torch.Tensor:
     """:func:`layer_norm_pool` without the argument checks (see :func:`_layer_norm_add`); x has N >= 1 tokens."""
     if backends.resolve_backend(x.device) == "torch":
-        cast = _cuda_autocast_fp32(x, weight, bias, pe)
-        if cast is not None:
-            with torch.autocast("cuda", enabled=False):
-                return reference.layer_norm_pool(*cast, eps)  # type: ignore[arg-type]
-        return reference.layer_norm_pool(x, weight, bias, pe, eps)
+        return _run_reference(reference.layer_norm_pool, (x, weight, bias, pe), eps)
     if pe is not None and not pe.is_contiguous():
         pe = pe.contiguous()
     out = torch.ops.mpvg.layer_norm_pool(_as_3d(x), weight.contiguous(), bias.contiguous(), pe, eps)[0]
