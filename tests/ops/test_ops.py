@@ -265,7 +265,7 @@ def test_compiled_graph_keeps_mpvg_ops():
     torch._dynamo.reset()
     x, pe, w, b = torch.randn(2, 4, 8), torch.randn(4, 8), torch.randn(8), torch.randn(8)
     if backends.resolve_backend(x.device) == "torch":
-        pytest.skip("reason: the auto backend on CPU is the plain torch reference (C++ extension not built)")
+        pytest.skip(reason="the auto backend on CPU is the plain torch reference (C++ extension not built)")
     torch.compile(lambda *a: mk.layer_norm_add(*a), backend=backend, fullgraph=True)(x, pe, w, b)
     assert any("mpvg.layer_norm_add" in s for s in seen), seen
 
