@@ -492,6 +492,25 @@ def _finish_launch(st: _FinishStatic, tensors: list[tuple[torch.Tensor, torch.Te
     return Launch(_sum_partials_kernel, st.grid, args, st.meta)
 
 
+def _row_vector_width(dtype: torch.dtype, sizes: tuple[int, ...], stride_sets: tuple[tuple[int, ...], ...],
+                      addr_mods: tuple[int, ...]) -> int:
+    """:func:`vector_width` for row strides of tensors of ``sizes`` (strides of size-1 dims never move)."""
+    es = torch.empty((), dtype=dtype, device="meta").element_size()
+    strides = tuple(s for ss in stride_sets for s, size in zip(ss, sizes, strict=True) if size > 1)
+    return vector_width(es, strides, addr_mods)
+
+
+def _in_units(strides: tuple[int, ...], sizes: tuple[int, ...], vec: int) -> tuple[int, ...]:
+    """Row strides in units of ``vec`` elements (0 for size-1 dims), as the kernels take them."""
+    return tuple(s // vec if size > 1 else 0 for s, size in zip(strides, sizes, strict=True))
+
+
+def _kernel_meta(cfg: KernelConfig, D: int, vec: int, dtype: torch.dtype, has_pe: bool, pool: bool) -> dict:
+    """The compile-time arguments of the forward and backward kernels."""
+    return dict(D=D, VEC=vec, HAS_PE=has_pe, POOL=pool, ROWS=cfg.rows, BLOCK_D=cfg.block_d,
+                ACC_DTYPE=_tl_acc(dtype), num_warps=cfg.num_warps)
+
+
 class _FwdStatic(NamedTuple):
     grid: tuple[int, ...]
     scalars: tuple  # N, n_rows, sxb, sxn, stride_ys, tiles_per_prog
@@ -503,20 +522,9 @@ class _FwdStatic(NamedTuple):
 def _fwd_static(B, N, D, sxb, sxn, dtype, addr_mods, has_pe, pool) -> _FwdStatic:
     """Everything of a forward launch that depends on shape, strides, dtype and alignment only."""
     cfg = forward_config(D, dtype)
-    es = torch.empty((), dtype=dtype, device="meta").element_size()
-    strides = tuple(s for s, size in ((sxb, B), (sxn, N)) if size > 1)
-    vec = vector_width(es, strides, addr_mods)
-    meta = dict(
-        D=D,
-        VEC=vec,
-        HAS_PE=has_pe,
-        POOL=pool,
-        ROWS=cfg.rows,
-        BLOCK_D=cfg.block_d,
-        ACC_DTYPE=_tl_acc(dtype),
-        num_warps=cfg.num_warps,
-    )
-    sv = (sxb // vec if B > 1 else 0, sxn // vec if N > 1 else 0)
+    vec = _row_vector_width(dtype, (B, N), ((sxb, sxn),), addr_mods)
+    meta = _kernel_meta(cfg, D, vec, dtype, has_pe, pool)
+    sv = _in_units((sxb, sxn), (B, N), vec)
     if pool:
         tiles_per_prog, splits = _split(_cdiv(N, cfg.rows), B)
         stride_ys = 0 if splits == 1 else B * D
@@ -607,32 +615,13 @@ def _bwd_static(B, N, D, xs, gs, dtype, addr_mods, has_pe, pool) -> _BwdStatic:
     cfg = backward_config(D, dtype)
     es = torch.empty((), dtype=dtype, device="meta").element_size()
     acc_size = 8 if dtype == torch.float64 else 4
-    sizes = (B, N)
-    strides = tuple(s for s, size in zip(xs, sizes, strict=True) if size > 1)
-    strides += tuple(s for s, size in zip(gs, sizes, strict=True) if size > 1)
-    vec = vector_width(es, strides, addr_mods)
+    vec = _row_vector_width(dtype, (B, N), (xs, gs), addr_mods)
     n_tok = _cdiv(N, cfg.rows)
     b_per_prog, splits = _bwd_split(B, n_tok, es, acc_size)
     pitch_w = _cdiv(D, _PITCH) * _PITCH
     pitch_pe = _cdiv(N * D, _PITCH) * _PITCH
-    meta = dict(
-        D=D,
-        VEC=vec,
-        HAS_PE=has_pe,
-        POOL=pool,
-        ROWS=cfg.rows,
-        BLOCK_D=cfg.block_d,
-        ACC_DTYPE=_tl_acc(dtype),
-        num_warps=cfg.num_warps,
-    )
-
-    def units(s: int, size: int) -> int:
-        return s // vec if size > 1 else 0
-
-    scalars = (
-        B, N, units(xs[0], B), units(xs[1], N), units(gs[0], B), units(gs[1], N),
-        b_per_prog, pitch_w, pitch_pe,
-    )  # fmt: skip
+    meta = _kernel_meta(cfg, D, vec, dtype, has_pe, pool)
+    scalars = (B, N, *_in_units(xs, (B, N), vec), *_in_units(gs, (B, N), vec), b_per_prog, pitch_w, pitch_pe)
     programs = n_tok * splits
     segments = ((programs, pitch_w, D), (programs, pitch_w, D))
     if has_pe:
