@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .norms import DualLayerNorm, LastLayerNormPE
+from .pe_walk import PEWalk
+from .pos_embed import infer_grid_size, resample_abs_pos_embed
 
 __all__ = [
     "BLOCK_STYLES",
@@ -211,8 +213,6 @@ class PEStream:
 
     def pos(self, num_tokens: int) -> torch.Tensor:
         """The PE for ``num_tokens`` tokens (prefix rows included)."""
-        from .pos_embed import infer_grid_size, resample_abs_pos_embed
-
         pos = self.owner.pos_embed
         if pos.shape[-2] == num_tokens:
             return pos
@@ -226,10 +226,12 @@ class PEStream:
         p = self.pos(num_tokens)
         if not self.hierarchical:
             return p
-        for n in self.norms:
+        step = PEWalk([True] * len(self.norms), hierarchical=True, last_pos=None).start(p)
+        for i, n in enumerate(self.norms):
+            src = step.source(i)
             if n is norm:
-                return p
-            p = n.norm_pos(p)
+                return src
+            step.record(i, n.norm_pos(src))
         raise RuntimeError("this norm is not part of its PEStream")
 
 
