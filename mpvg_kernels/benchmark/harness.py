@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -128,11 +128,6 @@ class Timing:
     @property
     def min_s(self) -> float:
         return min(self.all_s) if self.all_s else float("nan")
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("all_s")
-        return d
 
     @classmethod
     def of(cls, samples: Sequence[float], inner: int = 1, first_call_s: float = float("nan")) -> Timing:

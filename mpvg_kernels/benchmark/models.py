@@ -159,9 +159,6 @@ class Case:
     timing: harness.Timing | None = None
     error: str = ""
 
-    def key(self) -> tuple[str, str, str, str, str]:
-        return (self.model, self.pe, self.impl, self.exec, self.task)
-
     @property
     def label(self) -> str:
         return f"{self.pe}/{self.impl}/{self.exec}/{self.task}"

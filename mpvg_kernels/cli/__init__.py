@@ -13,6 +13,8 @@ import importlib
 import sys
 from typing import Any
 
+from .options import missing_extra_message
+
 #: Modules that register a subcommand, in the order ``mpvg --help`` lists them.
 COMMANDS: list[str] = [
     "mpvg_kernels.cli.train",
@@ -24,29 +26,6 @@ COMMANDS: list[str] = [
     "mpvg_kernels.cli.export",
     "mpvg_kernels.cli.analyze",
 ]
-
-#: Optional modules and the extra that installs each (``pip install "mpvg-kernels[EXTRA]"``).
-EXTRA_OF_MODULE: dict[str, str] = {
-    "yaml": "train",
-    "sklearn": "train",
-    "kornia": "train",
-    "matplotlib": "train",
-    "PIL": "train",
-    "tqdm": "train",
-    "onnx": "export",
-    "onnxruntime": "export",
-    "triton": "triton",
-}
-
-
-def missing_extra_message(e: ModuleNotFoundError) -> str | None:
-    """``pip install "mpvg-kernels[EXTRA]"`` advice when ``e`` is about an optional module, else None."""
-    extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
-    if extra is None:
-        return None
-    return (f"{e.name} is not installed; it comes with the [{extra}] extra: "
-            f'pip install "mpvg-kernels[{extra}]" (in a checkout: pip install -e ".[{extra}]")')
-
 
 def _unavailable_command(sub: Any, module: str, why: str) -> None:
     """Register ``module``'s subcommand as one that only explains which extra to install."""

@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from .options import add_device_arg, check_at_least
+from .options import add_device_arg, add_weights_arg, check_at_least
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -42,8 +42,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None,
                    help="DataLoader workers (default: 0 for in-memory data, 4 for folder data)")
     add_device_arg(p)
-    p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
-                   help="which weights: auto = EMA when the run kept one, else the model (default: %(default)s)")
+    add_weights_arg(p, "which weights: auto = EMA when the run kept one, else the model")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="autocast dtype (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (default: off)")

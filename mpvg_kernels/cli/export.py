@@ -17,12 +17,12 @@ from typing import Any
 from ..export import DEFAULT_OPSET, FORMATS
 from ..models.vision_transformer import PE_MODES
 from ..ops.backends import KNOWN_BACKENDS
-from .options import add_model_arg, parse_model_args, require_extra
+from .options import add_model_arg, add_weights_arg, parse_model_args, require_extra
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.format == "onnx":  # before any work: which extra to install
-        require_extra("export", "onnx", *(("onnxruntime",) if args.verify else ()))
+        require_extra("onnx", *(("onnxruntime",) if args.verify else ()))
     model_kwargs = parse_model_args(args.model_arg)
     from ..export import check_export_options, export_model, load_model
 
@@ -51,12 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "Every parameter and buffer of the exported model must come from the checkpoint: a tensor that is "
         "missing, unused or of another shape is an error naming it (default: none, random init)",
     )
-    p.add_argument(
-        "--weights",
-        default="auto",
-        choices=("auto", "ema", "model"),
-        help="which weights of an `mpvg train` checkpoint (default: %(default)s)",
-    )
+    add_weights_arg(p, "which weights of an `mpvg train` checkpoint")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the registered one)")
     add_model_arg(p)
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx or pt2 (torch.export)")

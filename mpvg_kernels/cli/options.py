@@ -18,6 +18,12 @@ def add_device_arg(parser: argparse.ArgumentParser | Any) -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
+def add_weights_arg(parser: argparse.ArgumentParser | Any, help: str) -> None:  # noqa: A002
+    """``--weights auto|ema|model``: which weights of an ``mpvg train`` checkpoint (``help`` says what for)."""
+    parser.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
+                        help=f"{help} (default: %(default)s)")
+
+
 def add_model_arg(parser: argparse.ArgumentParser | Any) -> None:
     """``--model-arg KEY=VALUE`` (repeatable): a keyword argument of ``create_model``, the one syntax for model
     options on every command."""
@@ -48,10 +54,35 @@ def parse_model_args(items: Iterable[str] | None) -> dict[str, Any]:
     return out
 
 
-def require_extra(extra: str, *modules: str) -> None:
-    """Raise a :class:`UserError` naming ``pip install "mpvg-kernels[EXTRA]"`` when any of ``modules`` is missing."""
+#: Optional modules and the extra that installs each (``pip install "mpvg-kernels[EXTRA]"``).
+EXTRA_OF_MODULE: dict[str, str] = {
+    "yaml": "train",
+    "sklearn": "train",
+    "kornia": "train",
+    "matplotlib": "train",
+    "PIL": "train",
+    "tqdm": "train",
+    "onnx": "export",
+    "onnxruntime": "export",
+    "triton": "triton",
+}
+
+
+def missing_extra_message(e: ModuleNotFoundError) -> str | None:
+    """``pip install "mpvg-kernels[EXTRA]"`` advice when ``e`` is about an optional module, else None."""
+    extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+    if extra is None:
+        return None
+    return (f"{e.name} is not installed; it comes with the [{extra}] extra: "
+            f'pip install "mpvg-kernels[{extra}]" (in a checkout: pip install -e ".[{extra}]")')
+
+
+def require_extra(*modules: str) -> None:
+    """Raise a :class:`UserError` naming ``pip install "mpvg-kernels[EXTRA]"`` (the extra of the first missing
+    module, from :data:`EXTRA_OF_MODULE`) when any of ``modules`` is missing."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
+        extra = EXTRA_OF_MODULE[missing[0]]
         raise UserError(
             f"this command needs {', '.join(missing)}, which is not installed: run "
             f'pip install "mpvg-kernels[{extra}]" (or pip install -e ".[{extra}]" in a checkout)'

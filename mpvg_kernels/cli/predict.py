@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from .options import add_device_arg, check_at_least
+from .options import add_device_arg, add_weights_arg, check_at_least
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -35,8 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `mpvg train` (required)")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image, >= 1 (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text (default: off)")
-    p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
-                   help="which weights: auto = EMA when the run kept one, else the model (default: %(default)s)")
+    add_weights_arg(p, "which weights: auto = EMA when the run kept one, else the model")
     add_device_arg(p)
     p.set_defaults(func=_run)
     return p

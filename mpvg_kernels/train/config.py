@@ -11,14 +11,14 @@ import argparse
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..dataclass_flags import add_dataclass_flags, coerce_value, explicit_values
+from ..dataclass_flags import add_dataclass_flags, coerce_value, explicit_values, option
 from ..dataclass_flags import flag_name as flag_name  # re-exported: ``--field-name`` of a config field
 from ..errors import UserError
 from ..models import PE_MODES
@@ -27,10 +27,7 @@ RECIPE_PACKAGE, RECIPE_FOLDER = "mpvg_kernels.train", "recipes"
 DEFAULT_RECIPE = "digits"
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" mirrors argparse
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+_f = option  # a TrainConfig field with its flag's help
 
 
 @dataclass
@@ -241,10 +238,3 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """A plain dict (JSON/YAML and ``torch.load(weights_only=True)`` safe)."""
     return dataclasses.asdict(cfg)
 
-
-def config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """Inverse of :func:`config_to_dict`; unknown keys (from a newer version) are an error."""
-    unknown = set(d) - set(FIELDS)
-    if unknown:
-        raise UserError(f"config has unknown keys {sorted(unknown)}")
-    return TrainConfig(**{k: coerce(k, v) for k, v in d.items()})

@@ -168,7 +168,7 @@ class _Optimization:
 class _Progress:
     """What the epoch loop did in this invocation."""
 
-    last: dict[str, Any]  # the last epoch's record ({} when nothing was left to train)
+    last: dict[str, Any]  # the last epoch's record
     completed: int  # epochs completed, counting those before a resume
     train_images: int = 0
     train_time: float = 0.0
@@ -445,8 +445,6 @@ class _Trainer:
         spec, splits = data.spec, data.splits
         digests = D.all_gather_objects(weights_digest(model), info)
         last, completed = done.last, done.completed
-        if not last and info.is_main:  # resumed a finished run: report the stored metrics
-            last = log.read()[-1] if log.read() else {}
         summary = {
             "top1": last.get("top1"), "top5": last.get("top5"), "eval_loss": last.get("eval_loss"),
             "top1_raw": last.get("top1_raw"), "eval_split": splits.test_name, "eval_images": last.get("eval_images"),
