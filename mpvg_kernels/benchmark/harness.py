@@ -24,6 +24,7 @@ at random; the settings of :data:`MALLOC_ENV` (``MALLOC_MMAP_THRESHOLD_``, ``MAL
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -34,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,25 @@ class Timing:
             all_s=s,
             first_call_s=first_call_s,
         )
+
+
+@contextlib.contextmanager
+def recompile_limit(n: int) -> Iterator[None]:
+    """Let Dynamo recompile one function up to ``n`` times (per function and accumulated) while the block runs,
+    then restore the limits: past them Dynamo silently runs the function eagerly, and a "compile" case would
+    time eager code."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    names = [a for a in ("recompile_limit", "accumulated_recompile_limit") if hasattr(cfg, a)]
+    old = {a: getattr(cfg, a) for a in names}
+    for a in names:
+        setattr(cfg, a, max(old[a], n))
+    try:
+        yield
+    finally:
+        for a, v in old.items():
+            setattr(cfg, a, v)
 
 
 def sync(device: torch.device | str) -> None:

@@ -719,17 +719,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     cases: list[Case] = []
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
-    dyn = torch._dynamo.config
-    old_limit = dyn.recompile_limit
-    # many compiled wrappers share one forward code object: keep dynamo from falling back to eager
-    dyn.recompile_limit = max(old_limit, 64)
     try:
-        for name in cfg.models:
-            cases += run_model(name, cfg, bar, device)
-            if "compile" in cfg.execs:
-                torch._dynamo.reset()
+        # many compiled wrappers share one forward code object: keep dynamo from falling back to eager
+        with harness.recompile_limit(64):
+            for name in cfg.models:
+                cases += run_model(name, cfg, bar, device)
+                if "compile" in cfg.execs:
+                    torch._dynamo.reset()
     finally:
-        dyn.recompile_limit = old_limit
         if bar is not None:
             bar.close()
     records = summarise(cases)
