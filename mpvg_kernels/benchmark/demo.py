@@ -23,7 +23,7 @@ def run_demo(args: argparse.Namespace) -> int:
     pe, w, b = (t.to(device) for t in (torch.randn(N, D), torch.randn(D), torch.randn(D)))
     ref = reference.layer_norm_add(x.double(), pe.double(), w.double(), b.double())
     ref_pool = reference.layer_norm_pool(x.double(), w.double(), b.double(), pe.double())
-    usable = [n for n in backends.available_backends() if backends._unavailable_reason(n, x.device) is None]
+    usable = backends.available_backends(x.device)
     where = "CPU" if device.type == "cpu" else str(device)
     print(f"mpvg demo: x [{B}, {N}, {D}] float32 on {where}, threads={torch.get_num_threads()}")
     print(f"{'backend':8s} {'op':16s} {'max err vs fp64':>16s} {'median ms':>10s}")

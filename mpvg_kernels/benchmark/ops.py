@@ -142,12 +142,6 @@ def with_backend(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., to
     return run
 
 
-def device_backends(device: str) -> list[str]:
-    """Backends of this package that serve tensors on ``device``, fastest first."""
-    dev = torch.device(device)
-    return [n for n in ("cpp", "triton", "torch") if backends._unavailable_reason(n, dev) is None]
-
-
 def build_candidates(
     op: str, mode: str, inputs_nograd: dict, inputs_grad: dict, fns: dict[str, Callable[..., torch.Tensor]]
 ) -> dict[str, Callable[[], object]]:
@@ -193,7 +187,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     if device == "cpu":
         torch.set_num_threads(args.threads)
-    be = device_backends(device)
+    be = backends.available_backends(device)  # fastest first
     mpvg_names = [f"mpvg[{b}]" for b in be]
     fast = mpvg_names[0]
     rows: list[dict[str, Any]] = []

@@ -82,9 +82,10 @@ def _unavailable_reason(name: str, device: torch.device | None) -> str | None:
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(KNOWN_BACKENDS)}")
 
 
-def available_backends() -> list[str]:
-    """Backends usable on this machine for at least one device, fastest first per device."""
-    return [n for n in ("cpp", "triton", "torch") if _unavailable_reason(n, None) is None]
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends usable on this machine, fastest first: for tensors on ``device``, or (None) for at least one device."""
+    dev = None if device is None else torch.device(device)
+    return [n for n in ("cpp", "triton", "torch") if _unavailable_reason(n, dev) is None]
 
 
 def set_backend(name: str) -> None:
