@@ -26,12 +26,14 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["PE_MODES", "POOLS", "PEPreset", "PETerms", "PEWalk", "PRESETS", "default_pool"]
+__all__ = ["PE_MODES", "POOLS", "POOL_ALIASES", "PEPreset", "PETerms", "PEWalk", "PRESETS", "default_pool"]
 
 #: The position-embedding modes, in the order the papers' tables list them.
 PE_MODES: tuple[str, ...] = ("default", "lape", "pvg", "mpvg")
 #: Pooling of the final features: ``cls`` (class token) or ``avg`` (global average pooling).
 POOLS: tuple[str, ...] = ("cls", "avg")
+#: timm's ``global_pool`` names (and ours) -> our pooling.
+POOL_ALIASES: dict[str, str] = {"token": "cls", "cls": "cls", "avg": "avg"}
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,17 @@ MODEL_CFGS: dict[str, dict[str, Any]] = {
 }
 
 
+def fit_channels(cfg: dict[str, Any], in_chans: int) -> dict[str, Any]:
+    """``cfg`` with ``input_size`` for ``in_chans`` channels and, where the registered mean/std have another
+    channel count (``in_chans`` overridden), their averages repeated per channel."""
+    cfg = dict(cfg)
+    cfg["input_size"] = (in_chans, *cfg["input_size"][1:])
+    for key in ("mean", "std"):
+        if len(cfg[key]) != in_chans:
+            cfg[key] = (sum(cfg[key]) / len(cfg[key]),) * in_chans
+    return cfg
+
+
 def list_models(pattern: str | None = None) -> list[str]:
     """Registered model names (sorted), optionally filtered by a glob ``pattern`` (e.g. ``"deit_*"``)."""
     names = sorted(MODEL_CFGS)
@@ -105,10 +116,7 @@ def create_model(
     cfg = dict(model.default_cfg)
     cfg.update(entry["cfg"])
     cfg["architecture"] = name
-    in_chans = cfg["input_size"][0]
-    if len(cfg["mean"]) != in_chans:  # in_chans overridden: average the registered statistics
-        cfg["mean"] = (sum(cfg["mean"]) / len(cfg["mean"]),) * in_chans
-        cfg["std"] = (sum(cfg["std"]) / len(cfg["std"]),) * in_chans
+    cfg = fit_channels(cfg, model.patch_embed.proj.in_channels)
     model.default_cfg = model.pretrained_cfg = cfg
     if checkpoint_path is not None:
         from .pretrained import load_pretrained

@@ -39,13 +39,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without timm
         "mpvg_kernels.models.timm_bridge needs timm: pip install 'mpvg-kernels[timm]' (or pip install timm)"
     ) from exc
 
+from ..layers.pe_walk import POOL_ALIASES, default_pool
 from .pretrained import checkpoint_filter_fn
-from .registry import MODEL_CFGS
+from .registry import MODEL_CFGS, fit_channels
 from .vision_transformer import PE_MODES, VisionTransformer
 
 __all__ = ["TIMM_MODELS", "attach_pe", "from_timm", "timm_checkpoint_filter_fn", "timm_name"]
-
-_POOL_ALIASES = {"token": "cls", "cls": "cls", "avg": "avg"}
 
 
 def timm_name(model: str, pe: str) -> str:
@@ -90,14 +89,10 @@ def timm_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -
     return out
 
 
-def _finish_cfg(model: VisionTransformer, name: str) -> None:
+def _finish_cfg(model: VisionTransformer) -> None:
     """The data config timm's helpers read, made to describe this model (input size, channels, pe, pool)."""
-    cfg = dict(model.pretrained_cfg)
-    c = model.patch_embed.proj.in_channels
-    cfg["input_size"] = (c, *model.patch_embed.img_size)
-    for key in ("mean", "std"):
-        if len(cfg[key]) != c:  # in_chans overridden: average the registered statistics
-            cfg[key] = (sum(cfg[key]) / len(cfg[key]),) * c
+    cfg = fit_channels(dict(model.pretrained_cfg), model.patch_embed.proj.in_channels)
+    cfg["input_size"] = (cfg["input_size"][0], *model.patch_embed.img_size)
     cfg.update(pe=model.pe, pool=model.pool)
     model.pretrained_cfg = model.default_cfg = cfg
 
@@ -109,9 +104,9 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     kwargs.pop("pe", None)
     gp = kwargs.pop("global_pool", None)
     if gp is not None:
-        if gp not in _POOL_ALIASES:
+        if gp not in POOL_ALIASES:
             raise ValueError(f"global_pool must be 'token' or 'avg' for {name}, got {gp!r}")
-        kwargs.setdefault("pool", _POOL_ALIASES[gp])
+        kwargs.setdefault("pool", POOL_ALIASES[gp])
     args = dict(MODEL_CFGS[arch]["model"])
     args.update(kwargs)
     model = build_model_with_cfg(
@@ -123,7 +118,7 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         **args,
     )
     if isinstance(model, VisionTransformer):
-        _finish_cfg(model, name)
+        _finish_cfg(model)
     return model
 
 
@@ -280,7 +275,7 @@ def from_timm(model: nn.Module, pe: str = "default", **kwargs: Any) -> VisionTra
     )
     if pe == "default" or (pe == "lape" and "pool" not in kwargs):
         args.update(pool=src_pool, class_token=model.has_class_token)
-    pool = kwargs.get("pool", args.get("pool", "avg" if pe in ("pvg", "mpvg") else "cls"))
+    pool = kwargs.get("pool", args.get("pool", default_pool(pe)))
     args["fc_norm"] = src_fc and pool == "avg"
     args.update(kwargs)
     ours = VisionTransformer(pe=pe, **args)

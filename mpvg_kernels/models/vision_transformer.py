@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.blocks import Block, PatchEmbed, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import PECache, no_autocast
-from ..layers.pe_walk import PE_MODES, POOLS, PRESETS, PETerms, PEWalk, default_pool
+from ..layers.pe_walk import PE_MODES, POOL_ALIASES, POOLS, PRESETS, PETerms, PEWalk, default_pool
 from ..layers.pos_embed import resample_abs_pos_embed
 
 __all__ = [
@@ -294,10 +294,9 @@ class VisionTransformer(nn.Module):
         (timm's name): None keeps the pooling; ``token`` or ``avg`` switch it (``token`` needs the class token)."""
         _check_sizes(("num_classes", num_classes, 0))
         if global_pool is not None:
-            pools = {"token": "cls", "cls": "cls", "avg": "avg"}
-            if global_pool not in pools:
+            if global_pool not in POOL_ALIASES:
                 raise ValueError(f"global_pool must be None, 'token' or 'avg', got {global_pool!r}")
-            pool = pools[global_pool]
+            pool = POOL_ALIASES[global_pool]
             if pool == "cls" and not self.has_class_token:
                 raise ValueError("global_pool='token' needs a class token; this model has none")
             if pool == "cls" and self.use_fc_norm:
