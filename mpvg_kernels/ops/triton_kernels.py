@@ -495,7 +495,7 @@ def _finish_launch(st: _FinishStatic, tensors: list[tuple[torch.Tensor, torch.Te
 def _row_vector_width(dtype: torch.dtype, sizes: tuple[int, ...], stride_sets: tuple[tuple[int, ...], ...],
                       addr_mods: tuple[int, ...]) -> int:
     """:func:`vector_width` for row strides of tensors of ``sizes`` (strides of size-1 dims never move)."""
-    es = torch.empty((), dtype=dtype, device="meta").element_size()
+    es = dtype.itemsize
     strides = tuple(s for ss in stride_sets for s, size in zip(ss, sizes, strict=True) if size > 1)
     return vector_width(es, strides, addr_mods)
 
@@ -613,8 +613,8 @@ class _BwdStatic(NamedTuple):
 def _bwd_static(B, N, D, xs, gs, dtype, addr_mods, has_pe, pool) -> _BwdStatic:
     """Everything of a backward launch that depends on shape, strides, dtype and alignment only."""
     cfg = backward_config(D, dtype)
-    es = torch.empty((), dtype=dtype, device="meta").element_size()
-    acc_size = 8 if dtype == torch.float64 else 4
+    es = dtype.itemsize
+    acc_size = acc_dtype(dtype).itemsize
     vec = _row_vector_width(dtype, (B, N), (xs, gs), addr_mods)
     n_tok = _cdiv(N, cfg.rows)
     b_per_prog, splits = _bwd_split(B, n_tok, es, acc_size)
@@ -702,8 +702,8 @@ def partial_traffic_ratio(B: int, N: int, D: int, dtype: torch.dtype, has_pe: bo
     Minimal bytes: x and dy read and dx written in x's dtype, mean and rstd read, dweight, dbias (and dpe)
     written once in the accumulation dtype. Computed from the launch plan of a contiguous input.
     """
-    es = torch.empty((), dtype=dtype, device="meta").element_size()
-    acc_size = 8 if dtype == torch.float64 else 4
+    es = dtype.itemsize
+    acc_size = acc_dtype(dtype).itemsize
     st = _bwd_static(B, N, D, (N * D, D), (N * D, D), dtype, (0, 0), has_pe, False)
     partial = 2 * acc_size * (2 * st.programs * st.pitch_w + (st.splits * st.pitch_pe if has_pe else 0))
     minimal = 3 * B * N * D * es + 2 * B * N * acc_size + acc_size * (2 * D + (N * D if has_pe else 0))
