@@ -384,13 +384,13 @@ def write_reports(result: dict[str, Any], out: Path) -> list[Path]:
             )
         )
         lines.append("")
-    lines += ["## Results", "", common.markdown_table(summary_rows(result), cols), ""]
+    srows = summary_rows(result)
+    lines += ["## Results", "", common.markdown_table(srows, cols), ""]
     md = stem.with_suffix(".md")
     md.write_text("\n".join(lines))
     paths.append(md)
 
     # chart: speedup of the fast backend vs eager and vs compile, per case, one panel per mode
-    srows = summary_rows(result)
     panels = {}
     for mode in cfg["modes"]:
         sel = [r for r in srows if r["mode"] == mode]

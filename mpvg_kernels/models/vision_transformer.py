@@ -486,6 +486,10 @@ class VisionTransformer(nn.Module):
             return None
         if terms is not None:
             return terms.last_term
+        if last_src is None and self.last_pos == 0:  # LN'_last of pos itself: no block term is needed
+            pos = self._pos_for_grid(self.patch_embed.grid_size if grid is None else tuple(grid))
+            with no_autocast(pos.device.type):  # as compute_pe_terms computes it
+                return self._last_norm().pos_term(pos)
         if last_src is None:
             full = self.compute_pe_terms(grid)
             assert full is not None
