@@ -60,7 +60,6 @@ class FrozenPEModel(nn.Module):
         model = copy.deepcopy(model).eval()
         model.requires_grad_(False)
         self.model = model
-        self.depth = len(model.blocks)
         with torch.no_grad():
             terms = model.compute_pe_terms()
         self._buffer_names: dict[str, str] = {}
@@ -69,6 +68,7 @@ class FrozenPEModel(nn.Module):
                 name = "pe_" + key.replace(".", "_")
                 self.register_buffer(name, t.detach().clone())
                 self._buffer_names[key] = name
+        self.depth = 0 if terms is None else len(terms.terms)
         self.eval()
 
     def frozen_terms(self) -> PETerms | None:

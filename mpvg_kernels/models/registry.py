@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base import PEModel
 from .vision_transformer import PE_MODES, VisionTransformer
 
 __all__ = ["MODEL_CFGS", "create_model", "list_models", "param_groups"]
@@ -22,22 +23,28 @@ CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 DIGITS_MEAN = (0.3053,)
 DIGITS_STD = (0.3760,)
 
-#: name -> {"model": VisionTransformer kwargs, "cfg": data config (mean, std, crop_pct, ...), "paper": source}
+#: name -> {"model": constructor kwargs, "cfg": data config (mean, std, crop_pct, ...), "source": where it comes
+#: from, optionally "family": the model class (default :class:`VisionTransformer`; every family subclasses
+#: :class:`~mpvg_kernels.models.base.PEModel`) and "tiny": kwargs overriding "model" for a small, fast variant of
+#: the same architecture (tests and smoke runs: ``create_model(name, tiny=True)``).
 MODEL_CFGS: dict[str, dict[str, Any]] = {
     "deit_tiny_patch16_224": {
         "model": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=1000),
         "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875),
         "source": "DeiT-Ti (Touvron et al. 2021); MPVG Table 1",
+        "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
     },
     "deit_small_patch16_224": {
         "model": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=1000),
         "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875),
         "source": "DeiT-S (Touvron et al. 2021); MPVG Table 1",
+        "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
     },
     "deit_base_patch16_224": {
         "model": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=1000),
         "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875),
         "source": "DeiT-B (Touvron et al. 2021); MPVG Table 1",
+        "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
     },
     "vit_lite_7_4_32": {
         # Compact-Transformers vit_7_4_32: conv tokenizer 4x4/stride 4 with bias (kaiming_normal init), class
@@ -59,6 +66,7 @@ MODEL_CFGS: dict[str, dict[str, Any]] = {
         ),
         "cfg": dict(mean=CIFAR100_MEAN, std=CIFAR100_STD, crop_pct=1.0),
         "source": "ViT-Lite-7/4 (Hassani et al. 2022) on CIFAR-100; MPVG Table 2",
+        "tiny": dict(img_size=16, embed_dim=32, depth=2, num_heads=2),
     },
     "vit_digits": {
         # Sized for sklearn's 8x8 digits upsampled to 16x16: 16 tokens of 4x4 pixels, dim 64, 4 blocks.
@@ -67,6 +75,7 @@ MODEL_CFGS: dict[str, dict[str, Any]] = {
         ),
         "cfg": dict(mean=DIGITS_MEAN, std=DIGITS_STD, crop_pct=1.0),
         "source": "this project: the bundled digits data (8x8, 10 classes, 1,797 images)",
+        "tiny": dict(embed_dim=32, depth=2, num_heads=2),
     },
 }
 
@@ -93,11 +102,13 @@ def create_model(
     pe: str = "default",
     num_classes: int | None = None,
     checkpoint_path: str | os.PathLike | None = None,
+    tiny: bool = False,
     **kwargs: Any,
-) -> VisionTransformer:
+) -> PEModel:
     """Build the registered model ``name`` with position-embedding mode ``pe`` (default, lape, pvg, mpvg).
 
-    ``num_classes`` and ``**kwargs`` override the registered :class:`VisionTransformer` arguments (``pool``,
+    ``tiny=True`` builds the registered small variant of the same architecture (few blocks, narrow, small input;
+    for tests and smoke runs). ``num_classes`` and ``**kwargs`` override the registered constructor arguments (``pool``,
     ``img_size``, ``in_chans``, ``include_layer0``, ``hierarchical``, ``add_pos_to_input``, ``last_pos``,
     ``drop_path_rate``, ...). ``checkpoint_path``: a timm/DeiT-format or own checkpoint loaded with
     :func:`~mpvg_kernels.models.load_pretrained` (nothing is ever downloaded). The model's ``default_cfg`` holds
@@ -109,14 +120,18 @@ def create_model(
         raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
     entry = MODEL_CFGS[name]
     args = dict(entry["model"])
+    if tiny:
+        if "tiny" not in entry:
+            raise ValueError(f"model {name!r} has no registered tiny variant")
+        args.update(entry["tiny"])
     args.update(kwargs)
     if num_classes is not None:
         args["num_classes"] = num_classes
-    model = VisionTransformer(pe=pe, **args)
+    model = entry.get("family", VisionTransformer)(pe=pe, **args)
     cfg = dict(model.default_cfg)
     cfg.update(entry["cfg"])
     cfg["architecture"] = name
-    cfg = fit_channels(cfg, model.patch_embed.proj.in_channels)
+    cfg = fit_channels(cfg, model.default_cfg["input_size"][0])
     model.default_cfg = model.pretrained_cfg = cfg
     if checkpoint_path is not None:
         from .pretrained import load_pretrained

@@ -37,9 +37,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.blocks import Block, PatchEmbed, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
-from ..layers.pe_cache import PECache, no_autocast
+from ..layers.pe_cache import no_autocast
 from ..layers.pe_walk import PE_MODES, POOL_ALIASES, POOLS, PRESETS, PETerms, PEWalk, default_pool
 from ..layers.pos_embed import resample_abs_pos_embed
+from .base import PEModel, count_parameters
 
 __all__ = [
     "PE_MODES",
@@ -56,7 +57,7 @@ _AUTO = "auto"
 # ----------------------------------------------------------------------------- the model
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(PEModel):
     """ViT/DeiT with default, LaPE, PVG or MPVG position embeddings (see the module docstring for the modes).
 
     Args (beyond the usual ViT ones): ``pe`` (mode), ``pool`` (``cls``/``avg``, None = mode default), the knobs
@@ -179,8 +180,6 @@ class VisionTransformer(nn.Module):
 
         self.pos_init_std = pos_init_std
         self.patch_init = patch_init
-        self._pe_cache = PECache()
-        self.register_load_state_dict_post_hook(_clear_cache_hook)
         self.init_weights()
         self.feature_info = self._make_feature_info()
         self.default_cfg: dict[str, Any] = self._make_default_cfg()
@@ -277,10 +276,6 @@ class VisionTransformer(nn.Module):
         """Names excluded from weight decay besides every 1-D parameter (see :func:`param_groups`)."""
         return {"pos_embed", "cls_token"}
 
-    def pe_norm_parameter_names(self) -> list[str]:
-        """State-dict keys of the PE LayerNorms (LN'_l and LN'_last): the keys a timm checkpoint lacks."""
-        return [n for n, _ in self.named_parameters() if n.endswith(".pos_weight") or n.endswith(".pos_bias")]
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations."""
         self.grad_checkpointing = bool(enable)
@@ -337,23 +332,6 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ PE cache
 
-    def clear_pe_cache(self) -> None:
-        """Drop the inference PE cache (needed only after writes that bypass autograd, e.g. ``p.data.add_()``)."""
-        cache = self.__dict__.get("_pe_cache")
-        if cache is not None:
-            cache.clear()
-
-    @property
-    def pe_cache(self) -> PECache:
-        """The inference PE cache (``hits``/``misses`` counters, ``clear()``)."""
-        return self._pe_cache
-
-    def _apply(self, fn: Any, recurse: bool = True) -> VisionTransformer:
-        # .to() / .half() / .cuda() / ...: the cache also keys on data_ptr, dtype and device; clearing here
-        # releases the old tensors at once.
-        self.clear_pe_cache()
-        return super()._apply(fn, recurse)
-
     def _pe_tensors(self) -> list[torch.Tensor]:
         """The tensors the image-independent PE terms are computed from."""
         ts: list[torch.Tensor] = [] if self.pos_embed is None else [self.pos_embed]
@@ -396,16 +374,8 @@ class VisionTransformer(nn.Module):
                 else None,
             )
 
-    def pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
-        """The cached image-independent PE terms for ``grid`` (default: the model's grid), or None where the cache
-        may not be used (gradients needed, tracing/compiling, no PE, cache disabled)."""
-        if not self.pe_cache_enabled or self.pos_embed is None:
-            return None
-        tensors = self._pe_tensors()
-        if not PECache.usable(tensors):
-            return None
-        grid = self.patch_embed.grid_size if grid is None else tuple(grid)
-        return self._pe_cache.get(tensors, lambda: self.compute_pe_terms(grid), extra=grid)
+    def _default_grid(self) -> tuple[int, int]:
+        return self.patch_embed.grid_size
 
     # ------------------------------------------------------------------ forward
 
@@ -724,12 +694,3 @@ def _check_sizes(*checks: tuple[str, Any, int]) -> None:
     for name, value, minimum in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _clear_cache_hook(module: nn.Module, incompatible_keys: Any) -> None:
-    module.clear_pe_cache()
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameter elements."""
-    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,102 @@
+"""What every model family shares: the inference PE cache plumbing and the contract the tools rely on.
+
+A model family (ViT/DeiT, Swin, CeiT, T2T-ViT, CVT/CCT) subclasses :class:`PEModel` and provides
+
+- ``compute_pe_terms(grid=None) -> PETerms | None``: every image-independent PE term, computed now from the
+  parameters by walking its :class:`~mpvg_kernels.layers.PEWalk` (differentiable, no cache);
+- ``_pe_tensors() -> list[Tensor]``: the tensors those terms are computed from (the cache key);
+- ``_default_grid() -> tuple[int, int]``: the token grid of the model's own input size;
+- ``forward(x, pe_terms=None)``: logits, using given terms, else the cache where it may be used, else computing
+  the terms along the walk with the fused ops;
+- ``forward_analysis(x)`` (the intermediates of ``mpvg analyze``), ``default_cfg`` (``input_size``, ``mean``,
+  ``std``, ``num_classes``, ``crop_pct``, ``interpolation``, ``pe``, ``pool``, ``architecture``), ``pe``,
+  ``pool``, ``num_classes``, ``no_weight_decay()``, ``reset_classifier``, ``get_classifier``,
+  ``set_grad_checkpointing``, ``group_matcher``.
+
+The training, evaluation, prediction, export, analysis and benchmark tools use nothing else, so a family that
+provides these runs through every ``mpvg`` command without a special case.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers.pe_cache import PECache
+from ..layers.pe_walk import PETerms
+
+__all__ = ["PEModel", "count_parameters"]
+
+
+def _clear_cache_hook(module: nn.Module, incompatible_keys: Any) -> None:
+    module.clear_pe_cache()
+
+
+class PEModel(nn.Module):
+    """Base class of the model families: owns the inference PE cache (:attr:`pe_cache`) and serves
+    :meth:`pe_terms` from it; subclasses implement :meth:`compute_pe_terms`, :meth:`_pe_tensors` and
+    :meth:`_default_grid` (see the module docstring for the whole contract)."""
+
+    #: Whether :meth:`pe_terms` may serve cached terms (the ``pe_cache`` constructor argument of the families).
+    pe_cache_enabled: bool = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pe_cache = PECache()
+        self.register_load_state_dict_post_hook(_clear_cache_hook)
+
+    # ------------------------------------------------------------------ to implement
+
+    def compute_pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
+        """The image-independent PE terms for ``grid`` (default: the model's grid), computed now (no cache)."""
+        raise NotImplementedError
+
+    def _pe_tensors(self) -> list[torch.Tensor]:
+        """The tensors the image-independent PE terms are computed from."""
+        raise NotImplementedError
+
+    def _default_grid(self) -> tuple[int, int]:
+        """The token grid of the model's own input size."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+
+    def clear_pe_cache(self) -> None:
+        """Drop the inference PE cache (needed only after writes that bypass autograd, e.g. ``p.data.add_()``)."""
+        cache = self.__dict__.get("_pe_cache")
+        if cache is not None:
+            cache.clear()
+
+    @property
+    def pe_cache(self) -> PECache:
+        """The inference PE cache (``hits``/``misses`` counters, ``clear()``)."""
+        return self._pe_cache
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PEModel:
+        # .to() / .half() / .cuda() / ...: the cache also keys on data_ptr, dtype and device; clearing here
+        # releases the old tensors at once.
+        self.clear_pe_cache()
+        return super()._apply(fn, recurse)
+
+    def pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
+        """The cached image-independent PE terms for ``grid`` (default: the model's grid), or None where the cache
+        may not be used (gradients needed, tracing/compiling, no PE, cache disabled)."""
+        if not self.pe_cache_enabled:
+            return None
+        tensors = self._pe_tensors()
+        if not tensors or not PECache.usable(tensors):
+            return None
+        grid = self._default_grid() if grid is None else tuple(grid)
+        return self._pe_cache.get(tensors, lambda: self.compute_pe_terms(grid), extra=grid)
+
+    def pe_norm_parameter_names(self) -> list[str]:
+        """State-dict keys of the PE LayerNorms (LN'_l and LN'_last): the keys a checkpoint of the original
+        architecture lacks."""
+        return [n for n, _ in self.named_parameters() if n.endswith((".pos_weight", ".pos_bias"))]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (fixed sinusoidal tables and other buffers are not parameters)."""
+    return sum(p.numel() for p in model.parameters())
