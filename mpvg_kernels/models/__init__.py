@@ -13,9 +13,9 @@ May import :mod:`mpvg_kernels.ops` and :mod:`mpvg_kernels.layers`; never trainin
 
 from typing import Any
 
-from .param_table import PAPER_PARAMS_M, format_param_table, param_table
+from .param_table import PAPER_PARAMS_M, PAPER_ROWS, format_param_table, paper_table, param_table
 from .pretrained import checkpoint_filter_fn, load_pretrained, unwrap_state_dict
-from .registry import MODEL_CFGS, create_model, list_models, param_groups
+from .registry import MODEL_CFGS, create_model, list_models, model_pe_modes, param_groups
 from .vision_transformer import (
     PE_MODES,
     POOLS,
@@ -28,6 +28,7 @@ from .vision_transformer import (
 __all__ = [
     "MODEL_CFGS",
     "PAPER_PARAMS_M",
+    "PAPER_ROWS",
     "PE_MODES",
     "POOLS",
     "VisionTransformer",
@@ -38,8 +39,10 @@ __all__ = [
     "feature_take_indices",
     "format_param_table",
     "list_models",
+    "model_pe_modes",
     "load_pretrained",
     "param_groups",
+    "paper_table",
     "param_table",
     "unwrap_state_dict",
 ]

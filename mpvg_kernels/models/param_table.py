@@ -1,55 +1,105 @@
-"""Parameter counts of every registered model in every PE mode, next to the papers' numbers."""
+"""Parameter counts of every registered model in every PE mode, and every model of the papers' tables next to the
+number the paper prints."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .base import count_parameters
 from .registry import create_model, list_models
-from .vision_transformer import PE_MODES, count_parameters
+from .vision_transformer import PE_MODES
 
-__all__ = ["PAPER_PARAMS_M", "format_param_table", "param_table"]
+__all__ = ["PAPER_PARAMS_M", "PAPER_ROWS", "PaperRow", "format_param_table", "param_table", "paper_table"]
 
-#: #Params (M) as printed in MPVG (Lee et al., AAAI 2025), Table 1 (ImageNet-1K, 1000 classes) and Table 2
-#: (ViT-Lite on CIFAR-100, 100 classes). The paper prints three decimals.
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One model of a paper's table: the registered ``model`` built with ``pe`` and ``kwargs``, and the #Params the
+    paper prints (``printed_m``, millions, ``decimals`` digits; None where the table prints none)."""
+
+    table: str
+    model: str
+    pe: str
+    printed_m: float | None = None
+    decimals: int = 3
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def tolerance(self) -> int | None:
+        """Largest accepted |ours - printed| in parameters: 1.5 units of the last printed digit (0.0015 M for three
+        decimals: the papers mostly truncate, so a count may sit just below the next printed value)."""
+        return None if self.printed_m is None else round(1.5 * 10 ** (6 - self.decimals))
+
+
+def _rows(table: str, model: str, printed: Sequence[float | None], modes: Sequence[str] = PE_MODES,
+          label: str = "", **kwargs: Any) -> list[PaperRow]:
+    return [PaperRow(table, model, pe, p, 3, dict(kwargs), label) for pe, p in zip(modes, printed, strict=True)]
+
+
+_DL = ("default", "lape")
+_NONE2 = (None, None)
+
+#: Every model of MPVG (Lee et al., AAAI 2025) Tables 1-2 and LaPE (Yu et al., ICCV 2023) Tables 1, 2 and 4, in the
+#: papers' order. MPVG prints #Params (M); LaPE prints none (its rows carry ``printed_m=None``).
+PAPER_ROWS: tuple[PaperRow, ...] = tuple(
+    # MPVG Table 1: ImageNet-1K, 224x224, 1000 classes
+    _rows("MPVG T1", "deit_tiny_patch16_224", (5.717, 5.721, 5.721, 5.721))
+    + _rows("MPVG T1", "deit_small_patch16_224", (22.050, 22.059, 22.058, 22.059))
+    + _rows("MPVG T1", "deit_base_patch16_224", (86.567, 86.586, 86.583, 86.584))
+    + _rows("MPVG T1", "swin_tiny_patch4_window7_224", (28.589, 28.599, 28.598, 28.599))
+    + _rows("MPVG T1", "ceit_tiny_patch16_224", (6.356, 6.361, 6.361, 6.361))
+    + _rows("MPVG T1", "t2t_vit_7", (4.310, 4.313, 4.312, 4.313))
+    # MPVG Table 2: CIFAR-100, 100 classes (ViT-Lite at 32x32; T2T-ViT-7 fine-tuned at 224)
+    + _rows("MPVG T2", "vit_lite_7_4_32", (3.740, 3.744, 3.742, 3.743))
+    + _rows("MPVG T2", "t2t_vit_7", (4.078, 4.082, 4.081, 4.081), label="CIFAR-100", num_classes=100)
+    # LaPE Table 1: ImageNet-1K (default and LaPE)
+    + _rows("LaPE T1", "deit_tiny_patch16_224", _NONE2, _DL)
+    + _rows("LaPE T1", "deit_small_patch16_224", _NONE2, _DL)
+    + _rows("LaPE T1", "t2t_vit_7", _NONE2, _DL)
+    + _rows("LaPE T1", "deit_tiny_distilled_patch16_224", _NONE2, _DL)
+    + _rows("LaPE T1", "deit_small_distilled_patch16_224", _NONE2, _DL)
+    + _rows("LaPE T1", "swin_tiny_patch4_window7_224", _NONE2, _DL, label="RPE", pos_embed="rpe")
+    + _rows("LaPE T1", "swin_small_patch4_window7_224", _NONE2, _DL, label="RPE", pos_embed="rpe")
+    + _rows("LaPE T1", "ceit_tiny_patch16_224", _NONE2, _DL)
+    + _rows("LaPE T1", "ceit_small_patch16_224", _NONE2, _DL)
+    # LaPE Table 2: CIFAR-10 and CIFAR-100
+    + [r for n in (10, 100) for m in ("vit_lite_7_4_32", "cvt_7_4_32", "cct_7_3x1_32")
+       for r in _rows("LaPE T2", m, _NONE2, _DL, label=f"CIFAR-{n}", num_classes=n)]
+    # LaPE Table 4: DeiT-Ti with sinusoidal PEs (basic = default, and LaPE)
+    + _rows("LaPE T4", "deit_tiny_patch16_224", _NONE2, _DL, label="1-D sin", pos_embed="sincos1d")
+    + _rows("LaPE T4", "deit_tiny_patch16_224", _NONE2, _DL, label="2-D sin", pos_embed="sincos2d")
+)
+
+#: #Params (M) printed by MPVG for (model, pe) at the registered class count (Tables 1 and 2).
 PAPER_PARAMS_M: dict[tuple[str, str], float] = {
-    ("deit_tiny_patch16_224", "default"): 5.717,
-    ("deit_tiny_patch16_224", "lape"): 5.721,
-    ("deit_tiny_patch16_224", "pvg"): 5.721,
-    ("deit_tiny_patch16_224", "mpvg"): 5.721,
-    ("deit_small_patch16_224", "default"): 22.050,
-    ("deit_small_patch16_224", "lape"): 22.059,
-    ("deit_small_patch16_224", "pvg"): 22.058,
-    ("deit_small_patch16_224", "mpvg"): 22.059,
-    ("deit_base_patch16_224", "default"): 86.567,
-    ("deit_base_patch16_224", "lape"): 86.586,
-    ("deit_base_patch16_224", "pvg"): 86.583,
-    ("deit_base_patch16_224", "mpvg"): 86.584,
-    ("vit_lite_7_4_32", "default"): 3.740,
-    ("vit_lite_7_4_32", "lape"): 3.744,
-    ("vit_lite_7_4_32", "pvg"): 3.742,
-    ("vit_lite_7_4_32", "mpvg"): 3.743,
+    (r.model, r.pe): r.printed_m for r in PAPER_ROWS if r.printed_m is not None and not r.kwargs
 }
 
 
-def param_table(names: Sequence[str] | None = None, modes: Sequence[str] = PE_MODES) -> list[dict[str, Any]]:
-    """One row per (model, mode) with the registered defaults (pool by mode: cls for default/lape, avg for
-    pvg/mpvg). Keys: ``model``, ``pe``, ``pool``, ``params`` (total), ``pe_norm_params`` (the LN'_l and LN'_last
-    parameters), ``delta_vs_default`` (params minus the same model in ``default`` mode), ``paper_m`` (MPVG's
-    #Params in millions, or None) and ``diff_vs_paper`` (params - paper_m * 1e6, or None).
+def _count(name: str, pe: str, **kwargs: Any) -> tuple[Any, int, int]:
+    with torch.device("meta"):  # no memory, no initialisation
+        model = create_model(name, pe=pe, **kwargs)
+    pe_norm = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".pos_weight", ".pos_bias")))
+    return model, count_parameters(model), pe_norm
 
+
+def param_table(names: Sequence[str] | None = None, modes: Sequence[str] = PE_MODES) -> list[dict[str, Any]]:
+    """One row per registered (model, mode) with the registered defaults (pool by mode: cls for default/lape, avg
+    for pvg/mpvg, except families built around another pooling). Keys: ``model``, ``pe``, ``pool``, ``params``
+    (total), ``pe_norm_params`` (the LN'_l and LN'_last parameters), ``delta_vs_default`` (params minus the same
+    model in ``default`` mode), ``paper_m`` (MPVG's #Params in millions, or None) and ``diff_vs_paper``.
     Models are built on the meta device: no memory is allocated and nothing is initialised.
     """
     rows: list[dict[str, Any]] = []
     for name in list_models() if names is None else names:
         base = None
         for pe in modes:
-            with torch.device("meta"):
-                model = create_model(name, pe=pe)
-            total = count_parameters(model)
-            pe_norm = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".pos_weight", ".pos_bias")))
+            model, total, pe_norm = _count(name, pe)
             if pe == "default":
                 base = total
             paper = PAPER_PARAMS_M.get((name, pe))
@@ -68,17 +118,56 @@ def param_table(names: Sequence[str] | None = None, modes: Sequence[str] = PE_MO
     return rows
 
 
-def format_param_table(rows: Sequence[dict[str, Any]] | None = None) -> str:
-    """The rows of :func:`param_table` as a Markdown table."""
+def paper_table(rows: Sequence[PaperRow] = PAPER_ROWS) -> list[dict[str, Any]]:
+    """Every model of the papers' tables with our count: keys ``table``, ``model``, ``label``, ``pe``, ``kwargs``,
+    ``params``, ``printed_m``, ``diff`` (ours - printed, parameters), ``tolerance`` and ``ok`` (None where the
+    paper prints no count)."""
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        _, total, _ = _count(r.model, r.pe, **r.kwargs)
+        diff = None if r.printed_m is None else total - round(r.printed_m * 1e6)
+        out.append(
+            {
+                "table": r.table,
+                "model": r.model,
+                "label": r.label,
+                "pe": r.pe,
+                "kwargs": dict(r.kwargs),
+                "params": total,
+                "printed_m": r.printed_m,
+                "diff": diff,
+                "tolerance": r.tolerance,
+                "ok": None if diff is None else abs(diff) <= r.tolerance,  # type: ignore[operator]
+            }
+        )
+    return out
+
+
+def format_param_table(rows: Sequence[dict[str, Any]] | None = None, paper: Sequence[dict[str, Any]] | None = None
+                       ) -> str:
+    """The rows of :func:`param_table` and of :func:`paper_table` as two Markdown tables."""
     rows = param_table() if rows is None else rows
-    head = "| model | pe | pool | params | params (M) | PE-LN params | vs default | paper (M) | ours - paper |"
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    head = "| model | pe | pool | params | params (M) | PE-LN params | vs default | MPVG (M) | ours - MPVG |"
+    lines = ["Registered models, every PE mode:", "", head, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         delta = "" if r["delta_vs_default"] is None else f"{r['delta_vs_default']:+,}"
-        paper = "" if r["paper_m"] is None else f"{r['paper_m']:.3f}"
+        printed = "" if r["paper_m"] is None else f"{r['paper_m']:.3f}"
         diff = "" if r["diff_vs_paper"] is None else f"{r['diff_vs_paper']:+,}"
         lines.append(
             f"| {r['model']} | {r['pe']} | {r['pool']} | {r['params']:,} | {r['params'] / 1e6:.3f} | "
-            f"{r['pe_norm_params']:,} | {delta} | {paper} | {diff} |"
+            f"{r['pe_norm_params']:,} | {delta} | {printed} | {diff} |"
         )
+    if paper is None:
+        paper = paper_table()
+    if paper:
+        lines += ["", "The papers' tables (MPVG prints #Params; LaPE prints none):", "",
+                  "| table | model | setting | pe | params | params (M) | printed (M) | ours - printed | within |",
+                  "|---|---|---|---|---:|---:|---:|---:|---|"]
+        for r in paper:
+            setting = ", ".join(filter(None, [r["label"], *(f"{k}={v}" for k, v in r["kwargs"].items())]))
+            printed = "" if r["printed_m"] is None else f"{r['printed_m']:.3f}"
+            diff = "" if r["diff"] is None else f"{r['diff']:+,}"
+            ok = "" if r["ok"] is None else ("yes" if r["ok"] else f"NO (> {r['tolerance']:,})")
+            lines.append(f"| {r['table']} | {r['model']} | {setting} | {r['pe']} | {r['params']:,} | "
+                         f"{r['params'] / 1e6:.3f} | {printed} | {diff} | {ok} |")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from torch import nn
 from .base import PEModel
 from .vision_transformer import PE_MODES, VisionTransformer
 
-__all__ = ["MODEL_CFGS", "create_model", "list_models", "param_groups"]
+__all__ = ["MODEL_CFGS", "create_model", "list_models", "model_pe_modes", "param_groups"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,7 +26,8 @@ DIGITS_STD = (0.3760,)
 #: name -> {"model": constructor kwargs, "cfg": data config (mean, std, crop_pct, ...), "source": where it comes
 #: from, optionally "family": the model class (default :class:`VisionTransformer`; every family subclasses
 #: :class:`~mpvg_kernels.models.base.PEModel`) and "tiny": kwargs overriding "model" for a small, fast variant of
-#: the same architecture (tests and smoke runs: ``create_model(name, tiny=True)``).
+#: the same architecture (tests and smoke runs: ``create_model(name, tiny=True)``), and "pe_modes": the PE modes
+#: the family supports with its registered settings (default: all of ``PE_MODES``; the others raise ValueError).
 MODEL_CFGS: dict[str, dict[str, Any]] = {
     "deit_tiny_patch16_224": {
         "model": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=1000),
@@ -95,6 +96,13 @@ def list_models(pattern: str | None = None) -> list[str]:
     """Registered model names (sorted), optionally filtered by a glob ``pattern`` (e.g. ``"deit_*"``)."""
     names = sorted(MODEL_CFGS)
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def model_pe_modes(name: str) -> tuple[str, ...]:
+    """The PE modes the registered model ``name`` supports with its registered settings."""
+    if name not in MODEL_CFGS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return tuple(MODEL_CFGS[name].get("pe_modes", PE_MODES))
 
 
 def create_model(

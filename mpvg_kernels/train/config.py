@@ -54,7 +54,10 @@ class TrainConfig:
     warmup_lr: float = _f(1e-6, "learning rate at the first step of the linear warmup")
     warmup_epochs: float = _f(3.0, "linear warmup length in epochs (per-step schedule)")
     cooldown_epochs: float = _f(0.0, "epochs at min_lr after the cosine decay (part of epochs)")
-    weight_decay: float = _f(0.05, "AdamW weight decay (pos_embed and 1-D parameters are excluded)")
+    opt: str = _f("adamw", "optimizer: adamw, or sgd with momentum (T2T-ViT's CIFAR fine-tuning)",
+                  choices=("adamw", "sgd"))
+    momentum: float = _f(0.9, "SGD momentum (opt=sgd only)")
+    weight_decay: float = _f(0.05, "weight decay (pos_embed and 1-D parameters are excluded)")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     opt_eps: float = _f(1e-8, "AdamW epsilon")
     clip_grad: float | None = _f(None, "clip the global gradient norm to this value (None: no clipping)")
@@ -199,6 +202,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.randaug_m <= 10, "randaug_m is on timm's 0..10 scale"),
         (cfg.randaug_chunk >= 1, "randaug_chunk must be >= 1"),
         (len(cfg.betas) == 2, "betas must have two values"),
+        (0 <= cfg.momentum < 1, "momentum must be in [0, 1)"),
         (cfg.rrc_scale is None or len(cfg.rrc_scale) == 2, "rrc_scale must be [min, max]"),
         (cfg.affine_scale is None or len(cfg.affine_scale) == 2, "affine_scale must be [min, max]"),
         (cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, "crop_pct must be in (0, 1]"),

@@ -307,13 +307,17 @@ class _Trainer:
         return model, _Data(spec, classes, inp, splits, sampler, train_loader, eval_loader)
 
     def _build_optimization(self, model: nn.Module, steps_per_epoch: int) -> _Optimization:
-        """AdamW on the model's param groups, the warmup + cosine schedule (warmup and cooldown shrunk to half of
-        a short run), the fp16 gradient scaler and the EMA."""
+        """AdamW (or SGD with momentum) on the model's param groups, the warmup + cosine schedule (warmup and
+        cooldown shrunk to half of a short run), the fp16 gradient scaler and the EMA."""
         cfg, info = self.cfg, self.info
         global_batch = cfg.batch_size * info.world_size
         peak_lr = cfg.lr * global_batch / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr,
-                                      betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.opt_eps)
+        groups = param_groups(model, cfg.weight_decay)
+        optimizer: torch.optim.Optimizer
+        if cfg.opt == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.opt_eps)
         warmup, cooldown = cfg.warmup_epochs, cfg.cooldown_epochs
         if warmup + cooldown > 0.5 * cfg.epochs:  # a short run: keep half of it for the cosine decay
             shrink = 0.5 * cfg.epochs / (warmup + cooldown)

@@ -1,0 +1,144 @@
+"""Every registered model family, in every PE mode it supports, against the contract the tools rely on.
+
+Per family the exactness against an independent implementation is in its own test file (test_models.py,
+test_vit_variants.py, test_swin.py, test_ceit.py, test_t2t_vit.py); here every family is held to the same rules:
+one forward whatever path serves the PE terms (live, cache, given terms, frozen for export), the cache follows an
+optimizer step, every mode the registry does not list is refused, the papers' parameter counts, and a short
+training run on the bundled digits that learns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpvg_kernels.export import FrozenPEModel
+from mpvg_kernels.models import (
+    MODEL_CFGS,
+    PAPER_ROWS,
+    PE_MODES,
+    create_model,
+    list_models,
+    model_pe_modes,
+    paper_table,
+)
+
+TINY = [n for n in list_models() if "tiny" in MODEL_CFGS[n]]
+CASES = [(n, pe) for n in TINY for pe in model_pe_modes(n)]
+
+
+def _distinct_tiny(names: list[str]) -> list[str]:
+    """One name per distinct tiny architecture (the DeiT sizes share theirs)."""
+    seen: dict[str, str] = {}
+    for n in names:
+        e = MODEL_CFGS[n]
+        key = repr((e.get("family"), sorted({**e["model"], **e["tiny"], "num_classes": 0}.items())))
+        seen.setdefault(key, n)
+    return list(seen.values())
+
+
+TRAIN = _distinct_tiny(TINY)
+REFUSED = [(n, pe) for n in list_models() for pe in PE_MODES if pe not in model_pe_modes(n)]
+
+
+def _tiny(name: str, pe: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(name, pe=pe, tiny=True, **kw).double()
+
+
+def _images(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
+    c, h, w = model.default_cfg["input_size"]
+    return torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    """Move every parameter off its init (LN' starts as identity: a test at init could not see a wrong term)."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def test_every_registered_model_has_a_tiny_variant():
+    assert TINY == list_models()
+
+
+@pytest.mark.parametrize("name,pe", CASES)
+def test_one_forward_whatever_serves_the_pe_terms(name: str, pe: str):
+    model = _tiny(name, pe)
+    _perturb(model)
+    model.eval()
+    x = _images(model)
+    live = model(x)  # grad mode, parameters require grad: the fused walk, no cache
+    assert live.shape == (2, model.num_classes) and torch.isfinite(live).all()
+    with torch.no_grad():
+        cached = model(x)
+        again = model(x)
+        given = model(x, pe_terms=model.compute_pe_terms())
+        frozen = FrozenPEModel(model)(x)
+    if model.compute_pe_terms() is not None:
+        assert model.pe_cache.hits >= 1, "eval + no_grad must serve the cached PE terms"
+    for other in (cached, again, given, frozen):
+        torch.testing.assert_close(other, live.detach(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,pe", [c for c in CASES if c[1] in ("lape", "mpvg")])
+def test_cache_follows_an_optimizer_step(name: str, pe: str):
+    model = _tiny(name, pe)
+    model.eval()
+    x = _images(model)
+    with torch.no_grad():
+        model(x)  # fills the cache
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after = model(x)
+        reference = model(x, pe_terms=model.compute_pe_terms())
+    torch.testing.assert_close(after, reference, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name,pe", CASES)
+def test_gradients_reach_every_pe_parameter(name: str, pe: str):
+    model = _tiny(name, pe)
+    _perturb(model)
+    model.train()
+    model(_images(model)).logsumexp(-1).sum().backward()
+    names = model.pe_norm_parameter_names()
+    if pe != "default":
+        assert names, f"{name} pe={pe} has no PE LayerNorm parameters"
+    for n, p in model.named_parameters():
+        if n in names or n.endswith("pos_embed"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} gets no gradient"
+
+
+@pytest.mark.parametrize("name,pe", REFUSED)
+def test_unsupported_modes_are_refused_with_a_reason(name: str, pe: str):
+    with pytest.raises(ValueError, match=pe):
+        create_model(name, pe=pe, tiny="tiny" in MODEL_CFGS[name])
+
+
+def test_papers_parameter_counts():
+    rows = paper_table()
+    assert len(rows) == len(PAPER_ROWS)
+    printed = [r for r in rows if r["printed_m"] is not None]
+    assert len(printed) == 32  # MPVG Tables 1 and 2: 8 models x 4 modes
+    bad = [(r["table"], r["model"], r["pe"], r["params"], r["printed_m"]) for r in printed if not r["ok"]]
+    assert not bad, bad
+    for r in rows:  # a layer-wise mode adds exactly the PE LayerNorms, never anything else
+        assert r["params"] > 0
+
+
+@pytest.mark.parametrize("name", TRAIN)
+def test_every_family_learns_the_digits(name: str, tmp_path: Path):
+    pytest.importorskip("sklearn", reason="the digits data needs scikit-learn (the train extra)")
+    from mpvg_kernels.train.config import build_config
+    from mpvg_kernels.train.trainer import train
+
+    pe = "mpvg" if "mpvg" in model_pe_modes(name) else "lape"
+    cfg = build_config("digits", flags=dict(model=name, pe=pe, model_kwargs={"tiny": True, "in_chans": 1},
+                                            epochs=int(MODEL_CFGS[name].get("tiny_epochs", 10)), eval_every=100))
+    summary = train(cfg, tmp_path / "run", verbose=False)
+    assert summary["top1"] >= 50.0, summary  # chance is 10 %
