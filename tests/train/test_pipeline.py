@@ -72,6 +72,31 @@ def test_recipes_load_and_match_the_papers() -> None:
             lite["warmup_epochs"]) == (6e-4, 0.06, 128, 310, 10, 10)
 
 
+def test_zoo_recipes_match_the_papers_table_7() -> None:
+    """MPVG Table 7 / LaPE Table 7 settings of every model family, and every recipe names a registered model."""
+    from mpvg_kernels.models import list_models
+
+    def key(r: dict, *names: str) -> tuple:
+        return tuple(r[n] for n in names)
+
+    sched = ("lr", "lr_base_batch", "min_lr", "weight_decay", "epochs", "cooldown_epochs", "warmup_epochs")
+    swin = load_recipe("swin_imagenet")  # 5e-4 x 1024 / 512 = MPVG's 1e-3 at batch 1024
+    assert key(swin, *sched) == (5e-4, 512, 5e-6, 0.05, 300, 0, 20) and swin["model_kwargs"]["drop_path_rate"] == 0.2
+    assert key(load_recipe("ceit_imagenet"), *sched) == (5e-4, 512, 1e-5, 0.05, 300, 0, 5)
+    t2t = load_recipe("t2t_imagenet")
+    assert key(t2t, *sched) == (1e-3, None, 1e-5, 0.03, 310, 10, 10)
+    ft = load_recipe("t2t_cifar100")  # MPVG Table 7: CIFAR-100 fine-tuning
+    assert key(ft, "opt", "lr", "weight_decay", "batch_size", "epochs", "warmup_epochs") == (
+        "sgd", 5e-2, 5e-4, 128, 60, 0)
+    for name, lr in [("cvt_cifar100", 6e-4), ("cct_cifar100", 6e-4), ("vit_lite_cifar10", 5.5e-4),
+                     ("cvt_cifar10", 5.5e-4), ("cct_cifar10", 5.5e-4)]:  # LaPE Table 7
+        r = load_recipe(name)
+        assert key(r, "lr", "weight_decay", "batch_size", "epochs", "cooldown_epochs", "warmup_epochs") == (
+            lr, 0.06, 128, 310, 10, 10), name
+    for recipe in list_recipes():
+        assert build_config(recipe).model in list_models(), recipe
+
+
 def test_overrides_precedence_and_errors(tmp_path: Path) -> None:
     cfg = build_config("digits", ["lr=5e-4", "betas=[0.9,0.95]", "model_kwargs.drop_path_rate=0.1", "epochs=7"],
                        {"epochs": 3})
