@@ -110,7 +110,10 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer
         if k == "pos_embed":
             if model.pos_embed is None:
                 continue  # this configuration uses no position embedding
-            v = _adapt_pos_embed(v, model, src_prefix)
+            if getattr(model, "pos_embed_type", "learn") != "learn":
+                v = own[k]  # a fixed sin-cos table: the model's own, computed for its grid
+            else:
+                v = _adapt_pos_embed(v, model, src_prefix)
         elif k == "patch_embed.proj.weight" and k in own and v.shape != own[k].shape:
             v = _adapt_patch_weight(v, own[k].shape)
         elif k.startswith("head.") and (k not in own or v.shape != own[k].shape):
