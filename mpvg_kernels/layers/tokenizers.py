@@ -9,6 +9,8 @@ and ``forward(x) -> [B, N, D]`` (contiguous: the fused norms need stride 1 in D)
 - ``patch``: :class:`~mpvg_kernels.layers.PatchEmbed` (ViT/DeiT, ViT-Lite/CVT): one ``patch_size`` conv with the
   same stride.
 - ``conv``: :class:`ConvTokenizer`, the CCT tokenizer of Compact-Transformers.
+- ``t2t``: :class:`~mpvg_kernels.layers.t2t.T2TTokenizer`, the Tokens-to-Token module of T2T-ViT (``patch_size``:
+  its total stride, 16).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from .blocks import PatchEmbed, to_2tuple
+from .t2t import T2TTokenizer
 
 __all__ = ["TOKENIZERS", "ConvTokenizer", "build_tokenizer"]
 
@@ -115,6 +118,7 @@ class ConvTokenizer(nn.Module):
 TOKENIZERS: dict[str, Callable[..., nn.Module]] = {
     "patch": PatchEmbed,
     "conv": ConvTokenizer,
+    "t2t": T2TTokenizer,
 }
 
 

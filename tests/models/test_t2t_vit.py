@@ -14,6 +14,7 @@ from _vit_reference import MODE_DEFAULTS, RefBlock, randomize_, ref_name
 from torch import nn
 
 from mpvg_kernels.layers.t2t import T2TTokenizer, orthogonal_random_features
+from mpvg_kernels.models import PE_MODES, count_parameters, create_model, load_pretrained
 
 # ----------------------------------------------------------------------------- the independent reference
 
@@ -226,8 +227,13 @@ def test_t2t_module_shapes_and_names():
     assert tok.grid_size == (14, 14) and tok.num_patches == 196 and tok.patch_size == (16, 16)
     assert tok.grid_for(224, 160) == (14, 10) and tok.grid_for(230, 230) == (15, 15)  # the unfold arithmetic
     names = {n for n, _ in tok.named_parameters()}
-    assert {"attention1.kqv.weight", "attention1.mlp.0.weight", "attention1.mlp.2.bias", "attention2.norm1.weight",
-            "project.weight"} <= names
+    assert {
+        "attention1.kqv.weight",
+        "attention1.mlp.0.weight",
+        "attention1.mlp.2.bias",
+        "attention2.norm1.weight",
+        "project.weight",
+    } <= names
     assert tok.attention1.kqv.weight.shape == (192, 147) and tok.attention2.kqv.weight.shape == (192, 576)
     assert {n for n, _ in tok.named_buffers()} == {"attention1.w", "attention2.w"}
     assert tok.attention1.w.shape == (32, 64)
@@ -285,3 +291,218 @@ def test_t2t_module_rejects_wrong_channels():
     tok = T2TTokenizer(64, 16, 1, 32, token_dim=16)
     with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
         tok(torch.zeros(1, 3, 64, 64))
+
+
+# ----------------------------------------------------------------------------- the whole model
+
+#: MPVG Table 1 (ImageNet-1K, 1000 classes) and Table 2 (CIFAR-100, 100 classes): T2T-ViT-7 #Params (M).
+PAPER_M = {
+    1000: {"default": 4.310, "lape": 4.313, "pvg": 4.312, "mpvg": 4.313},
+    100: {"default": 4.078, "lape": 4.082, "pvg": 4.081, "mpvg": 4.081},
+}
+#: Our trainable parameters (the performer T2T module; pvg/mpvg average-pool without a class token).
+EXACT = {
+    1000: {"default": 4_255_694, "lape": 4_259_278, "pvg": 4_258_510, "mpvg": 4_259_022},
+    100: {"default": 4_024_394, "lape": 4_027_978, "pvg": 4_027_210, "mpvg": 4_027_722},
+}
+
+
+def _fixed_numel(model: nn.Module) -> int:
+    """Elements of the fixed tensors the official code holds as non-trainable parameters: the sinusoid PE and
+    the performer's random features (buffers here)."""
+    return sum(b.numel() for n, b in model.named_buffers() if n == "pos_embed" or n.endswith(".w"))
+
+
+@pytest.mark.parametrize("num_classes", [1000, 100])
+@pytest.mark.parametrize("pe", PE_MODES)
+def test_param_counts_match_the_papers(pe, num_classes):
+    with torch.device("meta"):
+        model = create_model("t2t_vit_7", pe=pe, num_classes=num_classes)
+    assert count_parameters(model) == EXACT[num_classes][pe]
+    # the papers count every nn.Parameter of the official model, the non-trainable PE table and features included
+    fixed = _fixed_numel(model)
+    assert fixed == 2 * 32 * 64 + model.pos_embed.numel()
+    assert abs((count_parameters(model) + fixed) / 1e6 - PAPER_M[num_classes][pe]) < 0.0015
+    assert (
+        count_parameters(model) - EXACT[num_classes]["default"]
+        == {"default": 0, "lape": 7 * 512, "pvg": 6 * 512 - 256, "mpvg": 7 * 512 - 256}[pe]
+    )  # LN'_l of 2 * 256 each; pvg/mpvg have no class token
+
+
+def test_transformer_token_layers_do_not_match_the_papers():
+    """The T2T-ViT_t variant (softmax token layers) of the same size: 4.306 M counted as the papers count, 0.004 M
+    short of the 4.310 M of MPVG Table 1; the performer variant (official t2t_vit_7) is the one the papers used."""
+    with torch.device("meta"):
+        model = create_model("t2t_vit_7", tokenizer_args=dict(token_type="transformer", token_dim=64))
+    assert count_parameters(model) == 4_255_310 and _fixed_numel(model) == 197 * 256
+    assert abs((count_parameters(model) + _fixed_numel(model)) / 1e6 - PAPER_M[1000]["default"]) > 0.004
+
+
+def test_registered_architecture_follows_the_official_code():
+    with torch.device("meta"):
+        model = create_model("t2t_vit_7")
+    assert isinstance(model.patch_embed, T2TTokenizer) and model.patch_embed.token_type == "performer"
+    assert model.patch_embed.grid_size == (14, 14) and model.num_prefix_tokens == 1
+    assert "pos_embed" in dict(model.named_buffers()) and "pos_embed" not in dict(model.named_parameters())
+    blk = model.blocks[0]
+    assert blk.attn.qkv.bias is None and blk.attn.scale == 64**-0.5 and blk.mlp.fc1.out_features == 512
+    assert blk.norm1.eps == 1e-5 and model.norm.eps == 1e-5 and len(model.blocks) == 7
+    assert model.patch_embed.attention1.dp.p == 0.1 and model.patch_embed.attention1.norm1.eps == 1e-5
+    cfg = model.default_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.9 and cfg["num_classes"] == 1000
+    assert cfg["first_conv"] == "patch_embed.attention1.kqv" and cfg["architecture"] == "t2t_vit_7"
+
+
+def _tiny(pe, chans=1, token_type="performer", seed=0):
+    torch.manual_seed(seed)
+    model = create_model(
+        "t2t_vit_7",
+        pe=pe,
+        tiny=True,
+        num_classes=5,
+        in_chans=chans,
+        tokenizer_args=dict(token_type=token_type, token_dim=16),
+    )
+    return model.double().eval()
+
+
+def _ref_for(model, pe, chans, token_type="performer"):
+    ref = RefT2TViT(pe, model.pool, 64, chans, 16, 32, 2, 2, 2.0, 5, token_type).double()
+    # the fixed 1-D sinusoid PE: the model's buffer (float32 table) is the reference's, to float32 precision
+    torch.testing.assert_close(model.pos_embed, ref.pos, atol=1e-7, rtol=0)
+    copy_into(model, ref)
+    with torch.no_grad():
+        ref.pos.copy_(model.pos_embed)
+    return ref
+
+
+MODEL_CASES = [
+    ("default", 1, "performer"),
+    ("lape", 3, "performer"),
+    ("pvg", 1, "performer"),
+    ("mpvg", 1, "performer"),
+    ("mpvg", 3, "transformer"),
+]
+
+
+@pytest.mark.parametrize("pe,chans,token_type", MODEL_CASES)
+def test_model_matches_reference(pe, chans, token_type):
+    model = _tiny(pe, chans, token_type)
+    _randomize(model)
+    ref = _ref_for(model, pe, chans, token_type)
+    x = _images(chans=chans)
+    out, expect = model(x), ref(x)
+    assert out.shape == (2, 5) and model.pool == ("avg" if pe in ("pvg", "mpvg") else "cls")
+    torch.testing.assert_close(out, expect, atol=1e-10, rtol=1e-9)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (out * g).sum().backward()
+    (expect * g).sum().backward()
+    theirs = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        q = theirs[t2t_ref_name(n)]
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-9, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("pe", PE_MODES)
+def test_cache_live_and_given_terms_agree(pe):
+    model = _tiny(pe).float()
+    _randomize(model, seed=2)
+    x = _images(chans=1, dtype=torch.float32)
+    live = model(x)  # gradients enabled: the terms are computed along the walk
+    given = model(x, pe_terms=model.compute_pe_terms())
+    with torch.no_grad():
+        hits = model.pe_cache.hits + model.pe_cache.misses
+        cached = model(x)
+        cached2 = model(x)
+    assert model.pe_cache.hits + model.pe_cache.misses > hits and model.pe_cache.hits >= 1
+    torch.testing.assert_close(given, live, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached, live.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(cached, cached2)
+
+
+def test_forward_analysis_keys_and_values():
+    model = _tiny("mpvg").float()
+    _randomize(model, seed=3)
+    x = _images(chans=1, dtype=torch.float32)
+    with torch.no_grad():
+        it = model.forward_analysis(x)
+        logits = model(x)
+    assert set(it) == {
+        "block_inputs",
+        "token_terms",
+        "pos_terms",
+        "attn_inputs",
+        "last_norm_input",
+        "last_norm_output",
+        "last_pos_term",
+        "features",
+        "pooled",
+        "logits",
+        "grid",
+        "num_prefix_tokens",
+    }
+    torch.testing.assert_close(it["logits"], logits, atol=1e-5, rtol=1e-5)
+    assert it["grid"] == (4, 4) and it["num_prefix_tokens"] == 0 and len(it["block_inputs"]) == 2
+    assert it["pos_terms"][0] is None and it["pos_terms"][1].shape == (1, 16, 32)
+    torch.testing.assert_close(it["block_inputs"][0], model.patch_embed(x) + model.pos_embed)
+
+
+def _official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights in the official layout: ``tokens_to_token.*``, the PE table and features included."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        sd[k.replace("patch_embed.", "tokens_to_token.", 1) if k.startswith("patch_embed.") else k] = v.clone()
+    return sd
+
+
+def test_official_checkpoint_loads():
+    src = _tiny("default", chans=3).float()
+    _randomize(src, seed=4)
+    sd = _official_state_dict(src)
+    assert "tokens_to_token.attention1.w" in sd and sd["pos_embed"].shape == (1, 17, 32)
+    x = _images(chans=3, dtype=torch.float32)
+    for pe in PE_MODES:
+        dst = _tiny(pe, chans=3, seed=9).float()
+        result = load_pretrained(dst, {"model": sd}, strict=True)
+        assert sorted(result.missing_keys) == sorted(dst.pe_norm_parameter_names()) and not result.unexpected_keys
+        for name, b in dst.named_buffers():
+            if name.endswith(".w"):
+                assert torch.equal(b, sd[name.replace("patch_embed.", "tokens_to_token.", 1)])
+        if pe == "default":
+            with torch.no_grad():
+                torch.testing.assert_close(dst(x), src(x), atol=0, rtol=0)
+        else:  # the fixed table stays the model's own for its token count (no class-token row for pvg/mpvg)
+            assert dst.pos_embed.shape[1] == 16 + dst.num_prefix_tokens
+            torch.testing.assert_close(dst.pos_embed, ref_sinusoid(dst.pos_embed.shape[1], 32).float())
+
+
+def test_tiny_variant_trains_one_step_on_one_channel():
+    model = create_model("t2t_vit_7", pe="mpvg", tiny=True, num_classes=10, in_chans=1)
+    assert model.default_cfg["input_size"] == (1, 64, 64) and model.patch_embed.grid_size == (4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    w_before = model.patch_embed.attention1.w.clone()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "patch_embed.attention1.kqv.weight" in changed and "norm.pos_weight" in changed
+    assert torch.equal(model.patch_embed.attention1.w, w_before)  # the random features are not trained
+
+
+@pytest.mark.parametrize("pe", PE_MODES)
+def test_onnx_export_runs_in_onnxruntime(pe, tmp_path):
+    pytest.importorskip("onnx", reason="ONNX export needs the onnx package")
+    pytest.importorskip("onnxruntime", reason="running the exported graph needs onnxruntime")
+    from mpvg_kernels.export import export_model, onnx_op_types
+
+    model = _tiny(pe).float()
+    _randomize(model, seed=5)
+    result = export_model(model, tmp_path / f"t2t_{pe}.onnx", "onnx", verify=True)
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    ops = onnx_op_types(result.path)
+    assert "LayerNormalization" in ops and "Pad" in ops  # the soft splits (nn.Unfold) as standard operators
