@@ -59,7 +59,10 @@ class DropPath(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Image to patch tokens: a ``patch_size`` x ``patch_size`` conv with the same stride, flattened to [B, N, D]."""
+    """Image to patch tokens: a ``patch_size`` x ``patch_size`` conv with the same stride, flattened to [B, N, D]
+    (the ``patch`` tokenizer of :mod:`mpvg_kernels.layers.tokenizers`)."""
+
+    first_conv = "proj"
 
     def __init__(
         self,
@@ -70,17 +73,22 @@ class PatchEmbed(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        if self.grid_size[0] < 1 or self.grid_size[1] < 1:
-            raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.set_img_size(img_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         """Token grid (h, w) for an input of height x width pixels."""
         return height // self.patch_size[0], width // self.patch_size[1]
+
+    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
+        """Set the input size (``img_size``, ``grid_size``, ``num_patches``)."""
+        self.img_size = to_2tuple(img_size)
+        self.grid_size = self.grid_for(*self.img_size)
+        if self.grid_size[0] < 1 or self.grid_size[1] < 1:
+            raise ValueError(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, (H // p) * (W // p), D] (contiguous, as the fused norms need stride 1 in D)."""

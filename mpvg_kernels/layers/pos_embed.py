@@ -1,4 +1,5 @@
-"""Absolute position-embedding resampling (to another token grid), the way timm does it."""
+"""Absolute position embeddings: resampling a learned one to another token grid (the way timm does it) and the
+fixed sinusoidal tables (1-D as T2T-ViT's ``get_sinusoid_encoding``, 2-D as MAE's ``get_2d_sincos_pos_embed``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["resample_abs_pos_embed", "infer_grid_size"]
+__all__ = [
+    "POS_EMBED_TYPES",
+    "infer_grid_size",
+    "resample_abs_pos_embed",
+    "sincos_pos_embed",
+    "sincos_table_1d",
+    "sincos_table_2d",
+]
+
+#: The absolute position embeddings of :class:`~mpvg_kernels.models.VisionTransformer`: ``learn`` (a parameter),
+#: ``sincos1d`` / ``sincos2d`` (fixed tables, buffers).
+POS_EMBED_TYPES: tuple[str, ...] = ("learn", "sincos1d", "sincos2d")
 
 
 def infer_grid_size(num_grid_tokens: int) -> tuple[int, int]:
@@ -57,3 +69,57 @@ def resample_abs_pos_embed(
     grid = img.permute(0, 2, 3, 1).reshape(1, new_size[0] * new_size[1], dim).to(orig_dtype)
     out = torch.cat([prefix, grid], dim=1) if num_prefix_tokens else grid
     return out.squeeze(0) if squeeze else out
+
+
+def sincos_table_1d(num_positions: int, dim: int) -> torch.Tensor:
+    """The 1-D sinusoid table [num_positions, dim] (float64) of "Attention is all you need", as T2T-ViT's
+    ``get_sinusoid_encoding``: row n, column j is sin (j even) or cos (j odd) of n / 10000^(2 * (j // 2) / dim)."""
+    if num_positions < 1 or dim < 1:
+        raise ValueError(f"num_positions and dim must be >= 1, got {num_positions} and {dim}")
+    pos = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)
+    j = torch.arange(dim, dtype=torch.float64)
+    angle = pos / torch.pow(10000.0, 2.0 * torch.div(j, 2, rounding_mode="floor") / dim)
+    return torch.where(torch.arange(dim) % 2 == 0, torch.sin(angle), torch.cos(angle))
+
+
+def _sincos_1d_halves(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """MAE's ``get_1d_sincos_pos_embed_from_grid``: [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-k / (dim / 2))."""
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.reshape(-1, 1).to(torch.float64) * omega
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_table_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """The 2-D sin-cos table [h * w, dim] (float64, rows in row-major grid order) of MAE/MoCo-v3, as MAE's
+    ``get_2d_sincos_pos_embed``: the first dim / 2 columns encode the column index of the token, the last dim / 2
+    its row index, each as [sin, cos] of the 1-D frequencies. ``dim`` must be a multiple of 4."""
+    h, w = int(grid[0]), int(grid[1])
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos position embedding needs an embed dim divisible by 4, got {dim}")
+    if h < 1 or w < 1:
+        raise ValueError(f"grid must be positive, got {grid}")
+    rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)  # row index of each token
+    cols = torch.arange(w, dtype=torch.float64).repeat(h)  # column index of each token
+    return torch.cat([_sincos_1d_halves(dim // 2, cols), _sincos_1d_halves(dim // 2, rows)], dim=1)
+
+
+def sincos_pos_embed(
+    kind: str,
+    grid: tuple[int, int],
+    dim: int,
+    num_prefix_tokens: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """A fixed position embedding [1, P + h * w, dim] for ``grid`` with P = ``num_prefix_tokens`` prefix rows.
+
+    ``sincos1d``: the 1-D table over all P + h * w positions (the prefix rows are positions 0..P-1, as T2T-ViT
+    numbers the class token); ``sincos2d``: zero prefix rows, then the 2-D table of the grid (as MAE)."""
+    if kind == "sincos1d":
+        table = sincos_table_1d(num_prefix_tokens + grid[0] * grid[1], dim)
+    elif kind == "sincos2d":
+        table = sincos_table_2d(grid, dim)
+        table = torch.cat([torch.zeros(num_prefix_tokens, dim, dtype=table.dtype), table], dim=0)
+    else:
+        raise ValueError(f"kind must be 'sincos1d' or 'sincos2d', got {kind!r}")
+    return table.unsqueeze(0).to(device=device, dtype=dtype)

@@ -7,7 +7,8 @@ A timm/DeiT checkpoint is a state dict (or one wrapped in ``{"model": ...}``, ``
 :func:`checkpoint_filter_fn` adapts it to a model: drops the class token and its PE row for GAP models (and
 DeiT's distillation token), resamples the PE grid (bicubic, like timm's ``resample_abs_pos_embed``), drops a head
 of another class count, and sums RGB patch filters for a one-channel model. Loading then reports only the new
-PE LayerNorms (``*.pos_weight``, ``*.pos_bias``) as missing.
+PE LayerNorms (``*.pos_weight``, ``*.pos_bias``) as missing. An official T2T-ViT checkpoint (``tokens_to_token.*``)
+loads into the ``t2t`` tokenizer (``patch_embed.*``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             out = {k[len(prefix) :]: v for k, v in out.items()}
     if any(k.startswith(("classifier.", "tokenizer.")) for k in out):
         out = _remap_cct(out)
+    if any(k.startswith("tokens_to_token.") for k in out):  # official T2T-ViT: its T2T module is our patch_embed
+        out = {re.sub(r"^tokens_to_token\.", "patch_embed.", k): v for k, v in out.items()}
     return out
 
 
@@ -110,7 +113,10 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer
         if k == "pos_embed":
             if model.pos_embed is None:
                 continue  # this configuration uses no position embedding
-            v = _adapt_pos_embed(v, model, src_prefix)
+            if getattr(model, "pos_embed_type", "learn") != "learn":
+                v = own[k]  # a fixed sin-cos table: the model's own, computed for its grid
+            else:
+                v = _adapt_pos_embed(v, model, src_prefix)
         elif k == "patch_embed.proj.weight" and k in own and v.shape != own[k].shape:
             v = _adapt_patch_weight(v, own[k].shape)
         elif k.startswith("head.") and (k not in own or v.shape != own[k].shape):

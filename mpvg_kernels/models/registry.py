@@ -78,6 +78,33 @@ MODEL_CFGS: dict[str, dict[str, Any]] = {
         "source": "this project: the bundled digits data (8x8, 10 classes, 1,797 images)",
         "tiny": dict(embed_dim=32, depth=2, num_heads=2),
     },
+    "t2t_vit_7": {
+        # Official T2T-ViT (yitu-opensource/T2T-ViT, models/t2t_vit.py: t2t_vit_7): T2T module with Performer token
+        # layers (token_dim 64, random features m = 32, dropout 0.1), fixed 1-D sinusoid PE (a buffer), class
+        # token, 7 blocks of dim 256, 4 heads, MLP ratio 2, qkv without bias, attention scale head_dim^-0.5,
+        # LayerNorm eps 1e-5, stochastic depth 0.1 (the default of the official train script), crop_pct 0.9.
+        "model": dict(
+            img_size=224,
+            patch_size=16,
+            tokenizer="t2t",
+            tokenizer_args=dict(token_type="performer", token_dim=64),
+            pos_embed="sincos1d",
+            embed_dim=256,
+            depth=7,
+            num_heads=4,
+            mlp_ratio=2.0,
+            qkv_bias=False,
+            norm_eps=1e-5,
+            drop_path_rate=0.1,
+            num_classes=1000,
+        ),
+        "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.9),
+        "source": "T2T-ViT-7 (Yuan et al. 2021); MPVG Tables 1-2, LaPE Table 1",
+        # 64 x 64 pixels -> 16 x 16, 8 x 8, then 4 x 4 tokens
+        "tiny": dict(
+            img_size=64, tokenizer_args=dict(token_type="performer", token_dim=16), embed_dim=32, depth=2, num_heads=2
+        ),
+    },
 }
 
 

@@ -91,7 +91,7 @@ def timm_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -
 
 def _finish_cfg(model: VisionTransformer) -> None:
     """The data config timm's helpers read, made to describe this model (input size, channels, pe, pool)."""
-    cfg = fit_channels(dict(model.pretrained_cfg), model.patch_embed.proj.in_channels)
+    cfg = fit_channels(dict(model.pretrained_cfg), model.in_chans)
     cfg["input_size"] = (cfg["input_size"][0], *model.patch_embed.img_size)
     cfg.update(pe=model.pe, pool=model.pool)
     model.pretrained_cfg = model.default_cfg = cfg

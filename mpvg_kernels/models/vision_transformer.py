@@ -21,6 +21,16 @@ Parameter names follow timm (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
 ``blocks.i.attn.qkv``, ``blocks.i.attn.proj``, ``blocks.i.norm2``, ``blocks.i.mlp.fc1/fc2``, ``norm``, ``head``);
 the PE LayerNorms are ``blocks.i.norm1.pos_weight/pos_bias`` and ``norm.pos_weight/pos_bias``.
 
+``pos_embed``: ``learn`` (a learned parameter, the default), ``sincos1d`` (T2T-ViT's fixed 1-D sinusoid table over
+all T positions, prefix rows included) or ``sincos2d`` (MAE/MoCo-v3's fixed 2-D sin-cos table of the token grid,
+zero prefix rows). The fixed tables are buffers named ``pos_embed`` (not parameters: parameter counts match the
+papers), recomputed, not interpolated, for another token grid; every mode treats them as it treats a learned PE
+(LN'_l and LN'_last normalise them the same way).
+
+``tokenizer``: the image-to-tokens module, a name in :data:`~mpvg_kernels.layers.tokenizers.TOKENIZERS`
+(``patch``: the ViT patch embedding; ``conv``: the CCT conv tokenizer) built with ``tokenizer_args``; it is the
+attribute ``patch_embed`` whatever its kind.
+
 ``block_style="cct"`` is the Compact-Transformers (ViT-Lite/CCT) block: x = x + MSA(LN1(x) [+ pos_l]);
 x = LN2(x); x = x + MLP(x) (the second norm is applied to the residual stream itself).
 """
@@ -35,11 +45,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers.blocks import Block, PatchEmbed, to_2tuple
+from ..layers.blocks import Block, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import no_autocast
 from ..layers.pe_walk import PE_MODES, POOL_ALIASES, POOLS, PRESETS, PETerms, PEWalk, default_pool
-from ..layers.pos_embed import resample_abs_pos_embed
+from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
+from ..layers.tokenizers import build_tokenizer
 from .base import PEModel, count_parameters
 
 __all__ = [
@@ -65,6 +76,7 @@ class VisionTransformer(PEModel):
     mode default, None = no PE at the last LN, int k), ``block_style`` (``prenorm``/``cct``), ``norm_eps``,
     ``pos_init_std``, ``patch_init`` (``default``: PyTorch's conv init as in timm/DeiT; ``kaiming_normal``: CCT),
     ``dynamic_img_size`` (resample the PE at forward for other input sizes), ``pe_cache`` (inference PE cache),
+    ``pos_embed`` (``learn``/``sincos1d``/``sincos2d``), ``tokenizer`` and ``tokenizer_args`` (module docstring),
     ``class_token`` (None: only for ``pool="cls"``; True with ``pool="avg"``: a class token that attention sees
     but the average leaves out, as timm's GAP models with a class token), ``fc_norm`` (last norm after pooling).
 
@@ -101,6 +113,9 @@ class VisionTransformer(PEModel):
         pe_cache: bool = True,
         class_token: bool | None = None,
         fc_norm: bool = False,
+        pos_embed: str = "learn",
+        tokenizer: str = "patch",
+        tokenizer_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if pe not in PE_MODES:
@@ -119,6 +134,10 @@ class VisionTransformer(PEModel):
             raise ValueError(f"fc_norm=True (the last norm after pooling) needs pool='avg', got pool={pool!r}")
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+        if pos_embed not in POS_EMBED_TYPES:
+            raise ValueError(f"pos_embed must be one of {POS_EMBED_TYPES}, got {pos_embed!r}")
+        if pos_embed == "sincos2d" and embed_dim % 4:
+            raise ValueError(f"pos_embed='sincos2d' needs an embed_dim divisible by 4, got {embed_dim}")
         if patch_init not in ("default", "kaiming_normal"):
             raise ValueError(f"patch_init must be 'default' or 'kaiming_normal', got {patch_init!r}")
         preset = PRESETS[pe]
@@ -148,12 +167,20 @@ class VisionTransformer(PEModel):
         self.has_class_token = pool == "cls" if class_token is None else bool(class_token)
         self.use_fc_norm = bool(fc_norm)
         self.num_prefix_tokens = 1 if self.has_class_token else 0
+        self.in_chans = in_chans
+        self.pos_embed_type = pos_embed
+        self.tokenizer = tokenizer
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = build_tokenizer(tokenizer, img_size, patch_size, in_chans, embed_dim, tokenizer_args)
         num_pos = self.patch_embed.num_patches + self.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.has_class_token else None
         uses_pos = self.add_pos_to_input or any(self.block_uses_pos) or self.last_pos is not None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim)) if uses_pos else None
+        self.pos_embed: torch.Tensor | None = None
+        if uses_pos and pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
+        elif uses_pos:
+            del self.pos_embed
+            self.register_buffer("pos_embed", self._fixed_pos_embed(self.patch_embed.grid_size))
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = [float(v) for v in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.ModuleList(
@@ -202,8 +229,19 @@ class VisionTransformer(PEModel):
             )
         return k
 
+    def _fixed_pos_embed(self, grid: tuple[int, int], like: torch.Tensor | None = None) -> torch.Tensor:
+        """The fixed sin-cos table [1, P + h*w, D] for ``grid`` (dtype/device of ``like``, else float32 CPU)."""
+        return sincos_pos_embed(
+            self.pos_embed_type,
+            grid,
+            self.embed_dim,
+            self.num_prefix_tokens,
+            dtype=torch.float32 if like is None else like.dtype,
+            device=None if like is None else like.device,
+        )
+
     def _make_default_cfg(self) -> dict[str, Any]:
-        c = self.patch_embed.proj.in_channels
+        c = self.in_chans
         mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if c == 3 else ((0.5,) * c, (0.5,) * c)
         return {
             "architecture": "vision_transformer",
@@ -213,7 +251,7 @@ class VisionTransformer(PEModel):
             "num_classes": self.num_classes,
             "interpolation": "bicubic",
             "crop_pct": 0.875,
-            "first_conv": "patch_embed.proj",
+            "first_conv": f"patch_embed.{self.patch_embed.first_conv}",
             "classifier": "head",
             "pe": self.pe,
             "pool": self.pool,
@@ -249,7 +287,7 @@ class VisionTransformer(PEModel):
     def init_weights(self) -> None:
         """DeiT/LaPE init: trunc_normal(.02) for Linear weights, PE (``pos_init_std``) and class token; zero biases;
         LayerNorms 1/0; patch conv PyTorch default or kaiming_normal (CCT)."""
-        if self.pos_embed is not None:
+        if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=self.pos_init_std)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -264,7 +302,9 @@ class VisionTransformer(PEModel):
             elif isinstance(m, (DualLayerNorm, LastLayerNormPE)):
                 m.reset_parameters()
         if self.patch_init == "kaiming_normal":
-            nn.init.kaiming_normal_(self.patch_embed.proj.weight)
+            for m in self.patch_embed.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight)
         self.clear_pe_cache()
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -300,7 +340,7 @@ class VisionTransformer(PEModel):
             self.default_cfg["pool"] = pool
             self.clear_pe_cache()
         self.num_classes = num_classes
-        ref = self.patch_embed.proj.weight
+        ref = next(self.parameters())
         if num_classes > 0:
             self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
             nn.init.trunc_normal_(self.head.weight, std=0.02)
@@ -310,15 +350,21 @@ class VisionTransformer(PEModel):
         self.default_cfg["num_classes"] = num_classes
 
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
-        """Rebuild for another input resolution: the PE is resampled (bicubic) to the new token grid."""
+        """Rebuild for another input resolution: a learned PE is resampled (bicubic) to the new token grid, a fixed
+        sin-cos table recomputed for it."""
         img_size = to_2tuple(img_size)
         pe = self.patch_embed
-        new_grid = (img_size[0] // pe.patch_size[0], img_size[1] // pe.patch_size[1])
+        new_grid = tuple(pe.grid_for(*img_size))
+        if new_grid[0] < 1 or new_grid[1] < 1:
+            raise ValueError(f"img_size {img_size} leaves no tokens (grid {new_grid})")
         if self.pos_embed is not None and new_grid != pe.grid_size:
-            with torch.no_grad():
-                new = resample_abs_pos_embed(self.pos_embed, new_grid, pe.grid_size, self.num_prefix_tokens)
-            self.pos_embed = nn.Parameter(new.contiguous(), requires_grad=self.pos_embed.requires_grad)
-        pe.img_size, pe.grid_size, pe.num_patches = img_size, new_grid, new_grid[0] * new_grid[1]
+            if isinstance(self.pos_embed, nn.Parameter):
+                with torch.no_grad():
+                    new = resample_abs_pos_embed(self.pos_embed, new_grid, pe.grid_size, self.num_prefix_tokens)
+                self.pos_embed = nn.Parameter(new.contiguous(), requires_grad=self.pos_embed.requires_grad)
+            else:
+                self.pos_embed = self._fixed_pos_embed(new_grid, like=self.pos_embed)
+        pe.set_img_size(img_size)
         self.default_cfg["input_size"] = (self.default_cfg["input_size"][0], *img_size)
         self.clear_pe_cache()
 
@@ -344,9 +390,12 @@ class VisionTransformer(PEModel):
         return ts
 
     def _pos_for_grid(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The PE for the token grid ``grid``: the model's own, a fixed table recomputed, or a learned PE resampled."""
         assert self.pos_embed is not None
-        if grid == self.patch_embed.grid_size:
+        if tuple(grid) == tuple(self.patch_embed.grid_size):
             return self.pos_embed
+        if self.pos_embed_type != "learn":
+            return self._fixed_pos_embed(tuple(grid), like=self.pos_embed)
         return resample_abs_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
 
     def compute_pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
@@ -666,7 +715,7 @@ class VisionTransformer(PEModel):
         return (
             f"pe={self.pe!r}, pool={self.pool!r}, add_pos_to_input={self.add_pos_to_input}, "
             f"include_layer0={self.include_layer0}, hierarchical={self.hierarchical}, last_pos={self.last_pos}, "
-            f"block_style={self.block_style!r}"
+            f"block_style={self.block_style!r}, pos_embed={self.pos_embed_type!r}, tokenizer={self.tokenizer!r}"
         )
 
 
