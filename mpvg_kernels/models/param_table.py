@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .base import count_parameters
-from .registry import create_model, list_models
+from .registry import MODEL_CFGS, create_model, list_models
 from .vision_transformer import PE_MODES
 
 __all__ = ["PAPER_PARAMS_M", "PAPER_ROWS", "PaperRow", "format_param_table", "param_table", "paper_table"]
@@ -81,25 +81,31 @@ PAPER_PARAMS_M: dict[tuple[str, str], float] = {
 }
 
 
-def _count(name: str, pe: str, **kwargs: Any) -> tuple[Any, int, int]:
+def _count(name: str, pe: str, **kwargs: Any) -> tuple[Any, int, int, int]:
+    """(model on the meta device, parameters, PE-LayerNorm parameters, parameters as the papers count them)."""
     with torch.device("meta"):  # no memory, no initialisation
         model = create_model(name, pe=pe, **kwargs)
+    total = count_parameters(model)
     pe_norm = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".pos_weight", ".pos_bias")))
-    return model, count_parameters(model), pe_norm
+    frozen = set(MODEL_CFGS[name].get("paper_counts_buffers", ()))
+    counted = total + sum(b.numel() for n, b in model.named_buffers() if n in frozen)
+    return model, total, pe_norm, counted
 
 
 def param_table(names: Sequence[str] | None = None, modes: Sequence[str] = PE_MODES) -> list[dict[str, Any]]:
     """One row per registered (model, mode) with the registered defaults (pool by mode: cls for default/lape, avg
     for pvg/mpvg, except families built around another pooling). Keys: ``model``, ``pe``, ``pool``, ``params``
     (total), ``pe_norm_params`` (the LN'_l and LN'_last parameters), ``delta_vs_default`` (params minus the same
-    model in ``default`` mode), ``paper_m`` (MPVG's #Params in millions, or None) and ``diff_vs_paper``.
+    model in ``default`` mode), ``paper_params`` (as the papers count: plus the fixed tables the original code
+    held as frozen parameters, see ``paper_counts_buffers`` in the registry), ``paper_m`` (MPVG's #Params in
+    millions, or None) and ``diff_vs_paper`` (``paper_params - paper_m``).
     Models are built on the meta device: no memory is allocated and nothing is initialised.
     """
     rows: list[dict[str, Any]] = []
     for name in list_models() if names is None else names:
         base = None
         for pe in modes:
-            model, total, pe_norm = _count(name, pe)
+            model, total, pe_norm, counted = _count(name, pe)
             if pe == "default":
                 base = total
             paper = PAPER_PARAMS_M.get((name, pe))
@@ -111,8 +117,9 @@ def param_table(names: Sequence[str] | None = None, modes: Sequence[str] = PE_MO
                     "params": total,
                     "pe_norm_params": pe_norm,
                     "delta_vs_default": None if base is None else total - base,
+                    "paper_params": counted,
                     "paper_m": paper,
-                    "diff_vs_paper": None if paper is None else total - round(paper * 1e6),
+                    "diff_vs_paper": None if paper is None else counted - round(paper * 1e6),
                 }
             )
     return rows
@@ -120,12 +127,12 @@ def param_table(names: Sequence[str] | None = None, modes: Sequence[str] = PE_MO
 
 def paper_table(rows: Sequence[PaperRow] = PAPER_ROWS) -> list[dict[str, Any]]:
     """Every model of the papers' tables with our count: keys ``table``, ``model``, ``label``, ``pe``, ``kwargs``,
-    ``params``, ``printed_m``, ``diff`` (ours - printed, parameters), ``tolerance`` and ``ok`` (None where the
-    paper prints no count)."""
+    ``params``, ``paper_params`` (as the papers count), ``printed_m``, ``diff`` (paper_params - printed),
+    ``tolerance`` and ``ok`` (None where the paper prints no count)."""
     out: list[dict[str, Any]] = []
     for r in rows:
-        _, total, _ = _count(r.model, r.pe, **r.kwargs)
-        diff = None if r.printed_m is None else total - round(r.printed_m * 1e6)
+        _, total, _, counted = _count(r.model, r.pe, **r.kwargs)
+        diff = None if r.printed_m is None else counted - round(r.printed_m * 1e6)
         out.append(
             {
                 "table": r.table,
@@ -134,6 +141,7 @@ def paper_table(rows: Sequence[PaperRow] = PAPER_ROWS) -> list[dict[str, Any]]:
                 "pe": r.pe,
                 "kwargs": dict(r.kwargs),
                 "params": total,
+                "paper_params": counted,
                 "printed_m": r.printed_m,
                 "diff": diff,
                 "tolerance": r.tolerance,
@@ -153,8 +161,9 @@ def format_param_table(rows: Sequence[dict[str, Any]] | None = None, paper: Sequ
         delta = "" if r["delta_vs_default"] is None else f"{r['delta_vs_default']:+,}"
         printed = "" if r["paper_m"] is None else f"{r['paper_m']:.3f}"
         diff = "" if r["diff_vs_paper"] is None else f"{r['diff_vs_paper']:+,}"
+        counted = "" if r["paper_params"] == r["params"] else f" ({r['paper_params']:,} as counted)"
         lines.append(
-            f"| {r['model']} | {r['pe']} | {r['pool']} | {r['params']:,} | {r['params'] / 1e6:.3f} | "
+            f"| {r['model']} | {r['pe']} | {r['pool']} | {r['params']:,}{counted} | {r['paper_params'] / 1e6:.3f} | "
             f"{r['pe_norm_params']:,} | {delta} | {printed} | {diff} |"
         )
     if paper is None:
@@ -168,6 +177,7 @@ def format_param_table(rows: Sequence[dict[str, Any]] | None = None, paper: Sequ
             printed = "" if r["printed_m"] is None else f"{r['printed_m']:.3f}"
             diff = "" if r["diff"] is None else f"{r['diff']:+,}"
             ok = "" if r["ok"] is None else ("yes" if r["ok"] else f"NO (> {r['tolerance']:,})")
-            lines.append(f"| {r['table']} | {r['model']} | {setting} | {r['pe']} | {r['params']:,} | "
-                         f"{r['params'] / 1e6:.3f} | {printed} | {diff} | {ok} |")
+            counted = "" if r["paper_params"] == r["params"] else f" ({r['paper_params']:,} as counted)"
+            lines.append(f"| {r['table']} | {r['model']} | {setting} | {r['pe']} | {r['params']:,}{counted} | "
+                         f"{r['paper_params'] / 1e6:.3f} | {printed} | {diff} | {ok} |")
     return "\n".join(lines)

@@ -27,7 +27,9 @@ DIGITS_STD = (0.3760,)
 #: from, optionally "family": the model class (default :class:`VisionTransformer`; every family subclasses
 #: :class:`~mpvg_kernels.models.base.PEModel`) and "tiny": kwargs overriding "model" for a small, fast variant of
 #: the same architecture (tests and smoke runs: ``create_model(name, tiny=True)``), and "pe_modes": the PE modes
-#: the family supports with its registered settings (default: all of ``PE_MODES``; the others raise ValueError).
+#: the family supports with its registered settings (default: all of ``PE_MODES``; the others raise ValueError),
+#: and "paper_counts_buffers": buffers that the original code held as frozen parameters, which the papers' #Params
+#: count (the parameter table adds them when it compares with a paper).
 MODEL_CFGS: dict[str, dict[str, Any]] = {
     "deit_tiny_patch16_224": {
         "model": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=1000),
@@ -100,6 +102,10 @@ MODEL_CFGS: dict[str, dict[str, Any]] = {
         ),
         "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.9),
         "source": "T2T-ViT-7 (Yuan et al. 2021); MPVG Tables 1-2, LaPE Table 1",
+        # The official code holds the sinusoid table and the Performer random features as frozen nn.Parameters, and
+        # the papers' #Params count them (4,310,222 = 4,255,694 trainable + 50,432 + 2 x 2,048); here they are
+        # buffers, added back only where the parameter table compares with the papers.
+        "paper_counts_buffers": ("pos_embed", "patch_embed.attention1.w", "patch_embed.attention2.w"),
         # 64 x 64 pixels -> 16 x 16, 8 x 8, then 4 x 4 tokens
         "tiny": dict(
             img_size=64, tokenizer_args=dict(token_type="performer", token_dim=16), embed_dim=32, depth=2, num_heads=2
