@@ -35,11 +35,11 @@ MODE_DEFAULTS = {
 
 class RefLeFF(nn.Module):
     """Token-wise linear up + BN + GELU, depthwise conv on the grid + BN + GELU, linear down + BN (CeiT Eqs. 4-6
-    as the official code runs them: no GELU after the last BN)."""
+    as the official code runs them: no GELU after the last BN unless ``out_act``, the paper's Eq. 6)."""
 
-    def __init__(self, dim, hidden, grid):
+    def __init__(self, dim, hidden, grid, out_act=False):
         super().__init__()
-        self.grid = grid
+        self.grid, self.out_act = grid, out_act
         self.up = nn.Linear(dim, hidden)
         self.bn_up = nn.BatchNorm1d(hidden)
         self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
@@ -54,11 +54,12 @@ class RefLeFF(nn.Module):
         g = u.reshape(B, h, w, -1).permute(0, 3, 1, 2)
         g = F.gelu(self.bn_dw(self.dw(g)))
         u = g.permute(0, 2, 3, 1).reshape(B * N, -1)
-        return self.bn_down(self.down(u)).reshape(B, N, -1)
+        u = self.bn_down(self.down(u))
+        return (F.gelu(u) if self.out_act else u).reshape(B, N, -1)
 
 
 class RefBlock(nn.Module):
-    def __init__(self, dim, heads, hidden, grid, with_pe, eps):
+    def __init__(self, dim, heads, hidden, grid, with_pe, eps, out_act=False):
         super().__init__()
         self.heads = heads
         self.ln1 = nn.LayerNorm(dim, eps=eps)
@@ -66,7 +67,7 @@ class RefBlock(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.ln2 = nn.LayerNorm(dim, eps=eps)
-        self.leff = RefLeFF(dim, hidden, grid)
+        self.leff = RefLeFF(dim, hidden, grid, out_act)
 
 
 def _softmax_attention(q, k, v, heads):
@@ -119,7 +120,15 @@ class RefCeiT(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
         self.pos = nn.Parameter(torch.zeros(1, side * side + self.P, dim))
         self.blocks = nn.ModuleList(
-            RefBlock(dim, heads, dim * ratio, self.grid, layerwise and (i > 0 or self.layer0), eps)
+            RefBlock(
+                dim,
+                heads,
+                dim * ratio,
+                self.grid,
+                layerwise and (i > 0 or self.layer0),
+                eps,
+                knobs.get("out_act", False),
+            )
             for i in range(depth)
         )
         self.layer_pos = nn.Parameter(torch.zeros(1, depth, dim))
@@ -295,6 +304,7 @@ CASES = [
     ("mpvg", "avg", {"last_pos": 1}, {"last": 1}, 3),
     ("mpvg", "cls", {"last_pos": -1}, {"last": 2}, 3),
     ("default", "cls", {"last_pos": 0}, {"last": 0}, 2),
+    ("mpvg", "avg", {"leff_out_act": True}, {"out_act": True}, 2),  # the paper's GELU after LeFF's last BN
 ]
 
 
@@ -435,6 +445,22 @@ def test_pe_tensors_cover_every_term_input():
         "norm.pos_weight",
         "norm.pos_bias",
     }
+
+
+def test_load_official_layout_checkpoint_into_every_mode():
+    """An official-CeiT-layout state dict (the default model's keys) loads into every mode; only the PE
+    LayerNorms are missing, and the class token and its PE row are dropped for ``class_token=False``."""
+    from mpvg_kernels.models import load_pretrained
+
+    src, _ = _pair("default")
+    sd = src.state_dict()
+    for pe, kw in [("lape", {}), ("pvg", {}), ("mpvg", {}), ("mpvg", {"class_token": False})]:
+        m = CeiT(pe=pe, **TINY_KW, **kw).double()
+        res = load_pretrained(m, sd, strict=True)
+        assert sorted(res.missing_keys) == sorted(m.pe_norm_parameter_names()) and not res.unexpected_keys
+        torch.testing.assert_close(m.i2t.proj.weight, src.i2t.proj.weight)
+        npt = m.num_prefix_tokens
+        torch.testing.assert_close(m.pos_embed, src.pos_embed[:, 1 - npt :])
 
 
 @pytest.mark.parametrize("pe", ["lape", "mpvg"])
