@@ -32,12 +32,14 @@ they carry their own layer embedding. LaPE adds LN' to all 12 encoder blocks (+1
 token. ``avg``: the mean of the block's patch tokens (global average pooling per layer), which the LCA then
 attends over. The MPVG paper replaces the class token by GAP, so ``avg`` is the default of ``pvg``/``mpvg``
 (:func:`~mpvg_kernels.layers.default_pool`) and ``cls`` that of ``default``/``lape``. The class token stays in the
-sequence with ``avg`` (``class_token=None`` -> True; attention still sees it, the readout leaves it out):
-MPVG Table 1 prints 6.361 M for CeiT-Ti PVG, which is CeiT-Ti (6,356,904) + 11 LN' (4,224) = 6,361,128 with the
-class token and its PE row kept; without them (``class_token=False``) it would be 6,360,744, which the paper's
-truncation to three decimals (its DeiT-B and T2T-ViT-7 rows are truncated, not rounded) would print as 6.360.
-MPVG: 6,361,512 either way of pooling (6.361). Dropping the LCA instead (plain GAP of the last block's tokens)
-would remove 447,168 parameters (the LCA block and ``pos_layer_embed``), far from the paper's counts.
+sequence with ``avg`` (``class_token=None`` -> True; attention still sees it, the readout leaves it out).
+The parameter counts of MPVG Table 1 decide this: the paper truncates to three decimals (CeiT-Ti default,
+6,356,904 here and in the official code, is printed 6.356, and DeiT-B MPVG, 86,584,552, 86.584). CeiT-Ti PVG is
+printed 6.361: CeiT-Ti + 11 LN' (4,224) = 6,361,128 with the class token and its PE row kept, whereas without
+them (``class_token=False``) it would be 6,360,744 (6.360). MPVG: 6,361,512 (6.361) with either pooling; LaPE:
+6,361,512 (6.361). The counts cannot tell ``avg`` from ``cls`` (the readout has no parameters); ``avg`` follows
+the paper's GAP. Dropping the LCA instead (plain GAP of the last block's tokens) would remove 447,168 parameters
+(the LCA block and ``pos_layer_embed``), far from the paper's counts.
 ``pool="cls"`` needs the class token (``class_token=False`` with it is a ValueError).
 
 **Where LN'_last enters (MPVG)**: MPVG's last step is y = LN(x_{L+1}) + LN'_last(pos) at the last LayerNorm before
