@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .base import PEModel
+from .ceit import CeiT
 from .vision_transformer import PE_MODES, VisionTransformer
 
 __all__ = ["MODEL_CFGS", "create_model", "list_models", "model_pe_modes", "param_groups"]
@@ -110,6 +111,22 @@ MODEL_CFGS: dict[str, dict[str, Any]] = {
         "tiny": dict(
             img_size=64, tokenizer_args=dict(token_type="performer", token_dim=16), embed_dim=32, depth=2, num_heads=2
         ),
+    },
+    # CeiT (Yuan et al. 2021): I2T tokenizer (conv 7x7/2 + BN + max-pool 3x3/2, then a 4x4/4 conv: 224 -> 14x14
+    # tokens), LeFF instead of the MLP, layer-wise class-token attention (LCA); official parameter names.
+    "ceit_tiny_patch16_224": {
+        "family": CeiT,
+        "model": dict(img_size=224, patch_size=4, embed_dim=192, depth=12, num_heads=3, num_classes=1000),
+        "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875),
+        "source": "CeiT-T (Yuan et al. 2021); MPVG Table 1, LaPE Table 1",
+        "tiny": dict(img_size=32, patch_size=2, stem_chans=16, embed_dim=32, depth=2, num_heads=2),
+    },
+    "ceit_small_patch16_224": {
+        "family": CeiT,
+        "model": dict(img_size=224, patch_size=4, embed_dim=384, depth=12, num_heads=6, num_classes=1000),
+        "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875),
+        "source": "CeiT-S (Yuan et al. 2021); LaPE Table 1",
+        "tiny": dict(img_size=32, patch_size=2, stem_chans=16, embed_dim=32, depth=2, num_heads=2),
     },
 }
 
