@@ -357,7 +357,6 @@ def _check_options_against_checkpoint(meta: dict[str, Any], num_classes: int | N
 
     from .errors import UserError
     from .models import MODEL_CFGS
-    from .models.vision_transformer import VisionTransformer
 
     stored_classes = int(meta["num_classes"])
     if num_classes is not None and int(num_classes) != stored_classes:
@@ -366,7 +365,7 @@ def _check_options_against_checkpoint(meta: dict[str, Any], num_classes: int | N
     if not model_kwargs:
         return
     effective: dict[str, Any] = {
-        k: p.default for k, p in inspect.signature(VisionTransformer.__init__).parameters.items()
+        k: p.default for k, p in inspect.signature(type(model).__init__).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
     effective.update(MODEL_CFGS.get(meta["name"], {}).get("model", {}))

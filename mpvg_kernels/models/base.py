@@ -10,7 +10,8 @@ A model family (ViT/DeiT, Swin, CeiT, T2T-ViT, CVT/CCT) subclasses :class:`PEMod
   the terms along the walk with the fused ops;
 - ``forward_analysis(x)`` (the intermediates of ``mpvg analyze``), ``default_cfg`` (``input_size``, ``mean``,
   ``std``, ``num_classes``, ``crop_pct``, ``interpolation``, ``pe``, ``pool``, ``architecture``), ``pe``,
-  ``pool``, ``num_classes``, ``no_weight_decay()``, ``reset_classifier``, ``get_classifier``,
+  ``pool``, ``num_classes``, ``in_chans``, ``patch_embed`` (the tokenizer: ``img_size``, ``grid_size``),
+  ``no_weight_decay()``, ``reset_classifier``, ``get_classifier``,
   ``set_grad_checkpointing``, ``group_matcher``.
 
 The training, evaluation, prediction, export, analysis and benchmark tools use nothing else, so a family that

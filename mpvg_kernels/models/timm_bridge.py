@@ -1,7 +1,7 @@
 """timm integration: every project model and PE mode in timm's registry, and :func:`from_timm`.
 
 Importing this module (it needs timm; ``import mpvg_kernels`` never imports it) registers, for every model of
-:func:`mpvg_kernels.models.list_models` and every mode of ``PE_MODES``, the timm architecture ``{pe}_{model}``::
+:func:`mpvg_kernels.models.list_models` and every mode it supports, the timm architecture ``{pe}_{model}``::
 
     import timm
     import mpvg_kernels.models.timm_bridge  # noqa: F401  (registers the models with timm)
@@ -40,8 +40,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without timm
     ) from exc
 
 from ..layers.pe_walk import POOL_ALIASES, default_pool
+from .base import PEModel
 from .pretrained import checkpoint_filter_fn
-from .registry import MODEL_CFGS, fit_channels
+from .registry import MODEL_CFGS, create_model, fit_channels, model_pe_modes
 from .vision_transformer import PE_MODES, VisionTransformer
 
 __all__ = ["TIMM_MODELS", "attach_pe", "from_timm", "timm_checkpoint_filter_fn", "timm_name"]
@@ -53,13 +54,17 @@ def timm_name(model: str, pe: str) -> str:
 
 
 #: timm name -> (project model name, PE mode)
-TIMM_MODELS: dict[str, tuple[str, str]] = {timm_name(m, pe): (m, pe) for m in MODEL_CFGS for pe in PE_MODES}
+TIMM_MODELS: dict[str, tuple[str, str]] = {
+    timm_name(m, pe): (m, pe) for m in MODEL_CFGS for pe in model_pe_modes(m)
+}
 
 
 def _pretrained_cfg(model: str, pe: str) -> dict[str, Any]:
     entry = MODEL_CFGS[model]
     args, data = entry["model"], entry["cfg"]
     img = args["img_size"]
+    with torch.device("meta"):  # the family's own names of its first conv and classifier; nothing is allocated
+        own = create_model(model, pe=pe).default_cfg
     return dict(
         input_size=(args.get("in_chans", 3), img, img),
         mean=tuple(data["mean"]),
@@ -67,8 +72,8 @@ def _pretrained_cfg(model: str, pe: str) -> dict[str, Any]:
         crop_pct=data["crop_pct"],
         interpolation="bicubic",
         num_classes=args["num_classes"],
-        first_conv="patch_embed.proj",
-        classifier="head",
+        first_conv=own["first_conv"],
+        classifier=own["classifier"],
         license="apache-2.0",
         description=f"{model} with pe={pe!r} (mpvg-kernels); {entry['source']}",
     )
@@ -89,7 +94,7 @@ def timm_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -
     return out
 
 
-def _finish_cfg(model: VisionTransformer) -> None:
+def _finish_cfg(model: PEModel) -> None:
     """The data config timm's helpers read, made to describe this model (input size, channels, pe, pool)."""
     cfg = fit_channels(dict(model.pretrained_cfg), model.in_chans)
     cfg["input_size"] = (cfg["input_size"][0], *model.patch_embed.img_size)
@@ -110,14 +115,14 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     args = dict(MODEL_CFGS[arch]["model"])
     args.update(kwargs)
     model = build_model_with_cfg(
-        partial(VisionTransformer, pe=pe),
+        partial(MODEL_CFGS[arch].get("family", VisionTransformer), pe=pe),
         name,
         pretrained,
         pretrained_filter_fn=timm_checkpoint_filter_fn,
         feature_cfg=dict(out_indices=3, feature_cls="getter"),
         **args,
     )
-    if isinstance(model, VisionTransformer):
+    if isinstance(model, PEModel):
         _finish_cfg(model)
     return model
 
