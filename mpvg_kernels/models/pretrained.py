@@ -1,13 +1,14 @@
 """Loading timm/DeiT-format (and Compact-Transformers ViT-Lite) checkpoints into :class:`VisionTransformer`.
 
 A timm/DeiT checkpoint is a state dict (or one wrapped in ``{"model": ...}``, ``{"state_dict": ...}``) with keys
-``cls_token`` [1, 1, D], ``pos_embed`` [1, 1 + N, D], ``patch_embed.proj.weight/bias``,
-``blocks.i.norm1.weight/bias``, ``blocks.i.attn.qkv.weight/bias``, ``blocks.i.attn.proj.weight/bias``,
-``blocks.i.norm2.weight/bias``, ``blocks.i.mlp.fc1/fc2.weight/bias``, ``norm.weight/bias``, ``head.weight/bias``.
-:func:`checkpoint_filter_fn` adapts it to a model: drops the class token and its PE row for GAP models (and
-DeiT's distillation token), resamples the PE grid (bicubic, like timm's ``resample_abs_pos_embed``), drops a head
-of another class count, and sums RGB patch filters for a one-channel model. Loading then reports only the new
-PE LayerNorms (``*.pos_weight``, ``*.pos_bias``) as missing.
+``cls_token`` [1, 1, D] (DeiT distilled: and ``dist_token``), ``pos_embed`` [1, 1 + N, D] (distilled: 2 + N rows),
+``patch_embed.proj.weight/bias``, ``blocks.i.norm1.weight/bias``, ``blocks.i.attn.qkv.weight/bias``,
+``blocks.i.attn.proj.weight/bias``, ``blocks.i.norm2.weight/bias``, ``blocks.i.mlp.fc1/fc2.weight/bias``,
+``norm.weight/bias``, ``head.weight/bias`` (distilled: and ``head_dist``). :func:`checkpoint_filter_fn` adapts it
+to a model: drops the class token and its PE row for GAP models (and DeiT's distillation token, PE row and head
+for a model that is not distilled), resamples the PE grid (bicubic, like timm's ``resample_abs_pos_embed``),
+drops a head of another class count, and sums RGB patch filters for a one-channel model. Loading then reports
+only the new PE LayerNorms (``*.pos_weight``, ``*.pos_bias``) as missing.
 """
 
 from __future__ import annotations
@@ -87,13 +88,13 @@ def _adapt_pos_embed(v: torch.Tensor, model: VisionTransformer, src_prefix: int)
     grid = v[:, src_prefix:]
     old_size = infer_grid_size(grid.shape[1])
     grid = resample_abs_pos_embed(grid, model.patch_embed.grid_size, old_size, num_prefix_tokens=0)
-    if model.num_prefix_tokens == 0:
+    npt = model.num_prefix_tokens
+    if npt == 0:
         return grid
-    if src_prefix >= 1:
-        cls_row = v[:, :1]
-    else:  # the checkpoint has no class-token row: keep the model's own (initialised) one
-        cls_row = target[:, :1].detach().to(device=v.device, dtype=v.dtype)
-    return torch.cat([cls_row, grid], dim=1)
+    # prefix rows [class, distillation]: the checkpoint's where it has them, else the model's own (initialised) ones
+    kept = min(src_prefix, npt)
+    own = target[:, kept:npt].detach().to(device=v.device, dtype=v.dtype)
+    return torch.cat([v[:, :kept], own, grid], dim=1)
 
 
 def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer) -> dict[str, torch.Tensor]:
@@ -103,8 +104,8 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer
     src_prefix = int("cls_token" in sd) + int("dist_token" in sd)
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
-        if k == "dist_token" or k.startswith("head_dist."):
-            continue  # DeiT distillation token/head: not part of these models
+        if (k == "dist_token" or k.startswith("head_dist.")) and not getattr(model, "distilled", False):
+            continue  # DeiT distillation token/head: not part of a model without them
         if k == "cls_token" and model.cls_token is None:
             continue  # GAP model: no class token
         if k == "pos_embed":
@@ -116,7 +117,7 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer
                 v = _adapt_pos_embed(v, model, src_prefix)
         elif k == "patch_embed.proj.weight" and k in own and v.shape != own[k].shape:
             v = _adapt_patch_weight(v, own[k].shape)
-        elif k.startswith("head.") and (k not in own or v.shape != own[k].shape):
+        elif k.startswith(("head.", "head_dist.")) and (k not in own or v.shape != own[k].shape):
             continue  # another class count (or no head): the model's head stays as it is
         out[k] = v
     return out

@@ -77,6 +77,38 @@ MODEL_CFGS: dict[str, dict[str, Any]] = {
         "source": "this project: the bundled digits data (8x8, 10 classes, 1,797 images)",
         "tiny": dict(embed_dim=32, depth=2, num_heads=2),
     },
+    # ---- VisionTransformer variants: DeiT distilled, CVT, CCT
+    "deit_tiny_distilled_patch16_224": {
+        # DeiT's distillation token and second head; pool="cls" in every mode (the heads read the two tokens).
+        "model": dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=192,
+            depth=12,
+            num_heads=3,
+            num_classes=1000,
+            distilled=True,
+            pool="cls",
+        ),
+        "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875),
+        "source": "DeiT-Ti distilled (Touvron et al. 2021, 5.91 M params); LaPE Table 1",
+        "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
+    },
+    "deit_small_distilled_patch16_224": {
+        "model": dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=384,
+            depth=12,
+            num_heads=6,
+            num_classes=1000,
+            distilled=True,
+            pool="cls",
+        ),
+        "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875),
+        "source": "DeiT-S distilled (Touvron et al. 2021, 22.4 M params); LaPE Table 1",
+        "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
+    },
 }
 
 

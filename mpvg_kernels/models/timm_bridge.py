@@ -40,6 +40,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without timm
     ) from exc
 
 from ..layers.pe_walk import POOL_ALIASES, default_pool
+from ..layers.tokenizers import TOKENIZERS
 from .pretrained import checkpoint_filter_fn
 from .registry import MODEL_CFGS, fit_channels
 from .vision_transformer import PE_MODES, VisionTransformer
@@ -67,8 +68,8 @@ def _pretrained_cfg(model: str, pe: str) -> dict[str, Any]:
         crop_pct=data["crop_pct"],
         interpolation="bicubic",
         num_classes=args["num_classes"],
-        first_conv="patch_embed.proj",
-        classifier="head",
+        first_conv="patch_embed." + TOKENIZERS[args.get("tokenizer", "patch")].first_conv,
+        classifier=("head", "head_dist") if args.get("distilled") else "head",
         license="apache-2.0",
         description=f"{model} with pe={pe!r} (mpvg-kernels); {entry['source']}",
     )
