@@ -9,8 +9,11 @@ N + 1 with a class token). The modes are presets of the knobs ``add_pos_to_input
 - ``last_pos``: the last step is LN(x_{L+1}) + LN'_last(p) with p = ``pos`` for ``last_pos=0`` (the paper's
   choice) or p = the PE term added at block k for ``last_pos=k >= 1`` (MPVG Table 5); ``None``: plain
   LN(x_{L+1}). Negative k counts from the last block.
-- ``pool``: ``avg`` (GAP over the patch tokens; no class token unless ``class_token=True``) or ``cls`` (a class
-  token with its own PE row, as in DeiT and the LaPE code). Default: ``cls`` for default/lape, ``avg`` for pvg/mpvg.
+- ``pool``: ``avg`` (GAP over the patch tokens; no class token unless ``class_token=True``), ``cls`` (a class
+  token with its own PE row, as in DeiT and the LaPE code) or ``seq`` (Compact-Transformers' sequence pooling of
+  CVT/CCT, no class token: pooled = sum_n w_n z_n with w = softmax_n(``attention_pool``(z_n)), z_n the last
+  norm's output of token n, LN'_last(p)_n included for MPVG; no pooled-bias fold, which exists only for
+  ``avg``). Default: ``cls`` for default/lape, ``avg`` for pvg/mpvg.
 - ``fc_norm=True`` (``avg`` only) puts the last LayerNorm after pooling, as timm's GAP ViTs do (``norm`` is then
   an identity and the norm is ``fc_norm``); with a last PE the pooled output is
   fc_norm(mean_n x_n) + mean_n LN'_last(p)_n.
@@ -55,7 +58,8 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.blocks import Block, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import no_autocast
-from ..layers.pe_walk import PE_MODES, POOL_ALIASES, POOLS, PRESETS, PETerms, PEWalk, default_pool
+from ..layers.pe_walk import PE_MODES, POOL_ALIASES, PRESETS, PETerms, PEWalk, default_pool
+from ..layers.pe_walk import POOLS as _WALK_POOLS
 from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
 from ..layers.tokenizers import build_tokenizer
 from .base import PEModel, count_parameters
@@ -70,6 +74,9 @@ __all__ = [
 ]
 
 _AUTO = "auto"
+
+#: The poolings of :class:`VisionTransformer`: those of every family (``cls``, ``avg``) and ``seq`` (CVT/CCT).
+POOLS: tuple[str, ...] = (*_WALK_POOLS, "seq")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -139,6 +146,8 @@ class VisionTransformer(PEModel):
         )
         if class_token is not None and not class_token and pool == "cls":
             raise ValueError("pool='cls' needs the class token; class_token=False goes with pool='avg'")
+        if class_token and pool == "seq":
+            raise ValueError("pool='seq' (sequence pooling, CVT/CCT) pools every token and takes no class token")
         if distilled and pool != "cls":
             raise ValueError(
                 f"distilled=True classifies from the class and distillation tokens (DeiT) and needs pool='cls', got "
@@ -219,6 +228,8 @@ class VisionTransformer(PEModel):
         self.norm: nn.Module = nn.Identity() if fc_norm else last_norm
         self.fc_norm: nn.Module = last_norm if fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
+        #: Sequence pooling's token scores (Compact-Transformers' ``classifier.attention_pool``).
+        self.attention_pool = nn.Linear(embed_dim, 1) if pool == "seq" else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if self.distilled:
             self.head_dist: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -294,8 +305,8 @@ class VisionTransformer(PEModel):
 
     @property
     def global_pool(self) -> str:
-        """timm's name for the pooling: ``token`` (class token) or ``avg``."""
-        return "token" if self.pool == "cls" else "avg"
+        """timm's name for the pooling: ``token`` (class token), ``avg`` or ``seq`` (sequence pooling)."""
+        return "token" if self.pool == "cls" else self.pool
 
     @property
     def has_last_pos(self) -> bool:
@@ -359,6 +370,8 @@ class VisionTransformer(PEModel):
             pool = POOL_ALIASES[global_pool]
             if pool == "cls" and not self.has_class_token:
                 raise ValueError("global_pool='token' needs a class token; this model has none")
+            if self.pool == "seq":
+                raise ValueError("a model with sequence pooling (pool='seq') keeps it; global_pool must be None")
             if pool != "cls" and self.distilled:
                 raise ValueError("a distilled model classifies from its class and distillation tokens (pool='cls')")
             if pool == "cls" and self.use_fc_norm:
@@ -572,12 +585,14 @@ class VisionTransformer(PEModel):
         return self._norm_tokens(x, self._last_term(terms, last_src))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Features [B, T, D] from :meth:`forward_features` -> pooled (class token or mean of the patch tokens,
-        then ``fc_norm`` where the model has it) -> logits."""
+        """Features [B, T, D] from :meth:`forward_features` -> pooled (class token, mean of the patch tokens, then
+        ``fc_norm`` where the model has it, or sequence pooling) -> logits."""
         if self.distilled:
             return self._distilled_head(x[:, :2], pre_logits)
         if self.pool == "cls":
             x = x[:, 0]
+        elif self.pool == "seq":
+            x = self._seq_pool(x)
         elif self.use_fc_norm:
             grid = self._feature_grid(x.shape[1])
             x = self._pool_fc_norm(x, self._last_term(self.pe_terms(grid), None, grid))
@@ -593,6 +608,12 @@ class VisionTransformer(PEModel):
         from ..layers.pos_embed import infer_grid_size
 
         return infer_grid_size(num_tokens - self.num_prefix_tokens)
+
+    def _seq_pool(self, z: torch.Tensor) -> torch.Tensor:
+        """Sequence pooling of per-token features [B, T, D]: sum_n softmax_n(attention_pool(z)_n) z_n -> [B, D]."""
+        assert self.attention_pool is not None
+        w = torch.softmax(self.attention_pool(z), dim=1)  # [B, T, 1]
+        return (w.transpose(1, 2) @ z).squeeze(1)
 
     def _distilled_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Normalised [class, distillation] tokens [B, 2, D] -> (head(z_cls) + head_dist(z_dist)) / 2, or with
@@ -623,6 +644,8 @@ class VisionTransformer(PEModel):
         if self.pool == "avg" and self.use_fc_norm:
             return self._pool_fc_norm(x, term)
         norm = self._last_norm()
+        if self.pool == "seq":
+            return self._seq_pool(norm(x, pos_term=term))
         npt = self.num_prefix_tokens
         if self.pool == "avg":
             if terms is not None and terms.pooled_bias is not None:
@@ -767,7 +790,13 @@ class VisionTransformer(PEModel):
             out["pooled"] = self._distilled_head(feats[:, :2], pre_logits=True)
             out["logits"] = self._distilled_head(feats[:, :2])
             return out
-        pooled = feats[:, 0] if self.pool == "cls" else feats[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.pool == "seq":
+            w = torch.softmax(self.attention_pool(feats), dim=1)  # type: ignore[misc]
+            pooled = (w * feats).sum(dim=1)
+        elif self.pool == "cls":
+            pooled = feats[:, 0]
+        else:
+            pooled = feats[:, self.num_prefix_tokens :].mean(dim=1)
         out["pooled"] = pooled
         out["logits"] = self.head(self.head_drop(pooled))
         return out

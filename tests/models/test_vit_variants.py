@@ -456,3 +456,232 @@ def test_distilled_tiny_registered_variant_on_digits_channels():
             x = torch.randn(2, 1, 32, 32)
             m(x).sum().backward()
             assert m.default_cfg["input_size"] == (1, 32, 32)
+
+
+# ----------------------------------------------------------------------------- CVT and CCT (sequence pooling)
+
+#: Registered with 100 classes (CIFAR-100). With 10 classes (CIFAR-10) the default mode gives the Compact-Transformers
+#: paper's 3.72 M (CVT-7/4) and 3.76 M (CCT-7/3x1).
+SEQ_PARAMS = {
+    ("cvt_7_4_32", 100): {"default": 3_739_749, "lape": 3_743_333, "pvg": 3_742_821, "mpvg": 3_743_333},
+    ("cvt_7_4_32", 10): {"default": 3_716_619, "lape": 3_720_203, "pvg": 3_719_691, "mpvg": 3_720_203},
+    ("cct_7_3x1_32", 100): {"default": 3_783_269, "lape": 3_786_853, "pvg": 3_786_341, "mpvg": 3_786_853},
+    ("cct_7_3x1_32", 10): {"default": 3_760_139, "lape": 3_763_723, "pvg": 3_763_211, "mpvg": 3_763_723},
+}
+
+
+@pytest.mark.parametrize("key", sorted(SEQ_PARAMS), ids=lambda k: f"{k[0]}-{k[1]}")
+@pytest.mark.parametrize("pe", MODES)
+def test_seq_pool_parameter_counts(key, pe):
+    name, classes = key
+    with torch.device("meta"):
+        m = create_model(name, pe=pe, num_classes=classes)
+    assert m.pool == "seq" and m.num_prefix_tokens == 0 and m.cls_token is None
+    assert count_parameters(m) == SEQ_PARAMS[key][pe]
+    assert m.patch_embed.num_patches == (256 if name.startswith("cct") else 64)
+    assert m.pos_embed.shape == (1, m.patch_embed.num_patches, 256)
+    if classes == 10:
+        paper = {"cvt_7_4_32": 3.72, "cct_7_3x1_32": 3.76}[name]
+        assert round(SEQ_PARAMS[key]["default"] / 1e6, 2) == paper
+
+
+def test_registered_cvt_and_cct_follow_compact_transformers():
+    cvt = create_model("cvt_7_4_32")
+    cct = create_model("cct_7_3x1_32")
+    for m in (cvt, cct):
+        assert m.block_style == "cct" and m.blocks[0].attn.qkv.bias is None and m.num_classes == 100
+        assert m.blocks[0].norm1.eps == 1e-5 and m.norm.eps == 1e-5 and m.attention_pool.out_features == 1
+        assert m.default_cfg["input_size"] == (3, 32, 32) and m.default_cfg["pool"] == "seq"
+    assert type(cvt.patch_embed).__name__ == "PatchEmbed" and cvt.patch_embed.proj.bias is not None
+    conv, act, pool = cct.patch_embed.conv_layers[0]
+    assert (conv.kernel_size, conv.stride, conv.padding, conv.bias) == ((3, 3), (1, 1), (1, 1), None)
+    assert isinstance(act, nn.ReLU) and (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
+    assert cct.default_cfg["first_conv"] == "patch_embed.conv_layers.0.0"
+
+
+SEQ_TINY = dict(
+    img_size=8,
+    in_chans=3,
+    num_classes=5,
+    embed_dim=32,
+    depth=3,
+    num_heads=2,
+    mlp_ratio=2.0,
+    qkv_bias=False,
+    block_style="cct",
+    pool="seq",
+)
+SEQ_VARIANTS = {
+    "cvt": (dict(patch_size=2), dict(patch=2, conv_tokenizer=False)),
+    "cct": (dict(patch_size=3, tokenizer="conv"), dict(patch=3, conv_tokenizer=True)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(SEQ_VARIANTS))
+@pytest.mark.parametrize("pe", MODES)
+def test_seq_pool_every_mode_matches_reference(variant, pe):
+    kw, rkw = SEQ_VARIANTS[variant]
+    torch.manual_seed(0)
+    model = VisionTransformer(pe=pe, **SEQ_TINY, **kw)
+    ref = RefVariant(
+        pe, "seq", img=8, chans=3, dim=32, depth=3, heads=2, mlp_ratio=2.0, classes=5, qkv_bias=False, cct=True, **rkw
+    )
+    _variant_pair(model, ref)
+    _check_against_ref(model, ref, _x())
+
+
+@pytest.mark.parametrize("knobs", [dict(last_pos=2), dict(hierarchical=False), dict(include_layer0=True)])
+def test_seq_pool_mpvg_knobs(knobs):
+    """MPVG's knobs with sequence pooling: the last PE from block 2, non-hierarchical, layer 0 included."""
+    model = VisionTransformer(pe="mpvg", **SEQ_TINY, patch_size=2, **knobs)
+    ref = RefVariant(
+        "mpvg",
+        "seq",
+        img=8,
+        patch=2,
+        chans=3,
+        dim=32,
+        depth=3,
+        heads=2,
+        mlp_ratio=2.0,
+        classes=5,
+        qkv_bias=False,
+        cct=True,
+    )
+    ref.last = knobs.get("last_pos", 0)
+    ref.hier = knobs.get("hierarchical", True)
+    if knobs.get("include_layer0"):
+        ref.blocks[0].pos_ln = nn.LayerNorm(32, eps=1e-6)
+    _variant_pair(model, ref)
+    _check_against_ref(model, ref, _x())
+
+
+def test_seq_pool_tiny_registered_variants_on_digits_channels():
+    for name in ("cvt_7_4_32", "cct_7_3x1_32"):
+        for pe in MODES:
+            m = create_model(name, pe=pe, tiny=True, in_chans=1, num_classes=10)
+            assert m.pool == "seq" and m.default_cfg["input_size"] == (1, 16, 16)
+            m(torch.randn(2, 1, 16, 16)).sum().backward()
+            assert m.attention_pool.weight.grad is not None
+
+
+def test_seq_pool_errors_and_timm_contract():
+    with pytest.raises(ValueError, match="takes no class token"):
+        VisionTransformer(pe="default", class_token=True, **SEQ_TINY, patch_size=2)
+    m = VisionTransformer(pe="mpvg", **SEQ_TINY, patch_size=2)
+    assert m.global_pool == "seq" and m.cls_token is None
+    with pytest.raises(ValueError, match="keeps it"):
+        m.reset_classifier(3, global_pool="avg")
+    m.reset_classifier(3)
+    assert m(torch.randn(2, 3, 8, 8)).shape == (2, 3)
+    m.reset_classifier(0)
+    assert m(torch.randn(2, 3, 8, 8)).shape == (2, 32)  # sequence-pooled features
+    inter = m.forward_intermediates(torch.randn(2, 3, 8, 8), norm=True, intermediates_only=True)
+    assert len(inter) == 3 and inter[0].shape == (2, 32, 4, 4)
+
+
+# official Compact-Transformers names of a 1-conv-layer model, written out from src/utils/transformers.py and
+# src/utils/tokenizer.py; ``{i}`` is the block index
+_OFFICIAL_BLOCK = [
+    "pre_norm.weight",
+    "pre_norm.bias",
+    "self_attn.qkv.weight",
+    "self_attn.proj.weight",
+    "self_attn.proj.bias",
+    "linear1.weight",
+    "linear1.bias",
+    "norm1.weight",
+    "norm1.bias",
+    "linear2.weight",
+    "linear2.bias",
+]
+_OURS_BLOCK = [
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+]
+
+
+def _official_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
+    ours = model.state_dict()
+    out = {
+        "classifier.positional_emb": ours["pos_embed"],
+        "classifier.norm.weight": ours["norm.weight"],
+        "classifier.norm.bias": ours["norm.bias"],
+        "classifier.fc.weight": ours["head.weight"],
+        "classifier.fc.bias": ours["head.bias"],
+        "classifier.attention_pool.weight": ours["attention_pool.weight"],
+        "classifier.attention_pool.bias": ours["attention_pool.bias"],
+    }
+    first = "patch_embed." + model.patch_embed.first_conv
+    for k in ("weight", "bias"):
+        if f"{first}.{k}" in ours:
+            out[f"tokenizer.conv_layers.0.0.{k}"] = ours[f"{first}.{k}"]
+    for i in range(len(model.blocks)):
+        for a, b in zip(_OFFICIAL_BLOCK, _OURS_BLOCK, strict=True):
+            out[f"classifier.blocks.{i}.{a}"] = ours[f"blocks.{i}.{b}"]
+    return out
+
+
+@pytest.mark.parametrize("name", ["cvt_7_4_32", "cct_7_3x1_32"])
+def test_official_compact_transformers_checkpoint_loads(name):
+    src = create_model(name, pe="default", tiny=True).eval()
+    randomize_(src)
+    official = {"model": _official_state_dict(src)}  # as torch.save'd by their training script, wrapped or not
+    for pe in MODES:
+        m = create_model(name, pe=pe, tiny=True).eval()
+        result = load_pretrained(m, official, strict=True)
+        assert sorted(result.missing_keys) == sorted(m.pe_norm_parameter_names())
+        if pe == "default":
+            x = torch.randn(2, 3, 16, 16)
+            with torch.no_grad():
+                torch.testing.assert_close(m(x), src(x), rtol=0, atol=0)
+    sine = create_model(name, pe="default", tiny=True, pos_embed="sincos1d")  # the official "_sine" variants
+    table = sine.pos_embed.clone()
+    load_pretrained(sine, official, strict=True)
+    torch.testing.assert_close(sine.pos_embed, table, rtol=0, atol=0)
+
+
+def test_official_sine_pe_is_sincos1d():
+    """Compact-Transformers' ``sinusoidal_embedding(n, dim)`` (no class token with sequence pooling) is the 1-D
+    table over the n tokens."""
+    m = create_model("cct_7_3x1_32", pe="mpvg", tiny=True, pos_embed="sincos1d")
+    n, d = m.patch_embed.num_patches, m.embed_dim
+    np.testing.assert_allclose(m.pos_embed[0].double().numpy(), _t2t_sinusoid(n, d), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+ONNX_MODELS = ["deit_tiny_distilled_patch16_224", "cvt_7_4_32", "cct_7_3x1_32"]
+
+
+@pytest.mark.parametrize("name", ONNX_MODELS)
+@pytest.mark.parametrize("pe", MODES)
+def test_onnx_of_tiny_variants(name, pe, tmp_path):
+    pytest.importorskip("onnx", reason="onnx is not installed here; the timm venv has onnx + onnxruntime")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed here; run in the timm venv")
+    from mpvg_kernels.export import custom_domain_ops, export_model
+
+    torch.manual_seed(0)
+    m = create_model(name, pe=pe, tiny=True, in_chans=1, num_classes=10).eval()
+    randomize_(m)
+    result = export_model(m, tmp_path / f"{name}-{pe}.onnx", "onnx")
+    assert custom_domain_ops(result.path) == set()
+    sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    size = m.default_cfg["input_size"][1]
+    for b in (1, 3):
+        x = torch.randn(b, 1, size, size, generator=torch.Generator().manual_seed(b))
+        got = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+        with torch.no_grad():
+            expect = m(x)
+        assert got.shape == expect.shape == (b, 10)
+        torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
