@@ -85,7 +85,7 @@ POOLS: tuple[str, ...] = (*_WALK_POOLS, "seq")
 class VisionTransformer(PEModel):
     """ViT/DeiT with default, LaPE, PVG or MPVG position embeddings (see the module docstring for the modes).
 
-    Args (beyond the usual ViT ones): ``pe`` (mode), ``pool`` (``cls``/``avg``, None = mode default), the knobs
+    Args (beyond the usual ViT ones): ``pe`` (mode), ``pool`` (``cls``/``avg``/``seq``, None = mode default), the knobs
     ``include_layer0``, ``hierarchical``, ``add_pos_to_input`` (None = mode default) and ``last_pos`` (``"auto"`` =
     mode default, None = no PE at the last LN, int k), ``block_style`` (``prenorm``/``cct``), ``norm_eps``,
     ``pos_init_std``, ``patch_init`` (``default``: PyTorch's conv init as in timm/DeiT; ``kaiming_normal``: CCT),
