@@ -1,14 +1,15 @@
-"""Loading timm/DeiT-format (and Compact-Transformers ViT-Lite) checkpoints into :class:`VisionTransformer`.
+"""Loading timm/DeiT-format (and Compact-Transformers ViT-Lite/CVT/CCT) checkpoints into :class:`VisionTransformer`.
 
 A timm/DeiT checkpoint is a state dict (or one wrapped in ``{"model": ...}``, ``{"state_dict": ...}``) with keys
-``cls_token`` [1, 1, D], ``pos_embed`` [1, 1 + N, D], ``patch_embed.proj.weight/bias``,
-``blocks.i.norm1.weight/bias``, ``blocks.i.attn.qkv.weight/bias``, ``blocks.i.attn.proj.weight/bias``,
-``blocks.i.norm2.weight/bias``, ``blocks.i.mlp.fc1/fc2.weight/bias``, ``norm.weight/bias``, ``head.weight/bias``.
-:func:`checkpoint_filter_fn` adapts it to a model: drops the class token and its PE row for GAP models (and
-DeiT's distillation token), resamples the PE grid (bicubic, like timm's ``resample_abs_pos_embed``), drops a head
-of another class count, and sums RGB patch filters for a one-channel model. Loading then reports only the new
-PE LayerNorms (``*.pos_weight``, ``*.pos_bias``) as missing. An official T2T-ViT checkpoint (``tokens_to_token.*``)
-loads into the ``t2t`` tokenizer (``patch_embed.*``).
+``cls_token`` [1, 1, D] (DeiT distilled: and ``dist_token``), ``pos_embed`` [1, 1 + N, D] (distilled: 2 + N rows),
+``patch_embed.proj.weight/bias``, ``blocks.i.norm1.weight/bias``, ``blocks.i.attn.qkv.weight/bias``,
+``blocks.i.attn.proj.weight/bias``, ``blocks.i.norm2.weight/bias``, ``blocks.i.mlp.fc1/fc2.weight/bias``,
+``norm.weight/bias``, ``head.weight/bias`` (distilled: and ``head_dist``). :func:`checkpoint_filter_fn` adapts it
+to a model: drops the class token and its PE row for GAP models (and DeiT's distillation token, PE row and head
+for a model that is not distilled), resamples the PE grid (bicubic, like timm's ``resample_abs_pos_embed``),
+drops a head of another class count, and sums RGB patch filters for a one-channel model. Loading then reports
+only the new PE LayerNorms (``*.pos_weight``, ``*.pos_bias``) as missing.
+An official T2T-ViT checkpoint (``tokens_to_token.*``) loads into the ``t2t`` tokenizer (``patch_embed.*``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ __all__ = ["checkpoint_filter_fn", "load_pretrained", "unwrap_state_dict"]
 _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
 
-# Compact-Transformers (SHI-Labs) ViT-Lite/CVT key layout -> timm layout.
+# Compact-Transformers (SHI-Labs) ViT-Lite/CVT/CCT key layout -> timm layout. The tokenizer of ViT-Lite and CVT is
+# one patch conv with a bias (``patch_embed.proj`` here); CCT's conv tokenizer has no conv bias (and may have more
+# than one conv layer) and keeps its names under ``patch_embed`` (:class:`~mpvg_kernels.layers.ConvTokenizer`).
+_CCT_PATCH_CONV = (r"^tokenizer\.conv_layers\.0\.0\.(weight|bias)$", r"patch_embed.proj.\1")
 _CCT_RULES = [
-    (r"^tokenizer\.conv_layers\.0\.0\.(weight|bias)$", r"patch_embed.proj.\1"),
+    (r"^tokenizer\.", "patch_embed."),
+    (r"^classifier\.attention_pool\.", "attention_pool."),
     (r"^classifier\.class_emb$", "cls_token"),
     (r"^classifier\.positional_emb$", "pos_embed"),
     (r"^classifier\.blocks\.(\d+)\.pre_norm\.", r"blocks.\1.norm1."),
@@ -70,9 +75,11 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def _remap_cct(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    patch_conv = "tokenizer.conv_layers.0.0.bias" in sd and "tokenizer.conv_layers.1.0.weight" not in sd
+    rules = [_CCT_PATCH_CONV, *_CCT_RULES] if patch_conv else _CCT_RULES
     out = {}
     for k, v in sd.items():
-        for pat, rep in _CCT_RULES:
+        for pat, rep in rules:
             if re.match(pat, k):
                 k = re.sub(pat, rep, k)
                 break
@@ -90,24 +97,25 @@ def _adapt_pos_embed(v: torch.Tensor, model: VisionTransformer, src_prefix: int)
     grid = v[:, src_prefix:]
     old_size = infer_grid_size(grid.shape[1])
     grid = resample_abs_pos_embed(grid, model.patch_embed.grid_size, old_size, num_prefix_tokens=0)
-    if model.num_prefix_tokens == 0:
+    npt = model.num_prefix_tokens
+    if npt == 0:
         return grid
-    if src_prefix >= 1:
-        cls_row = v[:, :1]
-    else:  # the checkpoint has no class-token row: keep the model's own (initialised) one
-        cls_row = target[:, :1].detach().to(device=v.device, dtype=v.dtype)
-    return torch.cat([cls_row, grid], dim=1)
+    # prefix rows [class, distillation]: the checkpoint's where it has them, else the model's own (initialised) ones
+    kept = min(src_prefix, npt)
+    own = target[:, kept:npt].detach().to(device=v.device, dtype=v.dtype)
+    return torch.cat([v[:, :kept], own, grid], dim=1)
 
 
 def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer) -> dict[str, torch.Tensor]:
     """A timm/DeiT/CCT/own-format checkpoint adapted to ``model`` (see the module docstring)."""
     sd = unwrap_state_dict(checkpoint)
     own = model.state_dict()
+    first = "patch_embed." + getattr(model.patch_embed, "first_conv", "proj")
     src_prefix = int("cls_token" in sd) + int("dist_token" in sd)
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
-        if k == "dist_token" or k.startswith("head_dist."):
-            continue  # DeiT distillation token/head: not part of these models
+        if (k == "dist_token" or k.startswith("head_dist.")) and not getattr(model, "distilled", False):
+            continue  # DeiT distillation token/head: not part of a model without them
         if k == "cls_token" and model.cls_token is None:
             continue  # GAP model: no class token
         if k == "pos_embed":
@@ -117,19 +125,19 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer
                 v = own[k]  # a fixed sin-cos table: the model's own, computed for its grid
             else:
                 v = _adapt_pos_embed(v, model, src_prefix)
-        elif k == "patch_embed.proj.weight" and k in own and v.shape != own[k].shape:
-            v = _adapt_patch_weight(v, own[k].shape)
-        elif k.startswith("head.") and (k not in own or v.shape != own[k].shape):
+        elif k == first + ".weight" and k in own and v.shape != own[k].shape:
+            v = _adapt_patch_weight(v, own[k].shape, k)
+        elif k.startswith(("head.", "head_dist.")) and (k not in own or v.shape != own[k].shape):
             continue  # another class count (or no head): the model's head stays as it is
         out[k] = v
     return out
 
 
-def _adapt_patch_weight(v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def _adapt_patch_weight(v: torch.Tensor, shape: torch.Size, name: str = "patch_embed.proj.weight") -> torch.Tensor:
     if v.shape[0] == shape[0] and v.shape[2:] == shape[2:] and shape[1] == 1 and v.shape[1] == 3:
         return v.sum(dim=1, keepdim=True)  # RGB filters -> one grey channel (as timm's adapt_input_conv)
     raise ValueError(
-        f"patch_embed.proj.weight of the checkpoint has shape {tuple(v.shape)}, the model needs {tuple(shape)} "
+        f"{name} of the checkpoint has shape {tuple(v.shape)}, the model needs {tuple(shape)} "
         "(another patch size, embed dim or channel count that cannot be adapted)"
     )
 

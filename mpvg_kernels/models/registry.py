@@ -128,6 +128,90 @@ MODEL_CFGS: dict[str, dict[str, Any]] = {
         "source": "CeiT-S (Yuan et al. 2021); LaPE Table 1",
         "tiny": dict(img_size=32, patch_size=2, stem_chans=16, embed_dim=32, depth=2, num_heads=2),
     },
+    # ---- VisionTransformer variants: DeiT distilled, CVT, CCT
+    "deit_tiny_distilled_patch16_224": {
+        # DeiT's distillation token and second head; pool="cls" in every mode (the heads read the two tokens).
+        "model": dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=192,
+            depth=12,
+            num_heads=3,
+            num_classes=1000,
+            distilled=True,
+            pool="cls",
+        ),
+        "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875),
+        "source": "DeiT-Ti distilled (Touvron et al. 2021, 5.91 M params); LaPE Table 1",
+        "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
+    },
+    "deit_small_distilled_patch16_224": {
+        "model": dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=384,
+            depth=12,
+            num_heads=6,
+            num_classes=1000,
+            distilled=True,
+            pool="cls",
+        ),
+        "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875),
+        "source": "DeiT-S distilled (Touvron et al. 2021, 22.4 M params); LaPE Table 1",
+        "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
+    },
+    "cvt_7_4_32": {
+        # Compact-Transformers cvt_7_4_32: ViT-Lite's tokenizer (conv 4x4 / stride 4 with bias, kaiming_normal
+        # init), sequence pooling (no class token) in every mode, learnable PE (trunc_normal std 0.2), 7 blocks,
+        # dim 256, 4 heads, MLP ratio 2, qkv without bias, LN2 on the residual stream, LayerNorm eps 1e-5,
+        # attention dropout 0.1, stochastic depth 0.1, dropout 0.
+        "model": dict(
+            img_size=32,
+            patch_size=4,
+            embed_dim=256,
+            depth=7,
+            num_heads=4,
+            mlp_ratio=2.0,
+            qkv_bias=False,
+            block_style="cct",
+            attn_drop_rate=0.1,
+            drop_path_rate=0.1,
+            patch_init="kaiming_normal",
+            pos_init_std=0.2,
+            norm_eps=1e-5,
+            pool="seq",
+            num_classes=100,
+        ),
+        "cfg": dict(mean=CIFAR100_MEAN, std=CIFAR100_STD, crop_pct=1.0),
+        "source": "CVT-7/4 (Hassani et al. 2021, Compact-Transformers) on CIFAR-100; LaPE Table 2",
+        "tiny": dict(img_size=16, embed_dim=32, depth=2, num_heads=2),
+    },
+    "cct_7_3x1_32": {
+        # Compact-Transformers cct_7_3x1_32: conv tokenizer of one layer (conv 3x3 / stride 1 / padding 1 without
+        # bias, ReLU, max-pool 3 / 2 / 1: 32x32 -> 16x16 = 256 tokens), otherwise as cvt_7_4_32.
+        "model": dict(
+            img_size=32,
+            patch_size=3,
+            tokenizer="conv",
+            tokenizer_args=dict(n_conv_layers=1),
+            embed_dim=256,
+            depth=7,
+            num_heads=4,
+            mlp_ratio=2.0,
+            qkv_bias=False,
+            block_style="cct",
+            attn_drop_rate=0.1,
+            drop_path_rate=0.1,
+            patch_init="kaiming_normal",
+            pos_init_std=0.2,
+            norm_eps=1e-5,
+            pool="seq",
+            num_classes=100,
+        ),
+        "cfg": dict(mean=CIFAR100_MEAN, std=CIFAR100_STD, crop_pct=1.0),
+        "source": "CCT-7/3x1 (Hassani et al. 2021, Compact-Transformers) on CIFAR-100; LaPE Table 2",
+        "tiny": dict(img_size=16, embed_dim=32, depth=2, num_heads=2),
+    },
 }
 
 

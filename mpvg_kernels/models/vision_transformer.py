@@ -9,8 +9,11 @@ N + 1 with a class token). The modes are presets of the knobs ``add_pos_to_input
 - ``last_pos``: the last step is LN(x_{L+1}) + LN'_last(p) with p = ``pos`` for ``last_pos=0`` (the paper's
   choice) or p = the PE term added at block k for ``last_pos=k >= 1`` (MPVG Table 5); ``None``: plain
   LN(x_{L+1}). Negative k counts from the last block.
-- ``pool``: ``avg`` (GAP over the patch tokens; no class token unless ``class_token=True``) or ``cls`` (a class
-  token with its own PE row, as in DeiT and the LaPE code). Default: ``cls`` for default/lape, ``avg`` for pvg/mpvg.
+- ``pool``: ``avg`` (GAP over the patch tokens; no class token unless ``class_token=True``), ``cls`` (a class
+  token with its own PE row, as in DeiT and the LaPE code) or ``seq`` (Compact-Transformers' sequence pooling of
+  CVT/CCT, no class token: pooled = sum_n w_n z_n with w = softmax_n(``attention_pool``(z_n)), z_n the last
+  norm's output of token n, LN'_last(p)_n included for MPVG; no pooled-bias fold, which exists only for
+  ``avg``). Default: ``cls`` for default/lape, ``avg`` for pvg/mpvg.
 - ``fc_norm=True`` (``avg`` only) puts the last LayerNorm after pooling, as timm's GAP ViTs do (``norm`` is then
   an identity and the norm is ``fc_norm``); with a last PE the pooled output is
   fc_norm(mean_n x_n) + mean_n LN'_last(p)_n.
@@ -31,6 +34,13 @@ papers), recomputed, not interpolated, for another token grid; every mode treats
 (``patch``: the ViT patch embedding; ``conv``: the CCT conv tokenizer) built with ``tokenizer_args``; it is the
 attribute ``patch_embed`` whatever its kind.
 
+``distilled=True`` is DeiT's distilled model (timm's ``VisionTransformerDistilled``, names ``dist_token`` and
+``head_dist``): a distillation token after the class token (two prefix tokens, two prefix PE rows) and
+logits = (head(z_cls) + head_dist(z_dist)) / 2, z the last norm's output of each token (timm's output outside
+distillation training). Without a teacher, training on these logits trains both heads on the labels. It needs
+``pool="cls"``: with GAP (the pvg/mpvg default, as in the MPVG paper) neither token would reach the heads, so
+``pool="avg"`` is a ValueError and the registered distilled models pass ``pool="cls"`` in every mode.
+
 ``block_style="cct"`` is the Compact-Transformers (ViT-Lite/CCT) block: x = x + MSA(LN1(x) [+ pos_l]);
 x = LN2(x); x = x + MLP(x) (the second norm is applied to the residual stream itself).
 """
@@ -48,7 +58,8 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.blocks import Block, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import no_autocast
-from ..layers.pe_walk import PE_MODES, POOL_ALIASES, POOLS, PRESETS, PETerms, PEWalk, default_pool
+from ..layers.pe_walk import PE_MODES, POOL_ALIASES, PRESETS, PETerms, PEWalk, default_pool
+from ..layers.pe_walk import POOLS as _WALK_POOLS
 from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
 from ..layers.tokenizers import build_tokenizer
 from .base import PEModel, count_parameters
@@ -64,6 +75,9 @@ __all__ = [
 
 _AUTO = "auto"
 
+#: The poolings of :class:`VisionTransformer`: those of every family (``cls``, ``avg``) and ``seq`` (CVT/CCT).
+POOLS: tuple[str, ...] = (*_WALK_POOLS, "seq")
+
 
 # ----------------------------------------------------------------------------- the model
 
@@ -71,12 +85,13 @@ _AUTO = "auto"
 class VisionTransformer(PEModel):
     """ViT/DeiT with default, LaPE, PVG or MPVG position embeddings (see the module docstring for the modes).
 
-    Args (beyond the usual ViT ones): ``pe`` (mode), ``pool`` (``cls``/``avg``, None = mode default), the knobs
+    Args (beyond the usual ViT ones): ``pe`` (mode), ``pool`` (``cls``/``avg``/``seq``, None = mode default), the knobs
     ``include_layer0``, ``hierarchical``, ``add_pos_to_input`` (None = mode default) and ``last_pos`` (``"auto"`` =
     mode default, None = no PE at the last LN, int k), ``block_style`` (``prenorm``/``cct``), ``norm_eps``,
     ``pos_init_std``, ``patch_init`` (``default``: PyTorch's conv init as in timm/DeiT; ``kaiming_normal``: CCT),
     ``dynamic_img_size`` (resample the PE at forward for other input sizes), ``pe_cache`` (inference PE cache),
-    ``pos_embed`` (``learn``/``sincos1d``/``sincos2d``), ``tokenizer`` and ``tokenizer_args`` (module docstring),
+    ``pos_embed`` (``learn``/``sincos1d``/``sincos2d``), ``tokenizer`` and ``tokenizer_args``, ``distilled`` (DeiT's
+    distillation token and second head; see the module docstring),
     ``class_token`` (None: only for ``pool="cls"``; True with ``pool="avg"``: a class token that attention sees
     but the average leaves out, as timm's GAP models with a class token), ``fc_norm`` (last norm after pooling).
 
@@ -116,6 +131,7 @@ class VisionTransformer(PEModel):
         pos_embed: str = "learn",
         tokenizer: str = "patch",
         tokenizer_args: dict[str, Any] | None = None,
+        distilled: bool = False,
     ) -> None:
         super().__init__()
         if pe not in PE_MODES:
@@ -130,6 +146,13 @@ class VisionTransformer(PEModel):
         )
         if class_token is not None and not class_token and pool == "cls":
             raise ValueError("pool='cls' needs the class token; class_token=False goes with pool='avg'")
+        if class_token and pool == "seq":
+            raise ValueError("pool='seq' (sequence pooling, CVT/CCT) pools every token and takes no class token")
+        if distilled and pool != "cls":
+            raise ValueError(
+                f"distilled=True classifies from the class and distillation tokens (DeiT) and needs pool='cls', got "
+                f"pool={pool!r} (pe={pe!r} defaults to GAP, where neither token reaches a head); pass pool='cls'"
+            )
         if fc_norm and pool != "avg":
             raise ValueError(f"fc_norm=True (the last norm after pooling) needs pool='avg', got pool={pool!r}")
         if not mlp_ratio > 0:
@@ -166,7 +189,8 @@ class VisionTransformer(PEModel):
         self.grad_checkpointing = False
         self.has_class_token = pool == "cls" if class_token is None else bool(class_token)
         self.use_fc_norm = bool(fc_norm)
-        self.num_prefix_tokens = 1 if self.has_class_token else 0
+        self.distilled = bool(distilled)
+        self.num_prefix_tokens = (1 if self.has_class_token else 0) + int(self.distilled)
         self.in_chans = in_chans
         self.pos_embed_type = pos_embed
         self.tokenizer = tokenizer
@@ -174,6 +198,7 @@ class VisionTransformer(PEModel):
         self.patch_embed = build_tokenizer(tokenizer, img_size, patch_size, in_chans, embed_dim, tokenizer_args)
         num_pos = self.patch_embed.num_patches + self.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.has_class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.distilled else None
         uses_pos = self.add_pos_to_input or any(self.block_uses_pos) or self.last_pos is not None
         self.pos_embed: torch.Tensor | None = None
         if uses_pos and pos_embed == "learn":
@@ -203,7 +228,11 @@ class VisionTransformer(PEModel):
         self.norm: nn.Module = nn.Identity() if fc_norm else last_norm
         self.fc_norm: nn.Module = last_norm if fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
+        #: Sequence pooling's token scores (Compact-Transformers' ``classifier.attention_pool``).
+        self.attention_pool = nn.Linear(embed_dim, 1) if pool == "seq" else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if self.distilled:
+            self.head_dist: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         self.pos_init_std = pos_init_std
         self.patch_init = patch_init
@@ -252,7 +281,7 @@ class VisionTransformer(PEModel):
             "interpolation": "bicubic",
             "crop_pct": 0.875,
             "first_conv": f"patch_embed.{self.patch_embed.first_conv}",
-            "classifier": "head",
+            "classifier": ("head", "head_dist") if self.distilled else "head",
             "pe": self.pe,
             "pool": self.pool,
         }
@@ -276,8 +305,8 @@ class VisionTransformer(PEModel):
 
     @property
     def global_pool(self) -> str:
-        """timm's name for the pooling: ``token`` (class token) or ``avg``."""
-        return "token" if self.pool == "cls" else "avg"
+        """timm's name for the pooling: ``token`` (class token), ``avg`` or ``seq`` (sequence pooling)."""
+        return "token" if self.pool == "cls" else self.pool
 
     @property
     def has_last_pos(self) -> bool:
@@ -291,6 +320,8 @@ class VisionTransformer(PEModel):
             nn.init.trunc_normal_(self.pos_embed, std=self.pos_init_std)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -310,18 +341,23 @@ class VisionTransformer(PEModel):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm's parameter groups (layer-wise LR decay): stem (class token, PE, patch embedding), one group per
         block, the last norm after the blocks (the head and ``fc_norm`` fall in the last group)."""
-        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(
+            stem=r"^cls_token|dist_token|pos_embed|patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
 
     def no_weight_decay(self) -> set[str]:
         """Names excluded from weight decay besides every 1-D parameter (see :func:`param_groups`)."""
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "dist_token"}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations."""
         self.grad_checkpointing = bool(enable)
 
-    def get_classifier(self) -> nn.Module:
-        """The classifier head."""
+    def get_classifier(self) -> nn.Module | tuple[nn.Module, nn.Module]:
+        """The classifier head; ``(head, head_dist)`` for a distilled model (as timm)."""
+        if self.distilled:
+            return self.head, self.head_dist
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
@@ -334,6 +370,10 @@ class VisionTransformer(PEModel):
             pool = POOL_ALIASES[global_pool]
             if pool == "cls" and not self.has_class_token:
                 raise ValueError("global_pool='token' needs a class token; this model has none")
+            if self.pool == "seq":
+                raise ValueError("a model with sequence pooling (pool='seq') keeps it; global_pool must be None")
+            if pool != "cls" and self.distilled:
+                raise ValueError("a distilled model classifies from its class and distillation tokens (pool='cls')")
             if pool == "cls" and self.use_fc_norm:
                 raise ValueError("global_pool='token' does not go with fc_norm (the norm after average pooling)")
             self.pool = pool
@@ -341,12 +381,15 @@ class VisionTransformer(PEModel):
             self.clear_pe_cache()
         self.num_classes = num_classes
         ref = next(self.parameters())
-        if num_classes > 0:
-            self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        else:
-            self.head = nn.Identity()
+        heads = ("head", "head_dist") if self.distilled else ("head",)
+        for name in heads:
+            if num_classes > 0:
+                head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+                nn.init.trunc_normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
+            else:
+                head = nn.Identity()
+            setattr(self, name, head)
         self.default_cfg["num_classes"] = num_classes
 
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
@@ -449,8 +492,9 @@ class VisionTransformer(PEModel):
     def _embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         """Images -> the tokens entering block 0 (patches, class token, the PE added where the mode does)."""
         x = self.patch_embed(x)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        prefix = [t for t in (self.cls_token, self.dist_token) if t is not None]
+        if prefix:
+            x = torch.cat([t.expand(x.shape[0], -1, -1).to(x.dtype) for t in prefix] + [x], dim=1)
         if self.add_pos_to_input:
             x = x + pos
         return self.pos_drop(x)
@@ -541,10 +585,14 @@ class VisionTransformer(PEModel):
         return self._norm_tokens(x, self._last_term(terms, last_src))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Features [B, T, D] from :meth:`forward_features` -> pooled (class token or mean of the patch tokens,
-        then ``fc_norm`` where the model has it) -> logits."""
+        """Features [B, T, D] from :meth:`forward_features` -> pooled (class token, mean of the patch tokens, then
+        ``fc_norm`` where the model has it, or sequence pooling) -> logits."""
+        if self.distilled:
+            return self._distilled_head(x[:, :2], pre_logits)
         if self.pool == "cls":
             x = x[:, 0]
+        elif self.pool == "seq":
+            x = self._seq_pool(x)
         elif self.use_fc_norm:
             grid = self._feature_grid(x.shape[1])
             x = self._pool_fc_norm(x, self._last_term(self.pe_terms(grid), None, grid))
@@ -561,14 +609,43 @@ class VisionTransformer(PEModel):
 
         return infer_grid_size(num_tokens - self.num_prefix_tokens)
 
+    def _seq_pool(self, z: torch.Tensor) -> torch.Tensor:
+        """Sequence pooling of per-token features [B, T, D]: sum_n softmax_n(attention_pool(z)_n) z_n -> [B, D]."""
+        assert self.attention_pool is not None
+        w = torch.softmax(self.attention_pool(z), dim=1)  # [B, T, 1]
+        return (w.transpose(1, 2) @ z).squeeze(1)
+
+    def _distilled_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Normalised [class, distillation] tokens [B, 2, D] -> (head(z_cls) + head_dist(z_dist)) / 2, or with
+        ``pre_logits`` their mean (timm's pre-logits of a distilled DeiT)."""
+        if pre_logits:
+            return tokens.mean(dim=1)
+        z = self.head_drop(tokens)
+        return (self.head(z[:, 0]) + self.head_dist(z[:, 1])) / 2
+
     def forward_pooled(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
         """Images -> pooled features [B, D] (the head's input), with the fused last step: LN + GAP (+ the cached
-        PE bias, or LN'_last(pos_k) per token when gradients are needed) in one pass for ``avg`` pooling."""
+        PE bias, or LN'_last(pos_k) per token when gradients are needed) in one pass for ``avg`` pooling. A
+        distilled model: the mean of its two normalised prefix tokens (timm's pre-logits)."""
+        if self.distilled:
+            return self._prefix_features(x, pe_terms).mean(dim=1)
+        return self._pooled(x, pe_terms)
+
+    def _prefix_features(self, x: torch.Tensor, pe_terms: PETerms | None) -> torch.Tensor:
+        """Images -> the normalised prefix tokens [B, P, D] (class, then distillation token)."""
+        x, terms, last_src, _ = self._forward_body(x, pe_terms)
+        term = self._last_term(terms, last_src)
+        npt = self.num_prefix_tokens
+        return self._last_norm()(x[:, :npt], pos_term=None if term is None else term[:, :npt])
+
+    def _pooled(self, x: torch.Tensor, pe_terms: PETerms | None) -> torch.Tensor:
         x, terms, last_src, _ = self._forward_body(x, pe_terms)
         term = self._last_term(terms, last_src)
         if self.pool == "avg" and self.use_fc_norm:
             return self._pool_fc_norm(x, term)
         norm = self._last_norm()
+        if self.pool == "seq":
+            return self._seq_pool(norm(x, pos_term=term))
         npt = self.num_prefix_tokens
         if self.pool == "avg":
             if terms is not None and terms.pooled_bias is not None:
@@ -578,7 +655,9 @@ class VisionTransformer(PEModel):
 
     def forward(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
         """Images [B, C, H, W] -> logits [B, num_classes] (``pe_terms``: see :meth:`forward_features`)."""
-        return self.head(self.head_drop(self.forward_pooled(x, pe_terms)))
+        if self.distilled:
+            return self._distilled_head(self._prefix_features(x, pe_terms))
+        return self.head(self.head_drop(self._pooled(x, pe_terms)))
 
     # ------------------------------------------------------------------ timm's feature contract
 
@@ -671,7 +750,8 @@ class VisionTransformer(PEModel):
         - ``last_norm_input``: x_{L+1}; ``last_norm_output``: LN(x_{L+1}) without PE;
         - ``last_pos_term``: LN'_last(pos_k) ([1, T, D]) or None;
         - ``features``: forward_features' output; ``pooled``: [B, D]; ``logits``: [B, num_classes];
-        - ``grid``: the token grid (h, w); ``num_prefix_tokens``: 1 with a class token, else 0.
+        - ``grid``: the token grid (h, w); ``num_prefix_tokens``: 1 with a class token (2 with a distillation
+          token), else 0.
         """
         if self.use_fc_norm:
             raise ValueError("forward_analysis needs the last norm before pooling; this model has fc_norm=True")
@@ -706,7 +786,17 @@ class VisionTransformer(PEModel):
         last_term = self._last_term(None, step.last_source)
         feats = last_out if last_term is None else last_out + last_term
         out.update(last_norm_input=x, last_norm_output=last_out, last_pos_term=last_term, features=feats)
-        pooled = feats[:, 0] if self.pool == "cls" else feats[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.distilled:
+            out["pooled"] = self._distilled_head(feats[:, :2], pre_logits=True)
+            out["logits"] = self._distilled_head(feats[:, :2])
+            return out
+        if self.pool == "seq":
+            w = torch.softmax(self.attention_pool(feats), dim=1)  # type: ignore[misc]
+            pooled = (w * feats).sum(dim=1)
+        elif self.pool == "cls":
+            pooled = feats[:, 0]
+        else:
+            pooled = feats[:, self.num_prefix_tokens :].mean(dim=1)
         out["pooled"] = pooled
         out["logits"] = self.head(self.head_drop(pooled))
         return out
@@ -715,7 +805,8 @@ class VisionTransformer(PEModel):
         return (
             f"pe={self.pe!r}, pool={self.pool!r}, add_pos_to_input={self.add_pos_to_input}, "
             f"include_layer0={self.include_layer0}, hierarchical={self.hierarchical}, last_pos={self.last_pos}, "
-            f"block_style={self.block_style!r}, pos_embed={self.pos_embed_type!r}, tokenizer={self.tokenizer!r}"
+            f"block_style={self.block_style!r}, distilled={self.distilled}, pos_embed={self.pos_embed_type!r}, "
+            f"tokenizer={self.tokenizer!r}"
         )
 
 

@@ -476,7 +476,12 @@ def test_registry_and_default_cfg():
         "vit_digits",
     ):
         assert n in names
-    assert list_models("deit_*") == ["deit_base_patch16_224", "deit_small_patch16_224", "deit_tiny_patch16_224"]
+    assert list_models("deit_*_distilled_*") == ["deit_small_distilled_patch16_224", "deit_tiny_distilled_patch16_224"]
+    assert [n for n in list_models("deit_*") if "distilled" not in n] == [
+        "deit_base_patch16_224",
+        "deit_small_patch16_224",
+        "deit_tiny_patch16_224",
+    ]
     m = create_model("vit_digits", pe="mpvg")
     cfg = m.default_cfg
     assert cfg["input_size"] == (1, 16, 16) and cfg["num_classes"] == 10 and len(cfg["mean"]) == 1
