@@ -224,7 +224,7 @@ def test_model_with_conv_tokenizer():
 
 def test_tokenizer_errors():
     with pytest.raises(ValueError, match="tokenizer must be one of"):
-        VisionTransformer(tokenizer="t2t", **SMALL)
+        VisionTransformer(tokenizer="no-such-tokenizer", **SMALL)
     with pytest.raises(ValueError, match="does not take these tokenizer_args"):
         VisionTransformer(tokenizer="patch", tokenizer_args={"n_conv_layers": 2}, **SMALL)
     with pytest.raises(ValueError, match="n_conv_layers"):
