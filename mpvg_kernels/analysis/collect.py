@@ -64,7 +64,8 @@ class Intermediates:
 
     ``tokens[l]``: LN1_l(x_l) [B, N, D]; ``pe[l]``: PE term added at block l [N, D] or None;
     ``last_in``: x_{L+1} [B, N, D]; ``last_norm``: LN(x_{L+1}) [B, N, D] (without any PE);
-    ``last_pe``: LN'_last(pos_0) [N, D] for mpvg, else None.
+    ``last_pe``: LN'_last(pos_0) [N, D] for mpvg, else None. A model whose last norm acts on pooled vectors (CeiT:
+    the LCA output) gives ``last_in``/``last_norm`` [B, 1, D] and ``last_pe`` the PE readout it adds [1, D].
     """
 
     tokens: list[Tensor]
@@ -143,12 +144,19 @@ def collect_intermediates(model: nn.Module, spec: ModelSpec, images: Tensor) -> 
     def batch_rows(t: Tensor) -> Tensor:
         return t.detach()[:, p:]
 
+    last_in, last_norm = out["last_norm_input"], out["last_norm_output"]
+    if last_in.shape[1] == out["token_terms"][-1].shape[1]:  # the last norm acts on every token
+        last_in, last_norm, last_pe = batch_rows(last_in), batch_rows(last_norm), rows(out.get("last_pos_term"))
+    else:  # it acts on pooled vectors (CeiT's LCA output): those, with the PE readout the model adds to them
+        readout = out.get("last_pos_readout")
+        last_in, last_norm = last_in.detach(), last_norm.detach()
+        last_pe = None if readout is None else readout.detach().reshape(-1, readout.shape[-1])
     return Intermediates(
         tokens=[batch_rows(t) for t in out["token_terms"]],
         pe=[rows(t) for t in out["pos_terms"]],
-        last_in=batch_rows(out["last_norm_input"]),
-        last_norm=batch_rows(out["last_norm_output"]),
-        last_pe=rows(out.get("last_pos_term")),
+        last_in=last_in,
+        last_norm=last_norm,
+        last_pe=last_pe,
     )
 
 
@@ -362,7 +370,7 @@ def pos_map_terms(a: ModelAnalysis) -> list[tuple[str, Tensor]]:
     if a.spec.pos_embed is not None:
         terms.append(("input pos_embed", a.spec.pos_embed.detach().to(torch.float64)))
     terms += [(f"block {l}", p) for l, p in enumerate(a.pe) if p is not None]
-    if a.last_pe is not None:
+    if a.last_pe is not None and a.last_pe.shape[0] > 1:  # a pooled readout (one row) has no map
         terms.append(("last LN", a.last_pe))
     return terms
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..dataclass_flags import option
-from ..models import PE_MODES, create_model
+from ..models import MODEL_CFGS, PE_MODES, create_model
 from ..ops import backends
 from . import harness
 
@@ -98,7 +98,8 @@ class BenchConfig:
     min_sample_s: float = option(0.25, "fast cases repeat calls until one sample lasts this long (seconds)")
     max_inner: int = option(50, "maximum calls per timed sample")
     threads: int = option(1, "torch CPU threads")
-    pool: str = option("avg", "pooling of every model (--model-arg pool=... wins)", choices=("avg", "cls"))
+    pool: str = option("avg", "pooling of every model whose registry entry does not fix one (--model-arg pool=... "
+                       "wins)", choices=("avg", "cls"))
     seed: int = option(0, "seed of the weights and the input images")
     device: str = option("auto", "auto | cpu | cuda | cuda:N (auto = cuda when available, else cpu)")
     out_dir: str = option("benchmarks/results", "where to write NAME.json/.md/.png")
@@ -215,13 +216,15 @@ def make_cases(name: str, cfg: BenchConfig, device: torch.device | str = "cpu") 
     Per PE mode there is one inference model (eval mode; shared by the implementations, execution modes and batch
     sizes: the implementation is a context entered at each call) and one training model with its AdamW optimizer
     (shared the same way; its weights drift, which does not change the cost); each is freshly initialised from
-    ``cfg.seed`` with ``create_model(name, pe=..., pool=cfg.pool, **cfg.model_kwargs)``. Compiled cases wrap the
+    ``cfg.seed`` with ``create_model(name, pe=..., pool=cfg.pool, **cfg.model_kwargs)`` (``pool`` only where the
+    registry leaves it open). Compiled cases wrap the
     shared module in their own ``torch.compile`` object (static shapes), so each compiles once for its batch size.
     """
     device = torch.device(device)
     b_inf, b_train = cfg.batches(name)
     gen = torch.Generator().manual_seed(cfg.seed)
-    kwargs = {"pool": cfg.pool, **cfg.model_kwargs}
+    fixed = "pool" in MODEL_CFGS[name]["model"]  # a family built around its pooling (distilled, seq) keeps it
+    kwargs = {**({} if fixed else {"pool": cfg.pool}), **cfg.model_kwargs}
     infer_models: dict[str, torch.nn.Module] = {}
     train_models: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
     for pe in cfg.pes:

@@ -142,3 +142,41 @@ def test_every_family_learns_the_digits(name: str, tmp_path: Path):
                                             epochs=int(MODEL_CFGS[name].get("tiny_epochs", 10)), eval_every=100))
     summary = train(cfg, tmp_path / "run", verbose=False)
     assert summary["top1"] >= 50.0, summary  # chance is 10 %
+
+
+def _main_mode(name: str) -> str:
+    return "mpvg" if "mpvg" in model_pe_modes(name) else "lape"
+
+
+@pytest.mark.parametrize("name", TRAIN)
+def test_every_family_through_analyze(name: str, tmp_path: Path):
+    pytest.importorskip("matplotlib", reason="mpvg analyze draws with matplotlib (the train extra)")
+    from mpvg_kernels.analysis import run_analysis
+
+    report = run_analysis(out=tmp_path / "a", model=name, pe=["default", _main_mode(name)],
+                          model_kwargs={"tiny": True, "in_chans": 1}, num_images=4, batch_size=4, threads=1)
+    assert len(report.analyses) == 2
+    for f in report.doc["files"]:
+        assert (tmp_path / "a" / f).is_file(), f
+
+
+@pytest.mark.parametrize("name", TRAIN)
+def test_every_family_exports_to_onnx_and_runs_in_onnxruntime(name: str, tmp_path: Path):
+    pytest.importorskip("onnxruntime", reason="ONNX verification needs onnxruntime (the export extra)")
+    from mpvg_kernels.export import export_model
+
+    model = _tiny(name, _main_mode(name)).float().eval()
+    _perturb(model)
+    res = export_model(model, tmp_path / "m.onnx", "onnx", verify=True)
+    assert res.max_abs_diff is not None and res.max_abs_diff < 1e-4, res.message
+
+
+def test_every_family_through_bench(tmp_path: Path):
+    from mpvg_kernels.benchmark.models import BenchConfig, run_bench
+
+    cfg = BenchConfig(models=TRAIN, pes=["default", "mpvg"], impls=["fused"], execs=["eager"], tasks=["infer_b1"],
+                      warmup=0, rounds=1, min_sample_s=0.0, max_inner=1, model_kwargs={"tiny": True},
+                      out_dir=str(tmp_path), name="zoo", progress=False)
+    result = run_bench(cfg)
+    ran = {(r["model"], r["mode"]) for r in result["records"] if not r["error"] and r["images_per_s"] > 0}
+    assert ran == {(n, pe) for n in TRAIN for pe in ("default", "mpvg")}, result["records"]
