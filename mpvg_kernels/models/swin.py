@@ -175,8 +175,9 @@ class SwinStage(nn.Module):
 class _PatchEmbed(nn.Module):
     """timm's Swin patch embedding: conv ``proj`` (stride = patch), then LayerNorm ``norm``; tokens [B, N, C]."""
 
-    def __init__(self, img_size: tuple[int, int], patch_size: tuple[int, int], in_chans: int, dim: int,
-                 eps: float) -> None:
+    def __init__(
+        self, img_size: tuple[int, int], patch_size: tuple[int, int], in_chans: int, dim: int, eps: float
+    ) -> None:
         super().__init__()
         self.img_size = img_size
         self.patch_size = patch_size
@@ -247,10 +248,16 @@ class SwinTransformer(PEModel):
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         depths, num_heads = tuple(depths), tuple(num_heads)
         img_size, patch_size = to_2tuple(img_size), to_2tuple(patch_size)
-        _check_ints(("num_classes", num_classes, 0), ("embed_dim", embed_dim, 1), ("in_chans", in_chans, 1),
-                    ("window_size", window_size, 1), *(("patch_size", p, 1) for p in patch_size),
-                    *(("img_size", v, 1) for v in img_size), *(("depths", d, 1) for d in depths),
-                    *(("num_heads", h, 1) for h in num_heads))
+        _check_ints(
+            ("num_classes", num_classes, 0),
+            ("embed_dim", embed_dim, 1),
+            ("in_chans", in_chans, 1),
+            ("window_size", window_size, 1),
+            *(("patch_size", p, 1) for p in patch_size),
+            *(("img_size", v, 1) for v in img_size),
+            *(("depths", d, 1) for d in depths),
+            *(("num_heads", h, 1) for h in num_heads),
+        )
         if not depths or len(depths) != len(num_heads):
             raise ValueError(f"depths {depths} and num_heads {num_heads} must be non-empty and of the same length")
         if not mlp_ratio > 0:
@@ -270,8 +277,10 @@ class SwinTransformer(PEModel):
         for s, (g, d, h) in enumerate(zip(grids, dims, num_heads, strict=True)):
             w = tuple(min(v, window_size) for v in g)
             if g[0] % w[0] or g[1] % w[1]:
-                raise ValueError(f"stage {s}: its {g[0]}x{g[1]} token grid is not divisible by the window "
-                                 f"{w[0]}x{w[1]} (window_size={window_size})")
+                raise ValueError(
+                    f"stage {s}: its {g[0]}x{g[1]} token grid is not divisible by the window "
+                    f"{w[0]}x{w[1]} (window_size={window_size})"
+                )
             if d % h:
                 raise ValueError(f"stage {s}: width {d} is not divisible by num_heads {h}")
 
@@ -293,23 +302,29 @@ class SwinTransformer(PEModel):
                     "pos_embed='rpe' has none (only the relative position bias); use pos_embed='learn'"
                 )
             if pe == "lape" and not self.rpe_norm:
-                raise ValueError("pe='lape' with pos_embed='rpe' joins the relative position bias through its "
-                                 "LayerNorm; rpe_norm=False leaves it no position embedding to join")
-            for name, value in (("include_layer0", include_layer0), ("hierarchical", hierarchical),
-                                ("add_pos_to_input", add_pos_to_input)):
+                raise ValueError(
+                    "pe='lape' with pos_embed='rpe' joins the relative position bias through its "
+                    "LayerNorm; rpe_norm=False leaves it no position embedding to join"
+                )
+            for name, value in (
+                ("include_layer0", include_layer0),
+                ("hierarchical", hierarchical),
+                ("add_pos_to_input", add_pos_to_input),
+            ):
                 if value is not None:
                     raise ValueError(f"{name} needs an absolute position embedding; pos_embed='rpe' has none")
             if last_pos not in (_AUTO, None):
                 raise ValueError("last_pos needs an absolute position embedding; pos_embed='rpe' has none")
         self.include_layer0 = bool(self.layerwise) if include_layer0 is None else bool(include_layer0)
         self.hierarchical = preset.hierarchical if hierarchical is None else bool(hierarchical)
-        self.add_pos_to_input = has_ape and (preset.add_pos_to_input if add_pos_to_input is None
-                                             else bool(add_pos_to_input))
+        self.add_pos_to_input = has_ape and (
+            preset.add_pos_to_input if add_pos_to_input is None else bool(add_pos_to_input)
+        )
         depth = sum(depths)
-        self.block_uses_pos = tuple(has_ape and self.layerwise and (i > 0 or self.include_layer0)
-                                    for i in range(depth))
-        self.last_pos = self._resolve_last_pos(preset.last_pos if last_pos == _AUTO else last_pos, depth) \
-            if has_ape else None
+        self.block_uses_pos = tuple(has_ape and self.layerwise and (i > 0 or self.include_layer0) for i in range(depth))
+        self.last_pos = (
+            self._resolve_last_pos(preset.last_pos if last_pos == _AUTO else last_pos, depth) if has_ape else None
+        )
         #: The PE rule of this model over all blocks in order (stages flattened): every forward walks it.
         self.pe_walk = PEWalk(self.block_uses_pos, self.hierarchical, self.last_pos)
 
@@ -335,11 +350,23 @@ class SwinTransformer(PEModel):
         for s in range(num_stages):
             blocks = []
             for j in range(depths[s]):
-                blocks.append(SwinBlock(
-                    dims[s], num_heads[s], grids[s], window_size, shift=j % 2 == 1, mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
-                    eps=norm_eps, use_pos=self.block_uses_pos[i], rpe_norm=self.rpe_norm,
-                ))
+                blocks.append(
+                    SwinBlock(
+                        dims[s],
+                        num_heads[s],
+                        grids[s],
+                        window_size,
+                        shift=j % 2 == 1,
+                        mlp_ratio=mlp_ratio,
+                        qkv_bias=qkv_bias,
+                        proj_drop=proj_drop_rate,
+                        attn_drop=attn_drop_rate,
+                        drop_path=dpr[i],
+                        eps=norm_eps,
+                        use_pos=self.block_uses_pos[i],
+                        rpe_norm=self.rpe_norm,
+                    )
+                )
                 i += 1
             down = PatchMerging(dims[s - 1], dims[s], eps=norm_eps) if s > 0 else None
             stages.append(SwinStage(down, blocks, grids[s - 1] if s > 0 else grids[0]))
@@ -368,8 +395,10 @@ class SwinTransformer(PEModel):
         if not 0 <= k < depth:
             raise ValueError(f"last_pos must be in [-{depth}, {depth - 1}] for {depth} blocks, got {last_pos}")
         if k > 0 and not self.block_uses_pos[k]:
-            raise ValueError(f"last_pos={last_pos} names the PE term of block {k}, which takes no PE in this "
-                             f"configuration (pe={self.pe!r}, include_layer0={self.include_layer0})")
+            raise ValueError(
+                f"last_pos={last_pos} names the PE term of block {k}, which takes no PE in this "
+                f"configuration (pe={self.pe!r}, include_layer0={self.include_layer0})"
+            )
         return k
 
     def _make_default_cfg(self) -> dict[str, Any]:
@@ -427,7 +456,9 @@ class SwinTransformer(PEModel):
         """timm's Swin parameter groups (layer-wise LR decay); the absolute PE joins the stem."""
         return dict(
             stem=r"^patch_embed|pos_embed",
-            blocks=r"^layers\.(\d+)" if coarse else [
+            blocks=r"^layers\.(\d+)"
+            if coarse
+            else [
                 (r"^layers\.(\d+).downsample", (0,)),
                 (r"^layers\.(\d+)\.\w+\.(\d+)", None),
                 (r"^norm", (99999,)),
@@ -534,8 +565,10 @@ class SwinTransformer(PEModel):
         if x.dim() != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.patch_embed.img_size:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's img_size "
-                             f"{self.patch_embed.img_size}; build the model with img_size=...")
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} does not match the model's img_size "
+                f"{self.patch_embed.img_size}; build the model with img_size=..."
+            )
 
     def _embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -551,7 +584,10 @@ class SwinTransformer(PEModel):
         return blk(x, pos, pos_term)
 
     def _forward_body(
-        self, x: torch.Tensor, pe_terms: PETerms | None = None, take: Sequence[int] = (),
+        self,
+        x: torch.Tensor,
+        pe_terms: PETerms | None = None,
+        take: Sequence[int] = (),
         stop_after: int | None = None,
     ) -> tuple[torch.Tensor, PETerms | None, torch.Tensor | None, list[torch.Tensor]]:
         """Images -> (x_{L+1} [B, N_last, C_last], the precomputed terms used or None, LN'_last's source (pos or a
@@ -638,9 +674,7 @@ class SwinTransformer(PEModel):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         num_stages = len(self.layers)
         take, max_index = feature_take_indices(num_stages, indices)
-        feats, terms, last_src, kept = self._forward_body(
-            x, take=take, stop_after=max_index if stop_early else None
-        )
+        feats, terms, last_src, kept = self._forward_body(x, take=take, stop_after=max_index if stop_early else None)
         term = None
         if (norm and num_stages - 1 in take) or not intermediates_only:
             term = self._last_term(terms, last_src)
@@ -670,9 +704,14 @@ class SwinTransformer(PEModel):
         pos = self.pos_embed
         x = self._embed(x, pos)
         out: dict[str, Any] = {
-            "block_inputs": [], "token_terms": [], "pos_terms": [], "attn_inputs": [],
-            "grid": self.patch_embed.grid_size, "num_prefix_tokens": 0,
-            "grids": [self.grids[s] for s in self.block_stage], "last_grid": self.grids[-1],
+            "block_inputs": [],
+            "token_terms": [],
+            "pos_terms": [],
+            "attn_inputs": [],
+            "grid": self.patch_embed.grid_size,
+            "num_prefix_tokens": 0,
+            "grids": [self.grids[s] for s in self.block_stage],
+            "last_grid": self.grids[-1],
         }
         step = self.pe_walk.start(pos)
         i = 0
@@ -698,8 +737,14 @@ class SwinTransformer(PEModel):
         last_term = None if step.last_source is None else self.norm.pos_term(self._last_pe(step.last_source))
         feats = last_out if last_term is None else last_out + last_term
         pooled = feats.mean(dim=1)
-        out.update(last_norm_input=x, last_norm_output=last_out, last_pos_term=last_term, features=feats,
-                   pooled=pooled, logits=self.head(pooled))
+        out.update(
+            last_norm_input=x,
+            last_norm_output=last_out,
+            last_pos_term=last_term,
+            features=feats,
+            pooled=pooled,
+            logits=self.head(pooled),
+        )
         return out
 
     def extra_repr(self) -> str:
