@@ -569,3 +569,20 @@ def test_onnx_export_runs_in_onnxruntime(pe, pos, tmp_path):
     with torch.no_grad():
         want = model(x)
     torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
+
+
+def test_analysis_measures_every_stage():
+    from mpvg_kernels.analysis.collect import FIGURES, analysis_to_json, analyze_model, describe_model, term_grid
+
+    model = create_model("swin_tiny_patch4_window7_224", pe="mpvg", tiny=True, in_chans=1, num_classes=10)
+    spec = describe_model(model, "mpvg")
+    a = analyze_model(model, spec, _images(b=4, chans=1, dtype=torch.float32))
+    doc = analysis_to_json(a, FIGURES)
+    maps = doc["pos_maps"]["maps"]
+    # the stage-1 PE term and LN'_last live on the 8x8 grid of the merged patches
+    assert len(maps["block 0"]) == 16 and len(maps["block 1"]) == 8 and len(maps["last LN"]) == 8
+    assert maps["block 1"][4][4] == pytest.approx(1.0)  # the reference token (8, 8) of the 16x16 grid is (4, 4)
+    assert all(c is not None for c in doc["correlation"]["mean"]) and doc["dim"] == 32
+    assert term_grid((16, 16), 136, 64) == ((8, 8), 36)
+    with pytest.raises(ValueError, match="fits neither"):
+        term_grid((16, 16), 0, 48)
