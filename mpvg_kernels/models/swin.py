@@ -16,10 +16,11 @@ LaPE's join of the relative PE (``rpe_norm``, default: on for ``pe='lape'``): ea
 B = its relative position bias [nH, N, N] (N = window area), the LayerNorm over the key dimension with affine
 parameters of shape [N] (``attn.rpe_norm.pos_weight/pos_bias``), as the official LaPE code's
 ``RPE_Attention(join_type='LN')`` does with ``nn.LayerNorm(num_patches)`` on the bias. With an absolute PE,
-``pe='lape'`` joins both: the per-block LN' of the absolute PE and LN of the relative bias. That is the only
-reading that reproduces MPVG Table 1's Swin-Ti LaPE count (the paper truncates to 3 decimals):
-28,589,410 + 8,832 (LN') + 12 * 2 * 49 (LN of the bias) = 28,599,418 -> 28.599; without the bias norm it would
-be 28,598,242 -> 28.598, the PVG count.
+``pe='lape'`` joins both: the per-block LN' of the absolute PE and LN of the relative bias. This reading
+reproduces MPVG Table 1's Swin-Ti LaPE count (the table truncates to 3 decimals, e.g. DeiT-S 22,050,664 ->
+22.050): 28,589,410 + 8,832 (LN') + 12 * 2 * 49 (LN of the bias) = 28,599,418 -> 28.599; without the bias norm
+it would be 28,598,242 -> 28.598 (the PVG count), with a LayerNorm over the heads instead (2 * 138 parameters)
+28,598,518 -> 28.598. ``rpe_norm=False`` gives LaPE on the absolute PE alone.
 
 The PE walk in the staged architecture. The papers leave the delivery open; here (``include_layer0`` is on by
 default for every layer-wise mode: "for Swin, PVG and MPVG exceptionally include layer 0"):
@@ -30,14 +31,17 @@ default for every layer-wise mode: "for Swin, PVG and MPVG exceptionally include
   through the model's own patch-merging layers (the ``layers.k.downsample`` modules the tokens go through, same
   weights): a term of stage s' reaching a block of stage s > s' passes ``downsample`` of stages s'+1..s. One
   :class:`~mpvg_kernels.layers.PEWalk` is the rule; its ``norm_pos(i, p)`` first brings p to block i's stage.
+- Non-hierarchical (``hierarchical=False``): p_l = ``pos`` brought to block l's stage the same way.
 - MPVG's last step is LN(x_{L+1}) + LN'_last(pos) at the last width, pos brought to the last stage the same way
   (``last_pos=k``: the term of block k, brought there); the model always average-pools (``pool='avg'``).
 
 Why: the counts leave no room for parameters that carry the PE between stages. Per-block LN' at the block's
 width costs 2 * (2*96 + 2*192 + 6*384 + 2*768) = 8,832 (Swin-T), LN'_last at 768 1,536: 28,589,410 + 8,832 =
-28,598,242 (PVG, 28.598 in MPVG Table 1) and + 1,536 = 28,599,778 (MPVG, 28.599 truncated). Rejected: (a) a
-separate merging layer (LN(4C) + Linear(4C -> 2C)) for the PE per stage: +2*(4*96) + 4*96*192 + ... = +1.40 M
-for Swin-T, far from 28.598; (b) a per-stage absolute PE (56^2*96 + 28^2*192 + 14^2*384 + 7^2*768 = 301,056 +
+28,598,242 (PVG, 28.598 in MPVG Table 1) and + 1,536 = 28,599,778 (MPVG, 28.599 truncated). Swin-S (timm:
+49,606,258 without the absolute PE): default 49,907,314, LN' 2 * (2*96 + 2*192 + 18*384 + 2*768) = 18,048, so
+PVG 49,925,362, MPVG 49,926,898, LaPE 49,927,714 (+ 24 * 2 * 49). Rejected: (a) a separate merging layer
+(LN(4C) + Linear(4C -> 2C), as ``downsample``) for the PE per stage: +74,496 + 296,448 + 1,182,720 = +1,553,664
+for Swin-T, 30.15 M instead of 28.598; (b) a per-stage absolute PE (56^2*96 + 28^2*192 + 14^2*384 + 7^2*768 = 301,056 +
 150,528 + 75,264 + 37,632): +263,424 over the one PE, default would read 28.852; (c) average-pooling the PE 2x2
 between stages (no parameters, but the widths differ, so it needs a projection anyway, or zero-padding the
 channels, which leaves half of every LN' input constant); (d) starting the chain anew at each stage from a
