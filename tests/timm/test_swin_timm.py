@@ -13,7 +13,7 @@ timm = pytest.importorskip(
 
 from timm.models.swin_transformer import SwinTransformer as TimmSwin  # noqa: E402
 
-from mpvg_kernels.models import create_model  # noqa: E402
+from mpvg_kernels.models import create_model, load_pretrained  # noqa: E402
 from mpvg_kernels.models.swin import SwinTransformer  # noqa: E402
 
 # shifted windows in stages 0 and 1, a last stage whose window covers the map (timm then drops the shift)
@@ -80,3 +80,19 @@ def test_swin_tiny_full_size_logits_match():
     x = _x(224, b=1, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), atol=2e-5, rtol=1e-4)
+
+
+def test_load_pretrained_takes_a_timm_swin_state_dict():
+    theirs = TimmSwin(**SMALL, drop_path_rate=0.0).eval()
+    _randomize_(theirs)
+    sd = theirs.state_dict()
+    lape = SwinTransformer(pe="lape", pos_embed="rpe", **SMALL).eval()
+    result = load_pretrained(lape, sd, strict=True)  # only the LayerNorms of the relative bias are new
+    assert sorted(result.missing_keys) == sorted(lape.pe_norm_parameter_names()) and result.missing_keys
+    mpvg = SwinTransformer(pe="mpvg", **SMALL)
+    with pytest.raises(RuntimeError, match="pos_embed"):  # the absolute PE is not in a timm checkpoint
+        load_pretrained(mpvg, sd, strict=True)
+    # with LaPE's norms at identity the relative bias is normalised, so the logits move: LaPE is a new model
+    x = _x(64, dtype=torch.float32)
+    with torch.no_grad():
+        assert not torch.allclose(lape(x), theirs(x), atol=1e-3)
