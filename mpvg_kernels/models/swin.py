@@ -333,6 +333,7 @@ class SwinTransformer(PEModel):
         self.pe_walk = PEWalk(self.block_uses_pos, self.hierarchical, self.last_pos)
 
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.num_features = dims[-1]
         self.depths = depths
@@ -406,7 +407,7 @@ class SwinTransformer(PEModel):
         return k
 
     def _make_default_cfg(self) -> dict[str, Any]:
-        c = self.patch_embed.proj.in_channels
+        c = self.in_chans
         mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if c == 3 else ((0.5,) * c, (0.5,) * c)
         return {
             "architecture": "swin_transformer",

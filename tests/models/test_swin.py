@@ -496,7 +496,7 @@ def test_registry_tiny_one_channel_and_contract():
     for name in ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224"):
         for pe in ("default", "lape", "pvg", "mpvg"):
             m = create_model(name, pe=pe, tiny=True, in_chans=1, num_classes=10)
-            assert m.default_cfg["input_size"] == (1, 32, 32) and m.default_cfg["crop_pct"] == 0.9
+            assert m.default_cfg["input_size"] == (1, 32, 32) and m.default_cfg["crop_pct"] == 0.9 and m.in_chans == 1
             assert m.default_cfg["classifier"] == "head.fc" and m.default_cfg["pe"] == pe and m.pool == "avg"
             x = _images(chans=1, dtype=torch.float32)
             y = m(x)
