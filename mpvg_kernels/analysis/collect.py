@@ -349,7 +349,7 @@ def analysis_to_json(a: ModelAnalysis, figures: Sequence[str]) -> dict[str, Any]
             "grid": list(s.grid),
             "terms": [name for name, _ in maps],
             "mean_cosine": {name: mean_pairwise_cosine(p) for name, p in maps},
-            "maps": {name: position_correlation_map(p, s.grid, a.ref_token).tolist() for name, p in maps},
+            "maps": {name: term_correlation_map(p, s.grid, a.ref_token).tolist() for name, p in maps},
         }
     if "heatmaps" in figures and "heatmaps" not in a.skipped:
         out["heatmaps"] = {"layers": list(a.layers), "tokens": "mean over images", "last_ln_sample_image": 0}
@@ -362,6 +362,25 @@ def pe_bias_c(a: ModelAnalysis) -> Tensor | None:
     if a.last_pe is None or a.spec.pool != "avg":
         return None
     return a.last_pe.mean(0)
+
+
+def term_grid(grid: tuple[int, int], ref_token: int, num_rows: int) -> tuple[tuple[int, int], int]:
+    """(grid, reference token) of a PE term with ``num_rows`` rows: the model's ``grid``, or for a staged model
+    (Swin: later stages merge 2x2 patches) that grid halved k times, the reference at the same place."""
+    h, w = grid
+    f = 1
+    while (h // f) * (w // f) > num_rows and h // f > 1 and w // f > 1:
+        f *= 2
+    if (h // f) * (w // f) != num_rows:
+        raise ValueError(f"a PE term of {num_rows} rows fits neither the {h}x{w} grid nor a 2x2-merged one")
+    r, c = divmod(ref_token, w)
+    return (h // f, w // f), (r // f) * (w // f) + c // f
+
+
+def term_correlation_map(pe: Tensor, grid: tuple[int, int], ref_token: int) -> Tensor:
+    """:func:`position_correlation_map` of ``pe`` on its own grid (see :func:`term_grid`)."""
+    g, ref = term_grid(grid, ref_token, pe.shape[0])
+    return position_correlation_map(pe, g, ref)
 
 
 def pos_map_terms(a: ModelAnalysis) -> list[tuple[str, Tensor]]:

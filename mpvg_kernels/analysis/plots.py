@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .collect import ModelAnalysis, pe_bias_c, pos_map_terms
-from .stats import mean_pairwise_cosine, position_correlation_map, vector_stats
+from .collect import ModelAnalysis, pe_bias_c, pos_map_terms, term_correlation_map, term_grid
+from .stats import mean_pairwise_cosine, vector_stats
 
 
 def _figure(width: float, height: float) -> Any:
@@ -150,9 +150,10 @@ def plot_pos_maps(a: ModelAnalysis, path: str | Path) -> Path:
             ax.set_axis_off()
             continue
         name, pe = terms[k]
-        m = position_correlation_map(pe, a.spec.grid, a.ref_token).cpu().numpy()
+        m = term_correlation_map(pe, a.spec.grid, a.ref_token).cpu().numpy()
         im = ax.imshow(m, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
-        ax.plot([c0], [r0], marker="x", color="black", markersize=6)
+        g, ref = term_grid(a.spec.grid, a.ref_token, pe.shape[0])  # a staged model's later stages: a coarser grid
+        ax.plot([ref % g[1]], [ref // g[1]], marker="x", color="black", markersize=6)
         ax.set_title(f"{name}\nmean cos {mean_pairwise_cosine(pe):+.2f}", fontsize=9)
         ax.set_xlabel("patch column")
         ax.set_ylabel("patch row")

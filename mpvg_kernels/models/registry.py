@@ -12,6 +12,7 @@ from torch import nn
 
 from .base import PEModel
 from .ceit import CeiT
+from .swin import SwinTransformer
 from .vision_transformer import PE_MODES, VisionTransformer
 
 __all__ = ["MODEL_CFGS", "create_model", "list_models", "model_pe_modes", "param_groups"]
@@ -211,6 +212,30 @@ MODEL_CFGS: dict[str, dict[str, Any]] = {
         "cfg": dict(mean=CIFAR100_MEAN, std=CIFAR100_STD, crop_pct=1.0),
         "source": "CCT-7/3x1 (Hassani et al. 2021, Compact-Transformers) on CIFAR-100; LaPE Table 2",
         "tiny": dict(img_size=16, embed_dim=32, depth=2, num_heads=2),
+    },
+    "swin_tiny_patch4_window7_224": {
+        # timm's swin_tiny_patch4_window7_224 plus MPVG's absolute PE (pos_embed="learn"; "rpe": Swin's own
+        # relative bias only); stochastic depth 0.2 as in the Swin paper's Swin-T recipe.
+        "family": SwinTransformer,
+        "model": dict(
+            img_size=224, patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+            drop_path_rate=0.2, num_classes=1000,
+        ),
+        "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.9),
+        "source": "Swin-T (Liu et al. 2021); MPVG Table 1 (absolute PE), LaPE Table 1 (pos_embed='rpe')",
+        "tiny": dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                     drop_path_rate=0.0),
+    },
+    "swin_small_patch4_window7_224": {
+        "family": SwinTransformer,
+        "model": dict(
+            img_size=224, patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
+            drop_path_rate=0.3, num_classes=1000,
+        ),
+        "cfg": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.9),
+        "source": "Swin-S (Liu et al. 2021); LaPE Table 1 (pos_embed='rpe')",
+        "tiny": dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                     drop_path_rate=0.0),
     },
 }
 

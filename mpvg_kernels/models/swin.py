@@ -1,0 +1,767 @@
+"""Swin Transformer (Liu et al. 2021) with default, LaPE, PVG or MPVG position embeddings.
+
+Parameter names follow timm 1.0's ``SwinTransformer`` (``patch_embed.proj/norm``, ``layers.i.downsample.norm/
+reduction`` at the start of stages i > 0, ``layers.i.blocks.j.norm1/attn.qkv/attn.proj/
+attn.relative_position_bias_table/norm2/mlp.fc1/mlp.fc2``, ``norm``, ``head.fc``), so a timm Swin state dict loads
+into ``pe='default'`` with only the absolute PE (``pos_embed``) missing; with that PE zero the logits are timm's.
+
+Position embeddings (``pos_embed=``):
+
+- ``'learn'`` (default): an absolute PE ``pos_embed`` [1, H0 * W0, C0] on the stage-0 tokens (Swin's ``ape=True``;
+  trunc_normal .02) on top of every block's relative position bias: MPVG's Swin (MPVG Table 1).
+- ``'rpe'``: the relative position bias alone (Swin's own default; LaPE Table 1's Swin-Ti/Swin-S). Only
+  ``pe='default'`` and ``pe='lape'`` exist here: PVG and MPVG deliver an absolute PE and have none to deliver.
+
+LaPE's join of the relative PE (``rpe_norm``, default: on for ``pe='lape'``): each block adds LN(B) instead of B,
+B = its relative position bias [nH, N, N] (N = window area), the LayerNorm over the key dimension with affine
+parameters of shape [N] (``attn.rpe_norm.pos_weight/pos_bias``), as the official LaPE code's
+``RPE_Attention(join_type='LN')`` does with ``nn.LayerNorm(num_patches)`` on the bias. With an absolute PE,
+``pe='lape'`` joins both: the per-block LN' of the absolute PE and LN of the relative bias. This reading
+reproduces MPVG Table 1's Swin-Ti LaPE count (the table truncates to 3 decimals, e.g. DeiT-S 22,050,664 ->
+22.050): 28,589,410 + 8,832 (LN') + 12 * 2 * 49 (LN of the bias) = 28,599,418 -> 28.599; without the bias norm
+it would be 28,598,242 -> 28.598 (the PVG count), with a LayerNorm over the heads instead (2 * 138 parameters)
+28,598,518 -> 28.598. ``rpe_norm=False`` gives LaPE on the absolute PE alone.
+
+The PE walk in the staged architecture. The papers leave the delivery open; here (``include_layer0`` is on by
+default for every layer-wise mode: "for Swin, PVG and MPVG exceptionally include layer 0"):
+
+- Block l of stage s adds LN'_l(p_l) to LN1_l(x_l) at its own width C_s, on the tokens [B, H_s * W_s, C_s] before
+  the window partition (and the shift), so the PE term is shifted and partitioned with the tokens.
+- Hierarchical chain: p_l is the previous PE block's term (``pos`` for the first), brought to block l's stage
+  through the model's own patch-merging layers (the ``layers.k.downsample`` modules the tokens go through, same
+  weights): a term of stage s' reaching a block of stage s > s' passes ``downsample`` of stages s'+1..s. One
+  :class:`~mpvg_kernels.layers.PEWalk` is the rule; its ``norm_pos(i, p)`` first brings p to block i's stage.
+- Non-hierarchical (``hierarchical=False``): p_l = ``pos`` brought to block l's stage the same way.
+- MPVG's last step is LN(x_{L+1}) + LN'_last(pos) at the last width, pos brought to the last stage the same way
+  (``last_pos=k``: the term of block k, brought there); the model always average-pools (``pool='avg'``).
+
+Why: the counts leave no room for parameters that carry the PE between stages. Per-block LN' at the block's
+width costs 2 * (2*96 + 2*192 + 6*384 + 2*768) = 8,832 (Swin-T), LN'_last at 768 1,536: 28,589,410 + 8,832 =
+28,598,242 (PVG, 28.598 in MPVG Table 1) and + 1,536 = 28,599,778 (MPVG, 28.599 truncated). Swin-S (timm:
+49,606,258 without the absolute PE): default 49,907,314, LN' 2 * (2*96 + 2*192 + 18*384 + 2*768) = 18,048, so
+PVG 49,925,362, MPVG 49,926,898, LaPE 49,927,714 (+ 24 * 2 * 49). Rejected: (a) a separate merging layer
+(LN(4C) + Linear(4C -> 2C), as ``downsample``) for the PE per stage: +74,496 + 296,448 + 1,182,720 = +1,553,664
+for Swin-T, 30.15 M instead of 28.598; (b) a per-stage absolute PE (56^2*96 + 28^2*192 + 14^2*384 + 7^2*768 = 301,056 +
+150,528 + 75,264 + 37,632): +263,424 over the one PE, default would read 28.852; (c) average-pooling the PE 2x2
+between stages (no parameters, but the widths differ, so it needs a projection anyway, or zero-padding the
+channels, which leaves half of every LN' input constant); (d) starting the chain anew at each stage from a
+resampled ``pos`` (loses the hierarchy across stages and still needs a width change). Through the shared
+downsample the PE is merged exactly as the tokens are, at no parameter cost.
+
+Image-independent PE terms: :meth:`SwinTransformer.compute_pe_terms` (live), the inference cache
+(:meth:`~mpvg_kernels.models.base.PEModel.pe_terms`) and ``forward(x, pe_terms=...)``; the terms depend on
+``pos_embed``, the LN' parameters, the downsample layers and the last norm (:meth:`SwinTransformer._pe_tensors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers.blocks import DropPath, Mlp, to_2tuple
+from ..layers.norms import DualLayerNorm, LastLayerNormPE
+from ..layers.pe_cache import no_autocast
+from ..layers.pe_walk import PE_MODES, POOL_ALIASES, PRESETS, PETerms, PEWalk
+from ..layers.window_attention import (
+    PatchMerging,
+    RelPosBiasNorm,
+    WindowAttention,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
+from .base import PEModel
+from .vision_transformer import feature_take_indices
+
+__all__ = ["POS_EMBEDS", "SwinBlock", "SwinStage", "SwinTransformer"]
+
+#: The position embeddings a Swin model can have: a learned absolute PE plus the relative bias, or the bias alone.
+POS_EMBEDS: tuple[str, ...] = ("learn", "rpe")
+
+_AUTO = "auto"
+
+
+class SwinBlock(nn.Module):
+    """A Swin block on tokens [B, H * W, C]: (shifted) window attention on ``LN1(x) [+ PE term]``, then the MLP.
+
+    ``use_pos``: ``norm1`` is a :class:`DualLayerNorm` (LN1 + LN'), else a plain LayerNorm."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        grid: tuple[int, int],
+        window: int,
+        shift: bool,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        eps: float = 1e-5,
+        use_pos: bool = False,
+        rpe_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.grid = grid
+        # timm's rule: a window no larger than the map, and no shift where one window covers a dimension
+        self.window = tuple(min(g, window) for g in grid)
+        self.shift = tuple(0 if g <= window or not shift else window // 2 for g in grid)
+        self.use_pos = use_pos
+        self.norm1: nn.Module = DualLayerNorm(dim, eps=eps) if use_pos else nn.LayerNorm(dim, eps=eps)
+        self.attn = WindowAttention(dim, num_heads, self.window, qkv_bias, attn_drop, proj_drop, rpe_norm=rpe_norm)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        mask = shifted_window_mask(grid, self.window, self.shift) if any(self.shift) else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def attn_input(
+        self, x: torch.Tensor, pos: torch.Tensor | None = None, pos_term: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(attention input, this block's PE term or None): LN1(x) + LN'(pos) (fused), LN1(x) + pos_term for a
+        precomputed term, or LN1(x) for a block without PE."""
+        if not self.use_pos:
+            return self.norm1(x), None
+        if pos_term is not None:
+            return self.norm1._forward_cached_term(x, pos_term), pos_term
+        if pos is None:
+            raise ValueError("this block adds a position embedding to its attention input: pass pos")
+        return self.norm1(x, pos)
+
+    def window_attention(self, a: torch.Tensor) -> torch.Tensor:
+        """Shift, partition, attend, merge and shift back: [B, H * W, C] -> [B, H * W, C]."""
+        B, _, C = a.shape
+        H, W = self.grid
+        a = a.view(B, H, W, C)
+        if any(self.shift):
+            a = torch.roll(a, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
+        y = self.attn(window_partition(a, self.window), mask=self.attn_mask)
+        y = window_reverse(y, self.window, H, W)
+        if any(self.shift):
+            y = torch.roll(y, shifts=self.shift, dims=(1, 2))
+        return y.reshape(B, H * W, C)
+
+    def forward_rest(self, x: torch.Tensor, attn_in: torch.Tensor) -> torch.Tensor:
+        """The block after its first norm."""
+        x = x + self.drop_path1(self.window_attention(attn_in))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor | None = None, pos_term: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, H * W, C], pos [1, H * W, C] -> (x_next, this block's PE term or None)."""
+        a, term = self.attn_input(x, pos, pos_term)
+        return self.forward_rest(x, a), term
+
+
+class SwinStage(nn.Module):
+    """One stage: ``downsample`` (PatchMerging at the start of stages > 0, else identity) and ``blocks``."""
+
+    def __init__(self, downsample: PatchMerging | None, blocks: Sequence[SwinBlock], in_grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.downsample: nn.Module = nn.Identity() if downsample is None else downsample
+        self.blocks = nn.ModuleList(blocks)
+        self.in_grid = in_grid
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (or a PE) of the previous stage -> this stage's grid and width."""
+        if isinstance(self.downsample, PatchMerging):
+            return self.downsample(x, self.in_grid)
+        return x
+
+
+class _PatchEmbed(nn.Module):
+    """timm's Swin patch embedding: conv ``proj`` (stride = patch), then LayerNorm ``norm``; tokens [B, N, C]."""
+
+    def __init__(
+        self, img_size: tuple[int, int], patch_size: tuple[int, int], in_chans: int, dim: int, eps: float
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class _Head(nn.Module):
+    """timm's ``head`` with its ``fc`` (pooling is done before): dropout then the linear classifier."""
+
+    def __init__(self, dim: int, num_classes: int, drop: float) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(drop)
+        self.fc: nn.Module = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+
+class SwinTransformer(PEModel):
+    """Swin Transformer with default, LaPE, PVG or MPVG position embeddings (see the module docstring).
+
+    Args beyond timm's: ``pe`` (mode), ``pos_embed`` (``'learn'``/``'rpe'``), ``rpe_norm`` (None: on for lape),
+    ``include_layer0``/``hierarchical``/``add_pos_to_input`` (None: the mode's preset, with layer 0 included for
+    every layer-wise mode), ``last_pos`` (``"auto"``: the mode's), ``pool`` (only ``avg``), ``pe_cache``.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        pe: str = "default",
+        pool: str | None = None,
+        pos_embed: str = "learn",
+        rpe_norm: bool | None = None,
+        include_layer0: bool | None = None,
+        hierarchical: bool | None = None,
+        add_pos_to_input: bool | None = None,
+        last_pos: int | str | None = _AUTO,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-5,
+        pos_init_std: float = 0.02,
+        pe_cache: bool = True,
+    ) -> None:
+        super().__init__()
+        if pe not in PE_MODES:
+            raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
+        if pool is not None and POOL_ALIASES.get(pool) != "avg":
+            raise ValueError(f"Swin average-pools its last stage: pool must be 'avg' (or None), got {pool!r}")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+        depths, num_heads = tuple(depths), tuple(num_heads)
+        img_size, patch_size = to_2tuple(img_size), to_2tuple(patch_size)
+        _check_ints(
+            ("num_classes", num_classes, 0),
+            ("embed_dim", embed_dim, 1),
+            ("in_chans", in_chans, 1),
+            ("window_size", window_size, 1),
+            *(("patch_size", p, 1) for p in patch_size),
+            *(("img_size", v, 1) for v in img_size),
+            *(("depths", d, 1) for d in depths),
+            *(("num_heads", h, 1) for h in num_heads),
+        )
+        if not depths or len(depths) != len(num_heads):
+            raise ValueError(f"depths {depths} and num_heads {num_heads} must be non-empty and of the same length")
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+        num_stages = len(depths)
+        if any(i % p for i, p in zip(img_size, patch_size, strict=True)):
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        grid0 = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+        f = 2 ** (num_stages - 1)
+        if any(g % f for g in grid0):
+            raise ValueError(
+                f"the patch grid {grid0} (img_size {img_size} / patch_size {patch_size}) must be divisible by "
+                f"{f} to be merged 2x2 in each of the {num_stages - 1} downsampling stages"
+            )
+        dims = [embed_dim * 2**s for s in range(num_stages)]
+        grids = [(grid0[0] // 2**s, grid0[1] // 2**s) for s in range(num_stages)]
+        for s, (g, d, h) in enumerate(zip(grids, dims, num_heads, strict=True)):
+            w = tuple(min(v, window_size) for v in g)
+            if g[0] % w[0] or g[1] % w[1]:
+                raise ValueError(
+                    f"stage {s}: its {g[0]}x{g[1]} token grid is not divisible by the window "
+                    f"{w[0]}x{w[1]} (window_size={window_size})"
+                )
+            if d % h:
+                raise ValueError(f"stage {s}: width {d} is not divisible by num_heads {h}")
+
+        preset = PRESETS[pe]
+        if not preset.layerwise:
+            for name, value in (("include_layer0", include_layer0), ("hierarchical", hierarchical)):
+                if value is not None:
+                    raise ValueError(f"{name} applies to the layer-wise modes (lape, pvg, mpvg), not pe={pe!r}")
+        self.pe = pe
+        self.pool = "avg"
+        self.pos_embed_type = pos_embed
+        self.layerwise = preset.layerwise
+        self.rpe_norm = (pe == "lape") if rpe_norm is None else bool(rpe_norm)
+        has_ape = pos_embed == "learn"
+        if not has_ape:
+            if pe in ("pvg", "mpvg"):
+                raise ValueError(
+                    f"pe={pe!r} delivers an absolute position embedding to the blocks (and the last norm), but "
+                    "pos_embed='rpe' has none (only the relative position bias); use pos_embed='learn'"
+                )
+            if pe == "lape" and not self.rpe_norm:
+                raise ValueError(
+                    "pe='lape' with pos_embed='rpe' joins the relative position bias through its "
+                    "LayerNorm; rpe_norm=False leaves it no position embedding to join"
+                )
+            for name, value in (
+                ("include_layer0", include_layer0),
+                ("hierarchical", hierarchical),
+                ("add_pos_to_input", add_pos_to_input),
+            ):
+                if value is not None:
+                    raise ValueError(f"{name} needs an absolute position embedding; pos_embed='rpe' has none")
+            if last_pos not in (_AUTO, None):
+                raise ValueError("last_pos needs an absolute position embedding; pos_embed='rpe' has none")
+        self.include_layer0 = bool(self.layerwise) if include_layer0 is None else bool(include_layer0)
+        self.hierarchical = preset.hierarchical if hierarchical is None else bool(hierarchical)
+        self.add_pos_to_input = has_ape and (
+            preset.add_pos_to_input if add_pos_to_input is None else bool(add_pos_to_input)
+        )
+        depth = sum(depths)
+        self.block_uses_pos = tuple(has_ape and self.layerwise and (i > 0 or self.include_layer0) for i in range(depth))
+        self.last_pos = (
+            self._resolve_last_pos(preset.last_pos if last_pos == _AUTO else last_pos, depth) if has_ape else None
+        )
+        #: The PE rule of this model over all blocks in order (stages flattened): every forward walks it.
+        self.pe_walk = PEWalk(self.block_uses_pos, self.hierarchical, self.last_pos)
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.num_features = dims[-1]
+        self.depths = depths
+        self.dims = tuple(dims)
+        self.grids = tuple(grids)
+        self.window_size = window_size
+        self.norm_eps = norm_eps
+        self.num_prefix_tokens = 0
+        self.pe_cache_enabled = pe_cache
+        self.grad_checkpointing = False
+
+        self.patch_embed = _PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_eps)
+        uses_pos = self.add_pos_to_input or any(self.block_uses_pos) or self.last_pos is not None
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid0[0] * grid0[1], embed_dim)) if uses_pos else None
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = [float(v) for v in torch.linspace(0, drop_path_rate, depth, device="cpu")]
+        stages = []
+        i = 0
+        for s in range(num_stages):
+            blocks = []
+            for j in range(depths[s]):
+                blocks.append(
+                    SwinBlock(
+                        dims[s],
+                        num_heads[s],
+                        grids[s],
+                        window_size,
+                        shift=j % 2 == 1,
+                        mlp_ratio=mlp_ratio,
+                        qkv_bias=qkv_bias,
+                        proj_drop=proj_drop_rate,
+                        attn_drop=attn_drop_rate,
+                        drop_path=dpr[i],
+                        eps=norm_eps,
+                        use_pos=self.block_uses_pos[i],
+                        rpe_norm=self.rpe_norm,
+                    )
+                )
+                i += 1
+            down = PatchMerging(dims[s - 1], dims[s], eps=norm_eps) if s > 0 else None
+            stages.append(SwinStage(down, blocks, grids[s - 1] if s > 0 else grids[0]))
+        self.layers = nn.ModuleList(stages)
+        #: block index (walk order) -> its stage
+        self.block_stage = tuple(s for s in range(num_stages) for _ in range(depths[s]))
+        self.norm = LastLayerNormPE(dims[-1], eps=norm_eps, use_pos=self.last_pos is not None)
+        self.head = _Head(dims[-1], num_classes, drop_rate)
+
+        self.pos_init_std = pos_init_std
+        self.init_weights()
+        self.feature_info = [
+            dict(num_chs=dims[s], reduction=patch_size[0] * 2**s, module=f"layers.{s}") for s in range(num_stages)
+        ]
+        self.default_cfg: dict[str, Any] = self._make_default_cfg()
+        self.pretrained_cfg = self.default_cfg
+
+    # ------------------------------------------------------------------ configuration helpers
+
+    def _resolve_last_pos(self, last_pos: int | None, depth: int) -> int | None:
+        if last_pos is None:
+            return None
+        if isinstance(last_pos, bool) or not isinstance(last_pos, int):
+            raise TypeError(f"last_pos must be an int, None or 'auto', got {last_pos!r}")
+        k = last_pos + depth if last_pos < 0 else last_pos
+        if not 0 <= k < depth:
+            raise ValueError(f"last_pos must be in [-{depth}, {depth - 1}] for {depth} blocks, got {last_pos}")
+        if k > 0 and not self.block_uses_pos[k]:
+            raise ValueError(
+                f"last_pos={last_pos} names the PE term of block {k}, which takes no PE in this "
+                f"configuration (pe={self.pe!r}, include_layer0={self.include_layer0})"
+            )
+        return k
+
+    def _make_default_cfg(self) -> dict[str, Any]:
+        c = self.in_chans
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if c == 3 else ((0.5,) * c, (0.5,) * c)
+        return {
+            "architecture": "swin_transformer",
+            "input_size": (c, *self.patch_embed.img_size),
+            "mean": mean,
+            "std": std,
+            "num_classes": self.num_classes,
+            "interpolation": "bicubic",
+            "crop_pct": 0.9,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head.fc",
+            "pe": self.pe,
+            "pool": self.pool,
+        }
+
+    @property
+    def blocks(self) -> tuple[SwinBlock, ...]:
+        """Every block in walk order (stage 0 first); the modules live in ``layers.i.blocks``."""
+        return tuple(b for stage in self.layers for b in stage.blocks)
+
+    @property
+    def global_pool(self) -> str:
+        """timm's name for the pooling (always ``avg``)."""
+        return "avg"
+
+    @property
+    def has_last_pos(self) -> bool:
+        """Whether the last LN adds LN'_last(pos_k) (MPVG)."""
+        return self.last_pos is not None
+
+    def init_weights(self) -> None:
+        """timm's Swin init: trunc_normal(.02) for Linear weights, the relative bias tables and the absolute PE
+        (``pos_init_std``); zero Linear biases; LayerNorms 1/0 (LN' too); the patch conv keeps PyTorch's init."""
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=self.pos_init_std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (DualLayerNorm, LastLayerNormPE, RelPosBiasNorm)):
+                m.reset_parameters()
+            elif isinstance(m, WindowAttention):
+                nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+        self.clear_pe_cache()
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's Swin parameter groups (layer-wise LR decay); the absolute PE joins the stem."""
+        return dict(
+            stem=r"^patch_embed|pos_embed",
+            blocks=r"^layers\.(\d+)"
+            if coarse
+            else [
+                (r"^layers\.(\d+).downsample", (0,)),
+                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    def no_weight_decay(self) -> set[str]:
+        """The absolute PE and the relative position bias tables (besides every 1-D parameter)."""
+        return {"pos_embed", "relative_position_bias_table"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of storing its activations."""
+        self.grad_checkpointing = bool(enable)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (``head.fc``)."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh classifier for ``num_classes`` (0: identity, pooled features out); ``global_pool`` may only be
+        None or ``avg``."""
+        _check_ints(("num_classes", num_classes, 0))
+        if global_pool is not None and POOL_ALIASES.get(global_pool) != "avg":
+            raise ValueError(f"Swin average-pools: global_pool must be None or 'avg', got {global_pool!r}")
+        self.num_classes = num_classes
+        ref = self.patch_embed.proj.weight
+        if num_classes > 0:
+            fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            nn.init.trunc_normal_(fc.weight, std=0.02)
+            nn.init.zeros_(fc.bias)
+            self.head.fc = fc
+        else:
+            self.head.fc = nn.Identity()
+        self.default_cfg["num_classes"] = num_classes
+
+    # ------------------------------------------------------------------ the PE walk across stages
+
+    def _stage_of(self, p: torch.Tensor) -> int:
+        try:
+            return self.dims.index(p.shape[-1])
+        except ValueError:
+            raise ValueError(f"a PE of width {p.shape[-1]} belongs to no stage (widths {self.dims})") from None
+
+    def _to_stage(self, p: torch.Tensor, stage: int) -> torch.Tensor:
+        """A PE ([1, H_s' * W_s', C_s']) brought to ``stage`` through the downsample layers of the stages between."""
+        cur = self._stage_of(p)
+        if cur > stage:
+            raise ValueError(f"a PE of stage {cur} cannot be brought back to stage {stage}")
+        for s in range(cur + 1, stage + 1):
+            p = self.layers[s].down(p)
+        return p
+
+    def _norm_pos(self, i: int, p: torch.Tensor) -> torch.Tensor:
+        """LN'_i of ``p`` brought to block i's stage (the walk's ``norm_pos``)."""
+        return self.blocks[i].norm1.norm_pos(self._to_stage(p, self.block_stage[i]))
+
+    def _last_pe(self, p: torch.Tensor) -> torch.Tensor:
+        """LN'_last's input: ``p`` brought to the last stage."""
+        return self._to_stage(p, len(self.layers) - 1)
+
+    # ------------------------------------------------------------------ PE cache
+
+    def _pe_tensors(self) -> list[torch.Tensor]:
+        """The tensors the image-independent PE terms are computed from: the PE, every LN', the downsample layers
+        the PE passes and the last norm's bias and LN'_last."""
+        if self.pos_embed is None:
+            return []
+        ts: list[torch.Tensor] = [self.pos_embed]
+        walks = any(self.block_uses_pos) or self.last_pos is not None
+        for stage in self.layers:
+            if walks and isinstance(stage.downsample, PatchMerging):
+                ts += list(stage.downsample.parameters())
+            for blk in stage.blocks:
+                if blk.use_pos:
+                    ts += [blk.norm1.pos_weight, blk.norm1.pos_bias]
+        if self.has_last_pos:
+            ts += [self.norm.bias, self.norm.pos_weight, self.norm.pos_bias]
+        return ts
+
+    def _default_grid(self) -> tuple[int, int]:
+        return self.patch_embed.grid_size
+
+    def compute_pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
+        """The PE, every block's PE term (at its stage), LN'_last's term (at the last stage) and the pooled bias,
+        computed now from the parameters along :attr:`pe_walk` (differentiable; no cache). None without an
+        absolute PE. Only the model's own grid exists (the attention masks are built for it)."""
+        if grid is not None and tuple(grid) != self.patch_embed.grid_size:
+            raise ValueError(f"Swin's PE terms exist for its own token grid {self.patch_embed.grid_size}, not {grid}")
+        if self.pos_embed is None:
+            return None
+        pos = self.pos_embed
+        last = self.norm
+        with no_autocast(pos.device.type):
+            return self.pe_walk.terms(
+                pos,
+                self._norm_pos,
+                last_term=(lambda p: last.pos_term(self._last_pe(p))) if self.has_last_pos else None,
+                pooled_bias=(lambda p: last.pooled_bias(self._last_pe(p))) if self.has_last_pos else None,
+            )
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+        if tuple(x.shape[-2:]) != self.patch_embed.img_size:
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} does not match the model's img_size "
+                f"{self.patch_embed.img_size}; build the model with img_size=..."
+            )
+
+    def _embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        x = self.patch_embed(x)
+        if self.add_pos_to_input:
+            x = x + pos
+        return self.pos_drop(x)
+
+    def _run_block(
+        self, blk: SwinBlock, x: torch.Tensor, pos: torch.Tensor | None, pos_term: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(blk, x, pos, pos_term, use_reentrant=False)
+        return blk(x, pos, pos_term)
+
+    def _forward_body(
+        self,
+        x: torch.Tensor,
+        pe_terms: PETerms | None = None,
+        take: Sequence[int] = (),
+        stop_after: int | None = None,
+    ) -> tuple[torch.Tensor, PETerms | None, torch.Tensor | None, list[torch.Tensor]]:
+        """Images -> (x_{L+1} [B, N_last, C_last], the precomputed terms used or None, LN'_last's source (pos or a
+        block term, not yet brought to the last stage) when computed live, the tokens after each stage in
+        ``take``). ``stop_after``: run stages 0..stop_after only."""
+        self._check_input(x)
+        if pe_terms is None and self.pos_embed is not None:
+            pe_terms = self.pe_terms()
+        pos = None
+        if self.pos_embed is not None:
+            pos = pe_terms.pos if pe_terms is not None else self.pos_embed
+        x = self._embed(x, pos)
+        kept: list[torch.Tensor] = []
+        step = self.pe_walk.start(pos) if pe_terms is None else None
+        i = 0
+        for s, stage in enumerate(self.layers):
+            if stop_after is not None and s > stop_after:
+                break
+            x = stage.down(x)
+            for blk in stage.blocks:
+                if pe_terms is not None:
+                    x, _ = self._run_block(blk, x, None, pe_terms.terms[i])
+                else:
+                    assert step is not None
+                    src = step.source(i)
+                    x, term = self._run_block(blk, x, None if src is None else self._to_stage(src, s))
+                    step.record(i, term)
+                i += 1
+            if s in take:
+                kept.append(x)
+        return x, pe_terms, None if step is None else step.last_source, kept
+
+    def _last_term(self, terms: PETerms | None, last_src: torch.Tensor | None) -> torch.Tensor | None:
+        """LN'_last(p) at the last stage [1, N_last, C_last], or None without a last PE."""
+        if not self.has_last_pos:
+            return None
+        if terms is not None:
+            return terms.last_term
+        if last_src is None:
+            full = self.compute_pe_terms()
+            assert full is not None
+            return full.last_term
+        return self.norm.pos_term(self._last_pe(last_src))
+
+    def forward_features(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
+        """Per-token features [B, N_last, C_last] after the last norm: LN(x_{L+1}) (+ LN'_last(pos) for MPVG)."""
+        x, terms, last_src, _ = self._forward_body(x, pe_terms)
+        return self.norm(x, pos_term=self._last_term(terms, last_src))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Features [B, N, C] (from :meth:`forward_features`) or [B, H, W, C] -> average -> logits."""
+        x = x.mean(dim=tuple(range(1, x.dim() - 1)))
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward_pooled(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
+        """Images -> pooled features [B, C_last] with the fused last step: LN + GAP (+ the cached pooled PE bias,
+        or LN'_last(pos) per token when computed live) in one pass."""
+        x, terms, last_src, _ = self._forward_body(x, pe_terms)
+        if terms is not None and terms.pooled_bias is not None:
+            return self.norm(x, pool=True, pooled_bias=terms.pooled_bias)
+        return self.norm(x, pool=True, pos_term=self._last_term(terms, last_src))
+
+    def forward(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
+        """Images [B, C, H, W] -> logits [B, num_classes] (``pe_terms``: precomputed :meth:`compute_pe_terms`;
+        default: the cache where it may be used, else computed live)."""
+        return self.head(self.forward_pooled(x, pe_terms))
+
+    # ------------------------------------------------------------------ timm's feature contract
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Any:
+        """timm's ``forward_intermediates`` over the stages: the tokens after the stages named by ``indices`` (None:
+        all; int n: the last n; a sequence: those), as [B, C_s, H_s, W_s] (``NCHW``) or [B, H_s, W_s, C_s]
+        (``NHWC``). ``norm=True`` applies the last norm (with LN'_last(pos) for MPVG) to the last stage's output.
+        Returns the list, or (final features [B, H, W, C], normalised when the last stage ran, list)."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        num_stages = len(self.layers)
+        take, max_index = feature_take_indices(num_stages, indices)
+        feats, terms, last_src, kept = self._forward_body(x, take=take, stop_after=max_index if stop_early else None)
+        term = None
+        if (norm and num_stages - 1 in take) or not intermediates_only:
+            term = self._last_term(terms, last_src)
+        out = []
+        for s, y in zip(take, kept, strict=True):
+            if norm and s == num_stages - 1:
+                y = self.norm(y, pos_term=term)
+            h, w = self.grids[s]
+            y = y.reshape(y.shape[0], h, w, -1)
+            out.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return out
+        reached = num_stages - 1 if not stop_early else max_index
+        if reached == num_stages - 1:  # the last norm is sized for (and applied to) the last stage only
+            feats = self.norm(feats, pos_term=term)
+        h, w = self.grids[reached]
+        return feats.reshape(feats.shape[0], h, w, -1), out
+
+    # ------------------------------------------------------------------ analysis
+
+    def forward_analysis(self, x: torch.Tensor) -> dict[str, Any]:
+        """Every intermediate of ``mpvg analyze``, computed with unfused plain-PyTorch steps (no cache); the keys of
+        :meth:`VisionTransformer.forward_analysis <mpvg_kernels.models.VisionTransformer.forward_analysis>`.
+        Entries of block l have block l's stage shape ([B, H_s * W_s, C_s]); ``grid`` is the stage-0 grid, and
+        ``grids`` (per block) and ``last_grid`` give each entry's own grid."""
+        self._check_input(x)
+        pos = self.pos_embed
+        x = self._embed(x, pos)
+        out: dict[str, Any] = {
+            "block_inputs": [],
+            "token_terms": [],
+            "pos_terms": [],
+            "attn_inputs": [],
+            "grid": self.patch_embed.grid_size,
+            "num_prefix_tokens": 0,
+            "grids": [self.grids[s] for s in self.block_stage],
+            "last_grid": self.grids[-1],
+        }
+        step = self.pe_walk.start(pos)
+        i = 0
+        for s, stage in enumerate(self.layers):
+            x = stage.down(x)
+            for blk in stage.blocks:
+                out["block_inputs"].append(x)
+                src = step.source(i)
+                if src is not None:
+                    tok = blk.norm1.norm_tokens(x)
+                    term = blk.norm1.norm_pos(self._to_stage(src, s))
+                    step.record(i, term)
+                    a = tok + term
+                else:
+                    tok, term = blk.norm1(x), None
+                    a = tok
+                out["token_terms"].append(tok)
+                out["pos_terms"].append(term)
+                out["attn_inputs"].append(a)
+                x = blk.forward_rest(x, a)
+                i += 1
+        last_out = self.norm.norm_tokens(x)
+        last_term = None if step.last_source is None else self.norm.pos_term(self._last_pe(step.last_source))
+        feats = last_out if last_term is None else last_out + last_term
+        pooled = feats.mean(dim=1)
+        out.update(
+            last_norm_input=x,
+            last_norm_output=last_out,
+            last_pos_term=last_term,
+            features=feats,
+            pooled=pooled,
+            logits=self.head(pooled),
+        )
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"pe={self.pe!r}, pos_embed={self.pos_embed_type!r}, rpe_norm={self.rpe_norm}, "
+            f"add_pos_to_input={self.add_pos_to_input}, include_layer0={self.include_layer0}, "
+            f"hierarchical={self.hierarchical}, last_pos={self.last_pos}"
+        )
+
+
+def _check_ints(*checks: tuple[str, Any, int]) -> None:
+    """Raise a ValueError naming the first (name, value, minimum) whose value is not an int >= minimum."""
+    for name, value, minimum in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
