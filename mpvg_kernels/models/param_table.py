@@ -44,14 +44,16 @@ def _rows(table: str, model: str, printed: Sequence[float | None], modes: Sequen
 
 
 def _lape(table: str, model: str, ref: tuple[float, int, str] | None = None, label: str = "",
-          **kwargs: Any) -> list[PaperRow]:
+          lape_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> list[PaperRow]:
     """LaPE's default and LaPE rows (LaPE prints no #Params); ``ref``: (M, decimals, source) of the original
-    architecture, compared with the default row."""
+    architecture, compared with the default row; ``lape_kwargs``: options of the LaPE row only."""
     default = PaperRow(table, model, "default", None, 3, dict(kwargs), label, "")
     if ref is not None:
         default = PaperRow(table, model, "default", ref[0], ref[1], dict(kwargs), label, ref[2])
-    return [default, PaperRow(table, model, "lape", None, 3, dict(kwargs), label, "")]
+    return [default, PaperRow(table, model, "lape", None, 3, {**kwargs, **(lape_kwargs or {})}, label, "")]
 
+
+_DEIT_TI_NO_PE = (5.717416 - 197 * 192 / 1e6, 6, "timm's DeiT-Ti minus its learned PE")
 
 #: Every model of MPVG (Lee et al., AAAI 2025) Tables 1-2 and LaPE (Yu et al., ICCV 2023) Tables 1, 2 and 4, in the
 #: papers' order. MPVG prints #Params (M); LaPE prints none (its rows carry ``printed_m=None``).
@@ -69,7 +71,8 @@ PAPER_ROWS: tuple[PaperRow, ...] = tuple(
     # LaPE Table 1: ImageNet-1K (default and LaPE); the default rows next to the original architectures' counts
     + _lape("LaPE T1", "deit_tiny_patch16_224", (5.717416, 6, "timm"))
     + _lape("LaPE T1", "deit_small_patch16_224", (22.050664, 6, "timm"))
-    + _lape("LaPE T1", "t2t_vit_7", (4.3, 1, "T2T-ViT paper"))
+    # T2T-ViT-7* in LaPE: LaPE on the first 3 of the 7 blocks ("we remove the LaPE for the last 4 layers")
+    + _lape("LaPE T1", "t2t_vit_7", (4.3, 1, "T2T-ViT paper"), "*", lape_kwargs={"pe_layers": 3})
     + _lape("LaPE T1", "deit_tiny_distilled_patch16_224", (5.9108, 4, "timm"))
     + _lape("LaPE T1", "deit_small_distilled_patch16_224", (22.436432, 6, "timm"))
     + _lape("LaPE T1", "swin_tiny_patch4_window7_224", (28.288354, 6, "timm"), "RPE", pos_embed="rpe")
@@ -84,10 +87,8 @@ PAPER_ROWS: tuple[PaperRow, ...] = tuple(
     + _lape("LaPE T2", "cvt_7_4_32", None, "CIFAR-100", num_classes=100)
     + _lape("LaPE T2", "cct_7_3x1_32", None, "CIFAR-100", num_classes=100)
     # LaPE Table 4: DeiT-Ti with sinusoidal PEs (basic = default, and LaPE); fixed tables are not parameters
-    + _lape("LaPE T4", "deit_tiny_patch16_224", (5.717416 - 0.000192 * 197, 6, "timm's DeiT-Ti minus its learned PE"), "1-D sin",
-            pos_embed="sincos1d")
-    + _lape("LaPE T4", "deit_tiny_patch16_224", (5.717416 - 0.000192 * 197, 6, "timm's DeiT-Ti minus its learned PE"), "2-D sin",
-            pos_embed="sincos2d")
+    + _lape("LaPE T4", "deit_tiny_patch16_224", _DEIT_TI_NO_PE, "1-D sin", pos_embed="sincos1d")
+    + _lape("LaPE T4", "deit_tiny_patch16_224", _DEIT_TI_NO_PE, "2-D sin", pos_embed="sincos2d")
 )
 
 #: #Params (M) printed by MPVG for (model, pe) at the registered class count (Tables 1 and 2).

@@ -86,7 +86,8 @@ class VisionTransformer(PEModel):
     """ViT/DeiT with default, LaPE, PVG or MPVG position embeddings (see the module docstring for the modes).
 
     Args (beyond the usual ViT ones): ``pe`` (mode), ``pool`` (``cls``/``avg``/``seq``, None = mode default), the knobs
-    ``include_layer0``, ``hierarchical``, ``add_pos_to_input`` (None = mode default) and ``last_pos`` (``"auto"`` =
+    ``include_layer0``, ``hierarchical``, ``add_pos_to_input`` (None = mode default), ``pe_layers`` (only the first
+    k blocks take a PE term: LaPE for partial layers; None = all) and ``last_pos`` (``"auto"`` =
     mode default, None = no PE at the last LN, int k), ``block_style`` (``prenorm``/``cct``), ``norm_eps``,
     ``pos_init_std``, ``patch_init`` (``default``: PyTorch's conv init as in timm/DeiT; ``kaiming_normal``: CCT),
     ``dynamic_img_size`` (resample the PE at forward for other input sizes), ``pe_cache`` (inference PE cache),
@@ -114,6 +115,7 @@ class VisionTransformer(PEModel):
         pe: str = "default",
         pool: str | None = None,
         include_layer0: bool | None = None,
+        pe_layers: int | None = None,
         hierarchical: bool | None = None,
         add_pos_to_input: bool | None = None,
         last_pos: int | str | None = _AUTO,
@@ -165,7 +167,8 @@ class VisionTransformer(PEModel):
             raise ValueError(f"patch_init must be 'default' or 'kaiming_normal', got {patch_init!r}")
         preset = PRESETS[pe]
         if not preset.layerwise:
-            for name, value in (("include_layer0", include_layer0), ("hierarchical", hierarchical)):
+            for name, value in (("include_layer0", include_layer0), ("hierarchical", hierarchical),
+                                ("pe_layers", pe_layers)):
                 if value is not None:
                     raise ValueError(f"{name} applies to the layer-wise modes (lape, pvg, mpvg), not pe={pe!r}")
         self.pe = pe
@@ -174,7 +177,17 @@ class VisionTransformer(PEModel):
         self.include_layer0 = preset.include_layer0 if include_layer0 is None else bool(include_layer0)
         self.hierarchical = preset.hierarchical if hierarchical is None else bool(hierarchical)
         self.add_pos_to_input = preset.add_pos_to_input if add_pos_to_input is None else bool(add_pos_to_input)
-        self.block_uses_pos = tuple(self.layerwise and (i > 0 or self.include_layer0) for i in range(depth))
+        if pe_layers is not None:
+            _check_sizes(("pe_layers", pe_layers, 1))
+            if pe_layers > depth:
+                raise ValueError(f"pe_layers={pe_layers} is more than the {depth} blocks")
+        #: None: every block takes its PE term (from block 1 without include_layer0); k: only blocks 0..k-1 do
+        #: (LaPE's "LaPE for partial layers", its Table 6 and the T2T-ViT-7* row of its Table 1)
+        self.pe_layers = pe_layers
+        self.block_uses_pos = tuple(
+            self.layerwise and (i > 0 or self.include_layer0) and (pe_layers is None or i < pe_layers)
+            for i in range(depth)
+        )
         self.last_pos = self._resolve_last_pos(preset.last_pos if last_pos == _AUTO else last_pos, depth)
         #: The PE rule of this model (which block gets which PE, the source of LN'_last): every forward walks it.
         self.pe_walk = PEWalk(self.block_uses_pos, self.hierarchical, self.last_pos)

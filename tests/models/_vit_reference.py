@@ -78,12 +78,14 @@ class RefViT(nn.Module):
         self.x_plus_pe = knobs.get("x_plus_pe", x_plus_pe)
         self.last = knobs.get("last", last)
         self.pool = pool
+        pe_layers = knobs.get("pe_layers", depth)
         n = (img // patch) ** 2 + (1 if pool == "cls" else 0)
         self.conv = nn.Conv2d(chans, dim, patch, patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         self.pos = nn.Parameter(torch.zeros(1, n, dim))
         self.blocks = nn.ModuleList(
-            RefBlock(dim, heads, int(dim * mlp_ratio), qkv_bias, eps, layerwise and (i > 0 or self.layer0), cct)
+            RefBlock(dim, heads, int(dim * mlp_ratio), qkv_bias, eps,
+                     layerwise and (i > 0 or self.layer0) and i < pe_layers, cct)
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=eps)

@@ -40,6 +40,9 @@ CASES = [
     ("mpvg", "avg", {"include_layer0": True}, {"layer0": True}),
     ("mpvg", "avg", {"hierarchical": False}, {"hier": False}),
     ("mpvg", "avg", {"add_pos_to_input": False}, {"x_plus_pe": False}),
+    # LaPE for partial layers (LaPE Table 6; its T2T-ViT-7* row): only the first k blocks take a PE term
+    ("lape", "cls", {"pe_layers": 2}, {"pe_layers": 2}),
+    ("mpvg", "avg", {"pe_layers": 2}, {"pe_layers": 2}),
     # MPVG Table 5: which pos_k feeds the last LN
     ("mpvg", "avg", {"last_pos": 1}, {"last": 1}),
     ("mpvg", "avg", {"last_pos": -1}, {"last": 2}),
