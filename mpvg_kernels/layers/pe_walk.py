@@ -26,7 +26,19 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["PE_MODES", "POOLS", "POOL_ALIASES", "PEPreset", "PETerms", "PEWalk", "PRESETS", "default_pool"]
+__all__ = [
+    "AUTO",
+    "PE_MODES",
+    "POOLS",
+    "POOL_ALIASES",
+    "PEKnobs",
+    "PEPreset",
+    "PETerms",
+    "PEWalk",
+    "PRESETS",
+    "default_pool",
+    "resolve_pe_knobs",
+]
 
 #: The position-embedding modes, in the order the papers' tables list them.
 PE_MODES: tuple[str, ...] = ("default", "lape", "pvg", "mpvg")
@@ -54,6 +66,10 @@ PRESETS: dict[str, PEPreset] = {
     "pvg": PEPreset(layerwise=True, add_pos_to_input=True, include_layer0=False, hierarchical=True, last_pos=None),
     "mpvg": PEPreset(layerwise=True, add_pos_to_input=True, include_layer0=False, hierarchical=True, last_pos=0),
 }
+
+
+#: ``last_pos="auto"``: the mode's own value.
+AUTO = "auto"
 
 
 def default_pool(pe: str) -> str:
@@ -174,3 +190,85 @@ class PEWalk:
             if pooled_bias is not None:
                 out.pooled_bias = pooled_bias(src)
         return out
+
+
+@dataclass(frozen=True)
+class PEKnobs:
+    """A mode's knobs resolved for a model of ``len(block_uses_pos)`` blocks (what :func:`resolve_pe_knobs`
+    returns); :meth:`walk` is the model's :class:`PEWalk`."""
+
+    pe: str
+    layerwise: bool
+    include_layer0: bool
+    hierarchical: bool
+    add_pos_to_input: bool
+    last_pos: int | None
+    pe_layers: int | None
+    block_uses_pos: tuple[bool, ...]
+
+    @property
+    def uses_pos(self) -> bool:
+        """Whether the model needs an absolute PE at all (at the input, in a block or at the last norm)."""
+        return self.add_pos_to_input or any(self.block_uses_pos) or self.last_pos is not None
+
+    def walk(self) -> PEWalk:
+        """The PE walk of these knobs."""
+        return PEWalk(self.block_uses_pos, self.hierarchical, self.last_pos)
+
+
+def resolve_pe_knobs(
+    pe: str,
+    depth: int,
+    *,
+    include_layer0: bool | None = None,
+    hierarchical: bool | None = None,
+    add_pos_to_input: bool | None = None,
+    last_pos: int | str | None = AUTO,
+    pe_layers: int | None = None,
+    include_layer0_default: bool | None = None,
+) -> PEKnobs:
+    """The knobs of mode ``pe`` for ``depth`` blocks: every knob left at None (``last_pos="auto"``) takes the
+    mode's preset (:data:`PRESETS`); ``include_layer0_default`` replaces the preset's ``include_layer0`` for the
+    layer-wise modes (Swin includes layer 0 in every one). ``pe_layers=k``: only blocks 0..k-1 take a PE term (LaPE
+    for partial layers). ``last_pos``: None, 0 (``pos``) or block k >= 1 (negative counts from the end), which must
+    take a PE term. Raises ValueError (TypeError for a ``last_pos`` of the wrong type) naming what is wrong."""
+    if pe not in PRESETS:
+        raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
+    preset = PRESETS[pe]
+    if not preset.layerwise:
+        for name, value in (("include_layer0", include_layer0), ("hierarchical", hierarchical),
+                            ("pe_layers", pe_layers)):
+            if value is not None:
+                raise ValueError(f"{name} applies to the layer-wise modes (lape, pvg, mpvg), not pe={pe!r}")
+    if pe_layers is not None and (isinstance(pe_layers, bool) or not isinstance(pe_layers, int)
+                                  or not 1 <= pe_layers <= depth):
+        raise ValueError(f"pe_layers must be an integer in [1, {depth}] (the number of blocks), got {pe_layers!r}")
+    layer0_default = preset.include_layer0
+    if include_layer0_default is not None and preset.layerwise:
+        layer0_default = include_layer0_default
+    layer0 = layer0_default if include_layer0 is None else bool(include_layer0)
+    uses = tuple(preset.layerwise and (i > 0 or layer0) and (pe_layers is None or i < pe_layers)
+                 for i in range(depth))
+    last = preset.last_pos if last_pos == AUTO else last_pos
+    if last is not None:
+        if isinstance(last, bool) or not isinstance(last, int):
+            raise TypeError(f"last_pos must be an int, None or 'auto', got {last_pos!r}")
+        k = last + depth if last < 0 else last
+        if not 0 <= k < depth:
+            raise ValueError(f"last_pos must be in [-{depth}, {depth - 1}] for depth {depth}, got {last}")
+        if k > 0 and not uses[k]:
+            raise ValueError(
+                f"last_pos={last} names the PE term of block {k}, but block {k} takes no PE in this "
+                f"configuration (pe={pe!r}, include_layer0={layer0}, pe_layers={pe_layers})"
+            )
+        last = k
+    return PEKnobs(
+        pe=pe,
+        layerwise=preset.layerwise,
+        include_layer0=layer0,
+        hierarchical=preset.hierarchical if hierarchical is None else bool(hierarchical),
+        add_pos_to_input=preset.add_pos_to_input if add_pos_to_input is None else bool(add_pos_to_input),
+        last_pos=last,
+        pe_layers=pe_layers,
+        block_uses_pos=uses,
+    )

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..layers.pe_cache import PECache
-from ..layers.pe_walk import PETerms
+from ..layers.pe_walk import PEKnobs, PETerms
 
 __all__ = ["PEModel", "count_parameters"]
 
@@ -63,6 +63,21 @@ class PEModel(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
+
+    def _set_pe_knobs(self, knobs: PEKnobs) -> None:
+        """Adopt resolved PE knobs (:func:`~mpvg_kernels.layers.pe_walk.resolve_pe_knobs`): the attributes
+        ``pe``, ``layerwise``, ``include_layer0``, ``hierarchical``, ``add_pos_to_input``, ``pe_layers``,
+        ``block_uses_pos``, ``last_pos`` and the model's walk ``pe_walk``."""
+        self.pe = knobs.pe
+        self.layerwise = knobs.layerwise
+        self.include_layer0 = knobs.include_layer0
+        self.hierarchical = knobs.hierarchical
+        self.add_pos_to_input = knobs.add_pos_to_input
+        self.pe_layers = knobs.pe_layers
+        self.block_uses_pos = knobs.block_uses_pos
+        self.last_pos = knobs.last_pos
+        #: The PE rule of this model (which block gets which PE, the source of LN'_last): every forward walks it.
+        self.pe_walk = knobs.walk()
 
     def clear_pe_cache(self) -> None:
         """Drop the inference PE cache (needed only after writes that bypass autograd, e.g. ``p.data.add_()``)."""

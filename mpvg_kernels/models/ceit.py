@@ -68,14 +68,14 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.blocks import Attention, DropPath, Mlp, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import no_autocast
-from ..layers.pe_walk import PE_MODES, POOL_ALIASES, POOLS, PRESETS, PETerms, PEWalk, default_pool
+from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, POOLS, PETerms, default_pool, resolve_pe_knobs
 from ..layers.pos_embed import resample_abs_pos_embed
 from .base import PEModel
 from .vision_transformer import _check_sizes
 
 __all__ = ["CeiT", "CeiTBlock", "I2TEmbed", "Image2Tokens", "LCABlock", "LocallyEnhancedFeedForward"]
 
-_AUTO = "auto"
+_AUTO = AUTO
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -359,21 +359,11 @@ class CeiT(PEModel):
                 "pool='cls' feeds the class token of every layer to the LCA and needs it; class_token=False goes "
                 "with pool='avg' (the LCA then attends over the per-layer averages of the patch tokens)"
             )
-        preset = PRESETS[pe]
-        if not preset.layerwise:
-            for name, value in (("include_layer0", include_layer0), ("hierarchical", hierarchical)):
-                if value is not None:
-                    raise ValueError(f"{name} applies to the layer-wise modes (lape, pvg, mpvg), not pe={pe!r}")
-        self.pe = pe
+        self._set_pe_knobs(resolve_pe_knobs(
+            pe, depth, include_layer0=include_layer0, hierarchical=hierarchical, add_pos_to_input=add_pos_to_input,
+            last_pos=last_pos,
+        ))
         self.pool = pool
-        self.layerwise = preset.layerwise
-        self.include_layer0 = preset.include_layer0 if include_layer0 is None else bool(include_layer0)
-        self.hierarchical = preset.hierarchical if hierarchical is None else bool(hierarchical)
-        self.add_pos_to_input = preset.add_pos_to_input if add_pos_to_input is None else bool(add_pos_to_input)
-        self.block_uses_pos = tuple(self.layerwise and (i > 0 or self.include_layer0) for i in range(depth))
-        self.last_pos = self._resolve_last_pos(preset.last_pos if last_pos == _AUTO else last_pos, depth)
-        #: The PE rule of this model (which block gets which PE, the source of LN'_last): every forward walks it.
-        self.pe_walk = PEWalk(self.block_uses_pos, self.hierarchical, self.last_pos)
 
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
@@ -419,21 +409,6 @@ class CeiT(PEModel):
         self.pretrained_cfg = self.default_cfg
 
     # ------------------------------------------------------------------ configuration helpers
-
-    def _resolve_last_pos(self, last_pos: int | None, depth: int) -> int | None:
-        if last_pos is None:
-            return None
-        if isinstance(last_pos, bool) or not isinstance(last_pos, int):
-            raise TypeError(f"last_pos must be an int, None or 'auto', got {last_pos!r}")
-        k = last_pos + depth if last_pos < 0 else last_pos
-        if not 0 <= k < depth:
-            raise ValueError(f"last_pos must be in [-{depth}, {depth - 1}] for depth {depth}, got {last_pos}")
-        if k > 0 and not self.block_uses_pos[k]:
-            raise ValueError(
-                f"last_pos={last_pos} names the PE term of block {k}, but block {k} takes no PE in this "
-                f"configuration (pe={self.pe!r}, include_layer0={self.include_layer0})"
-            )
-        return k
 
     def _make_default_cfg(self) -> dict[str, Any]:
         c = self.i2t.backbone.conv.in_channels

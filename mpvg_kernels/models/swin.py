@@ -56,6 +56,7 @@ Image-independent PE terms: :meth:`SwinTransformer.compute_pe_terms` (live), the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -65,7 +66,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.blocks import DropPath, Mlp, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import no_autocast
-from ..layers.pe_walk import PE_MODES, POOL_ALIASES, PRESETS, PETerms, PEWalk
+from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, PETerms, resolve_pe_knobs
 from ..layers.window_attention import (
     PatchMerging,
     RelPosBiasNorm,
@@ -82,7 +83,7 @@ __all__ = ["POS_EMBEDS", "SwinBlock", "SwinStage", "SwinTransformer"]
 #: The position embeddings a Swin model can have: a learned absolute PE plus the relative bias, or the bias alone.
 POS_EMBEDS: tuple[str, ...] = ("learn", "rpe")
 
-_AUTO = "auto"
+_AUTO = AUTO
 
 
 class SwinBlock(nn.Module):
@@ -288,15 +289,8 @@ class SwinTransformer(PEModel):
             if d % h:
                 raise ValueError(f"stage {s}: width {d} is not divisible by num_heads {h}")
 
-        preset = PRESETS[pe]
-        if not preset.layerwise:
-            for name, value in (("include_layer0", include_layer0), ("hierarchical", hierarchical)):
-                if value is not None:
-                    raise ValueError(f"{name} applies to the layer-wise modes (lape, pvg, mpvg), not pe={pe!r}")
-        self.pe = pe
         self.pool = "avg"
         self.pos_embed_type = pos_embed
-        self.layerwise = preset.layerwise
         self.rpe_norm = (pe == "lape") if rpe_norm is None else bool(rpe_norm)
         has_ape = pos_embed == "learn"
         if not has_ape:
@@ -319,18 +313,15 @@ class SwinTransformer(PEModel):
                     raise ValueError(f"{name} needs an absolute position embedding; pos_embed='rpe' has none")
             if last_pos not in (_AUTO, None):
                 raise ValueError("last_pos needs an absolute position embedding; pos_embed='rpe' has none")
-        self.include_layer0 = bool(self.layerwise) if include_layer0 is None else bool(include_layer0)
-        self.hierarchical = preset.hierarchical if hierarchical is None else bool(hierarchical)
-        self.add_pos_to_input = has_ape and (
-            preset.add_pos_to_input if add_pos_to_input is None else bool(add_pos_to_input)
-        )
         depth = sum(depths)
-        self.block_uses_pos = tuple(has_ape and self.layerwise and (i > 0 or self.include_layer0) for i in range(depth))
-        self.last_pos = (
-            self._resolve_last_pos(preset.last_pos if last_pos == _AUTO else last_pos, depth) if has_ape else None
+        # "for Swin, PVG and MPVG exceptionally include layer 0": every layer-wise mode includes it by default
+        knobs = resolve_pe_knobs(
+            pe, depth, include_layer0=include_layer0, hierarchical=hierarchical, add_pos_to_input=add_pos_to_input,
+            last_pos=last_pos if has_ape else None, include_layer0_default=True,
         )
-        #: The PE rule of this model over all blocks in order (stages flattened): every forward walks it.
-        self.pe_walk = PEWalk(self.block_uses_pos, self.hierarchical, self.last_pos)
+        if not has_ape:  # the relative bias alone: no absolute PE anywhere
+            knobs = replace(knobs, add_pos_to_input=False, block_uses_pos=(False,) * depth, last_pos=None)
+        self._set_pe_knobs(knobs)
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -390,21 +381,6 @@ class SwinTransformer(PEModel):
         self.pretrained_cfg = self.default_cfg
 
     # ------------------------------------------------------------------ configuration helpers
-
-    def _resolve_last_pos(self, last_pos: int | None, depth: int) -> int | None:
-        if last_pos is None:
-            return None
-        if isinstance(last_pos, bool) or not isinstance(last_pos, int):
-            raise TypeError(f"last_pos must be an int, None or 'auto', got {last_pos!r}")
-        k = last_pos + depth if last_pos < 0 else last_pos
-        if not 0 <= k < depth:
-            raise ValueError(f"last_pos must be in [-{depth}, {depth - 1}] for {depth} blocks, got {last_pos}")
-        if k > 0 and not self.block_uses_pos[k]:
-            raise ValueError(
-                f"last_pos={last_pos} names the PE term of block {k}, which takes no PE in this "
-                f"configuration (pe={self.pe!r}, include_layer0={self.include_layer0})"
-            )
-        return k
 
     def _make_default_cfg(self) -> dict[str, Any]:
         c = self.in_chans

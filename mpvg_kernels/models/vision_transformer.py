@@ -58,7 +58,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers.blocks import Block, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import no_autocast
-from ..layers.pe_walk import PE_MODES, POOL_ALIASES, PRESETS, PETerms, PEWalk, default_pool
+from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, PETerms, PEWalk, default_pool, resolve_pe_knobs
 from ..layers.pe_walk import POOLS as _WALK_POOLS
 from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
 from ..layers.tokenizers import build_tokenizer
@@ -73,7 +73,7 @@ __all__ = [
     "feature_take_indices",
 ]
 
-_AUTO = "auto"
+_AUTO = AUTO
 
 #: The poolings of :class:`VisionTransformer`: those of every family (``cls``, ``avg``) and ``seq`` (CVT/CCT).
 POOLS: tuple[str, ...] = (*_WALK_POOLS, "seq")
@@ -165,32 +165,11 @@ class VisionTransformer(PEModel):
             raise ValueError(f"pos_embed='sincos2d' needs an embed_dim divisible by 4, got {embed_dim}")
         if patch_init not in ("default", "kaiming_normal"):
             raise ValueError(f"patch_init must be 'default' or 'kaiming_normal', got {patch_init!r}")
-        preset = PRESETS[pe]
-        if not preset.layerwise:
-            for name, value in (("include_layer0", include_layer0), ("hierarchical", hierarchical),
-                                ("pe_layers", pe_layers)):
-                if value is not None:
-                    raise ValueError(f"{name} applies to the layer-wise modes (lape, pvg, mpvg), not pe={pe!r}")
-        self.pe = pe
+        self._set_pe_knobs(resolve_pe_knobs(
+            pe, depth, include_layer0=include_layer0, hierarchical=hierarchical, add_pos_to_input=add_pos_to_input,
+            last_pos=last_pos, pe_layers=pe_layers,
+        ))
         self.pool = pool
-        self.layerwise = preset.layerwise
-        self.include_layer0 = preset.include_layer0 if include_layer0 is None else bool(include_layer0)
-        self.hierarchical = preset.hierarchical if hierarchical is None else bool(hierarchical)
-        self.add_pos_to_input = preset.add_pos_to_input if add_pos_to_input is None else bool(add_pos_to_input)
-        if pe_layers is not None:
-            _check_sizes(("pe_layers", pe_layers, 1))
-            if pe_layers > depth:
-                raise ValueError(f"pe_layers={pe_layers} is more than the {depth} blocks")
-        #: None: every block takes its PE term (from block 1 without include_layer0); k: only blocks 0..k-1 do
-        #: (LaPE's "LaPE for partial layers", its Table 6 and the T2T-ViT-7* row of its Table 1)
-        self.pe_layers = pe_layers
-        self.block_uses_pos = tuple(
-            self.layerwise and (i > 0 or self.include_layer0) and (pe_layers is None or i < pe_layers)
-            for i in range(depth)
-        )
-        self.last_pos = self._resolve_last_pos(preset.last_pos if last_pos == _AUTO else last_pos, depth)
-        #: The PE rule of this model (which block gets which PE, the source of LN'_last): every forward walks it.
-        self.pe_walk = PEWalk(self.block_uses_pos, self.hierarchical, self.last_pos)
 
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
@@ -255,21 +234,6 @@ class VisionTransformer(PEModel):
         self.pretrained_cfg = self.default_cfg
 
     # ------------------------------------------------------------------ configuration helpers
-
-    def _resolve_last_pos(self, last_pos: int | None, depth: int) -> int | None:
-        if last_pos is None:
-            return None
-        if isinstance(last_pos, bool) or not isinstance(last_pos, int):
-            raise TypeError(f"last_pos must be an int, None or 'auto', got {last_pos!r}")
-        k = last_pos + depth if last_pos < 0 else last_pos
-        if not 0 <= k < depth:
-            raise ValueError(f"last_pos must be in [-{depth}, {depth - 1}] for depth {depth}, got {last_pos}")
-        if k > 0 and not self.block_uses_pos[k]:
-            raise ValueError(
-                f"last_pos={last_pos} names the PE term of block {k}, but block {k} takes no PE in this "
-                f"configuration (pe={self.pe!r}, include_layer0={self.include_layer0})"
-            )
-        return k
 
     def _fixed_pos_embed(self, grid: tuple[int, int], like: torch.Tensor | None = None) -> torch.Tensor:
         """The fixed sin-cos table [1, P + h*w, D] for ``grid`` (dtype/device of ``like``, else float32 CPU)."""
