@@ -21,6 +21,7 @@ __all__ = [
     "Block",
     "DropPath",
     "Mlp",
+    "PEBlock",
     "PEStream",
     "PatchEmbed",
     "StreamDualLayerNorm",
@@ -139,7 +140,34 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-class Block(nn.Module):
+class PEBlock(nn.Module):
+    """Base of every block whose attention input may carry a PE term (ViT, Swin and CeiT blocks): holds ``use_pos``
+    and ``norm1`` (a :class:`~mpvg_kernels.layers.DualLayerNorm` when ``use_pos``, else a LayerNorm) and computes
+    the attention input from them."""
+
+    use_pos: bool
+    norm1: nn.Module
+
+    def _init_norm1(self, dim: int, eps: float, use_pos: bool) -> None:
+        self.use_pos = use_pos
+        self.norm1 = DualLayerNorm(dim, eps=eps) if use_pos else nn.LayerNorm(dim, eps=eps)
+
+    def attn_input(
+        self, x: torch.Tensor, pos: torch.Tensor | None = None, pos_term: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(attention input, this block's PE term or None): LN1(x) + LN'(pos) through the fused op, LN1(x) +
+        ``pos_term`` for a precomputed term (the model's PE cache or given terms), or LN1(x) for a block without
+        PE."""
+        if not self.use_pos:
+            return self.norm1(x), None
+        if pos_term is not None:
+            return self.norm1._forward_cached_term(x, pos_term), pos_term
+        if pos is None:
+            raise ValueError("this block adds a position embedding to its attention input: pass pos")
+        return self.norm1(x, pos)
+
+
+class Block(PEBlock):
     """A transformer block whose attention input may carry a PE term: ``LN1(x) + pos_term``.
 
     ``use_pos``: ``norm1`` is a :class:`~mpvg_kernels.layers.DualLayerNorm` (LN1 + LN'), else a plain LayerNorm.
@@ -162,27 +190,13 @@ class Block(nn.Module):
         super().__init__()
         if block_style not in BLOCK_STYLES:
             raise ValueError(f"block_style must be one of {BLOCK_STYLES}, got {block_style!r}")
-        self.use_pos = use_pos
         self.block_style = block_style
-        self.norm1: nn.Module = DualLayerNorm(dim, eps=eps) if use_pos else nn.LayerNorm(dim, eps=eps)
+        self._init_norm1(dim, eps, use_pos)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def attn_input(
-        self, x: torch.Tensor, pos: torch.Tensor | None = None, pos_term: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(attention input, PE for the next block). With a PE: LN1(x) + LN'(pos) (fused), or LN1(x) + pos_term
-        for a precomputed term; the second output is the term. Without: (LN1(x), pos unchanged)."""
-        if not self.use_pos:
-            return self.norm1(x), pos
-        if pos_term is not None:  # a term of the model's PE cache
-            return self.norm1._forward_cached_term(x, pos_term), pos_term
-        if pos is None:
-            raise ValueError("this block adds a position embedding to its attention input: pass pos")
-        return self.norm1(x, pos)
 
     def forward_rest(self, x: torch.Tensor, attn_in: torch.Tensor) -> torch.Tensor:
         """The block after its first norm: attention on ``attn_in``, residual, then the MLP half."""
@@ -195,9 +209,9 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, pos: torch.Tensor | None = None, pos_term: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, T, D], pos [1, T, D] -> (x_next, PE for the next block)."""
-        a, pos_next = self.attn_input(x, pos, pos_term)
-        return self.forward_rest(x, a), pos_next
+        """x [B, T, D], pos [1, T, D] -> (x_next, this block's PE term or None)."""
+        a, term = self.attn_input(x, pos, pos_term)
+        return self.forward_rest(x, a), term
 
 
 # ----------------------------------------------------------------------------- norms for timm's own Block

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers.blocks import Attention, DropPath, Mlp, to_2tuple
+from ..layers.blocks import Attention, DropPath, Mlp, PEBlock, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import no_autocast
 from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, POOLS, PETerms, default_pool, resolve_pe_knobs
@@ -175,7 +175,7 @@ class LocallyEnhancedFeedForward(nn.Module):
         return torch.cat([prefix, t], dim=1) if num_prefix_tokens else t.contiguous()
 
 
-class CeiTBlock(nn.Module):
+class CeiTBlock(PEBlock):
     """Encoder block: x = x + MSA(LN1(x) [+ PE term]); x = x + LeFF(LN2(x)).
 
     ``use_pos``: ``norm1`` is a :class:`~mpvg_kernels.layers.DualLayerNorm` (LN1 + LN'), else a LayerNorm.
@@ -196,25 +196,11 @@ class CeiTBlock(nn.Module):
         leff_out_act: bool = False,
     ) -> None:
         super().__init__()
-        self.use_pos = use_pos
-        self.norm1: nn.Module = DualLayerNorm(dim, eps=eps) if use_pos else nn.LayerNorm(dim, eps=eps)
+        self._init_norm1(dim, eps, use_pos)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.leff = LocallyEnhancedFeedForward(dim, int(dim * mlp_ratio), kernel_size, leff_out_act)
-
-    def attn_input(
-        self, x: torch.Tensor, pos: torch.Tensor | None = None, pos_term: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(attention input, this block's PE term): LN1(x) + LN'(pos) through the fused op, or LN1(x) + pos_term
-        for a precomputed term; (LN1(x), None) for a block without PE."""
-        if not self.use_pos:
-            return self.norm1(x), None
-        if pos_term is not None:
-            return self.norm1._forward_cached_term(x, pos_term), pos_term
-        if pos is None:
-            raise ValueError("this block adds a position embedding to its attention input: pass pos")
-        return self.norm1(x, pos)
 
     def forward_rest(
         self, x: torch.Tensor, attn_in: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers.blocks import DropPath, Mlp, to_2tuple
+from ..layers.blocks import DropPath, Mlp, PEBlock, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import no_autocast
 from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, PETerms, resolve_pe_knobs
@@ -86,7 +86,7 @@ POS_EMBEDS: tuple[str, ...] = ("learn", "rpe")
 _AUTO = AUTO
 
 
-class SwinBlock(nn.Module):
+class SwinBlock(PEBlock):
     """A Swin block on tokens [B, H * W, C]: (shifted) window attention on ``LN1(x) [+ PE term]``, then the MLP.
 
     ``use_pos``: ``norm1`` is a :class:`DualLayerNorm` (LN1 + LN'), else a plain LayerNorm."""
@@ -112,8 +112,7 @@ class SwinBlock(nn.Module):
         # timm's rule: a window no larger than the map, and no shift where one window covers a dimension
         self.window = tuple(min(g, window) for g in grid)
         self.shift = tuple(0 if g <= window or not shift else window // 2 for g in grid)
-        self.use_pos = use_pos
-        self.norm1: nn.Module = DualLayerNorm(dim, eps=eps) if use_pos else nn.LayerNorm(dim, eps=eps)
+        self._init_norm1(dim, eps, use_pos)
         self.attn = WindowAttention(dim, num_heads, self.window, qkv_bias, attn_drop, proj_drop, rpe_norm=rpe_norm)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
@@ -121,19 +120,6 @@ class SwinBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         mask = shifted_window_mask(grid, self.window, self.shift) if any(self.shift) else None
         self.register_buffer("attn_mask", mask, persistent=False)
-
-    def attn_input(
-        self, x: torch.Tensor, pos: torch.Tensor | None = None, pos_term: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(attention input, this block's PE term or None): LN1(x) + LN'(pos) (fused), LN1(x) + pos_term for a
-        precomputed term, or LN1(x) for a block without PE."""
-        if not self.use_pos:
-            return self.norm1(x), None
-        if pos_term is not None:
-            return self.norm1._forward_cached_term(x, pos_term), pos_term
-        if pos is None:
-            raise ValueError("this block adds a position embedding to its attention input: pass pos")
-        return self.norm1(x, pos)
 
     def window_attention(self, a: torch.Tensor) -> torch.Tensor:
         """Shift, partition, attend, merge and shift back: [B, H * W, C] -> [B, H * W, C]."""
