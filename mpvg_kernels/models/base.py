@@ -107,6 +107,27 @@ class PEModel(nn.Module):
         grid = self._default_grid() if grid is None else tuple(grid)
         return self._pe_cache.get(tensors, lambda: self.compute_pe_terms(grid), extra=grid)
 
+    def _data_cfg(
+        self, architecture: str, first_conv: str, classifier: str | tuple[str, ...], crop_pct: float = 0.875
+    ) -> dict[str, Any]:
+        """A ``default_cfg`` for this model: ``input_size`` from ``in_chans`` and ``patch_embed.img_size``,
+        ImageNet mean/std for 3 channels (0.5 otherwise), bicubic, ``num_classes``, ``pe`` and ``pool``."""
+        c = self.in_chans
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if c == 3 else ((0.5,) * c, (0.5,) * c)
+        return {
+            "architecture": architecture,
+            "input_size": (c, *self.patch_embed.img_size),
+            "mean": mean,
+            "std": std,
+            "num_classes": self.num_classes,
+            "interpolation": "bicubic",
+            "crop_pct": crop_pct,
+            "first_conv": first_conv,
+            "classifier": classifier,
+            "pe": self.pe,
+            "pool": self.pool,
+        }
+
     def pe_norm_parameter_names(self) -> list[str]:
         """State-dict keys of the PE LayerNorms (LN'_l and LN'_last): the keys a checkpoint of the original
         architecture lacks."""

@@ -397,21 +397,12 @@ class CeiT(PEModel):
     # ------------------------------------------------------------------ configuration helpers
 
     def _make_default_cfg(self) -> dict[str, Any]:
-        c = self.i2t.backbone.conv.in_channels
-        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if c == 3 else ((0.5,) * c, (0.5,) * c)
-        return {
-            "architecture": "ceit",
-            "input_size": (c, *self.i2t.img_size),
-            "mean": mean,
-            "std": std,
-            "num_classes": self.num_classes,
-            "interpolation": "bicubic",
-            "crop_pct": 0.875,
-            "first_conv": "i2t.backbone.conv",
-            "classifier": "head",
-            "pe": self.pe,
-            "pool": self.pool,
-        }
+        return self._data_cfg("ceit", "i2t.backbone.conv", "head")
+
+    @property
+    def in_chans(self) -> int:
+        """Input channels (of the I2T stem's first convolution)."""
+        return self.i2t.backbone.conv.in_channels
 
     @property
     def patch_embed(self) -> I2TEmbed:

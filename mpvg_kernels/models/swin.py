@@ -369,21 +369,7 @@ class SwinTransformer(PEModel):
     # ------------------------------------------------------------------ configuration helpers
 
     def _make_default_cfg(self) -> dict[str, Any]:
-        c = self.in_chans
-        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if c == 3 else ((0.5,) * c, (0.5,) * c)
-        return {
-            "architecture": "swin_transformer",
-            "input_size": (c, *self.patch_embed.img_size),
-            "mean": mean,
-            "std": std,
-            "num_classes": self.num_classes,
-            "interpolation": "bicubic",
-            "crop_pct": 0.9,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head.fc",
-            "pe": self.pe,
-            "pool": self.pool,
-        }
+        return self._data_cfg("swin_transformer", "patch_embed.proj", "head.fc", crop_pct=0.9)
 
     @property
     def blocks(self) -> tuple[SwinBlock, ...]:

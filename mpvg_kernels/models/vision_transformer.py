@@ -247,21 +247,8 @@ class VisionTransformer(PEModel):
         )
 
     def _make_default_cfg(self) -> dict[str, Any]:
-        c = self.in_chans
-        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if c == 3 else ((0.5,) * c, (0.5,) * c)
-        return {
-            "architecture": "vision_transformer",
-            "input_size": (c, *self.patch_embed.img_size),
-            "mean": mean,
-            "std": std,
-            "num_classes": self.num_classes,
-            "interpolation": "bicubic",
-            "crop_pct": 0.875,
-            "first_conv": f"patch_embed.{self.patch_embed.first_conv}",
-            "classifier": ("head", "head_dist") if self.distilled else "head",
-            "pe": self.pe,
-            "pool": self.pool,
-        }
+        classifier = ("head", "head_dist") if self.distilled else "head"
+        return self._data_cfg("vision_transformer", f"patch_embed.{self.patch_embed.first_conv}", classifier)
 
     def _make_feature_info(self) -> list[dict[str, Any]]:
         r = max(self.patch_embed.patch_size)

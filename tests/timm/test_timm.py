@@ -394,3 +394,17 @@ def test_attach_pe_refuses():
         attach_pe(timm.create_model("deit_tiny_patch16_224", **SMALL), pe="lape")
     with pytest.raises(ValueError, match="fc_norm=False"):
         attach_pe(timm.create_model("deit_tiny_patch16_224", global_pool="avg", **SMALL), pe="mpvg")
+
+
+@pytest.mark.parametrize("arch", ["ceit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "t2t_vit_7",
+                                  "cct_7_3x1_32", "deit_tiny_distilled_patch16_224"])
+def test_every_family_through_timm_create_model(arch):
+    from mpvg_kernels.models import MODEL_CFGS, create_model
+
+    m = timm.create_model(f"mpvg_{arch}", **MODEL_CFGS[arch]["tiny"], in_chans=1, num_classes=3)
+    ours = create_model(arch, pe="mpvg", tiny=True, in_chans=1, num_classes=3)
+    assert type(m) is type(ours) and m.pe == "mpvg" and m.num_classes == 3
+    cfg = m.pretrained_cfg
+    assert cfg["input_size"] == ours.default_cfg["input_size"] and cfg["first_conv"] == ours.default_cfg["first_conv"]
+    c, h, w = cfg["input_size"]
+    assert m.eval()(torch.randn(2, c, h, w)).shape == (2, 3)
