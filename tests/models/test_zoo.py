@@ -9,6 +9,7 @@ training run on the bundled digits that learns.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -142,21 +143,37 @@ def test_papers_parameter_counts():
             assert lape[(r["table"], r["model"], r["label"])]["params"] > r["params"]
 
 
+def _main_mode(name: str) -> str:
+    return "mpvg" if "mpvg" in model_pe_modes(name) else "lape"
+
+
 @pytest.mark.parametrize("name", TRAIN)
 def test_every_family_learns_the_digits(name: str, tmp_path: Path):
     pytest.importorskip("sklearn", reason="the digits data needs scikit-learn (the train extra)")
+    from PIL import Image
+
+    from mpvg_kernels.export import export_model, load_model
     from mpvg_kernels.train.config import build_config
+    from mpvg_kernels.train.data import digits_split
+    from mpvg_kernels.train.evaluate import evaluate_checkpoint
+    from mpvg_kernels.train.predict import predict_images
     from mpvg_kernels.train.trainer import train
 
-    pe = "mpvg" if "mpvg" in model_pe_modes(name) else "lape"
-    cfg = build_config("digits", flags=dict(model=name, pe=pe, model_kwargs={"tiny": True, "in_chans": 1},
+    cfg = build_config("digits", flags=dict(model=name, pe=_main_mode(name), model_kwargs={"tiny": True,
+                                                                                           "in_chans": 1},
                                             epochs=int(MODEL_CFGS[name].get("tiny_epochs", 10)), eval_every=100))
     summary = train(cfg, tmp_path / "run", verbose=False)
     assert summary["top1"] >= 50.0, summary  # chance is 10 %
-
-
-def _main_mode(name: str) -> str:
-    return "mpvg" if "mpvg" in model_pe_modes(name) else "lape"
+    # the trained model through the other commands' library calls, rebuilt from its checkpoint
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    assert evaluate_checkpoint(ckpt, batch_size=128)["top1"] == pytest.approx(summary["top1"])
+    images, _, _, test_idx = digits_split()
+    png = tmp_path / "d.png"
+    Image.fromarray(images[test_idx[0]]).save(png)
+    assert len(predict_images(ckpt, [png], topk=3)[0]["top"]) == 3
+    if importlib.util.find_spec("onnxruntime") is not None:
+        res = export_model(load_model(None, None, ckpt), tmp_path / "m.onnx", "onnx", verify=True)
+        assert res.max_abs_diff is not None and res.max_abs_diff < 1e-4, res.message
 
 
 @pytest.mark.parametrize("name", TRAIN)
