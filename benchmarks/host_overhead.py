@@ -1,12 +1,26 @@
-"""Host (Python) overhead per call of the Triton-backed ops, with the kernel launches stubbed out.
+"""Host (Python) overhead per call of the Triton-backed ops, with the kernel launches stubbed out: the registered
+``mpvg::`` op path next to the eager fast path, in one run.
 
 Runs on CPU under the Triton interpreter's dispatch (``TRITON_INTERPRET=1`` routes CPU tensors to the Triton
 launchers) with ``Launch.__call__`` replaced by a no-op, so what is timed is everything the package does in
-Python before and around the kernels: argument checks, backend resolution, the dispatcher, planning, buffer
-allocation, the partial-sum finish, and autograd bookkeeping for the backward. On a GPU the same code runs,
-plus the launch itself (a few microseconds per kernel in Triton's launcher).
+Python before and around the kernels: argument checks, backend resolution, the dispatcher and torch.library's
+autograd layer (registered path only), planning, buffer allocation, the partial-sum finish, and the autograd
+bookkeeping of the backward node. On a GPU the same code runs, plus the launches themselves (Triton's launcher,
+a few microseconds per kernel).
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [--iters 2000] [--json out.json]
+    PYTHONPATH=. python benchmarks/host_overhead.py [--iters 2000] [--json out.json] [--dry-run]
+
+Rows (microseconds per call, best of 5 repeats of ``--iters`` calls):
+
+- ``forward``: the public ``layer_norm_add`` under ``torch.no_grad`` (the inference call);
+- ``backward``: one call of the autograd node the training forward leaves on its output (``grad_fn.apply``:
+  the backward's Python, planning, allocation and launches; the engine's own C++ work is the same for both paths);
+- ``forward_grad``: the public ``layer_norm_add`` with inputs that require grad (records the autograd node);
+- ``train``: ``forward_grad`` plus ``torch.autograd.grad`` through the engine (everything a training step pays);
+- ``plan_forward`` / ``plan_backward``: the registered path's planning alone; ``empty``: one ``torch.empty``
+  (a unit for comparing machines).
+
+The target is ``forward`` and ``backward`` <= 10 us on the eager path.
 """
 
 from __future__ import annotations
@@ -24,7 +38,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton / mpv
 import torch  # noqa: E402
 
 import mpvg_kernels  # noqa: E402
+from mpvg_kernels.ops import eager  # noqa: E402
 from mpvg_kernels.ops import triton_kernels as tk  # noqa: E402
+
+PATHS = ("registered", "eager")
+ROWS = ("forward", "backward", "forward_grad", "train")
+TARGET_US = 10.0
 
 
 def _stub_launches() -> None:
@@ -37,46 +56,83 @@ def _best_us(fn, iters: int, repeats: int = 5) -> float:
         fn()
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         for _ in range(iters):
             fn()
-        best = min(best, (time.perf_counter() - t0) / iters * 1e6)
+        best = min(best, (time.thread_time() - t0) / iters * 1e6)
     return best
 
 
-def measure(iters: int = 2000, B: int = 4, N: int = 16, D: int = 64) -> dict[str, float]:
-    """Microseconds of Python per call with the launches stubbed (best of 5).
+def _path_rows(iters: int, x, pe, w, b, leaves) -> dict[str, float]:
+    """The four rows of one path (the caller has selected it)."""
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        out["forward"] = _best_us(lambda: mpvg_kernels.layer_norm_add(x, pe, w, b), iters)
+    xg, peg, wg, bg = leaves
+    y = mpvg_kernels.layer_norm_add(xg, peg, wg, bg)
+    g = torch.ones_like(y)
+    node = y.grad_fn
+    # The registered op's node takes one gradient per op output (y, mean, rstd); the fast path's one.
+    n_out = 3 if "Generated" in type(node).__name__ else 1
+    grads = (g,) + (None,) * (n_out - 1)
+    with torch.no_grad():
+        out["backward"] = _best_us(lambda: node.apply(*grads), iters)
+    out["forward_grad"] = _best_us(lambda: mpvg_kernels.layer_norm_add(xg, peg, wg, bg), iters)
 
-    forward_us: the public ``layer_norm_add`` under no_grad (checks, dispatch, custom op, planning, allocation);
-    backward_us: the ``mpvg::layer_norm_add_backward`` op (planning, allocation, the partial-sum finish);
-    plan_forward_us / plan_backward_us: the launchers' planning alone; empty_us: one ``torch.empty`` (a unit
-    for comparing machines).
-    """
+    def train() -> None:
+        torch.autograd.grad(mpvg_kernels.layer_norm_add(xg, peg, wg, bg), leaves, g)
+
+    out["train"] = _best_us(train, max(1, iters // 2))
+    return out
+
+
+def measure(iters: int = 2000, B: int = 4, N: int = 16, D: int = 64) -> dict[str, dict[str, float]]:
+    """Microseconds of Python per call with the launches stubbed: ``{path: {row: us}}`` for the registered and
+    the eager path, plus ``{"common": {...}}`` (planning alone, one ``torch.empty``)."""
     _stub_launches()
     torch.set_num_threads(1)
     x = torch.empty(B, N, D, dtype=torch.bfloat16)
     pe = torch.empty(N, D, dtype=torch.bfloat16)
     w = torch.ones(D)
     b = torch.zeros(D)
-    out: dict[str, float] = {}
-    out["empty_us"] = _best_us(lambda: torch.empty(B * N), iters)
-    with mpvg_kernels.use_backend("triton"), torch.no_grad():
-        out["forward_us"] = _best_us(lambda: mpvg_kernels.layer_norm_add(x, pe, w, b), iters)
+    leaves = tuple(t.detach().clone().requires_grad_(True) for t in (x, pe, w, b))
+    res: dict[str, dict[str, float]] = {}
+    with mpvg_kernels.use_backend("triton"):
+        for path in PATHS:
+            with eager.use_eager_fast_path(path == "eager"):
+                res[path] = _path_rows(iters, x, pe, w, b, leaves)
     y, mean, rstd = torch.ops.mpvg.layer_norm_add(x, pe, w, b, 1e-6)
     g = torch.empty_like(y)
-    out["backward_us"] = _best_us(lambda: torch.ops.mpvg.layer_norm_add_backward(g, x, w, mean, rstd, True), iters)
-    out["plan_forward_us"] = _best_us(lambda: tk.plan_forward(x, pe, w, b, 1e-6, False), iters)
-    out["plan_backward_us"] = _best_us(lambda: tk.plan_backward(g, x, w, mean, rstd, True, False), iters)
-    return out
+    res["common"] = {
+        "empty": _best_us(lambda: torch.empty(B * N), iters),
+        "plan_forward": _best_us(lambda: tk.plan_forward(x, pe, w, b, 1e-6, False), iters),
+        "plan_backward": _best_us(lambda: tk.plan_backward(g, x, w, mean, rstd, True, False), iters),
+    }
+    return res
+
+
+def report(res: dict[str, dict[str, float]]) -> str:
+    """A plain-text table: one row per measurement, the two paths side by side."""
+    lines = [
+        "host overhead per call in us (launches stubbed, best of 5; bf16 x [4, 16, 64], triton launchers)",
+        f"{'':<14}{'registered':>12}{'eager':>10}{'speed-up':>10}",
+    ]
+    for row in ROWS:
+        r, e = res["registered"][row], res["eager"][row]
+        mark = "" if row not in ("forward", "backward") else ("  <= 10 us" if e <= TARGET_US else "  > 10 us")
+        lines.append(f"{row:<14}{r:>12.1f}{e:>10.1f}{r / e:>9.1f}x{mark}")
+    lines.append("common: " + ", ".join(f"{k} {v:.1f}" for k, v in res["common"].items()))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--json", default=None)
+    p.add_argument("--dry-run", action="store_true", help="a few iterations only: checks that the script runs")
     a = p.parse_args(argv)
-    res = measure(a.iters)
-    print("host overhead per call (launches stubbed, best of 5): " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()))
+    res = measure(5 if a.dry_run else a.iters)
+    print(report(res))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -121,8 +121,22 @@ def use_backend(name: str) -> Iterator[None]:
         _state["backend"] = old
 
 
+#: resolve_backend's answers, keyed by (configured name, device type, C++ loaded, Triton found); only answers,
+#: never errors, are kept, and every input of the rule is part of the key.
+_resolved: dict[tuple, str] = {}
+
+
 def resolve_backend(device: torch.device) -> str:
     """The concrete backend that serves tensors on ``device`` under the current choice."""
+    key = (_state["backend"], device.type, _state["cpp_loaded"], _TRITON_FOUND)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve(device)
+        _resolved[key] = name
+    return name
+
+
+def _resolve(device: torch.device) -> str:
     name = str(_state["backend"])
     if name == "auto":
         if device.type == "cpu" and _state["cpp_loaded"]:
