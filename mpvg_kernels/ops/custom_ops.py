@@ -118,8 +118,10 @@ else:
 # ----------------------------------------------------------------------------- autograd
 
 
-def _make_autograd(pool: bool):
-    bwd_op = torch.ops.mpvg.layer_norm_pool_backward if pool else torch.ops.mpvg.layer_norm_add_backward
+def _make_autograd(pool: bool, namespace: str = "mpvg"):
+    """(setup_context, backward) of a forward op of ``namespace`` whose backward op is ``NAMESPACE::*_backward``."""
+    ops = getattr(torch.ops, namespace)
+    bwd_op = ops.layer_norm_pool_backward if pool else ops.layer_norm_add_backward
 
     def setup_context(ctx, inputs, output):
         if pool:
@@ -251,8 +253,9 @@ def _fused(
     """The fused op on a kernel backend (``cpp`` or ``triton``): [B, N, D] ([B, D] when ``pool``) for x [B, N, D].
 
     Plain eager calls take the eager fast path (``eager.py``: the same kernels without torch.library's Python
-    layers); everything else (compiling, exporting, tracing, modes, subclasses, empty inputs) the registered
-    ``mpvg::`` op, so one dtype rule holds on both: x's dtype, float32 under CUDA autocast.
+    layers); everything else (compiling, exporting, tracing, modes, subclasses, empty inputs) a registered op: the
+    ``mpvg::`` op, or under the ``triton_op`` design (``backends.set_op_design``) the ``mpvg_triton::`` op except
+    while exporting. One dtype rule holds on every path: x's dtype, float32 under CUDA autocast.
     """
     x3, pe, weight, bias = _op_args(x, pe, weight, bias)
     if x3.numel() and eager.applies(x3, pe, weight, bias):
@@ -261,9 +264,12 @@ def _fused(
             if cast is not None:
                 x3, pe, weight, bias = cast
         return eager.layer_norm(backend, x3, pe, weight, bias, eps, pool)
+    ops = torch.ops.mpvg
+    if backends._state["op_design"] == "triton_op" and not torch.compiler.is_exporting():
+        ops = torch.ops.mpvg_triton
     if pool:
-        return torch.ops.mpvg.layer_norm_pool(x3, weight, bias, pe, eps)[0]
-    return torch.ops.mpvg.layer_norm_add(x3, pe, weight, bias, eps)[0]
+        return ops.layer_norm_pool(x3, weight, bias, pe, eps)[0]
+    return ops.layer_norm_add(x3, pe, weight, bias, eps)[0]
 
 
 def _layer_norm_add(
@@ -332,3 +338,12 @@ def layer_norm_pool(
     if x.shape[-2] == 0:
         raise ValueError(f"layer_norm_pool needs at least one token to average, got x of shape {tuple(x.shape)}")
     return _layer_norm_pool(x, weight, bias, pe, eps)
+
+
+if backends.get_op_design() == "triton_op":  # MPVG_OP_DESIGN=triton_op: register the mpvg_triton:: ops now
+    backends.set_op_design("triton_op")
+elif backends.get_op_design() not in backends.OP_DESIGNS:
+    raise ValueError(
+        f"MPVG_OP_DESIGN={backends.get_op_design()!r} is not an op design; choose one of "
+        f"{', '.join(backends.OP_DESIGNS)}"
+    )

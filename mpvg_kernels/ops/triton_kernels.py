@@ -50,6 +50,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from .reference import acc_dtype
 
@@ -169,11 +170,11 @@ def _eps_pair(eps: float) -> tuple[float, float]:
 
 
 def _addr_mod(t: torch.Tensor) -> int:
-    """Start address of t modulo 16 bytes (0 for tensors without storage: meta/fake tensors plan as aligned)."""
-    try:
-        return t.data_ptr() % 16  # 0 for meta tensors
-    except RuntimeError:  # fake tensors
-        return 0
+    """Start address of t modulo 16 bytes. Meta tensors plan as aligned; fake tensors (tracing) by their storage
+    offset, as Inductor assumes their storage 16-byte aligned (it copies an input that is not at run time)."""
+    if is_fake(t):
+        return int(t.storage_offset()) * t.element_size() % 16
+    return t.data_ptr() % 16  # 0 for meta tensors
 
 
 def vector_width(elem_size: int, strides: tuple[int, ...], addr_mods: tuple[int, ...]) -> int:
@@ -469,9 +470,9 @@ class BackwardPlan(NamedTuple):
 
     launch: Launch | None
     dx: torch.Tensor
-    dpe_part: torch.Tensor | None  # [splits, pitch_pe]: [N, D] per split
-    dw_part: torch.Tensor  # [programs, pitch_w]: [D] per program
-    db_part: torch.Tensor  # [programs, pitch_w]
+    #: the partial sums: dweight [programs, pitch_w], then dbias [programs, pitch_w], then (with pe) dpe
+    #: [splits, pitch_pe] ([N, D] per split); None when nothing is launched
+    part: torch.Tensor | None
     finish: Launch | None = None  # the fixed-order sum of the partials into dpe, dweight, dbias
     dpe: torch.Tensor | None = None  # [N, D] or [0] (accumulation dtype)
     dw: torch.Tensor | None = None  # [D]
@@ -681,7 +682,7 @@ def plan_backward(
     if B * N == 0:
         dpe = torch.zeros((N, D) if has_pe else (0,), dtype=acc, device=dev)
         zeros = torch.zeros(D, dtype=acc, device=dev)
-        return BackwardPlan(None, dx, None, zeros, zeros, None, dpe, zeros, zeros.clone())
+        return BackwardPlan(None, dx, None, None, dpe, zeros, zeros.clone())
     if grad.stride(-1) != 1 and grad.shape[-1] > 1:
         grad = grad.contiguous()
     if not weight.is_contiguous():
@@ -689,18 +690,13 @@ def plan_backward(
     gs = (grad.stride(0), 0) if pool else (grad.stride(0), grad.stride(1))
     st = _bwd_static(B, N, D, (x3.stride(0), x3.stride(1)), gs, dtype, (_addr_mod(x3), _addr_mod(grad)), has_pe, pool)
     part = torch.empty(st.part_numel, dtype=acc, device=dev)
-    db_off, dpe_off = st.scalars[:2]
-    dw_part = part[:db_off].view(st.programs, st.pitch_w)
-    db_part = part[db_off:dpe_off].view(st.programs, st.pitch_w)
-    dpe_part = part[dpe_off:].view(st.splits, st.pitch_pe) if has_pe else None
     dw = torch.empty(D, dtype=acc, device=dev)
     db = torch.empty(D, dtype=acc, device=dev)
     dpe = torch.empty((N, D) if has_pe else (0,), dtype=acc, device=dev)
     args = (x3, grad, weight, mean, rstd, dx, part, 0, *st.scalars)
     outs = (dw, db, dpe) if has_pe else (dw, db)
     return BackwardPlan(
-        Launch(_ln_bwd_kernel, st.grid, args, st.meta), dx, dpe_part, dw_part, db_part,
-        _finish_launch(st.finish, part, outs), dpe, dw, db,
+        Launch(_ln_bwd_kernel, st.grid, args, st.meta), dx, part, _finish_launch(st.finish, part, outs), dpe, dw, db,
     )  # fmt: skip
 
 

@@ -68,7 +68,7 @@ def poison(monkeypatch):
     def poisoned_backward(*args, **kwargs):
         plan = plan_bwd(*args, **kwargs)
         if plan.launch is not None:
-            for t in (plan.dx, plan.dpe_part, plan.dw_part, plan.db_part, plan.dpe, plan.dw, plan.db):
+            for t in (plan.dx, plan.part, plan.dpe, plan.dw, plan.db):
                 if t is not None:
                     t.fill_(math.nan)
         return plan
