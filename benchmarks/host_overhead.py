@@ -8,24 +8,30 @@ autograd layer (registered path only), planning, buffer allocation, the partial-
 bookkeeping of the backward node. On a GPU the same code runs, plus the launches themselves (Triton's launcher,
 a few microseconds per kernel).
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [--iters 2000] [--json out.json] [--dry-run]
+    PYTHONPATH=. python benchmarks/host_overhead.py [--iters 1000] [--json out.json] [--dry-run]
 
-Rows (microseconds per call, best of 5 repeats of ``--iters`` calls):
+Rows (microseconds per call, best of 20 repeats of ``--iters`` calls):
 
 - ``forward``: the public ``layer_norm_add`` under ``torch.no_grad`` (the inference call);
 - ``backward``: one call of the autograd node the training forward leaves on its output (``grad_fn.apply``:
   the backward's Python, planning, allocation and launches; the engine's own C++ work is the same for both paths);
+- ``backward_op``: the layer below that node: the ``mpvg::layer_norm_add_backward`` op (registered path) or
+  ``triton_kernels.backward_eager`` (eager path);
 - ``forward_grad``: the public ``layer_norm_add`` with inputs that require grad (records the autograd node);
 - ``train``: ``forward_grad`` plus ``torch.autograd.grad`` through the engine (everything a training step pays);
+- ``backward_bf16_pe``: ``backward`` with a bfloat16 pe, whose float32 gradient is converted by a separate tensor
+  op on both paths;
 - ``plan_forward`` / ``plan_backward``: the registered path's planning alone; ``empty``: one ``torch.empty``
   (a unit for comparing machines).
 
+x is bfloat16 [4, 16, 64]; pe, weight and bias float32 (the parameters' dtype in mixed precision) unless stated.
 The target is ``forward`` and ``backward`` <= 10 us on the eager path.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -42,7 +48,7 @@ from mpvg_kernels.ops import eager  # noqa: E402
 from mpvg_kernels.ops import triton_kernels as tk  # noqa: E402
 
 PATHS = ("registered", "eager")
-ROWS = ("forward", "backward", "forward_grad", "train")
+ROWS = ("forward", "backward", "backward_op", "forward_grad", "train", "backward_bf16_pe")
 TARGET_US = 10.0
 
 
@@ -50,39 +56,61 @@ def _stub_launches() -> None:
     tk.Launch.__call__ = lambda self: None  # type: ignore[method-assign]
 
 
-def _best_us(fn, iters: int, repeats: int = 5) -> float:
-    """Best (least disturbed) of ``repeats`` timings of ``iters`` calls, in microseconds per call."""
+def _best_us(fn, iters: int, repeats: int = 20) -> float:
+    """Best (least disturbed) of ``repeats`` timings of ``iters`` calls, in microseconds of this thread's CPU time
+    per call (other processes on a shared machine then cost only what they disturb in the caches), with the
+    garbage collector off."""
     for _ in range(min(iters, 100)):
         fn()
     best = float("inf")
-    for _ in range(repeats):
-        t0 = time.thread_time()
-        for _ in range(iters):
-            fn()
-        best = min(best, (time.thread_time() - t0) / iters * 1e6)
+    gc.collect()
+    gc.disable()  # a collection inside a timing would be charged to whichever path happens to trigger it
+    try:
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            for _ in range(iters):
+                fn()
+            best = min(best, (time.thread_time() - t0) / iters * 1e6)
+    finally:
+        gc.enable()
     return best
 
 
-def _path_rows(iters: int, x, pe, w, b, leaves) -> dict[str, float]:
-    """The four rows of one path (the caller has selected it)."""
+def _node_call(leaves):
+    """(the autograd node of a training forward, the gradients its ``apply`` takes)."""
+    y = mpvg_kernels.layer_norm_add(*leaves)
+    node = y.grad_fn
+    # The registered op's node takes one gradient per op output (y, mean, rstd); the eager path's one.
+    n_out = 3 if "Generated" in type(node).__name__ else 1
+    return node, (torch.ones_like(y),) + (None,) * (n_out - 1)
+
+
+def _path_rows(path: str, iters: int, x, pe, w, b, leaves, leaves_bf16_pe) -> dict[str, float]:
+    """The rows of one path (the caller has selected it)."""
     out: dict[str, float] = {}
     with torch.no_grad():
         out["forward"] = _best_us(lambda: mpvg_kernels.layer_norm_add(x, pe, w, b), iters)
-    xg, peg, wg, bg = leaves
-    y = mpvg_kernels.layer_norm_add(xg, peg, wg, bg)
-    g = torch.ones_like(y)
-    node = y.grad_fn
-    # The registered op's node takes one gradient per op output (y, mean, rstd); the fast path's one.
-    n_out = 3 if "Generated" in type(node).__name__ else 1
-    grads = (g,) + (None,) * (n_out - 1)
+    node, grads = _node_call(leaves)
     with torch.no_grad():
         out["backward"] = _best_us(lambda: node.apply(*grads), iters)
-    out["forward_grad"] = _best_us(lambda: mpvg_kernels.layer_norm_add(xg, peg, wg, bg), iters)
+        g = grads[0]
+        if path == "registered":
+            _, mean, rstd = torch.ops.mpvg.layer_norm_add(x, pe, w, b, 1e-6)
+            out["backward_op"] = _best_us(
+                lambda: torch.ops.mpvg.layer_norm_add_backward(g, x, w, mean, rstd, True), iters
+            )
+        else:
+            _, stats = tk.forward_eager(x, pe, w, b, 1e-6, False, True)
+            out["backward_op"] = _best_us(lambda: tk.backward_eager(g, x, w, stats, True, False), iters)
+    out["forward_grad"] = _best_us(lambda: mpvg_kernels.layer_norm_add(*leaves), iters)
 
     def train() -> None:
-        torch.autograd.grad(mpvg_kernels.layer_norm_add(xg, peg, wg, bg), leaves, g)
+        torch.autograd.grad(mpvg_kernels.layer_norm_add(*leaves), leaves, g)
 
     out["train"] = _best_us(train, max(1, iters // 2))
+    node, grads = _node_call(leaves_bf16_pe)
+    with torch.no_grad():
+        out["backward_bf16_pe"] = _best_us(lambda: node.apply(*grads), iters)
     return out
 
 
@@ -91,16 +119,17 @@ def measure(iters: int = 2000, B: int = 4, N: int = 16, D: int = 64) -> dict[str
     the eager path, plus ``{"common": {...}}`` (planning alone, one ``torch.empty``)."""
     _stub_launches()
     torch.set_num_threads(1)
-    x = torch.empty(B, N, D, dtype=torch.bfloat16)
-    pe = torch.empty(N, D, dtype=torch.bfloat16)
+    x = torch.randn(B, N, D).to(torch.bfloat16)
+    pe = torch.randn(N, D)
     w = torch.ones(D)
     b = torch.zeros(D)
     leaves = tuple(t.detach().clone().requires_grad_(True) for t in (x, pe, w, b))
+    leaves_bf16_pe = tuple(t.detach().clone().requires_grad_(True) for t in (x, pe.to(torch.bfloat16), w, b))
     res: dict[str, dict[str, float]] = {}
     with mpvg_kernels.use_backend("triton"):
         for path in PATHS:
             with eager.use_eager_fast_path(path == "eager"):
-                res[path] = _path_rows(iters, x, pe, w, b, leaves)
+                res[path] = _path_rows(path, iters, x, pe, w, b, leaves, leaves_bf16_pe)
     y, mean, rstd = torch.ops.mpvg.layer_norm_add(x, pe, w, b, 1e-6)
     g = torch.empty_like(y)
     res["common"] = {
@@ -114,7 +143,8 @@ def measure(iters: int = 2000, B: int = 4, N: int = 16, D: int = 64) -> dict[str
 def report(res: dict[str, dict[str, float]]) -> str:
     """A plain-text table: one row per measurement, the two paths side by side."""
     lines = [
-        "host overhead per call in us (launches stubbed, best of 5; bf16 x [4, 16, 64], triton launchers)",
+        "host overhead per call in us (launches stubbed, best of 20, thread CPU time; bf16 x [4, 16, 64], fp32 pe "
+        "and params; triton launchers)",
         f"{'':<14}{'registered':>12}{'eager':>10}{'speed-up':>10}",
     ]
     for row in ROWS:
@@ -127,7 +157,7 @@ def report(res: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--iters", type=int, default=1000, help="calls per timing; the best of 20 timings is reported")
     p.add_argument("--json", default=None)
     p.add_argument("--dry-run", action="store_true", help="a few iterations only: checks that the script runs")
     a = p.parse_args(argv)

@@ -206,7 +206,8 @@ def layer_norm_add(
     """
     if pe is None:
         raise TypeError("pe is required for layer_norm_add (use torch.nn.functional.layer_norm without it)")
-    x, pe, weight, bias, eps = _check_common(x, "pe", pe, weight, bias, eps)
+    if not V.quick_ok(x, pe, weight, bias, eps):
+        x, pe, weight, bias, eps = _check_common(x, "pe", pe, weight, bias, eps)
     return _layer_norm_add(x, pe, weight, bias, eps)
 
 
@@ -238,7 +239,7 @@ def _op_args(
         weight = weight.contiguous()
     if not bias.is_contiguous():
         bias = bias.contiguous()
-    return _as_3d(x), pe, weight, bias
+    return (x if x.dim() == 3 else _as_3d(x)), pe, weight, bias
 
 
 def _fused(

@@ -38,6 +38,7 @@ _state: dict[str, bool] = {
 #: Tensor types the fast path accepts: subclasses (fake, functional, user subclasses) take the registered ops.
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _BELOW_AUTOGRAD = _C._AutoDispatchBelowAutograd
+_F32, _F64 = torch.float32, torch.float64
 
 
 def set_eager_fast_path(enabled: bool) -> None:
@@ -111,22 +112,23 @@ class FusedLayerNorm(torch.autograd.Function):
     """Autograd of the fast path: ``LN(x3) * weight + bias (+ pe)``, per token or pooled, on one backend.
 
     Its backward is the registered ops' (``custom_ops._make_autograd``): the backward kernel, or, when a graph of
-    the gradient is being built (``create_graph=True``), the reference's differentiable formulas.
+    the gradient is being built (``create_graph=True``), the reference's differentiable formulas; gradients in the
+    accumulation dtype are converted to the dtypes of pe, weight and bias as there.
     """
 
     @staticmethod
     def forward(ctx, x3, pe, weight, bias, eps, pool, backend):  # type: ignore[override]
         if backend == "triton":
-            out, stats = _triton().forward_eager(x3, pe, weight, bias, eps, pool, True)
+            out, stats, ctx.plan = _triton().forward_eager_planned(x3, pe, weight, bias, eps, pool, True)
             ctx.save_for_backward(x3, weight, stats)
         else:
             out, mean, rstd = _cpp_forward(x3, pe, weight, bias, eps, pool)
             ctx.save_for_backward(x3, weight, mean, rstd)
-        ctx.eps = eps
-        ctx.pool = pool
-        ctx.backend = backend
-        ctx.pe_dtype = None if pe is None else pe.dtype
-        ctx.bias_dtype = bias.dtype
+        acc = _F64 if x3.dtype == _F64 else _F32
+        pe_cast = None if pe is None or pe.dtype == acc else pe.dtype
+        w_cast = None if weight.dtype == acc else weight.dtype
+        b_cast = None if bias.dtype == acc else bias.dtype
+        ctx.info = (eps, pool, backend, pe is not None, pe_cast, w_cast, b_cast)
         ctx.set_materialize_grads(False)
         return out
 
@@ -134,27 +136,26 @@ class FusedLayerNorm(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         if grad is None:
             return None, None, None, None, None, None, None
+        eps, pool, backend, has_pe, pe_cast, w_cast, b_cast = ctx.info
         saved = ctx.saved_tensors
         x3, weight = saved[0], saved[1]
-        pool = ctx.pool
-        pe_dtype = ctx.pe_dtype
-        has_pe = pe_dtype is not None
         if _C.is_grad_enabled() and (grad.requires_grad or x3.requires_grad or weight.requires_grad):
-            dx, dpe, dw, db = reference.backward_differentiable(grad, x3, weight, ctx.eps, has_pe, pool)
-        elif ctx.backend == "triton":
-            dx, dpe, dw, db = _triton().backward_eager(grad, x3, weight, saved[2], has_pe, pool)
+            dx, dpe, dw, db = reference.backward_differentiable(grad, x3, weight, eps, has_pe, pool)
+            if not has_pe:
+                dpe = None
+        elif backend == "triton":
+            dx, dpe, dw, db = _triton().backward_eager(grad, x3, weight, saved[2], has_pe, pool, ctx.plan)
         else:
             with _BELOW_AUTOGRAD():
                 dx, dpe, dw, db = _cpp_ops(pool)[1](grad.contiguous(), x3, weight, saved[2], saved[3], has_pe)
-        if has_pe:
-            if dpe.dtype != pe_dtype:
-                dpe = dpe.to(pe_dtype)
-        else:
-            dpe = None
-        if dw.dtype != weight.dtype:
-            dw = dw.to(weight.dtype)
-        if db.dtype != ctx.bias_dtype:
-            db = db.to(ctx.bias_dtype)
+            if not has_pe:
+                dpe = None
+        if pe_cast is not None:
+            dpe = dpe.to(pe_cast)
+        if w_cast is not None:
+            dw = dw.to(w_cast)
+        if b_cast is not None:
+            db = db.to(b_cast)
         return dx, dpe, dw, db, None, None, None
 
 

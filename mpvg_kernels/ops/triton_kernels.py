@@ -66,6 +66,7 @@ __all__ = [
     "forward",
     "forward_config",
     "forward_eager",
+    "forward_eager_planned",
     "partial_traffic_ratio",
     "plan_backward",
     "plan_forward",
@@ -749,6 +750,10 @@ class _EagerFwd(NamedTuple):
     out: tuple  # (size, stride) of out, of the stats buffer, of the pooled partials (or None)
     stats: tuple
     partial: tuple | None
+    tail: tuple  # the kernel's scalar arguments after the tensors: rstd_off, st.scalars, eps_hi, eps_lo
+    contiguous_out: bool  # out may be allocated with torch.empty_like(x3)
+    #: the backward plan for a gradient laid out like out (contiguous, aligned), once a backward has needed it
+    bwd: list
 
 
 class _EagerBwd(NamedTuple):
@@ -757,6 +762,10 @@ class _EagerBwd(NamedTuple):
     part: tuple
     param: tuple
     dpe: tuple
+    tail: tuple  # the backward kernel's scalar arguments after the tensors: rstd_off, st.scalars
+    fin: tuple  # the finish's scalars: (offsets, then per segment (parts, pitch, width[, blocks]))
+    contiguous_dx: bool  # dx may be allocated with torch.empty_like(x3)
+    gstrides: tuple  # the gradient strides this plan was made for
 
 
 def forward_eager(
@@ -775,33 +784,61 @@ def forward_eager(
     is one ``[2 * B * N]`` buffer (mean, then rstd) when ``keep_stats``; otherwise the kernel skips the
     statistics. The launches and their arithmetic are :func:`forward`'s: the results are bitwise the same.
     """
+    out, stats, _ = forward_eager_planned(x3, pe, weight, bias, eps, pool, keep_stats)
+    return out, stats
+
+
+def forward_eager_planned(
+    x3: torch.Tensor,
+    pe: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    pool: bool,
+    keep_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, _EagerFwd]:
+    """:func:`forward_eager` plus its cached plan, which :func:`backward_eager` takes as ``hint``."""
     shape = x3.shape
+    strides = x3.stride()
     dtype = x3.dtype
-    key = (shape, x3.stride(), dtype, x3.data_ptr() % 16, pe is not None, pool, keep_stats)
+    key = (shape, strides, dtype, x3.data_ptr() % 16, pe is not None, pool, keep_stats, eps)
     plan = _EAGER_FWD.get(key)
     if plan is None:
-        if len(_EAGER_FWD) >= _EAGER_MAX:
-            _EAGER_FWD.clear()
-        B, N, D = shape
-        st = _fwd_static(B, N, D, *key[1][:2], dtype, (key[3],), *key[4:])
-        plan = _EAGER_FWD[key] = _EagerFwd(
-            st, _contig(B, D) if pool else _contig(B, N, D), _contig(2 * B * N),
-            None if st.finish is None else _contig(st.splits, B, D),
-        )  # fmt: skip
+        plan = _plan_forward_eager(key)
     st = plan.st
-    dev = x3.device
-    out = torch.empty_like(x3) if not pool and x3.is_contiguous() else _empty(*plan.out, dtype=dtype, device=dev)
-    stats = _empty(*plan.stats, dtype=st.acc, device=dev) if keep_stats else None
-    s = out if stats is None else stats  # never written without STATS
-    target = out if plan.partial is None else _empty(*plan.partial, dtype=st.acc, device=dev)
-    pe_arg = weight if pe is None else pe  # never read without HAS_PE
-    args = (x3, pe_arg, weight, bias, target, s, s, st.scalars[1], *st.scalars, *_eps_pair(eps))
+    if plan.contiguous_out:
+        out = torch.empty_like(x3)
+    else:
+        out = _empty(*plan.out, dtype=dtype, device=x3.device)
+    if keep_stats:
+        stats = s = _empty(*plan.stats, dtype=st.acc, device=x3.device)
+    else:
+        stats, s = None, out  # never written without STATS
+    target = out if plan.partial is None else _empty(*plan.partial, dtype=st.acc, device=x3.device)
+    args = (x3, weight if pe is None else pe, weight, bias, target, s, s, *plan.tail)  # pe never read without HAS_PE
     if x3.is_cuda:
         with _device_guard(x3):
             _launch_forward(st, args, target, out)
     else:
         _launch_forward(st, args, target, out)
-    return out, stats
+    return out, stats, plan
+
+
+def _plan_forward_eager(key: tuple) -> _EagerFwd:
+    """The cached eager plan of :func:`forward_eager`'s key (computed on a miss)."""
+    if len(_EAGER_FWD) >= _EAGER_MAX:
+        _EAGER_FWD.clear()
+    shape, strides, dtype, addr_mod, has_pe, pool, keep_stats, eps = key
+    B, N, D = shape
+    st = _fwd_static(B, N, D, strides[0], strides[1], dtype, (addr_mod,), has_pe, pool, keep_stats)
+    contiguous = not pool and strides == (N * D, D, 1)
+    plan = _EagerFwd(
+        st, _contig(B, D) if pool else _contig(B, N, D), _contig(2 * B * N),
+        None if st.finish is None else _contig(st.splits, B, D), (B * N, *st.scalars, *_eps_pair(eps)), contiguous,
+        [],
+    )  # fmt: skip
+    _EAGER_FWD[key] = plan
+    return plan
 
 
 def _launch_forward(st: _FwdStatic, args: tuple, target: torch.Tensor, out: torch.Tensor) -> None:
@@ -817,29 +854,35 @@ def backward_eager(
     stats: torch.Tensor,
     has_pe: bool,
     pool: bool,
+    hint: _EagerFwd | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """:func:`backward` for the saved state of :func:`forward_eager`: (dx, dpe or None, dweight, dbias).
 
     ``stats`` is :func:`forward_eager`'s buffer; grad may have any strides (a copy only when its last dim is
-    not contiguous). The launches and their arithmetic are :func:`backward`'s: the results are bitwise the same.
+    not contiguous). ``hint``: the forward's plan (:func:`forward_eager_planned`), which remembers the backward
+    plan of a gradient laid out like the forward's output. The launches and their arithmetic are
+    :func:`backward`'s: the results are bitwise the same.
     """
-    shape = x3.shape
-    if shape[2] > 1 and grad.stride(-1) != 1:
-        grad = grad.contiguous()
+    gst = grad.stride()
+    cached = None if hint is None or not hint.bwd else hint.bwd[0]
+    if cached is not None and gst == cached.gstrides and grad.data_ptr() % 16 == 0:
+        plan = cached
+    else:
+        shape = x3.shape
+        if gst[-1] != 1 and shape[2] > 1:
+            grad = grad.contiguous()
+            gst = grad.stride()
+        g_mod = grad.data_ptr() % 16
+        key = (shape, x3.stride(), gst, x3.dtype, x3.data_ptr() % 16, g_mod, has_pe, pool)
+        plan = _EAGER_BWD.get(key)
+        if plan is None:
+            plan = _plan_backward_eager(key)
+        if hint is not None and not hint.bwd and g_mod == 0 and gst == hint.out[1]:
+            hint.bwd.append(plan)
     dtype = x3.dtype
-    key = (shape, x3.stride(), grad.stride(), dtype, x3.data_ptr() % 16, grad.data_ptr() % 16, has_pe, pool)
-    plan = _EAGER_BWD.get(key)
-    if plan is None:
-        if len(_EAGER_BWD) >= _EAGER_MAX:
-            _EAGER_BWD.clear()
-        B, N, D = shape
-        gs = (key[2][0], 0) if pool else key[2][:2]
-        st = _bwd_static(B, N, D, key[1][:2], gs, dtype, key[4:6], has_pe, pool)
-        plan = _EAGER_BWD[key] = _EagerBwd(st, _contig(B, N, D), _contig(st.part_numel), _contig(D), _contig(N, D))
-    st = plan.st
-    acc = st.acc
+    acc = plan.st.acc
     dev = x3.device
-    dx = torch.empty_like(x3) if x3.is_contiguous() else _empty(*plan.dx, dtype=dtype, device=dev)
+    dx = torch.empty_like(x3) if plan.contiguous_dx else _empty(*plan.dx, dtype=dtype, device=dev)
     part = _empty(*plan.part, dtype=acc, device=dev)
     if weight.dtype == acc:  # (empty_like: the cheapest allocation call)
         dw = torch.empty_like(weight)
@@ -848,19 +891,36 @@ def backward_eager(
         dw = _empty(*plan.param, dtype=acc, device=dev)
         db = _empty(*plan.param, dtype=acc, device=dev)
     dpe = _empty(*plan.dpe, dtype=acc, device=dev) if has_pe else None
-    args = (x3, grad, weight, stats, stats, dx, part, st.scalars[3] * shape[0], *st.scalars)
-    outs = (dw, db) if dpe is None else (dw, db, dpe)
+    args = (x3, grad, weight, stats, stats, dx, part, *plan.tail)
+    offsets, s0, s1, s2 = plan.fin
+    fin = (part, *offsets, dw, *s0, db, *s1, dw if dpe is None else dpe, *s2)  # (see _finish_launch)
     if x3.is_cuda:
         with _device_guard(x3):
-            _launch_backward(st, args, part, outs)
+            _launch_backward(plan.st, args, fin)
     else:
-        _launch_backward(st, args, part, outs)
+        _launch_backward(plan.st, args, fin)
     return dx, dpe, dw, db
 
 
-def _launch_backward(st: _BwdStatic, args: tuple, part: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
+def _plan_backward_eager(key: tuple) -> _EagerBwd:
+    """The cached eager plan of :func:`backward_eager`'s key (computed on a miss)."""
+    if len(_EAGER_BWD) >= _EAGER_MAX:
+        _EAGER_BWD.clear()
+    shape, xs, gs, dtype, x_mod, g_mod, has_pe, pool = key
+    B, N, D = shape
+    st = _bwd_static(B, N, D, xs[:2], (gs[0], 0) if pool else gs[:2], dtype, (x_mod, g_mod), has_pe, pool)
+    sc = st.finish.scalars
+    plan = _EagerBwd(
+        st, _contig(B, N, D), _contig(st.part_numel), _contig(D), _contig(N, D), (B * N, *st.scalars),
+        (st.finish.offsets, *sc), xs == (N * D, D, 1), gs,
+    )  # fmt: skip
+    _EAGER_BWD[key] = plan
+    return plan
+
+
+def _launch_backward(st: _BwdStatic, args: tuple, finish_args: tuple) -> None:
     Launch(_ln_bwd_kernel, st.grid, args, st.meta)()
-    _finish_launch(st.finish, part, outs)()
+    Launch(_sum_partials_kernel, st.finish.grid, finish_args, st.finish.meta)()
 
 
 def partial_traffic_ratio(B: int, N: int, D: int, dtype: torch.dtype, has_pe: bool = True) -> tuple[float, int]:

@@ -307,7 +307,8 @@ def triton_backend(monkeypatch):
 
         return wrapper
 
-    for kind, names in (("forward", ("forward", "forward_eager")), ("backward", ("backward", "backward_eager"))):
+    launchers = {"forward": ("forward", "forward_eager_planned"), "backward": ("backward", "backward_eager")}
+    for kind, names in launchers.items():
         for name in names:
             monkeypatch.setattr(tk, name, counted(kind, getattr(tk, name)))
     with mpvg_kernels.use_backend("triton"):
