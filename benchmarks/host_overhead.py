@@ -2,11 +2,11 @@
 ``mpvg::`` op path next to the eager fast path, in one run.
 
 Runs on CPU under the Triton interpreter's dispatch (``TRITON_INTERPRET=1`` routes CPU tensors to the Triton
-launchers) with ``Launch.__call__`` replaced by a no-op, so what is timed is everything the package does in
-Python before and around the kernels: argument checks, backend resolution, the dispatcher and torch.library's
-autograd layer (registered path only), planning, buffer allocation, the partial-sum finish, and the autograd
-bookkeeping of the backward node. On a GPU the same code runs, plus the launches themselves (Triton's launcher,
-a few microseconds per kernel).
+launchers) with ``triton_kernels.run_kernel`` (every launch) replaced by a no-op, so what is timed is everything
+the package does in Python before and around the kernels: argument checks, backend resolution, the dispatcher
+and torch.library's autograd layer (registered path only), planning, buffer allocation, the partial-sum finish,
+and the autograd bookkeeping of the backward node. On a GPU the same code runs, plus the launches themselves
+(Triton's launcher, a few microseconds per kernel). The two paths of each row are timed in alternating rounds.
 
     PYTHONPATH=. python benchmarks/host_overhead.py [--iters 1000] [--json out.json] [--dry-run]
 
@@ -31,11 +31,14 @@ The target is ``forward`` and ``backward`` <= 10 us on the eager path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 if os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton / mpvg_kernels are imported
     os.environ["TRITON_INTERPRET"] = "1"
@@ -53,24 +56,46 @@ TARGET_US = 10.0
 
 
 def _stub_launches() -> None:
-    tk.Launch.__call__ = lambda self: None  # type: ignore[method-assign]
+    tk.run_kernel = lambda kernel, grid, args, meta: None  # every launch of both paths goes through run_kernel
 
 
-def _best_us(fn, iters: int, repeats: int = 20) -> float:
-    """Best (least disturbed) of ``repeats`` timings of ``iters`` calls, in microseconds of this thread's CPU time
-    per call (other processes on a shared machine then cost only what they disturb in the caches), with the
-    garbage collector off."""
-    for _ in range(min(iters, 100)):
-        fn()
-    best = float("inf")
+class Call(NamedTuple):
+    """A timed call: ``fn()`` on one path (the eager fast path on or off), with or without grad mode."""
+
+    fn: Callable[[], object]
+    path: str = "eager"
+    grad: bool = True
+
+    def context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(eager.use_eager_fast_path(self.path == "eager"))
+        stack.enter_context(torch.set_grad_enabled(self.grad))
+        return stack
+
+
+def _best_us_interleaved(calls: dict[str, Call], iters: int, rounds: int = 20) -> dict[str, float]:
+    """Per candidate, the best (least disturbed) of ``rounds`` timings of ``iters`` calls, in microseconds of this
+    thread's CPU time per call. The candidates take turns round by round, so a disturbance from other processes
+    on a shared machine (which lasts longer than one timing) lands on all of them alike; the garbage collector is
+    off while timing; the path and grad mode are set around each timing, not each call."""
+    for call in calls.values():
+        with call.context():
+            for _ in range(min(iters, 100)):
+                call.fn()
+    best = dict.fromkeys(calls, float("inf"))
     gc.collect()
-    gc.disable()  # a collection inside a timing would be charged to whichever path happens to trigger it
+    gc.disable()  # a collection inside a timing would be charged to whichever candidate happens to trigger it
     try:
-        for _ in range(repeats):
-            t0 = time.thread_time()
-            for _ in range(iters):
-                fn()
-            best = min(best, (time.thread_time() - t0) / iters * 1e6)
+        for r in range(rounds):
+            names = list(calls)
+            names = names[r % len(names) :] + names[: r % len(names)]
+            for name in names:
+                fn = calls[name].fn
+                with calls[name].context():
+                    t0 = time.thread_time()
+                    for _ in range(iters):
+                        fn()
+                    best[name] = min(best[name], (time.thread_time() - t0) / iters * 1e6)
     finally:
         gc.enable()
     return best
@@ -85,38 +110,33 @@ def _node_call(leaves):
     return node, (torch.ones_like(y),) + (None,) * (n_out - 1)
 
 
-def _path_rows(path: str, iters: int, x, pe, w, b, leaves, leaves_bf16_pe) -> dict[str, float]:
-    """The rows of one path (the caller has selected it)."""
-    out: dict[str, float] = {}
-    with torch.no_grad():
-        out["forward"] = _best_us(lambda: mpvg_kernels.layer_norm_add(x, pe, w, b), iters)
-    node, grads = _node_call(leaves)
-    with torch.no_grad():
-        out["backward"] = _best_us(lambda: node.apply(*grads), iters)
+def _row_fns(path: str, x, pe, w, b, leaves, leaves_bf16_pe) -> dict[str, Call]:
+    """The calls of every row on one path, set up on that path."""
+    fns: dict[str, Call] = {}
+    with eager.use_eager_fast_path(path == "eager"):
+        fns["forward"] = Call(lambda: mpvg_kernels.layer_norm_add(x, pe, w, b), path, grad=False)
+        node, grads = _node_call(leaves)
+        fns["backward"] = Call(lambda: node.apply(*grads), path, grad=False)
         g = grads[0]
-        if path == "registered":
-            _, mean, rstd = torch.ops.mpvg.layer_norm_add(x, pe, w, b, 1e-6)
-            out["backward_op"] = _best_us(
-                lambda: torch.ops.mpvg.layer_norm_add_backward(g, x, w, mean, rstd, True), iters
-            )
-        else:
-            _, stats = tk.forward_eager(x, pe, w, b, 1e-6, False, True)
-            out["backward_op"] = _best_us(lambda: tk.backward_eager(g, x, w, stats, True, False), iters)
-    out["forward_grad"] = _best_us(lambda: mpvg_kernels.layer_norm_add(*leaves), iters)
-
-    def train() -> None:
-        torch.autograd.grad(mpvg_kernels.layer_norm_add(*leaves), leaves, g)
-
-    out["train"] = _best_us(train, max(1, iters // 2))
-    node, grads = _node_call(leaves_bf16_pe)
-    with torch.no_grad():
-        out["backward_bf16_pe"] = _best_us(lambda: node.apply(*grads), iters)
-    return out
+        with torch.no_grad():
+            if path == "registered":
+                _, mean, rstd = torch.ops.mpvg.layer_norm_add(x, pe, w, b, 1e-6)
+                op = torch.ops.mpvg.layer_norm_add_backward
+                fns["backward_op"] = Call(lambda: op(g, x, w, mean, rstd, True), path, grad=False)
+            else:
+                _, stats = tk.forward_eager(x, pe, w, b, 1e-6, False, True)
+                fns["backward_op"] = Call(lambda: tk.backward_eager(g, x, w, stats, True, False), path, grad=False)
+        fns["forward_grad"] = Call(lambda: mpvg_kernels.layer_norm_add(*leaves), path)
+        fns["train"] = Call(lambda: torch.autograd.grad(mpvg_kernels.layer_norm_add(*leaves), leaves, g), path)
+        node16, grads16 = _node_call(leaves_bf16_pe)
+        fns["backward_bf16_pe"] = Call(lambda: node16.apply(*grads16), path, grad=False)
+    return fns
 
 
-def measure(iters: int = 2000, B: int = 4, N: int = 16, D: int = 64) -> dict[str, dict[str, float]]:
+def measure(iters: int = 1000, B: int = 4, N: int = 16, D: int = 64) -> dict[str, dict[str, float]]:
     """Microseconds of Python per call with the launches stubbed: ``{path: {row: us}}`` for the registered and
-    the eager path, plus ``{"common": {...}}`` (planning alone, one ``torch.empty``)."""
+    the eager path (each row's two candidates timed in alternating rounds), plus ``{"common": {...}}`` (planning
+    alone, one ``torch.empty``)."""
     _stub_launches()
     torch.set_num_threads(1)
     x = torch.randn(B, N, D).to(torch.bfloat16)
@@ -125,18 +145,24 @@ def measure(iters: int = 2000, B: int = 4, N: int = 16, D: int = 64) -> dict[str
     b = torch.zeros(D)
     leaves = tuple(t.detach().clone().requires_grad_(True) for t in (x, pe, w, b))
     leaves_bf16_pe = tuple(t.detach().clone().requires_grad_(True) for t in (x, pe.to(torch.bfloat16), w, b))
-    res: dict[str, dict[str, float]] = {}
+    res: dict[str, dict[str, float]] = {path: {} for path in PATHS}
     with mpvg_kernels.use_backend("triton"):
-        for path in PATHS:
-            with eager.use_eager_fast_path(path == "eager"):
-                res[path] = _path_rows(path, iters, x, pe, w, b, leaves, leaves_bf16_pe)
+        fns = {path: _row_fns(path, x, pe, w, b, leaves, leaves_bf16_pe) for path in PATHS}
+        for row in ROWS:
+            n = max(1, iters // 2) if row == "train" else iters
+            best = _best_us_interleaved({path: fns[path][row] for path in PATHS}, n)
+            for path in PATHS:
+                res[path][row] = best[path]
     y, mean, rstd = torch.ops.mpvg.layer_norm_add(x, pe, w, b, 1e-6)
     g = torch.empty_like(y)
-    res["common"] = {
-        "empty": _best_us(lambda: torch.empty(B * N), iters),
-        "plan_forward": _best_us(lambda: tk.plan_forward(x, pe, w, b, 1e-6, False), iters),
-        "plan_backward": _best_us(lambda: tk.plan_backward(g, x, w, mean, rstd, True, False), iters),
-    }
+    res["common"] = _best_us_interleaved(
+        {
+            "empty": Call(lambda: torch.empty(B * N)),
+            "plan_forward": Call(lambda: tk.plan_forward(x, pe, w, b, 1e-6, False)),
+            "plan_backward": Call(lambda: tk.plan_backward(g, x, w, mean, rstd, True, False)),
+        },
+        iters,
+    )
     return res
 
 
