@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 from torch.library import triton_op, wrap_triton
 
-from . import backends
 from . import triton_kernels as tk
 
 NAMESPACE = "mpvg_triton"
@@ -39,9 +38,10 @@ def _launch(launch: Optional[tk.Launch]) -> None:  # noqa: UP045 (schema inferen
 
 
 def _on_triton(x: Tensor) -> bool:
-    """Whether the body launches the Triton kernels (CUDA tensors; CPU ones under the interpreter with the
-    ``triton`` backend) rather than calling the opaque ``mpvg::`` op."""
-    return backends.resolve_backend(x.device) == "triton"
+    """Whether the body launches the Triton kernels itself (CUDA tensors) rather than calling the opaque ``mpvg::``
+    op (every other device; on CPU that op runs the C++ kernels, or the Triton interpreter under
+    ``TRITON_INTERPRET=1``, eagerly: fake CPU tensors cannot be traced through ``wrap_triton``)."""
+    return x.device.type == "cuda"
 
 
 def _forward(x: Tensor, pe: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float, pool: bool):  # noqa: UP045

@@ -538,6 +538,25 @@ def test_eager_double_backward_is_exact():
         )
 
 
+@pytest.mark.parametrize("pool", [False, True])
+def test_triton_op_bodies_launch_the_same_kernels(pool):
+    """The triton_op design's CUDA branch (``wrap_triton`` launches of the launcher's plans), run eagerly on CPU
+    tensors here: bitwise what the registered kernels give, forward and backward."""
+    from mpvg_kernels.ops import triton_ops
+
+    gen = torch.Generator().manual_seed(14)
+    x = make_x(3, 17, 200, torch.float32, "slice", gen)
+    w, b, pe = make_params(17, 200, torch.float32, torch.float32, gen)
+    got = triton_ops._forward(x, pe, w, b, EPS, pool)
+    want = tk.forward(x, pe, w, b, EPS, pool)
+    for a, c in zip(got, want, strict=True):
+        assert torch.equal(a, c)
+    grad = torch.randn(want[0].shape, generator=gen)
+    got = triton_ops._backward(grad, x, w, want[1], want[2], True, pool)
+    for a, c in zip(got, tk.backward(grad, x, w, want[1], want[2], True, pool), strict=True):
+        assert torch.equal(a, c)
+
+
 # ------------------------------------------------------------------------------ alignment and float arguments
 
 
