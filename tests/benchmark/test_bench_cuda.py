@@ -148,3 +148,31 @@ def test_inputs_live_on_the_run_device():
     assert {c.task for c in cases} == set(B.TASKS)
     for c in cases:
         assert c.inputs and all(t.device.type == "meta" for t in c.inputs), c.label
+
+
+def test_run_bench_on_cuda_writes_no_targets(tmp_path, monkeypatch):
+    """``run_bench`` on a CUDA device (device, timing and environment faked): the result records no targets, its
+    ratios carry none, and the written report has no target table."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(B, "resolve", lambda cfg: (B.replace(cfg, name=cfg.name or "models_cuda"), cuda))
+    monkeypatch.setattr(B, "_setup", lambda device, threads: None)
+
+    def fake_run_model(name, cfg, bar=None, device="cpu"):
+        assert torch.device(device) == cuda
+        cases = []
+        for task in B.TASKS:
+            for pe, s in (("default", 0.010), ("mpvg", 0.0105)):
+                c = B.Case(name, pe, "fused", "eager", task, 8)
+                c.timing = harness.Timing.of([s, s, s])
+                cases.append(c)
+        return cases
+
+    monkeypatch.setattr(B, "run_model", fake_run_model)
+    env = _result("cuda")["environment"]
+    monkeypatch.setattr(harness, "environment", lambda device: dict(env, device=torch.device(device).type))
+    cfg = B.BenchConfig(models=["vit_digits"], execs=["eager"], device="cuda", out_dir=str(tmp_path), progress=False)
+    result = B.run_bench(cfg)
+    assert result["targets"] == {}
+    assert result["ratios"] and all(r["target"] is None and r["met"] is None for r in result["ratios"])
+    md = (tmp_path / "models_cuda.md").read_text()
+    assert "## MPVG vs default" not in md and "0.98" not in md and "No targets apply to a cuda run" in md
