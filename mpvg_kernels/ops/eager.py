@@ -97,7 +97,7 @@ def _cpp_forward(x3, pe, weight, bias, eps, pool):
         return fwd(x3, weight, bias, pe, eps) if pool else fwd(x3, pe, weight, bias, eps)
 
 
-_tk: list = []  # triton_kernels, imported on first use (importing it needs triton)
+_tk: list = []  # triton_kernels, imported on first use (importing it needs triton; a backward follows a forward)
 
 
 def _triton():
@@ -144,7 +144,7 @@ class FusedLayerNorm(torch.autograd.Function):
             if not has_pe:
                 dpe = None
         elif backend == "triton":
-            dx, dpe, dw, db = _triton().backward_eager(grad, x3, weight, saved[2], has_pe, pool, ctx.plan)
+            dx, dpe, dw, db = _tk[0].backward_eager(grad, x3, weight, saved[2], has_pe, pool, ctx.plan)
         else:
             with _BELOW_AUTOGRAD():
                 dx, dpe, dw, db = _cpp_ops(pool)[1](grad.contiguous(), x3, weight, saved[2], saved[3], has_pe)
