@@ -16,7 +16,9 @@ Steps:
    y written; for the backward x and dy read, dx written), that rate as a share of the copy bandwidth, and the
    ratios of the time of eager ``F.layer_norm(x) + pe`` (the op's plain PyTorch expression) and of
    ``torch.compile`` of that expression to ours (> 1 means ours is faster);
-5. host overhead per call: wall time of back-to-back calls at a tiny shape, where the GPU work is negligible.
+5. host overhead per call: wall time of back-to-back calls at a tiny shape, where the GPU work is negligible, on
+   the eager fast path and through the registered ops;
+6. op designs: each op compiled (forward+backward) with the opaque ``mpvg::`` ops and with the ``triton_op`` route.
 
 Writes ``benchmarks/results/gpu_<device>.json`` and ``.md`` (``--out`` to choose the folder) and prints a
 summary whose last line says which targets were met: forward >= 90% and backward >= 80% of copy bandwidth at
@@ -275,15 +277,49 @@ def bench_ops(setup: Setup, copy_gbs: float, deadline: float) -> list[dict]:
 
 
 def host_overhead(setup: Setup) -> dict[str, float]:
-    """Microseconds per back-to-back call at a tiny shape (host-bound): forward and forward+backward."""
+    """Microseconds per back-to-back call at a tiny shape (host-bound), real launches: forward, backward and
+    forward+backward on the eager fast path (the default), and the same through the registered ``mpvg::`` ops
+    (``registered_*``, the fast path switched off)."""
+    from mpvg_kernels.ops import eager
+
     inputs = _inputs("layer_norm_add", 1, 1, 64, torch.float32, setup.device)
-    p = _passes(ours("layer_norm_add"), inputs)
     iters = 3 if setup.dry else 2000
-    return {
-        "forward_us": wall_ms(p["fwd"], setup, iters) * 1e3,
-        "backward_us": wall_ms(p["bwd"], setup, iters) * 1e3,
-        "forward_backward_us": wall_ms(p["fwd+bwd"], setup, iters) * 1e3,
-    }
+    out: dict[str, float] = {}
+    for prefix, fast in (("", True), ("registered_", False)):
+        with eager.use_eager_fast_path(fast):
+            p = _passes(ours("layer_norm_add"), inputs)
+            out[f"{prefix}forward_us"] = wall_ms(p["fwd"], setup, iters) * 1e3
+            out[f"{prefix}backward_us"] = wall_ms(p["bwd"], setup, iters) * 1e3
+            out[f"{prefix}forward_backward_us"] = wall_ms(p["fwd+bwd"], setup, iters) * 1e3
+    return out
+
+
+def op_designs(setup: Setup) -> list[dict]:
+    """The two op designs under ``torch.compile`` (``backends.set_op_design``): forward+backward device time of
+    each op compiled with the opaque ``mpvg::`` ops and with the ``triton_op`` route (Inductor sees the Triton
+    kernels), bf16, the largest D and B; ``triton_op_over_opaque`` > 1 means the triton_op route is slower. The
+    dry run compiles with ``aot_eager`` (no Inductor on the interpreter), which checks the path, not the speed."""
+    from mpvg_kernels.ops import use_op_design
+
+    B, D = max(setup.bs), max(setup.ds)
+    rows = []
+    for op in OPS:
+        row: dict = {"op": op, "B": B, "D": D, "N": setup.n, "dtype": "bfloat16"}
+        inputs = _inputs(op, B, setup.n, D, torch.bfloat16, setup.device)
+        for design in ("opaque", "triton_op"):
+            torch._dynamo.reset()
+            try:
+                with use_op_design(design):
+                    fn = torch.compile(ours(op), fullgraph=True, backend="aot_eager" if setup.dry else "inductor")
+                    row[f"{design}_ms"] = kernel_ms(_passes(fn, inputs)["fwd+bwd"], setup)
+            except Exception as exc:  # noqa: BLE001  (report, do not abort the run)
+                row[f"{design}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if "opaque_ms" in row and "triton_op_ms" in row:
+            row["triton_op_over_opaque"] = row["triton_op_ms"] / row["opaque_ms"]
+        rows.append(row)
+        print(f"op design {op}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k.endswith(("_ms", "_opaque"))))
+    torch._dynamo.reset()
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -320,13 +356,21 @@ def targets(rows: list[dict], setup: Setup) -> dict[str, dict]:
     return out
 
 
+def _design_line(r: dict) -> str:
+    cells = [f"{d} " + (f"{r[d + '_ms']:.3f}" if d + "_ms" in r else f"failed ({r.get(d + '_error', '?')})")
+             for d in ("opaque", "triton_op")]  # fmt: skip
+    return f"{r['op']}: " + ", ".join(cells)
+
+
 def write_markdown(path: Path, res: dict) -> None:
     env, t = res["environment"], res["targets"]
     lines = [f"# GPU check: {env['gpu']}", "", f"Commit {env['commit']}, {env['date_utc']}; torch {env['torch']}, "
              f"triton {env['triton']}, Python {env['python']}, CUDA {env['cuda_runtime']}, {env['sm_count']} SMs.", "",
              f"Copy bandwidth: {res['copy_gbs']:.1f} GB/s.", "", f"GPU test tier: `{res['tests'].get('summary', '')}`",
-             "", "Host overhead per call (tiny shape, back to back): " + ", ".join(
-                 f"{k} {v:.1f} us" for k, v in res["host_overhead"].items()), "", "## Targets", ""]  # fmt: skip
+             "", "Host overhead per call (tiny shape, back to back; eager fast path, then registered ops): "
+             + ", ".join(f"{k} {v:.1f} us" for k, v in res["host_overhead"].items()), "",
+             "Op designs under torch.compile (fwd+bwd ms): " + "; ".join(_design_line(r) for r in res["op_designs"]),
+             "", "## Targets", ""]  # fmt: skip
     for name, v in t.items():
         lines.append(f"- {name}: {'met' if v['met'] else 'NOT met'} (worst {v['worst']:.2f} at {v['at']})")
     lines += ["", "## Ops (kernel time; GB/s of minimal bytes; share of copy bandwidth; speed-up vs eager and "
@@ -374,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         res["ops"] = bench_ops(setup, res["copy_gbs"], t_start + a.budget_s)
     res["host_overhead"] = host_overhead(setup)
     print("host overhead per call: " + ", ".join(f"{k} {v:.1f}" for k, v in res["host_overhead"].items()))
+    with recompile_limit(1024):
+        res["op_designs"] = op_designs(setup)
     res["targets"] = targets(res["ops"], setup)
     res["seconds"] = round(time.perf_counter() - t_start, 1)
     name = re.sub(r"[^A-Za-z0-9]+", "_", res["environment"]["gpu"] if not setup.dry else "dry_run").strip("_").lower()

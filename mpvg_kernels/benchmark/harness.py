@@ -171,6 +171,11 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    """A 256 MiB buffer on ``device`` whose ``zero_()`` before a CUDA sample evicts the L2 cache."""
+    return torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+
+
 def quantile(xs: Sequence[float], q: float) -> float:
     """The ``q`` quantile of ``xs`` with linear interpolation between order statistics (NaN when empty)."""
     s = sorted(xs)
@@ -254,7 +259,7 @@ def time_interleaved(
         n_inner = {name: count(fastest if inner == "shared" else last[name]) for name in names}
 
     samples: dict[str, list[float]] = {name: [] for name in names}
-    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
+    flush = l2_flush_buffer(device) if device.type == "cuda" else None
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()

@@ -3,6 +3,10 @@
 Every field of ``BenchConfig`` is a flag, generated from the dataclass as ``mpvg train``'s flags are from
 ``TrainConfig``; ``--device`` and ``--model-arg`` are the flags every command shares. ``--smoke`` starts from a
 run of well under a minute (the digits model, eager), and explicit flags override it.
+
+``--device cuda``: models and inputs live on the GPU, every sample is one call timed with CUDA events (the device
+synchronised around warm-up calls and after each round), and the report carries no targets (the MPVG/default
+ratio targets are the CPU run's).
 """
 
 from __future__ import annotations

@@ -25,8 +25,12 @@ KNOWN_BACKENDS = ("auto", "torch", "cpp", "triton")
 #: True when the Triton interpreter was requested before import: Triton kernels then run on CPU tensors.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+#: How the ops are registered with torch.library (:func:`set_op_design`).
+OP_DESIGNS = ("opaque", "triton_op")
+
 _state: dict[str, object] = {
     "backend": os.environ.get("MPVG_BACKEND", "auto").strip().lower() or "auto",
+    "op_design": os.environ.get("MPVG_OP_DESIGN", "opaque").strip().lower() or "opaque",
     "cpp_loaded": False,
     "cpp_error": "not attempted",
 }
@@ -121,8 +125,22 @@ def use_backend(name: str) -> Iterator[None]:
         _state["backend"] = old
 
 
+#: resolve_backend's answers, keyed by (configured name, device type, C++ loaded, Triton found); only answers,
+#: never errors, are kept, and every input of the rule is part of the key.
+_resolved: dict[tuple, str] = {}
+
+
 def resolve_backend(device: torch.device) -> str:
     """The concrete backend that serves tensors on ``device`` under the current choice."""
+    key = (_state["backend"], device.type, _state["cpp_loaded"], _TRITON_FOUND)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve(device)
+        _resolved[key] = name
+    return name
+
+
+def _resolve(device: torch.device) -> str:
     name = str(_state["backend"])
     if name == "auto":
         if device.type == "cpu" and _state["cpp_loaded"]:
@@ -139,3 +157,46 @@ def resolve_backend(device: torch.device) -> str:
     if why is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run this op: {why}")
     return name
+
+
+# ----------------------------------------------------------------------------------------------- op design
+
+
+def set_op_design(name: str) -> None:
+    """Choose which registered ops the public functions call where they do not take the eager fast path
+    (``torch.compile``, tracing, modes):
+
+    - ``opaque`` (the default): the ``mpvg::`` custom ops, one opaque node per operation on every device;
+    - ``triton_op``: the ``mpvg_triton::`` ops of ``triton_ops.py`` (``torch.library.triton_op``), which
+      ``torch.compile`` decomposes into their Triton kernels on CUDA, so Inductor sees them; on CPU they call the
+      ``mpvg::`` ops (C++ kernels). Needs triton; the ops are registered on first use.
+
+    ``torch.export`` always records the ``mpvg::`` ops. The environment variable ``MPVG_OP_DESIGN`` sets the
+    choice at import. Raises ValueError for an unknown name and RuntimeError when triton is not installed.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"op design must be a str, got {type(name).__name__}")
+    name = name.strip().lower()
+    if name not in OP_DESIGNS:
+        raise ValueError(f"unknown op design {name!r}; choose one of {', '.join(OP_DESIGNS)}")
+    if name == "triton_op":
+        if not _triton_installed():
+            raise BackendUnavailableError("op design 'triton_op' needs triton, which is not installed")
+        from . import triton_ops  # noqa: F401  (registers the mpvg_triton:: ops)
+    _state["op_design"] = name
+
+
+def get_op_design() -> str:
+    """The configured op design: ``opaque`` or ``triton_op``."""
+    return str(_state["op_design"])
+
+
+@contextlib.contextmanager
+def use_op_design(name: str) -> Iterator[None]:
+    """Context manager form of :func:`set_op_design`, restoring the previous choice on exit."""
+    old = get_op_design()
+    set_op_design(name)
+    try:
+        yield
+    finally:
+        _state["op_design"] = old

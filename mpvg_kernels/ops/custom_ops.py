@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from . import backends, reference
+from . import backends, eager, reference
 from . import validate as V
 from .reference import acc_dtype
 
@@ -118,8 +118,10 @@ else:
 # ----------------------------------------------------------------------------- autograd
 
 
-def _make_autograd(pool: bool):
-    bwd_op = torch.ops.mpvg.layer_norm_pool_backward if pool else torch.ops.mpvg.layer_norm_add_backward
+def _make_autograd(pool: bool, namespace: str = "mpvg"):
+    """(setup_context, backward) of a forward op of ``namespace`` whose backward op is ``NAMESPACE::*_backward``."""
+    ops = getattr(torch.ops, namespace)
+    bwd_op = ops.layer_norm_pool_backward if pool else ops.layer_norm_add_backward
 
     def setup_context(ctx, inputs, output):
         if pool:
@@ -181,6 +183,8 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_common(x, pe_name, pe, weight, bias, eps):
+    if V.quick_ok(x, pe, weight, bias, eps):
+        return x, pe, weight, bias, eps
     x = V.check_x(x)
     pe = V.check_pe(pe_name, pe, x)
     weight = V.check_param("weight", weight, x)
@@ -202,16 +206,18 @@ def layer_norm_add(
     """
     if pe is None:
         raise TypeError("pe is required for layer_norm_add (use torch.nn.functional.layer_norm without it)")
-    x, pe, weight, bias, eps = _check_common(x, "pe", pe, weight, bias, eps)
+    if not V.quick_ok(x, pe, weight, bias, eps):
+        x, pe, weight, bias, eps = _check_common(x, "pe", pe, weight, bias, eps)
     return _layer_norm_add(x, pe, weight, bias, eps)
 
 
 def _cuda_autocast_fp32(x: torch.Tensor, *ts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...] | None:
-    """The registered autocast rule of the custom ops, for the ``torch`` backend that does not call them: under
-    CUDA autocast, CUDA inputs are cast to float32 (as ``F.layer_norm``'s are). None when autocast is off."""
+    """The registered autocast rule of the custom ops, for the paths that do not call them (the ``torch`` backend,
+    the eager fast path): under CUDA autocast, CUDA inputs other than float64 are cast to float32 (as
+    ``F.layer_norm``'s are, and as ``torch.library.register_autocast`` casts). None when autocast is off."""
     if not (x.is_cuda and torch.is_autocast_enabled("cuda")):
         return None
-    return tuple(None if t is None else t.float() for t in (x, *ts))
+    return tuple(t if t is None or t.dtype == torch.float64 or not t.is_cuda else t.float() for t in (x, *ts))
 
 
 def _run_reference(fn: Callable[..., torch.Tensor], args: tuple, eps: float) -> torch.Tensor:
@@ -223,20 +229,63 @@ def _run_reference(fn: Callable[..., torch.Tensor], args: tuple, eps: float) -> 
     return fn(*args, eps)
 
 
+def _op_args(
+    x: torch.Tensor, pe: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The operands as the kernels take them: x as [B, N, D] (a view), pe, weight and bias contiguous."""
+    if pe is not None and not pe.is_contiguous():
+        pe = pe.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if not bias.is_contiguous():
+        bias = bias.contiguous()
+    return (x if x.dim() == 3 else _as_3d(x)), pe, weight, bias
+
+
+def _fused(
+    backend: str,
+    x: torch.Tensor,
+    pe: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    pool: bool,
+) -> torch.Tensor:
+    """The fused op on a kernel backend (``cpp`` or ``triton``): [B, N, D] ([B, D] when ``pool``) for x [B, N, D].
+
+    Plain eager calls take the eager fast path (``eager.py``: the same kernels without torch.library's Python
+    layers); everything else (compiling, exporting, tracing, modes, subclasses, empty inputs) a registered op: the
+    ``mpvg::`` op, or under the ``triton_op`` design (``backends.set_op_design``) the ``mpvg_triton::`` op except
+    while exporting. One dtype rule holds on every path: x's dtype, float32 under CUDA autocast.
+    """
+    x3, pe, weight, bias = _op_args(x, pe, weight, bias)
+    if x3.numel() and eager.applies(x3, pe, weight, bias):
+        if x3.is_cuda:
+            cast = _cuda_autocast_fp32(x3, pe, weight, bias)
+            if cast is not None:
+                x3, pe, weight, bias = cast
+        return eager.layer_norm(backend, x3, pe, weight, bias, eps, pool)
+    ops = torch.ops.mpvg
+    if backends._state["op_design"] == "triton_op" and not torch.compiler.is_exporting():
+        ops = torch.ops.mpvg_triton
+    if pool:
+        return ops.layer_norm_pool(x3, weight, bias, pe, eps)[0]
+    return ops.layer_norm_add(x3, pe, weight, bias, eps)[0]
+
+
 def _layer_norm_add(
     x: torch.Tensor, pe: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """:func:`layer_norm_add` without the argument checks, for callers whose shapes are known to be valid
     (the modules' cached inference path); pe may be None (a plain LayerNorm) and must be [N, D].
 
-    Every input, empty ones included, reaches the ``mpvg::`` op unless the backend is ``torch``, so one dtype
-    rule holds: the op's (x's dtype; float32 under CUDA autocast), which the ``torch`` backend follows too.
+    The ``torch`` backend runs the reference (following the ops' CUDA-autocast rule); the others
+    :func:`_fused`.
     """
-    if backends.resolve_backend(x.device) == "torch":
+    backend = backends.resolve_backend(x.device)
+    if backend == "torch":
         return _run_reference(reference.layer_norm_add, (x, pe, weight, bias), eps)
-    if pe is not None and not pe.is_contiguous():
-        pe = pe.contiguous()
-    y = torch.ops.mpvg.layer_norm_add(_as_3d(x), pe, weight.contiguous(), bias.contiguous(), eps)[0]
+    y = _fused(backend, x, pe, weight, bias, eps, False)
     return y if x.dim() == 3 else y.view(x.shape)
 
 
@@ -244,11 +293,10 @@ def _layer_norm_pool(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pe: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     """:func:`layer_norm_pool` without the argument checks (see :func:`_layer_norm_add`); x has N >= 1 tokens."""
-    if backends.resolve_backend(x.device) == "torch":
+    backend = backends.resolve_backend(x.device)
+    if backend == "torch":
         return _run_reference(reference.layer_norm_pool, (x, weight, bias, pe), eps)
-    if pe is not None and not pe.is_contiguous():
-        pe = pe.contiguous()
-    out = torch.ops.mpvg.layer_norm_pool(_as_3d(x), weight.contiguous(), bias.contiguous(), pe, eps)[0]
+    out = _fused(backend, x, pe, weight, bias, eps, True)
     return out if x.dim() == 3 else out.view(*x.shape[:-2], x.shape[-1])
 
 
@@ -265,9 +313,12 @@ def dual_layer_norm(
 
     ``pos_norm`` keeps pos's shape and dtype and also feeds the next layer (the hierarchical PE chain).
     """
-    x, pos2, weight, bias, eps = _check_common(x, "pos", pos, weight, bias, eps)
-    pos_weight = V.check_param("pos_weight", pos_weight, x)
-    pos_bias = V.check_param("pos_bias", pos_bias, x)
+    if V.quick_ok(x, pos, weight, bias, eps, pos_weight, pos_bias):
+        pos2 = pos
+    else:
+        x, pos2, weight, bias, eps = _check_common(x, "pos", pos, weight, bias, eps)
+        pos_weight = V.check_param("pos_weight", pos_weight, x)
+        pos_bias = V.check_param("pos_bias", pos_bias, x)
     pos_norm = _layer_norm_add(pos2, None, pos_weight, pos_bias, eps)
     y = _layer_norm_add(x, pos_norm, weight, bias, eps)
     return y, pos_norm.view(pos.shape)
@@ -288,3 +339,12 @@ def layer_norm_pool(
     if x.shape[-2] == 0:
         raise ValueError(f"layer_norm_pool needs at least one token to average, got x of shape {tuple(x.shape)}")
     return _layer_norm_pool(x, weight, bias, pe, eps)
+
+
+if backends.get_op_design() == "triton_op":  # MPVG_OP_DESIGN=triton_op: register the mpvg_triton:: ops now
+    backends.set_op_design("triton_op")
+elif backends.get_op_design() not in backends.OP_DESIGNS:
+    raise ValueError(
+        f"MPVG_OP_DESIGN={backends.get_op_design()!r} is not an op design; choose one of "
+        f"{', '.join(backends.OP_DESIGNS)}"
+    )

@@ -50,6 +50,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from .reference import acc_dtype
 
@@ -61,8 +62,11 @@ __all__ = [
     "Launch",
     "backward",
     "backward_config",
+    "backward_eager",
     "forward",
     "forward_config",
+    "forward_eager",
+    "forward_eager_planned",
     "partial_traffic_ratio",
     "plan_backward",
     "plan_forward",
@@ -167,11 +171,11 @@ def _eps_pair(eps: float) -> tuple[float, float]:
 
 
 def _addr_mod(t: torch.Tensor) -> int:
-    """Start address of t modulo 16 bytes (0 for tensors without storage: meta/fake tensors plan as aligned)."""
-    try:
-        return t.data_ptr() % 16  # 0 for meta tensors
-    except RuntimeError:  # fake tensors
-        return 0
+    """Start address of t modulo 16 bytes. Meta tensors plan as aligned; fake tensors (tracing) by their storage
+    offset, as Inductor assumes their storage 16-byte aligned (it copies an input that is not at run time)."""
+    if is_fake(t):
+        return int(t.storage_offset()) * t.element_size() % 16
+    return t.data_ptr() % 16  # 0 for meta tensors
 
 
 def vector_width(elem_size: int, strides: tuple[int, ...], addr_mods: tuple[int, ...]) -> int:
@@ -225,8 +229,9 @@ def _ln_fwd_kernel(
     W,  # [D]
     Bias,  # [D]
     Y,  # per-token: [B*N, D] contiguous; pool: [splits, B, D] at s * stride_ys + b * D
-    Mean,  # [B*N]
-    Rstd,  # [B*N]
+    Mean,  # [B*N] at Mean (written only when STATS)
+    Rstd,  # [B*N] at Rstd + rstd_off (written only when STATS)
+    rstd_off,
     N,
     n_rows,  # B * N
     sxb,  # x's batch stride / VEC
@@ -239,6 +244,7 @@ def _ln_fwd_kernel(
     VEC: tl.constexpr,
     HAS_PE: tl.constexpr,
     POOL: tl.constexpr,
+    STATS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -262,9 +268,10 @@ def _ln_fwd_kernel(
             mean = tl.sum(x, axis=1) / D
             xc = tl.where(mask, x - mean[:, None], 0.0)
             rstd = _rstd(tl.sum(xc * xc, axis=1) / D + eps, ACC_DTYPE)
-            rows = b * N + n
-            tl.store(Mean + rows, mean.to(Mean.dtype.element_ty), mask=row_mask)
-            tl.store(Rstd + rows, rstd.to(Rstd.dtype.element_ty), mask=row_mask)
+            if STATS:
+                rows = b * N + n
+                tl.store(Mean + rows, mean.to(Mean.dtype.element_ty), mask=row_mask)
+                tl.store(Rstd + rstd_off + rows, rstd.to(Rstd.dtype.element_ty), mask=row_mask)
             y = xc * rstd[:, None] * w[None, :] + bias[None, :]
             if HAS_PE:
                 pe = tl.load(PE + n[:, None] * D + cols[None, :], mask=mask, other=0.0)
@@ -285,8 +292,9 @@ def _ln_fwd_kernel(
         mean = tl.sum(x, axis=1) / D
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = _rstd(tl.sum(xc * xc, axis=1) / D + eps, ACC_DTYPE)
-        tl.store(Mean + rows, mean.to(Mean.dtype.element_ty), mask=row_mask)
-        tl.store(Rstd + rows, rstd.to(Rstd.dtype.element_ty), mask=row_mask)
+        if STATS:
+            tl.store(Mean + rows, mean.to(Mean.dtype.element_ty), mask=row_mask)
+            tl.store(Rstd + rstd_off + rows, rstd.to(Rstd.dtype.element_ty), mask=row_mask)
         y = xc * rstd[:, None] * w[None, :] + bias[None, :]
         if HAS_PE:
             pe = tl.load(PE + n[:, None] * D + cols[None, :], mask=mask, other=0.0)
@@ -300,11 +308,12 @@ def _ln_bwd_kernel(
     G,  # per-token: [B, N, D] upstream gradient, row address (b * sgb + n * sgn) * VEC; pool: [B, D]
     W,  # [D]
     Mean,  # [B*N]
-    Rstd,  # [B*N]
+    Rstd,  # [B*N] at Rstd + rstd_off
     DX,  # [B*N, D] contiguous
-    DPE,  # [splits, pitch_pe] partials, [N, D] each (written only when HAS_PE)
-    DW,  # [programs, pitch_w] partials
-    DB,  # [programs, pitch_w] partials
+    Part,  # partial sums at Part: dweight [programs, pitch_w], then dbias, then dpe [splits, pitch_pe] (HAS_PE)
+    rstd_off,
+    db_off,  # element offsets of the dbias and dpe partials in Part (multiples of 16)
+    dpe_off,
     B,
     N,
     sxb,
@@ -347,7 +356,7 @@ def _ln_bwd_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         rows = b * N + n
         mean = tl.load(Mean + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
-        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        rstd = tl.load(Rstd + rstd_off + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
         x_ptrs = X + ((b * sxb + n * sxn) * VEC)[:, None] + cols[None, :]
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -372,23 +381,24 @@ def _ln_bwd_kernel(
         tl.store(DX + rows[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         i += 1
     prog = pid_s.to(tl.int64) * tl.num_programs(0) + pid_t
-    tl.store(DW + prog * pitch_w + cols, tl.sum(acc_dw, axis=0), mask=col_mask)
+    tl.store(Part + prog * pitch_w + cols, tl.sum(acc_dw, axis=0), mask=col_mask)
     tile_mask = n_ok[:, None] & col_mask[None, :]
     if POOL:
         n_valid = tl.minimum(N - pid_t * ROWS, ROWS)
-        tl.store(DB + prog * pitch_w + cols, acc_g * n_valid, mask=col_mask)
+        tl.store(Part + db_off + prog * pitch_w + cols, acc_g * n_valid, mask=col_mask)
         dpe_tile = tl.where(tile_mask, acc_g[None, :], 0.0)
     else:
-        tl.store(DB + prog * pitch_w + cols, tl.sum(acc_db, axis=0), mask=col_mask)
+        tl.store(Part + db_off + prog * pitch_w + cols, tl.sum(acc_db, axis=0), mask=col_mask)
         dpe_tile = acc_db
     if HAS_PE:
-        dpe_ptrs = DPE + pid_s.to(tl.int64) * pitch_pe + n[:, None] * D + cols[None, :]
+        dpe_ptrs = Part + dpe_off + pid_s.to(tl.int64) * pitch_pe + n[:, None] * D + cols[None, :]
         tl.store(dpe_ptrs, dpe_tile, mask=tile_mask)
 
 
 @triton.jit
 def _sum_rows(P, O, n_parts, pitch, width, blk, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """O[c] = sum over r = 0, 1, ..., n_parts - 1 (in that order) of P[r * pitch + c], for one column block.
+    """O[c] = sum over r = 0, 1, ..., n_parts - 1 (in that order) of P[r * pitch + c], for one column block
+    (P already offset to the first partial row).
 
     The loads run over the padded row (``pitch``, a multiple of 16 elements, so they can be 16 bytes wide);
     only the ``width`` real columns are stored.
@@ -407,21 +417,23 @@ def _sum_rows(P, O, n_parts, pitch, width, blk, BLOCK: tl.constexpr, ACC_DTYPE: 
 
 @triton.jit
 def _sum_partials_kernel(
-    P0, O0, parts0, pitch0, width0, blocks0,
-    P1, O1, parts1, pitch1, width1, blocks1,
-    P2, O2, parts2, pitch2, width2,
+    P, off0, off1, off2,
+    O0, parts0, pitch0, width0, blocks0,
+    O1, parts1, pitch1, width1, blocks1,
+    O2, parts2, pitch2, width2,
     BLOCK: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
-    """Up to three fixed-order reductions in one launch: programs [0, blocks0) reduce P0 into O0, the next
-    blocks1 programs P1 into O1, the rest P2 into O2."""
+    """Up to three fixed-order reductions of one partial buffer ``P`` in one launch: programs [0, blocks0)
+    reduce the rows at ``P + off0`` into O0, the next blocks1 programs those at ``P + off1`` into O1, the rest
+    those at ``P + off2`` into O2 (offsets in elements, multiples of 16)."""
     pid = tl.program_id(0)
     if pid < blocks0:
-        _sum_rows(P0, O0, parts0, pitch0, width0, pid, BLOCK, ACC_DTYPE)
+        _sum_rows(P + off0, O0, parts0, pitch0, width0, pid, BLOCK, ACC_DTYPE)
     elif pid < blocks0 + blocks1:
-        _sum_rows(P1, O1, parts1, pitch1, width1, pid - blocks0, BLOCK, ACC_DTYPE)
+        _sum_rows(P + off1, O1, parts1, pitch1, width1, pid - blocks0, BLOCK, ACC_DTYPE)
     else:
-        _sum_rows(P2, O2, parts2, pitch2, width2, pid - blocks0 - blocks1, BLOCK, ACC_DTYPE)
+        _sum_rows(P + off2, O2, parts2, pitch2, width2, pid - blocks0 - blocks1, BLOCK, ACC_DTYPE)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -440,7 +452,13 @@ class Launch(NamedTuple):
     meta: dict
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.meta)
+        run_kernel(self.kernel, self.grid, self.args, self.meta)
+
+
+def run_kernel(kernel: triton.JITFunction, grid: tuple[int, ...], args: tuple, meta: dict) -> None:
+    """Launch ``kernel[grid](*args, **meta)``: every launch of this module goes through here (a single point to
+    stub for measuring host overhead)."""
+    kernel[grid](*args, **meta)
 
 
 class ForwardPlan(NamedTuple):
@@ -459,9 +477,9 @@ class BackwardPlan(NamedTuple):
 
     launch: Launch | None
     dx: torch.Tensor
-    dpe_part: torch.Tensor | None  # [splits, pitch_pe]: [N, D] per split
-    dw_part: torch.Tensor  # [programs, pitch_w]: [D] per program
-    db_part: torch.Tensor  # [programs, pitch_w]
+    #: the partial sums: dweight [programs, pitch_w], then dbias [programs, pitch_w], then (with pe) dpe
+    #: [splits, pitch_pe] ([N, D] per split); None when nothing is launched
+    part: torch.Tensor | None
     finish: Launch | None = None  # the fixed-order sum of the partials into dpe, dweight, dbias
     dpe: torch.Tensor | None = None  # [N, D] or [0] (accumulation dtype)
     dw: torch.Tensor | None = None  # [D]
@@ -470,26 +488,30 @@ class BackwardPlan(NamedTuple):
 
 class _FinishStatic(NamedTuple):
     grid: tuple[int]
+    offsets: tuple[int, int, int]  # element offsets of the segments in the partial buffer
     scalars: tuple[tuple, ...]  # per segment: (parts, pitch, width[, blocks])
     meta: dict
 
 
 @functools.lru_cache(maxsize=1024)
-def _finish_static(segments: tuple[tuple[int, int, int], ...], acc: torch.dtype) -> _FinishStatic:
-    """Grid and scalar arguments of one ``_sum_partials_kernel`` launch for up to three (parts, pitch, width)
-    segments; absent segments get zero programs."""
-    segs = list(segments) + [(0, 0, 0)] * (3 - len(segments))
-    blocks = [_cdiv(w, _SUM_BLOCK) for _, _, w in segs]
-    scalars = tuple((*seg, blocks[i]) if i < 2 else seg for i, seg in enumerate(segs))
+def _finish_static(segments: tuple[tuple[int, int, int, int], ...], acc: torch.dtype) -> _FinishStatic:
+    """Grid and scalar arguments of one ``_sum_partials_kernel`` launch for up to three (offset, parts, pitch,
+    width) segments of one partial buffer; absent segments get zero programs."""
+    segs = list(segments) + [(0, 0, 0, 0)] * (3 - len(segments))
+    blocks = [_cdiv(w, _SUM_BLOCK) for *_, w in segs]
+    scalars = tuple((*seg[1:], blocks[i]) if i < 2 else seg[1:] for i, seg in enumerate(segs))
+    offsets = tuple(seg[0] for seg in segs)
     meta = dict(BLOCK=_SUM_BLOCK, ACC_DTYPE=_tl_acc(acc), num_warps=4)
-    return _FinishStatic((max(1, sum(blocks)),), scalars, meta)
+    return _FinishStatic((max(1, sum(blocks)),), offsets, scalars, meta)  # type: ignore[arg-type]
 
 
-def _finish_launch(st: _FinishStatic, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> Launch:
-    """The launch of :func:`_finish_static`'s plan on (partials, out) pairs (absent ones repeat the first)."""
-    pairs = tensors + [tensors[0]] * (3 - len(tensors))
-    args = (*pairs[0], *st.scalars[0], *pairs[1], *st.scalars[1], *pairs[2], *st.scalars[2])
-    return Launch(_sum_partials_kernel, st.grid, args, st.meta)
+def _finish_launch(st: _FinishStatic, partial: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> Launch:
+    """The launch of :func:`_finish_static`'s plan summing ``partial`` into ``outs`` (absent ones repeat the
+    first)."""
+    o = outs + (outs[0],) * (3 - len(outs))
+    sc = st.scalars
+    return Launch(_sum_partials_kernel, st.grid, (partial, *st.offsets, o[0], *sc[0], o[1], *sc[1], o[2], *sc[2]),
+                  st.meta)  # fmt: skip
 
 
 def _row_vector_width(dtype: torch.dtype, sizes: tuple[int, ...], stride_sets: tuple[tuple[int, ...], ...],
@@ -516,20 +538,30 @@ class _FwdStatic(NamedTuple):
     scalars: tuple  # N, n_rows, sxb, sxn, stride_ys, tiles_per_prog
     meta: dict
     splits: int
+    acc: torch.dtype
+    finish: _FinishStatic | None  # pool with several token splits: the sum of the partials into out
 
 
 @functools.lru_cache(maxsize=1024)
-def _fwd_static(B, N, D, sxb, sxn, dtype, addr_mods, has_pe, pool) -> _FwdStatic:
-    """Everything of a forward launch that depends on shape, strides, dtype and alignment only."""
+def _fwd_static(B, N, D, sxb, sxn, dtype, addr_mods, has_pe, pool, stats=True) -> _FwdStatic:
+    """Everything of a forward launch that depends on shape, strides, dtype and alignment only (B * N > 0).
+
+    ``stats``: whether the kernel stores mean and rstd (the backward needs them; inference does not).
+    """
+    if D > MAX_D:
+        raise ValueError(f"the Triton kernels support D <= {MAX_D}, got D = {D}")
     cfg = forward_config(D, dtype)
+    acc = acc_dtype(dtype)
     vec = _row_vector_width(dtype, (B, N), ((sxb, sxn),), addr_mods)
     meta = _kernel_meta(cfg, D, vec, dtype, has_pe, pool)
+    meta["STATS"] = stats
     sv = _in_units((sxb, sxn), (B, N), vec)
     if pool:
         tiles_per_prog, splits = _split(_cdiv(N, cfg.rows), B)
         stride_ys = 0 if splits == 1 else B * D
-        return _FwdStatic((B, splits), (N, B * N, *sv, stride_ys, tiles_per_prog), meta, splits)
-    return _FwdStatic((_cdiv(B * N, cfg.rows),), (N, B * N, *sv, 0, 1), meta, 1)
+        finish = _finish_static(((0, splits, B * D, B * D),), acc) if splits > 1 else None
+        return _FwdStatic((B, splits), (N, B * N, *sv, stride_ys, tiles_per_prog), meta, splits, acc, finish)
+    return _FwdStatic((_cdiv(B * N, cfg.rows),), (N, B * N, *sv, 0, 1), meta, 1, acc, None)
 
 
 def plan_forward(
@@ -565,11 +597,11 @@ def plan_forward(
     partial = None
     finish = None
     target = out
-    if st.splits > 1:
+    if st.finish is not None:
         partial = torch.empty((st.splits, B, D), dtype=acc, device=dev)
         target = partial
-        finish = _finish_launch(_finish_static(((st.splits, B * D, B * D),), acc), [(partial, out)])
-    args = (x3, pe_arg, weight, bias, target, mean, rstd, *st.scalars, *_eps_pair(eps))
+        finish = _finish_launch(st.finish, partial, (out,))
+    args = (x3, pe_arg, weight, bias, target, mean, rstd, 0, *st.scalars, *_eps_pair(eps))
     return ForwardPlan(Launch(_ln_fwd_kernel, st.grid, args, st.meta), out, mean, rstd, partial, finish)
 
 
@@ -600,34 +632,42 @@ def forward(
 
 class _BwdStatic(NamedTuple):
     grid: tuple[int, int]
-    scalars: tuple  # B, N, sxb, sxn, sgb, sgn, b_per_prog, pitch_w, pitch_pe
+    scalars: tuple  # db_off, dpe_off, B, N, sxb, sxn, sgb, sgn, b_per_prog, pitch_w, pitch_pe
     meta: dict
     splits: int
     programs: int
     pitch_w: int
     pitch_pe: int
+    part_numel: int  # elements of the one partial buffer (dweight, dbias, dpe partials)
+    acc: torch.dtype
     finish: _FinishStatic
 
 
 @functools.lru_cache(maxsize=1024)
 def _bwd_static(B, N, D, xs, gs, dtype, addr_mods, has_pe, pool) -> _BwdStatic:
-    """Everything of a backward launch that depends on shape, strides, dtype and alignment only."""
+    """Everything of a backward launch that depends on shape, strides, dtype and alignment only (B * N > 0)."""
+    if D > MAX_D:
+        raise ValueError(f"the Triton kernels support D <= {MAX_D}, got D = {D}")
     cfg = backward_config(D, dtype)
     es = dtype.itemsize
-    acc_size = acc_dtype(dtype).itemsize
+    acc = acc_dtype(dtype)
     vec = _row_vector_width(dtype, (B, N), (xs, gs), addr_mods)
     n_tok = _cdiv(N, cfg.rows)
-    b_per_prog, splits = _bwd_split(B, n_tok, es, acc_size)
+    b_per_prog, splits = _bwd_split(B, n_tok, es, acc.itemsize)
     pitch_w = _cdiv(D, _PITCH) * _PITCH
     pitch_pe = _cdiv(N * D, _PITCH) * _PITCH
-    meta = _kernel_meta(cfg, D, vec, dtype, has_pe, pool)
-    scalars = (B, N, *_in_units(xs, (B, N), vec), *_in_units(gs, (B, N), vec), b_per_prog, pitch_w, pitch_pe)
     programs = n_tok * splits
-    segments = ((programs, pitch_w, D), (programs, pitch_w, D))
+    db_off = programs * pitch_w
+    dpe_off = 2 * programs * pitch_w
+    part_numel = dpe_off + (splits * pitch_pe if has_pe else 0)
+    meta = _kernel_meta(cfg, D, vec, dtype, has_pe, pool)
+    scalars = (db_off, dpe_off, B, N, *_in_units(xs, (B, N), vec), *_in_units(gs, (B, N), vec), b_per_prog, pitch_w,
+               pitch_pe)  # fmt: skip
+    segments = ((0, programs, pitch_w, D), (db_off, programs, pitch_w, D))
     if has_pe:
-        segments += ((splits, pitch_pe, N * D),)
-    finish = _finish_static(segments, acc_dtype(dtype))
-    return _BwdStatic((n_tok, splits), scalars, meta, splits, programs, pitch_w, pitch_pe, finish)
+        segments += ((dpe_off, splits, pitch_pe, N * D),)
+    finish = _finish_static(segments, acc)
+    return _BwdStatic((n_tok, splits), scalars, meta, splits, programs, pitch_w, pitch_pe, part_numel, acc, finish)
 
 
 def plan_backward(
@@ -639,7 +679,7 @@ def plan_backward(
     has_pe: bool,
     pool: bool,
 ) -> BackwardPlan:
-    """Allocate dx, the partial-sum buffers and the results of :func:`backward`; describe its launches."""
+    """Allocate dx, the partial-sum buffer and the results of :func:`backward`; describe its launches."""
     _check_x3(x3)
     B, N, D = x3.shape
     dtype = x3.dtype
@@ -649,25 +689,21 @@ def plan_backward(
     if B * N == 0:
         dpe = torch.zeros((N, D) if has_pe else (0,), dtype=acc, device=dev)
         zeros = torch.zeros(D, dtype=acc, device=dev)
-        return BackwardPlan(None, dx, None, zeros, zeros, None, dpe, zeros, zeros.clone())
+        return BackwardPlan(None, dx, None, None, dpe, zeros, zeros.clone())
     if grad.stride(-1) != 1 and grad.shape[-1] > 1:
         grad = grad.contiguous()
     if not weight.is_contiguous():
         weight = weight.contiguous()
     gs = (grad.stride(0), 0) if pool else (grad.stride(0), grad.stride(1))
     st = _bwd_static(B, N, D, (x3.stride(0), x3.stride(1)), gs, dtype, (_addr_mod(x3), _addr_mod(grad)), has_pe, pool)
-    # (Separate allocations: cheaper on the host than views of one workspace, the same on the device.)
-    dw_part = torch.empty((st.programs, st.pitch_w), dtype=acc, device=dev)
-    db_part = torch.empty((st.programs, st.pitch_w), dtype=acc, device=dev)
-    dpe_part = torch.empty((st.splits, st.pitch_pe), dtype=acc, device=dev) if has_pe else None
+    part = torch.empty(st.part_numel, dtype=acc, device=dev)
     dw = torch.empty(D, dtype=acc, device=dev)
     db = torch.empty(D, dtype=acc, device=dev)
     dpe = torch.empty((N, D) if has_pe else (0,), dtype=acc, device=dev)
-    args = (x3, grad, weight, mean, rstd, dx, dw_part if dpe_part is None else dpe_part, dw_part, db_part, *st.scalars)
-    pairs = [(dw_part, dw), (db_part, db)] + ([(dpe_part, dpe)] if dpe_part is not None else [])
+    args = (x3, grad, weight, mean, rstd, dx, part, 0, *st.scalars)
+    outs = (dw, db, dpe) if has_pe else (dw, db)
     return BackwardPlan(
-        Launch(_ln_bwd_kernel, st.grid, args, st.meta), dx, dpe_part, dw_part, db_part,
-        _finish_launch(st.finish, pairs), dpe, dw, db,
+        Launch(_ln_bwd_kernel, st.grid, args, st.meta), dx, part, _finish_launch(st.finish, part, outs), dpe, dw, db,
     )  # fmt: skip
 
 
@@ -696,6 +732,203 @@ def backward(
     return plan.dx, plan.dpe, plan.dw, plan.db
 
 
+# ------------------------------------------------------------------------------------ eager fast path
+
+# Launch plans of the eager path, keyed by (shape, strides, dtype, start address mod 16, flags): one dict lookup
+# per call. Bounded by the shapes a process runs (a model has a handful); cleared when it passes _EAGER_MAX.
+_EAGER_FWD: dict[tuple, _FwdStatic] = {}
+_EAGER_BWD: dict[tuple, _BwdStatic] = {}
+_EAGER_MAX = 4096
+_empty = torch.empty_strided
+
+
+def _contig(*size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(size, contiguous strides): the arguments of ``torch.empty_strided``, the cheapest allocation call."""
+    strides, acc = [], 1
+    for n in reversed(size):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(size), tuple(reversed(strides))
+
+
+class _EagerFwd(NamedTuple):
+    st: _FwdStatic
+    out: tuple  # (size, stride) of out, of the stats buffer, of the pooled partials (or None)
+    stats: tuple
+    partial: tuple | None
+    tail: tuple  # the kernel's scalar arguments after the tensors: rstd_off, st.scalars, eps_hi, eps_lo
+    contiguous_out: bool  # out may be allocated with torch.empty_like(x3)
+    #: the backward plan for a gradient laid out like out (contiguous, aligned), once a backward has needed it
+    bwd: list
+
+
+class _EagerBwd(NamedTuple):
+    st: _BwdStatic
+    dx: tuple  # (size, stride) of dx, of the partial buffer, of dweight/dbias, of dpe
+    part: tuple
+    param: tuple
+    dpe: tuple
+    tail: tuple  # the backward kernel's scalar arguments after the tensors: rstd_off, st.scalars
+    fin: tuple  # the finish's scalars: (offsets, then per segment (parts, pitch, width[, blocks]))
+    contiguous_dx: bool  # dx may be allocated with torch.empty_like(x3)
+    gstrides: tuple  # the gradient strides this plan was made for
+
+
+def forward_eager(
+    x3: torch.Tensor,
+    pe: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    pool: bool,
+    keep_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`forward` for validated inputs with the least host work: (out, stats or None).
+
+    The caller guarantees what the public ops check (x3 ``[B, N, D]`` with stride 1 in the last dim and
+    ``B * N > 0``; pe ``[N, D]`` contiguous or None; weight and bias ``[D]`` contiguous; one device). ``stats``
+    is one ``[2 * B * N]`` buffer (mean, then rstd) when ``keep_stats``; otherwise the kernel skips the
+    statistics. The launches and their arithmetic are :func:`forward`'s: the results are bitwise the same.
+    """
+    out, stats, _ = forward_eager_planned(x3, pe, weight, bias, eps, pool, keep_stats)
+    return out, stats
+
+
+def forward_eager_planned(
+    x3: torch.Tensor,
+    pe: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    pool: bool,
+    keep_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, _EagerFwd]:
+    """:func:`forward_eager` plus its cached plan, which :func:`backward_eager` takes as ``hint``."""
+    shape = x3.shape
+    strides = x3.stride()
+    dtype = x3.dtype
+    key = (shape, strides, dtype, x3.data_ptr() % 16, pe is not None, pool, keep_stats, eps)
+    plan = _EAGER_FWD.get(key)
+    if plan is None:
+        plan = _plan_forward_eager(key)
+    st = plan.st
+    if plan.contiguous_out:
+        out = torch.empty_like(x3)
+    else:
+        out = _empty(*plan.out, dtype=dtype, device=x3.device)
+    if keep_stats:
+        stats = s = _empty(*plan.stats, dtype=st.acc, device=x3.device)
+    else:
+        stats, s = None, out  # never written without STATS
+    target = out if plan.partial is None else _empty(*plan.partial, dtype=st.acc, device=x3.device)
+    args = (x3, weight if pe is None else pe, weight, bias, target, s, s, *plan.tail)  # pe never read without HAS_PE
+    if x3.is_cuda:
+        with _device_guard(x3):
+            _launch_forward(st, args, target, out)
+    else:
+        _launch_forward(st, args, target, out)
+    return out, stats, plan
+
+
+def _plan_forward_eager(key: tuple) -> _EagerFwd:
+    """The cached eager plan of :func:`forward_eager`'s key (computed on a miss)."""
+    if len(_EAGER_FWD) >= _EAGER_MAX:
+        _EAGER_FWD.clear()
+    shape, strides, dtype, addr_mod, has_pe, pool, keep_stats, eps = key
+    B, N, D = shape
+    st = _fwd_static(B, N, D, strides[0], strides[1], dtype, (addr_mod,), has_pe, pool, keep_stats)
+    contiguous = not pool and strides == (N * D, D, 1)
+    plan = _EagerFwd(
+        st, _contig(B, D) if pool else _contig(B, N, D), _contig(2 * B * N),
+        None if st.finish is None else _contig(st.splits, B, D), (B * N, *st.scalars, *_eps_pair(eps)), contiguous,
+        [],
+    )  # fmt: skip
+    _EAGER_FWD[key] = plan
+    return plan
+
+
+def _launch_forward(st: _FwdStatic, args: tuple, target: torch.Tensor, out: torch.Tensor) -> None:
+    run_kernel(_ln_fwd_kernel, st.grid, args, st.meta)
+    if st.finish is not None:
+        _finish_launch(st.finish, target, (out,))()
+
+
+def backward_eager(
+    grad: torch.Tensor,
+    x3: torch.Tensor,
+    weight: torch.Tensor,
+    stats: torch.Tensor,
+    has_pe: bool,
+    pool: bool,
+    hint: _EagerFwd | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """:func:`backward` for the saved state of :func:`forward_eager`: (dx, dpe or None, dweight, dbias).
+
+    ``stats`` is :func:`forward_eager`'s buffer; grad may have any strides (a copy only when its last dim is
+    not contiguous). ``hint``: the forward's plan (:func:`forward_eager_planned`), which remembers the backward
+    plan of a gradient laid out like the forward's output. The launches and their arithmetic are
+    :func:`backward`'s: the results are bitwise the same.
+    """
+    gst = grad.stride()
+    cached = None if hint is None or not hint.bwd else hint.bwd[0]
+    if cached is not None and gst == cached.gstrides and grad.data_ptr() % 16 == 0:
+        plan = cached
+    else:
+        shape = x3.shape
+        if gst[-1] != 1 and shape[2] > 1:
+            grad = grad.contiguous()
+            gst = grad.stride()
+        g_mod = grad.data_ptr() % 16
+        key = (shape, x3.stride(), gst, x3.dtype, x3.data_ptr() % 16, g_mod, has_pe, pool)
+        plan = _EAGER_BWD.get(key)
+        if plan is None:
+            plan = _plan_backward_eager(key)
+        if hint is not None and not hint.bwd and g_mod == 0 and gst == hint.out[1]:
+            hint.bwd.append(plan)
+    dtype = x3.dtype
+    acc = plan.st.acc
+    dev = x3.device
+    dx = torch.empty_like(x3) if plan.contiguous_dx else _empty(*plan.dx, dtype=dtype, device=dev)
+    part = _empty(*plan.part, dtype=acc, device=dev)
+    if weight.dtype == acc:  # (empty_like: the cheapest allocation call)
+        dw = torch.empty_like(weight)
+        db = torch.empty_like(weight)
+    else:
+        dw = _empty(*plan.param, dtype=acc, device=dev)
+        db = _empty(*plan.param, dtype=acc, device=dev)
+    dpe = _empty(*plan.dpe, dtype=acc, device=dev) if has_pe else None
+    args = (x3, grad, weight, stats, stats, dx, part, *plan.tail)
+    offsets, s0, s1, s2 = plan.fin
+    fin = (part, *offsets, dw, *s0, db, *s1, dw if dpe is None else dpe, *s2)  # (see _finish_launch)
+    if x3.is_cuda:
+        with _device_guard(x3):
+            _launch_backward(plan.st, args, fin)
+    else:
+        _launch_backward(plan.st, args, fin)
+    return dx, dpe, dw, db
+
+
+def _plan_backward_eager(key: tuple) -> _EagerBwd:
+    """The cached eager plan of :func:`backward_eager`'s key (computed on a miss)."""
+    if len(_EAGER_BWD) >= _EAGER_MAX:
+        _EAGER_BWD.clear()
+    shape, xs, gs, dtype, x_mod, g_mod, has_pe, pool = key
+    B, N, D = shape
+    st = _bwd_static(B, N, D, xs[:2], (gs[0], 0) if pool else gs[:2], dtype, (x_mod, g_mod), has_pe, pool)
+    sc = st.finish.scalars
+    plan = _EagerBwd(
+        st, _contig(B, N, D), _contig(st.part_numel), _contig(D), _contig(N, D), (B * N, *st.scalars),
+        (st.finish.offsets, *sc), xs == (N * D, D, 1), gs,
+    )  # fmt: skip
+    _EAGER_BWD[key] = plan
+    return plan
+
+
+def _launch_backward(st: _BwdStatic, args: tuple, finish_args: tuple) -> None:
+    run_kernel(_ln_bwd_kernel, st.grid, args, st.meta)
+    run_kernel(_sum_partials_kernel, st.finish.grid, finish_args, st.finish.meta)
+
+
 def partial_traffic_ratio(B: int, N: int, D: int, dtype: torch.dtype, has_pe: bool = True) -> tuple[float, int]:
     """(bytes of the backward's partial buffers, written and read back, / its minimal bytes; programs).
 
@@ -705,6 +938,6 @@ def partial_traffic_ratio(B: int, N: int, D: int, dtype: torch.dtype, has_pe: bo
     es = dtype.itemsize
     acc_size = acc_dtype(dtype).itemsize
     st = _bwd_static(B, N, D, (N * D, D), (N * D, D), dtype, (0, 0), has_pe, False)
-    partial = 2 * acc_size * (2 * st.programs * st.pitch_w + (st.splits * st.pitch_pe if has_pe else 0))
+    partial = 2 * acc_size * st.part_numel
     minimal = 3 * B * N * D * es + 2 * B * N * acc_size + acc_size * (2 * D + (N * D if has_pe else 0))
     return partial / minimal, st.programs

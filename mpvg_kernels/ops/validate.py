@@ -73,3 +73,41 @@ def check_param(name: str, p: object, x: torch.Tensor) -> torch.Tensor:
 def check_device(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+
+
+_FLOATS = frozenset(FLOAT_DTYPES)
+_INF = math.inf
+_T = torch.Tensor
+
+
+def quick_ok(x: object, pe: object, weight: object, bias: object, eps: object, *more_params: object) -> bool:
+    """True when every argument is well formed: float tensors on x's device, x ``[..., N, D]`` with D > 0 and stride
+    1 in its last dim, pe None or ``[N, D]``, weight, bias (and ``more_params``) ``[D]``, eps a finite float >= 0.
+
+    A cheap screen for the common case: False does not mean invalid, only that the full checks (which raise with
+    a message, or accept) must run.
+    """
+    if type(eps) is not float or not 0.0 <= eps < _INF:
+        return False
+    if not (isinstance(x, _T) and isinstance(weight, _T) and isinstance(bias, _T)):
+        return False
+    shape = x.shape
+    if len(shape) < 2:
+        return False
+    n, d = shape[-2], shape[-1]
+    dev = x.device
+    wshape = (d,)
+    if not (
+        d
+        and x.stride(-1) == 1
+        and weight.shape == wshape == bias.shape
+        and x.dtype in _FLOATS
+        and weight.dtype in _FLOATS
+        and bias.dtype in _FLOATS
+        and weight.device == dev == bias.device
+    ):
+        return False
+    for p in more_params:
+        if not isinstance(p, _T) or p.shape != wshape or p.dtype not in _FLOATS or p.device != dev:
+            return False
+    return pe is None or (isinstance(pe, _T) and pe.shape == (n, d) and pe.dtype in _FLOATS and pe.device == dev)

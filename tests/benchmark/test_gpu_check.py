@@ -32,7 +32,11 @@ def test_gpu_check_dry_run(tmp_path):
     for r in res["ops"]:
         for name in ("fwd", "bwd", "fwd+bwd"):
             assert r[f"{name}_ms"] > 0 and r[f"{name}_gbs"] > 0 and r[f"{name}_x_eager"] > 0
-    assert set(res["host_overhead"]) == {"forward_us", "backward_us", "forward_backward_us"}
+    keys = {"forward_us", "backward_us", "forward_backward_us"}
+    assert set(res["host_overhead"]) == keys | {f"registered_{k}" for k in keys}
+    assert [r["op"] for r in res["op_designs"]] == ["layer_norm_add", "dual_layer_norm", "layer_norm_pool"]
+    for r in res["op_designs"]:
+        assert r["opaque_ms"] > 0 and r["triton_op_ms"] > 0, r
     assert len(res["targets"]) == 4
     md = (tmp_path / "gpu_dry_run.md").read_text()
     assert "## Targets" in md and "| layer_norm_pool |" in md

@@ -13,7 +13,8 @@ Three ways this file runs:
 What it checks: each op's forward and backward vs the float64 reference in fp32/fp16/bf16 for D in
 {192, 384, 768, 1000, 1280} and odd D; strided and misaligned inputs; int64 offsets (a tensor over 2^31
 elements, sampled rows compared); B = 0, N = 1, D = 1; ``torch.library.opcheck``; bitwise-deterministic backward;
-CUDA graph capture and replay; ``torch.compile(fullgraph=True)``; autocast bf16.
+CUDA graph capture and replay; ``torch.compile(fullgraph=True)``; autocast bf16; the eager fast path bitwise
+equal to the registered ops (and under autocast); the ``triton_op`` design compiled by Inductor.
 """
 
 from __future__ import annotations
@@ -316,6 +317,80 @@ def test_autocast_bf16(op):
         ref = _run(op, x.bfloat16().float(), p)
         for o, r in zip(outs, ref, strict=True):
             torch.testing.assert_close(o, r)
+
+
+# ------------------------------------------------------------------------------ eager fast path, op designs
+
+
+def _both_paths(op: str, x0, p0, autocast: bool = False):
+    """Outputs and every gradient of one op on the registered ops and on the eager fast path."""
+    from mpvg_kernels.ops import eager
+
+    res = []
+    for fast in (False, True):
+        x, p = _leaves(x0, p0, lambda t: t)
+        with eager.use_eager_fast_path(fast), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            outs = _run(op, x, p)
+        torch.autograd.backward(outs, [torch.full_like(o, 0.01) for o in outs])
+        used = ("pe", "w", "b", "pw", "pb") if op == "dual_layer_norm" else ("pe", "w", "b")
+        res.append([o.detach() for o in outs] + [x.grad] + [p[k].grad for k in used])
+    return res
+
+
+@gpu
+@needs_device
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+def test_eager_path_is_bitwise_the_registered_path(op, dtype):
+    """The eager fast path (cached launch plans, no torch.library layers) launches the same kernels with the same
+    splits as the registered ops: outputs and gradients are bitwise equal."""
+    x0, p0 = _make(B_, N_, DS[0], dtype, "slice", seed=21)
+    registered, fast = _both_paths(op, x0, p0)
+    for k, (a, c) in enumerate(zip(registered, fast, strict=True)):
+        assert a.dtype == c.dtype and torch.equal(a, c), f"{op} {_dt(dtype)}: result {k} differs"
+
+
+@gpu
+@needs_device
+@hardware_only
+@pytest.mark.parametrize("op", OPS)
+def test_eager_path_under_autocast(op):
+    """Under CUDA autocast the eager path casts as the registered autocast rule does: float32, bitwise equal."""
+    x0, p0 = _make(B_, N_, 384, torch.bfloat16, seed=23)
+    registered, fast = _both_paths(op, x0, p0, autocast=True)
+    for k, (a, c) in enumerate(zip(registered, fast, strict=True)):
+        assert torch.equal(a, c), f"{op}: result {k} differs under autocast"
+    assert all(o.dtype == torch.float32 for o in fast[: 2 if op == "dual_layer_norm" else 1])
+
+
+@gpu
+@needs_device
+@hardware_only
+@pytest.mark.parametrize("op", OPS)
+def test_triton_op_design_under_inductor(op):
+    """set_op_design("triton_op"): Inductor compiles the Triton kernels into its own code (no opaque mpvg::
+    call), with the eager results, forward and backward."""
+    from torch._inductor.utils import run_and_get_code
+
+    from mpvg_kernels.ops import use_op_design
+
+    torch._dynamo.reset()
+    x0, p0 = _make(B_, N_, 384, torch.bfloat16, seed=25)
+    x, p = _leaves(x0, p0, lambda t: t)
+    xe, pe_ = _leaves(x0, p0, lambda t: t)
+    with use_op_design("triton_op"):
+        compiled = torch.compile(lambda x, p: _run(op, x, p), fullgraph=True)
+        outs, codes = run_and_get_code(compiled, x, p)
+    eager_outs = _run(op, xe, pe_)
+    code = "\n".join(codes)
+    assert "_ln_fwd_kernel" in code and "mpvg.layer_norm" not in code, code[-3000:]
+    for o, e in zip(outs, eager_outs, strict=True):
+        torch.testing.assert_close(o, e, rtol=0, atol=0)
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    torch.autograd.backward(eager_outs, [torch.ones_like(o) for o in eager_outs])
+    torch.testing.assert_close(x.grad, xe.grad, rtol=0, atol=0)
+    torch.testing.assert_close(p["pe"].grad, pe_["pe"].grad, rtol=0, atol=0)
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------ dry run in CI

@@ -40,7 +40,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip(reason=_WHY, allow_module_level=True)
 
 import mpvg_kernels  # noqa: E402
-from mpvg_kernels.ops import backends, reference  # noqa: E402
+from mpvg_kernels.ops import backends, eager, reference  # noqa: E402
 from mpvg_kernels.ops import triton_kernels as tk  # noqa: E402
 
 DS = (3, 5, 192, 200, 384, 768, 1000, 1280)
@@ -68,7 +68,7 @@ def poison(monkeypatch):
     def poisoned_backward(*args, **kwargs):
         plan = plan_bwd(*args, **kwargs)
         if plan.launch is not None:
-            for t in (plan.dx, plan.dpe_part, plan.dw_part, plan.db_part, plan.dpe, plan.dw, plan.db):
+            for t in (plan.dx, plan.part, plan.dpe, plan.dw, plan.db):
                 if t is not None:
                     t.fill_(math.nan)
         return plan
@@ -296,20 +296,21 @@ def test_empty_batch_results():
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    """Select the triton backend and count kernel calls, to prove the public ops reached the Triton kernels."""
+    """Select the triton backend and count kernel calls, to prove the public ops reached the Triton kernels (the
+    registered ops' launchers and the eager fast path's alike)."""
     calls = {"forward": 0, "backward": 0}
-    fwd, bwd = tk.forward, tk.backward
 
-    def counted_forward(*a, **k):
-        calls["forward"] += 1
-        return fwd(*a, **k)
+    def counted(kind, fn):
+        def wrapper(*a, **k):
+            calls[kind] += 1
+            return fn(*a, **k)
 
-    def counted_backward(*a, **k):
-        calls["backward"] += 1
-        return bwd(*a, **k)
+        return wrapper
 
-    monkeypatch.setattr(tk, "forward", counted_forward)
-    monkeypatch.setattr(tk, "backward", counted_backward)
+    launchers = {"forward": ("forward", "forward_eager_planned"), "backward": ("backward", "backward_eager")}
+    for kind, names in launchers.items():
+        for name in names:
+            monkeypatch.setattr(tk, name, counted(kind, getattr(tk, name)))
     with mpvg_kernels.use_backend("triton"):
         assert backends.resolve_backend(torch.device("cpu")) == "triton"
         yield calls
@@ -428,6 +429,132 @@ def test_double_backward_is_exact(triton_backend):
     assert torch.autograd.gradgradcheck(mpvg_kernels.layer_norm_add, (x, pe, w, b))
     assert torch.autograd.gradgradcheck(lambda x, w, b, pe: mpvg_kernels.layer_norm_pool(x, w, b, pe), (x, w, b, pe))
     assert triton_backend["forward"] > 0
+
+
+# ------------------------------------------------------------------------------ eager fast path == registered ops
+
+EAGER_CASES = [
+    # (shape, x dtype, layout, param dtype, with pe)
+    ((3, 16, 200), torch.float32, "slice", torch.float32, True),
+    ((2, 2, 16, 192), torch.float16, "contiguous", torch.float32, True),
+    ((3, 16, 384), torch.bfloat16, "transposed", torch.bfloat16, False),
+    ((3, 17, 5), torch.float64, "every_other", torch.float64, True),
+]
+
+
+def _both_paths(fn, tensors, gen_seed):
+    """fn(*leaves) on the registered ops and on the eager path: (outputs, input gradients) of each, and the
+    autograd node types seen (to prove which path ran)."""
+    results, nodes = [], []
+    for fast in (False, True):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        with eager.use_eager_fast_path(fast):
+            outs = fn(*leaves)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            nodes.append({type(o.grad_fn).__name__ for o in outs})
+            gen = torch.Generator().manual_seed(gen_seed)
+            cots = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for o in outs]
+            grads = torch.autograd.grad(outs, leaves, cots)
+            with torch.no_grad():
+                inference = fn(*leaves)
+        inference = inference if isinstance(inference, tuple) else (inference,)
+        results.append([o.detach() for o in outs] + list(inference) + list(grads))
+    return results, nodes
+
+
+def _assert_bitwise(name, a, b):
+    assert len(a) == len(b)
+    for k, (u, v) in enumerate(zip(a, b, strict=True)):
+        assert u.dtype == v.dtype and u.shape == v.shape, (name, k)
+        assert torch.equal(u, v), (
+            f"{name}: result {k} differs between the registered ops and the eager path "
+            f"(max diff {(u.double() - v.double()).abs().max().item():.3e})"
+        )
+
+
+@pytest.mark.parametrize("case", EAGER_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}-{c[2]}")
+def test_eager_path_is_bitwise_the_registered_path(triton_backend, case):
+    """layer_norm_add, layer_norm_pool and dual_layer_norm: outputs (with and without grad) and every gradient
+    are bitwise equal on both paths; the eager path really ran (its autograd node, its launchers)."""
+    shape, dtype, layout, pdt, with_pe = case
+    gen = torch.Generator().manual_seed(31)
+    N, D = shape[-2], shape[-1]
+    x, w, b, pe = _inputs(shape, dtype, layout, gen, (N, D), pdt)
+    pw = (1 + 0.3 * torch.randn(D, generator=gen, dtype=torch.float64)).to(pdt)
+    pb = (0.3 * torch.randn(D, generator=gen, dtype=torch.float64)).to(pdt)
+    fns = {
+        "layer_norm_add": (lambda x, pe, w, b: mpvg_kernels.layer_norm_add(x, pe, w, b, eps=EPS), (x, pe, w, b)),
+        "layer_norm_pool": (
+            (lambda x, w, b, pe: mpvg_kernels.layer_norm_pool(x, w, b, pe, eps=EPS), (x, w, b, pe))
+            if with_pe
+            else (lambda x, w, b: mpvg_kernels.layer_norm_pool(x, w, b, eps=EPS), (x, w, b))
+        ),
+        "dual_layer_norm": (
+            lambda x, pe, w, b, pw, pb: mpvg_kernels.dual_layer_norm(x, pe, w, b, pw, pb, eps=EPS),
+            (x, pe, w, b, pw, pb),
+        ),
+    }
+    for seed, (name, (fn, tensors)) in enumerate(fns.items()):
+        before = dict(triton_backend)
+        (registered, fast), nodes = _both_paths(fn, tensors, gen_seed=seed)
+        _assert_bitwise(f"{name} {case}", registered, fast)
+        assert not any("FusedLayerNorm" in n for n in nodes[0]), nodes
+        assert any("FusedLayerNorm" in n or "View" in n for n in nodes[1]), nodes
+        assert triton_backend["forward"] > before["forward"] and triton_backend["backward"] > before["backward"]
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_eager_backward_is_bitwise_deterministic(pool):
+    """Two identical training steps through the eager path give identical gradients (no atomics, fixed splits)."""
+    gen = torch.Generator().manual_seed(12)
+    x = make_x(5, 61, 200, torch.float32, "slice", gen)
+    w, b, pe = make_params(61, 200, torch.float32, torch.float32, gen)
+    runs = []
+    with mpvg_kernels.use_backend("triton"), eager.use_eager_fast_path(True):
+        for _ in range(2):
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x, pe, w, b)]
+            out = (
+                mpvg_kernels.layer_norm_pool(leaves[0], leaves[2], leaves[3], leaves[1])
+                if pool
+                else mpvg_kernels.layer_norm_add(*leaves)
+            )
+            assert type(out.grad_fn).__name__ == "FusedLayerNormBackward"
+            runs.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    for name, a, c in zip(("dx", "dpe", "dweight", "dbias"), *runs, strict=True):
+        assert torch.equal(a, c), f"{name} differs between two identical eager backward runs"
+
+
+def test_eager_double_backward_is_exact():
+    """create_graph=True through the eager path: gradgradcheck in float64 (the reference's differentiable math)."""
+    g = torch.Generator().manual_seed(51)
+    x = torch.randn(2, 5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
+    pe = torch.randn(5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
+    w, b = (torch.randn(7, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(2))
+    with mpvg_kernels.use_backend("triton"), eager.use_eager_fast_path(True):
+        assert type(mpvg_kernels.layer_norm_add(x, pe, w, b).grad_fn).__name__ == "FusedLayerNormBackward"
+        assert torch.autograd.gradgradcheck(mpvg_kernels.layer_norm_add, (x, pe, w, b))
+        assert torch.autograd.gradgradcheck(
+            lambda x, w, b, pe: mpvg_kernels.layer_norm_pool(x, w, b, pe), (x, w, b, pe)
+        )
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_triton_op_bodies_launch_the_same_kernels(pool):
+    """The triton_op design's CUDA branch (``wrap_triton`` launches of the launcher's plans), run eagerly on CPU
+    tensors here: bitwise what the registered kernels give, forward and backward."""
+    from mpvg_kernels.ops import triton_ops
+
+    gen = torch.Generator().manual_seed(14)
+    x = make_x(3, 17, 200, torch.float32, "slice", gen)
+    w, b, pe = make_params(17, 200, torch.float32, torch.float32, gen)
+    got = triton_ops._forward(x, pe, w, b, EPS, pool)
+    want = tk.forward(x, pe, w, b, EPS, pool)
+    for a, c in zip(got, want, strict=True):
+        assert torch.equal(a, c)
+    grad = torch.randn(want[0].shape, generator=gen)
+    got = triton_ops._backward(grad, x, w, want[1], want[2], True, pool)
+    for a, c in zip(got, tk.backward(grad, x, w, want[1], want[2], True, pool), strict=True):
+        assert torch.equal(a, c)
 
 
 # ------------------------------------------------------------------------------ alignment and float arguments
