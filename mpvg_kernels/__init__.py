@@ -14,6 +14,8 @@ from .ops import (
     layer_norm_add,
     layer_norm_pool,
     set_backend,
+    set_eager_fast_path,
+    set_op_design,
     use_backend,
 )
 
@@ -39,5 +41,7 @@ __all__ = [
     "layer_norm_pool",
     "list_models",
     "set_backend",
+    "set_eager_fast_path",
+    "set_op_design",
     "use_backend",
 ]
