@@ -69,7 +69,7 @@ from ..layers.blocks import Attention, DropPath, Mlp, PEBlock, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import no_autocast
 from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, POOLS, PETerms, default_pool, resolve_pe_knobs
-from ..layers.pos_embed import resample_abs_pos_embed
+from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
 from .base import PEModel
 from .vision_transformer import _check_sizes
 
@@ -277,8 +277,10 @@ class CeiT(PEModel):
     ``pool="avg"``), the knobs ``include_layer0``, ``hierarchical``, ``add_pos_to_input`` (None = the mode's
     default) and ``last_pos`` (``"auto"`` = the mode's default, None, or a block index k; negative from the end),
     ``stem_chans``/``stem_kernel``/``stem_stride`` (the I2T conv), ``leff_kernel_size``, ``leff_out_act``,
-    ``drop_rate``, ``attn_drop_rate``, ``drop_path_rate``, ``norm_eps``, ``pos_init_std``, ``dynamic_img_size``
-    (resample the PE for other input sizes), ``pe_cache`` (the inference PE cache).
+    ``drop_rate``, ``attn_drop_rate``, ``drop_path_rate``, ``norm_eps``, ``pos_init_std``, ``pos_embed``
+    (``learn``, the CeiT and LaPE setting, or a fixed ``sincos1d``/``sincos2d`` table: a buffer, recomputed for
+    another grid, normalised by LN' like a learned PE), ``dynamic_img_size`` (resample the PE for other input
+    sizes), ``pe_cache`` (the inference PE cache).
     """
 
     def __init__(
@@ -309,6 +311,7 @@ class CeiT(PEModel):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
         pos_init_std: float = 0.02,
+        pos_embed: str = "learn",
         dynamic_img_size: bool = False,
         pe_cache: bool = True,
     ) -> None:
@@ -365,7 +368,15 @@ class CeiT(PEModel):
         num_pos = self.i2t.num_patches + self.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if has_cls else None
         uses_pos = self.add_pos_to_input or any(self.block_uses_pos) or self.last_pos is not None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim)) if uses_pos else None
+        if pos_embed not in POS_EMBED_TYPES:
+            raise ValueError(f"pos_embed must be one of {POS_EMBED_TYPES}, got {pos_embed!r}")
+        if pos_embed == "sincos2d" and embed_dim % 4:
+            raise ValueError(f"pos_embed='sincos2d' needs an embed_dim divisible by 4, got {embed_dim}")
+        self.pos_embed_type = pos_embed
+        if uses_pos and pos_embed != "learn":
+            self.register_buffer("pos_embed", self._fixed_pos_embed(self.i2t.grid_size))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim)) if uses_pos else None
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = [float(v) for v in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.ModuleList(
@@ -422,7 +433,7 @@ class CeiT(PEModel):
     def init_weights(self) -> None:
         """The official init: trunc_normal(.02) for Linear weights, the PE (``pos_init_std``) and the class token;
         zero biases; LayerNorms 1/0; convs and BatchNorms PyTorch's defaults; ``pos_layer_embed`` zeros."""
-        if self.pos_embed is not None:
+        if isinstance(self.pos_embed, nn.Parameter):  # a fixed table keeps its values
             nn.init.trunc_normal_(self.pos_embed, std=self.pos_init_std)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -498,10 +509,18 @@ class CeiT(PEModel):
     def _default_grid(self) -> tuple[int, int]:
         return self.i2t.grid_size
 
+    def _fixed_pos_embed(self, grid: tuple[int, int], like: torch.Tensor | None = None) -> torch.Tensor:
+        """The fixed sin-cos table [1, P + h*w, D] for ``grid`` (dtype/device of ``like``, else float32 CPU)."""
+        return sincos_pos_embed(self.pos_embed_type, grid, self.embed_dim, self.num_prefix_tokens,
+                                dtype=torch.float32 if like is None else like.dtype,
+                                device=None if like is None else like.device)
+
     def _pos_for_grid(self, grid: tuple[int, int]) -> torch.Tensor:
         assert self.pos_embed is not None
         if grid == self.i2t.grid_size:
             return self.pos_embed
+        if self.pos_embed_type != "learn":
+            return self._fixed_pos_embed(tuple(grid), like=self.pos_embed)
         return resample_abs_pos_embed(self.pos_embed, grid, self.i2t.grid_size, self.num_prefix_tokens)
 
     def compute_pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
@@ -687,7 +706,8 @@ class CeiT(PEModel):
 
     def extra_repr(self) -> str:
         return (
-            f"pe={self.pe!r}, pool={self.pool!r}, class_token={self.has_class_token}, "
+            f"pe={self.pe!r}, pos_embed={self.pos_embed_type!r}, pool={self.pool!r}, "
+            f"class_token={self.has_class_token}, "
             f"add_pos_to_input={self.add_pos_to_input}, include_layer0={self.include_layer0}, "
             f"hierarchical={self.hierarchical}, last_pos={self.last_pos}"
         )

@@ -646,3 +646,25 @@ def test_onnx_export_every_mode(pe, tmp_path):
         assert got.shape == (b, 10)
         assert (got - expect).abs().max().item() <= 1e-4, (pe, b)
     assert result is not None
+
+
+@pytest.mark.parametrize("kind", ["sincos1d", "sincos2d"])
+def test_fixed_sincos_pe_is_a_buffer_that_every_mode_normalises(kind):
+    from mpvg_kernels.layers.pos_embed import sincos_pos_embed
+
+    learned = create_model("ceit_tiny_patch16_224", pe="mpvg", tiny=True)
+    m = create_model("ceit_tiny_patch16_224", pe="mpvg", tiny=True, pos_embed=kind, dynamic_img_size=True)
+    assert "pos_embed" not in dict(m.named_parameters()) and "pos_embed" in dict(m.named_buffers())
+    assert count_parameters(learned) - count_parameters(m) == learned.pos_embed.numel()
+    table = sincos_pos_embed(kind, m.i2t.grid_size, m.embed_dim, m.num_prefix_tokens)
+    m.init_weights()
+    torch.testing.assert_close(m.pos_embed, table, rtol=0, atol=0)
+    with torch.no_grad():
+        m.norm.pos_weight.fill_(1.5)
+    terms = m.compute_pe_terms()
+    torch.testing.assert_close(terms.last_term, m.norm.pos_term(table))  # LN'_last of the fixed table
+    grid = m.i2t.grid_for(48, 48)  # another input size: the table is recomputed for the grid, not interpolated
+    torch.testing.assert_close(m._pos_for_grid(grid), sincos_pos_embed(kind, grid, m.embed_dim, 1))
+    assert m.eval()(torch.randn(2, 3, 48, 48)).shape == (2, m.num_classes)
+    with pytest.raises(ValueError, match="pos_embed must be one of"):
+        create_model("ceit_tiny_patch16_224", tiny=True, pos_embed="rope")
