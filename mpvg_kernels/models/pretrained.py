@@ -20,9 +20,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from ..layers.pos_embed import infer_grid_size, resample_abs_pos_embed
+from ..layers.pos_embed import infer_grid_size, resample_abs_pos_embed, sincos_pos_embed
 from .vision_transformer import VisionTransformer
 
 __all__ = ["checkpoint_filter_fn", "load_pretrained", "unwrap_state_dict"]
@@ -121,8 +122,10 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer
         if k == "pos_embed":
             if model.pos_embed is None:
                 continue  # this configuration uses no position embedding
-            if getattr(model, "pos_embed_type", "learn") != "learn":
-                v = own[k]  # a fixed sin-cos table: the model's own, computed for its grid
+            kind = getattr(model, "pos_embed_type", "learn")
+            if kind != "learn":
+                _check_fixed_table(v, kind, src_prefix)
+                v = own[k]  # the same fixed sin-cos table: the model's own, computed for its grid
             else:
                 v = _adapt_pos_embed(v, model, src_prefix)
         elif k == first + ".weight" and k in own and v.shape != own[k].shape:
@@ -131,6 +134,20 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer
             continue  # another class count (or no head): the model's head stays as it is
         out[k] = v
     return out
+
+
+def _check_fixed_table(v: torch.Tensor, kind: str, src_prefix: int) -> None:
+    """A checkpoint's PE may load into a model with a fixed ``kind`` table only if it is that table (for the
+    checkpoint's own grid and prefix rows): a learned PE is never replaced silently."""
+    v = v.reshape(-1, v.shape[-1]).float()
+    grid = infer_grid_size(v.shape[0] - src_prefix)
+    table = sincos_pos_embed(kind, grid, v.shape[-1], src_prefix).reshape(v.shape)
+    err = float((v - table).abs().max())
+    if err > 1e-3:
+        raise ValueError(
+            f"the checkpoint's pos_embed is not the fixed {kind!r} table this model uses (max |diff| {err:.3g}): it "
+            "holds another position embedding; build the model with pos_embed='learn' to load it"
+        )
 
 
 def _adapt_patch_weight(v: torch.Tensor, shape: torch.Size, name: str = "patch_embed.proj.weight") -> torch.Tensor:
@@ -155,7 +172,11 @@ def load_pretrained(
     ``{"model": ...}``. The class token and its PE row are dropped for GAP models, the PE is resampled to the
     model's grid and a head of another size is skipped. Returns ``(missing_keys, unexpected_keys)``; for a
     timm checkpoint of the matching architecture ``missing_keys`` is exactly
-    ``model.pe_norm_parameter_names()``. ``strict=True`` raises if anything else is missing or unexpected.
+    ``model.pe_norm_parameter_names()``, plus ``pos_embed`` when the checkpoint's architecture has no absolute
+    PE that the model adds (timm's Swin into MPVG's Swin): that PE is then set to zero, so the model computes what
+    the checkpoint's model computed. ``strict=True`` raises if anything else is missing or unexpected. A
+    checkpoint PE that is not the model's fixed sin-cos table (``pos_embed='sincos1d'``/``'sincos2d'``) is a
+    ValueError.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         try:
@@ -169,8 +190,12 @@ def load_pretrained(
             raise
     filtered = checkpoint_filter_fn(checkpoint, model)
     result = model.load_state_dict(filtered, strict=False)
+    added_pe = "pos_embed" in result.missing_keys and isinstance(getattr(model, "pos_embed", None), nn.Parameter)
+    if added_pe:  # an architecture without an absolute PE: zero keeps the checkpoint's function
+        with torch.no_grad():
+            model.pos_embed.zero_()
     if strict:
-        allowed = set(model.pe_norm_parameter_names())
+        allowed = set(model.pe_norm_parameter_names()) | ({"pos_embed"} if added_pe else set())
         missing = [k for k in result.missing_keys if k not in allowed]
         if missing or result.unexpected_keys:
             raise RuntimeError(

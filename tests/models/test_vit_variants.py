@@ -145,13 +145,18 @@ def test_fixed_pos_embed_other_grid_is_recomputed(kind):
 
 
 def test_fixed_pos_embed_checkpoint_keeps_own_table():
-    src = VisionTransformer(pe="default", **{**SMALL, "img_size": 12})  # a learned PE of another grid
+    # a checkpoint with the same fixed table (another grid, as T2T-ViT's official checkpoints hold it) loads
+    src = VisionTransformer(pe="default", pos_embed="sincos1d", **{**SMALL, "img_size": 12})
     m = VisionTransformer(pe="mpvg", pool="cls", pos_embed="sincos1d", **SMALL)
     table = m.pos_embed.clone()
     result = load_pretrained(m, src.state_dict(), strict=True)
     assert sorted(result.missing_keys) == sorted(m.pe_norm_parameter_names())
     torch.testing.assert_close(m.pos_embed, table, rtol=0, atol=0)
     torch.testing.assert_close(m.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    # a learned PE is never replaced by the table without a word
+    learned = VisionTransformer(pe="default", **{**SMALL, "img_size": 12})
+    with pytest.raises(ValueError, match="not the fixed 'sincos1d' table"):
+        load_pretrained(m, learned.state_dict())
 
 
 def test_pos_embed_option_errors():
@@ -646,7 +651,10 @@ def test_official_compact_transformers_checkpoint_loads(name):
                 torch.testing.assert_close(m(x), src(x), rtol=0, atol=0)
     sine = create_model(name, pe="default", tiny=True, pos_embed="sincos1d")  # the official "_sine" variants
     table = sine.pos_embed.clone()
-    load_pretrained(sine, official, strict=True)
+    with pytest.raises(ValueError, match="not the fixed 'sincos1d' table"):  # a learned PE is not a sine table
+        load_pretrained(sine, official)
+    official_sine = {**official["model"], "classifier.positional_emb": table.clone()}
+    load_pretrained(sine, official_sine, strict=True)
     torch.testing.assert_close(sine.pos_embed, table, rtol=0, atol=0)
 
 

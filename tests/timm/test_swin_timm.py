@@ -89,9 +89,17 @@ def test_load_pretrained_takes_a_timm_swin_state_dict():
     lape = SwinTransformer(pe="lape", pos_embed="rpe", **SMALL).eval()
     result = load_pretrained(lape, sd, strict=True)  # only the LayerNorms of the relative bias are new
     assert sorted(result.missing_keys) == sorted(lape.pe_norm_parameter_names()) and result.missing_keys
+    # the absolute PE MPVG's Swin adds is not in a timm checkpoint: it starts at zero (and is reported), so the
+    # default model computes exactly timm's logits through the supported loading path
+    default = SwinTransformer(pe="default", **SMALL).eval()
+    result = load_pretrained(default, sd, strict=True)
+    assert result.missing_keys == ["pos_embed"] and default.pos_embed.eq(0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(default(_x(64, dtype=torch.float32)), theirs(_x(64, dtype=torch.float32)),
+                                   rtol=1e-4, atol=1e-4)
     mpvg = SwinTransformer(pe="mpvg", **SMALL)
-    with pytest.raises(RuntimeError, match="pos_embed"):  # the absolute PE is not in a timm checkpoint
-        load_pretrained(mpvg, sd, strict=True)
+    result = load_pretrained(mpvg, sd, strict=True)
+    assert sorted(result.missing_keys) == sorted(["pos_embed", *mpvg.pe_norm_parameter_names()])
     # with LaPE's norms at identity the relative bias is normalised, so the logits move: LaPE is a new model
     x = _x(64, dtype=torch.float32)
     with torch.no_grad():
