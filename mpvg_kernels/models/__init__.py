@@ -15,7 +15,7 @@ from typing import Any
 
 from .param_table import PAPER_PARAMS_M, PAPER_ROWS, format_param_table, paper_table, param_table
 from .pretrained import checkpoint_filter_fn, load_pretrained, unwrap_state_dict
-from .registry import MODEL_CFGS, create_model, list_models, model_pe_modes, param_groups
+from .registry import MODEL_CFGS, create_model, list_models, param_groups
 from .vision_transformer import (
     PE_MODES,
     POOLS,
@@ -39,7 +39,6 @@ __all__ = [
     "feature_take_indices",
     "format_param_table",
     "list_models",
-    "model_pe_modes",
     "load_pretrained",
     "param_groups",
     "paper_table",

@@ -368,6 +368,11 @@ class CeiT(PEModel):
         num_pos = self.i2t.num_patches + self.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if has_cls else None
         uses_pos = self.add_pos_to_input or any(self.block_uses_pos) or self.last_pos is not None
+        if pos_embed == "rpe":
+            raise ValueError(
+                "pos_embed='rpe' is Swin's relative position bias inside window attention; this model attends "
+                f"globally and has no relative bias table: choose one of {POS_EMBED_TYPES}"
+            )
         if pos_embed not in POS_EMBED_TYPES:
             raise ValueError(f"pos_embed must be one of {POS_EMBED_TYPES}, got {pos_embed!r}")
         if pos_embed == "sincos2d" and embed_dim % 4:

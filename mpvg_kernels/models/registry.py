@@ -15,7 +15,7 @@ from .ceit import CeiT
 from .swin import SwinTransformer
 from .vision_transformer import PE_MODES, VisionTransformer
 
-__all__ = ["MODEL_CFGS", "create_model", "list_models", "model_pe_modes", "param_groups"]
+__all__ = ["MODEL_CFGS", "create_model", "list_models", "param_groups"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,11 +27,10 @@ DIGITS_STD = (0.3760,)
 
 #: name -> {"model": constructor kwargs, "cfg": data config (mean, std, crop_pct, ...), "source": where it comes
 #: from, optionally "family": the model class (default :class:`VisionTransformer`; every family subclasses
-#: :class:`~mpvg_kernels.models.base.PEModel`) and "tiny": kwargs overriding "model" for a small, fast variant of
-#: the same architecture (tests and smoke runs: ``create_model(name, tiny=True)``), and "pe_modes": the PE modes
-#: the family supports with its registered settings (default: all of ``PE_MODES``; the others raise ValueError),
-#: and "paper_counts_buffers": buffers that the original code held as frozen parameters, which the papers' #Params
-#: count (the parameter table adds them when it compares with a paper).
+#: :class:`~mpvg_kernels.models.base.PEModel`), "tiny": kwargs overriding "model" for a small, fast variant of
+#: the same architecture (tests and smoke runs: ``create_model(name, tiny=True)``), and "paper_counts_buffers":
+#: buffers that the original code held as frozen parameters, which the papers' #Params count (the parameter
+#: table adds them when it compares with a paper).
 MODEL_CFGS: dict[str, dict[str, Any]] = {
     "deit_tiny_patch16_224": {
         "model": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=1000),
@@ -53,8 +52,9 @@ MODEL_CFGS: dict[str, dict[str, Any]] = {
     },
     "vit_lite_7_4_32": {
         # Compact-Transformers vit_7_4_32: conv tokenizer 4x4/stride 4 with bias (kaiming_normal init), class
-        # token (seq_pool=False), learnable PE, 7 blocks, dim 256, 4 heads, MLP ratio 2, qkv without bias,
-        # LN2 applied to the residual stream, attention dropout 0.1, stochastic depth 0.1, dropout 0.
+        # token (seq_pool=False), learnable PE (trunc_normal std 0.2), 7 blocks, dim 256, 4 heads, MLP ratio 2,
+        # qkv without bias, LN2 applied to the residual stream, LayerNorm eps 1e-5, attention dropout 0.1,
+        # stochastic depth 0.1, dropout 0 (as cvt_7_4_32 and cct_7_3x1_32, the official values).
         "model": dict(
             img_size=32,
             patch_size=4,
@@ -67,6 +67,8 @@ MODEL_CFGS: dict[str, dict[str, Any]] = {
             attn_drop_rate=0.1,
             drop_path_rate=0.1,
             patch_init="kaiming_normal",
+            pos_init_std=0.2,
+            norm_eps=1e-5,
             num_classes=100,
         ),
         "cfg": dict(mean=CIFAR100_MEAN, std=CIFAR100_STD, crop_pct=1.0),
@@ -255,13 +257,6 @@ def list_models(pattern: str | None = None) -> list[str]:
     """Registered model names (sorted), optionally filtered by a glob ``pattern`` (e.g. ``"deit_*"``)."""
     names = sorted(MODEL_CFGS)
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
-
-
-def model_pe_modes(name: str) -> tuple[str, ...]:
-    """The PE modes the registered model ``name`` supports with its registered settings."""
-    if name not in MODEL_CFGS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return tuple(MODEL_CFGS[name].get("pe_modes", PE_MODES))
 
 
 def create_model(

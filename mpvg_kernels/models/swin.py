@@ -235,6 +235,12 @@ class SwinTransformer(PEModel):
             raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
         if pool is not None and POOL_ALIASES.get(pool) != "avg":
             raise ValueError(f"Swin average-pools its last stage: pool must be 'avg' (or None), got {pool!r}")
+        if pos_embed in ("sincos1d", "sincos2d"):
+            raise ValueError(
+                f"pos_embed={pos_embed!r}: Swin's position embeddings are the learned absolute PE of its ape option "
+                "(MPVG's Swin, 'learn') and the relative position bias ('rpe', LaPE's Swin); a fixed sin-cos table "
+                f"is not part of either paper's Swin: choose one of {POS_EMBEDS}"
+            )
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         depths, num_heads = tuple(depths), tuple(num_heads)

@@ -1,7 +1,7 @@
 """timm integration: every project model and PE mode in timm's registry, and :func:`from_timm`.
 
 Importing this module (it needs timm; ``import mpvg_kernels`` never imports it) registers, for every model of
-:func:`mpvg_kernels.models.list_models` and every mode it supports, the timm architecture ``{pe}_{model}``::
+:func:`mpvg_kernels.models.list_models` and every mode of ``PE_MODES``, the timm architecture ``{pe}_{model}``::
 
     import timm
     import mpvg_kernels.models.timm_bridge  # noqa: F401  (registers the models with timm)
@@ -24,6 +24,7 @@ timm's ``global_pool='token'|'avg'`` is accepted for ``pool``). ``features_only=
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -42,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without timm
 from ..layers.pe_walk import POOL_ALIASES, default_pool
 from .base import PEModel
 from .pretrained import checkpoint_filter_fn
-from .registry import MODEL_CFGS, create_model, fit_channels, model_pe_modes
+from .registry import MODEL_CFGS, create_model, fit_channels
 from .vision_transformer import PE_MODES, VisionTransformer
 
 __all__ = ["TIMM_MODELS", "attach_pe", "from_timm", "timm_checkpoint_filter_fn", "timm_name"]
@@ -54,17 +55,23 @@ def timm_name(model: str, pe: str) -> str:
 
 
 #: timm name -> (project model name, PE mode)
-TIMM_MODELS: dict[str, tuple[str, str]] = {
-    timm_name(m, pe): (m, pe) for m in MODEL_CFGS for pe in model_pe_modes(m)
-}
+TIMM_MODELS: dict[str, tuple[str, str]] = {timm_name(m, pe): (m, pe) for m in MODEL_CFGS for pe in PE_MODES}
+
+
+@functools.cache
+def _family_names(model: str) -> dict[str, Any]:
+    """The family's own names of its first conv and classifier (one model built on the meta device: nothing is
+    allocated or initialised)."""
+    with torch.device("meta"):
+        cfg = create_model(model).default_cfg
+    return {"first_conv": cfg["first_conv"], "classifier": cfg["classifier"]}
 
 
 def _pretrained_cfg(model: str, pe: str) -> dict[str, Any]:
     entry = MODEL_CFGS[model]
     args, data = entry["model"], entry["cfg"]
     img = args["img_size"]
-    with torch.device("meta"):  # the family's own names of its first conv and classifier; nothing is allocated
-        own = create_model(model, pe=pe).default_cfg
+    own = _family_names(model)
     return dict(
         input_size=(args.get("in_chans", 3), img, img),
         mean=tuple(data["mean"]),
@@ -134,7 +141,8 @@ def _register(name: str) -> None:
     arch, pe = TIMM_MODELS[name]
     entry.__name__ = entry.__qualname__ = name
     entry.__module__ = __name__
-    entry.__doc__ = f"{arch} with pe={pe!r} (mpvg-kernels VisionTransformer)."
+    family = MODEL_CFGS[arch].get("family", VisionTransformer).__name__
+    entry.__doc__ = f"{arch} with pe={pe!r} (mpvg-kernels {family})."
     globals()[name] = register_model(entry)
 
 

@@ -159,6 +159,11 @@ class VisionTransformer(PEModel):
             raise ValueError(f"fc_norm=True (the last norm after pooling) needs pool='avg', got pool={pool!r}")
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+        if pos_embed == "rpe":
+            raise ValueError(
+                "pos_embed='rpe' is Swin's relative position bias inside window attention; this model attends "
+                f"globally and has no relative bias table: choose one of {POS_EMBED_TYPES}"
+            )
         if pos_embed not in POS_EMBED_TYPES:
             raise ValueError(f"pos_embed must be one of {POS_EMBED_TYPES}, got {pos_embed!r}")
         if pos_embed == "sincos2d" and embed_dim % 4:

@@ -13,7 +13,7 @@ timm = pytest.importorskip(
 )
 
 import mpvg_kernels  # noqa: E402
-from mpvg_kernels.models import VisionTransformer, from_timm, list_models, model_pe_modes  # noqa: E402
+from mpvg_kernels.models import VisionTransformer, from_timm, list_models  # noqa: E402
 from mpvg_kernels.models.timm_bridge import TIMM_MODELS  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=0)
@@ -40,7 +40,7 @@ def test_lean_import_and_registry():
     names = timm.list_models("*mpvg*")
     assert set(names) >= {f"mpvg_{m}" for m in list_models()}
     assert set(timm.list_models(module="timm_bridge")) == set(TIMM_MODELS)
-    assert len(TIMM_MODELS) == sum(len(model_pe_modes(m)) for m in list_models())
+    assert len(TIMM_MODELS) == 4 * len(list_models())
     for pe in ("default", "lape", "pvg", "mpvg"):
         assert f"{pe}_deit_tiny_patch16_224" in timm.list_models(f"{pe}_*")
 
