@@ -28,7 +28,7 @@ from torch import nn
 from ..layers.pe_cache import PECache
 from ..layers.pe_walk import PEKnobs, PETerms
 
-__all__ = ["PEModel", "count_parameters"]
+__all__ = ["PEModel", "check_sizes", "count_parameters"]
 
 
 def _clear_cache_hook(module: nn.Module, incompatible_keys: Any) -> None:
@@ -137,3 +137,10 @@ class PEModel(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Number of parameter elements (fixed sinusoidal tables and other buffers are not parameters)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def check_sizes(*checks: tuple[str, Any, int]) -> None:
+    """Raise a ValueError naming the first (name, value, minimum) whose value is not an int >= minimum."""
+    for name, value, minimum in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

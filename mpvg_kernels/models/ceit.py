@@ -70,8 +70,7 @@ from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import no_autocast
 from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, POOLS, PETerms, default_pool, resolve_pe_knobs
 from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
-from .base import PEModel
-from .vision_transformer import _check_sizes
+from .base import PEModel, check_sizes
 
 __all__ = ["CeiT", "CeiTBlock", "I2TEmbed", "Image2Tokens", "LCABlock", "LocallyEnhancedFeedForward"]
 
@@ -321,7 +320,7 @@ class CeiT(PEModel):
         pool = default_pool(pe) if pool is None else pool
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-        _check_sizes(
+        check_sizes(
             ("depth", depth, 1),
             ("num_classes", num_classes, 0),
             ("embed_dim", embed_dim, 1),
@@ -479,7 +478,7 @@ class CeiT(PEModel):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a fresh one for ``num_classes`` (0: identity). ``global_pool`` (timm's name):
         None keeps the pooling; ``token`` or ``avg`` switch what each layer gives the LCA."""
-        _check_sizes(("num_classes", num_classes, 0))
+        check_sizes(("num_classes", num_classes, 0))
         if global_pool is not None:
             if global_pool not in POOL_ALIASES:
                 raise ValueError(f"global_pool must be None, 'token' or 'avg', got {global_pool!r}")

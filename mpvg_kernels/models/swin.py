@@ -75,7 +75,7 @@ from ..layers.window_attention import (
     window_partition,
     window_reverse,
 )
-from .base import PEModel
+from .base import PEModel, check_sizes
 from .vision_transformer import feature_take_indices
 
 __all__ = ["POS_EMBEDS", "SwinBlock", "SwinStage", "SwinTransformer"]
@@ -245,7 +245,7 @@ class SwinTransformer(PEModel):
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         depths, num_heads = tuple(depths), tuple(num_heads)
         img_size, patch_size = to_2tuple(img_size), to_2tuple(patch_size)
-        _check_ints(
+        check_sizes(
             ("num_classes", num_classes, 0),
             ("embed_dim", embed_dim, 1),
             ("in_chans", in_chans, 1),
@@ -439,7 +439,7 @@ class SwinTransformer(PEModel):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A fresh classifier for ``num_classes`` (0: identity, pooled features out); ``global_pool`` may only be
         None or ``avg``."""
-        _check_ints(("num_classes", num_classes, 0))
+        check_sizes(("num_classes", num_classes, 0))
         if global_pool is not None and POOL_ALIASES.get(global_pool) != "avg":
             raise ValueError(f"Swin average-pools: global_pool must be None or 'avg', got {global_pool!r}")
         self.num_classes = num_classes
@@ -712,10 +712,3 @@ class SwinTransformer(PEModel):
             f"add_pos_to_input={self.add_pos_to_input}, include_layer0={self.include_layer0}, "
             f"hierarchical={self.hierarchical}, last_pos={self.last_pos}"
         )
-
-
-def _check_ints(*checks: tuple[str, Any, int]) -> None:
-    """Raise a ValueError naming the first (name, value, minimum) whose value is not an int >= minimum."""
-    for name, value, minimum in checks:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

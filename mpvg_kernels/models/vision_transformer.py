@@ -62,7 +62,7 @@ from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, PETerms, PEWalk, defa
 from ..layers.pe_walk import POOLS as _WALK_POOLS
 from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
 from ..layers.tokenizers import build_tokenizer
-from .base import PEModel, count_parameters
+from .base import PEModel, check_sizes, count_parameters
 
 __all__ = [
     "PE_MODES",
@@ -141,7 +141,7 @@ class VisionTransformer(PEModel):
         pool = default_pool(pe) if pool is None else pool
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-        _check_sizes(
+        check_sizes(
             ("depth", depth, 1), ("num_classes", num_classes, 0), ("embed_dim", embed_dim, 1),
             ("num_heads", num_heads, 1), ("in_chans", in_chans, 1),
             *(("patch_size", p, 1) for p in to_2tuple(patch_size)), *(("img_size", v, 1) for v in to_2tuple(img_size)),
@@ -332,7 +332,7 @@ class VisionTransformer(PEModel):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a fresh one for ``num_classes`` (0: identity, features out). ``global_pool``
         (timm's name): None keeps the pooling; ``token`` or ``avg`` switch it (``token`` needs the class token)."""
-        _check_sizes(("num_classes", num_classes, 0))
+        check_sizes(("num_classes", num_classes, 0))
         if global_pool is not None:
             if global_pool not in POOL_ALIASES:
                 raise ValueError(f"global_pool must be None, 'token' or 'avg', got {global_pool!r}")
@@ -796,10 +796,3 @@ def feature_take_indices(num_features: int, indices: int | Sequence[int] | None 
                 raise ValueError(f"feature index {i} is out of range (0 to {num_features - 1})")
             take.append(j)
     return take, max(take)
-
-
-def _check_sizes(*checks: tuple[str, Any, int]) -> None:
-    """Raise a ValueError naming the first (name, value, minimum) whose value is not an int >= minimum."""
-    for name, value, minimum in checks:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
