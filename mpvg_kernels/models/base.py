@@ -27,6 +27,7 @@ from torch import nn
 
 from ..layers.pe_cache import PECache
 from ..layers.pe_walk import PEKnobs, PETerms
+from ..layers.pos_embed import resample_abs_pos_embed, sincos_pos_embed
 
 __all__ = ["PEModel", "check_sizes", "count_parameters"]
 
@@ -106,6 +107,46 @@ class PEModel(nn.Module):
             return None
         grid = self._default_grid() if grid is None else tuple(grid)
         return self._pe_cache.get(tensors, lambda: self.compute_pe_terms(grid), extra=grid)
+
+    # ------------------------------------------------------------------ the absolute PE and the input grid
+    #: ``learn`` (a parameter) or a fixed sin-cos table (``sincos1d``/``sincos2d``: a buffer); set by the family
+    pos_embed_type: str = "learn"
+    #: whether other input sizes are accepted (the PE is then resampled, or recomputed, for their grid)
+    dynamic_img_size: bool = False
+
+    def _fixed_pos_embed(self, grid: tuple[int, int], like: torch.Tensor | None = None) -> torch.Tensor:
+        """The fixed sin-cos table [1, P + h*w, D] for ``grid`` (dtype/device of ``like``, else float32 CPU)."""
+        return sincos_pos_embed(self.pos_embed_type, grid, self.embed_dim, self.num_prefix_tokens,
+                                dtype=torch.float32 if like is None else like.dtype,
+                                device=None if like is None else like.device)
+
+    def _pos_for_grid(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The PE for the token grid ``grid``: the model's own, a fixed table recomputed, or a learned PE resampled
+        (bicubic, as timm) from the model's grid."""
+        assert self.pos_embed is not None
+        own = tuple(self.patch_embed.grid_size)
+        if tuple(grid) == own:
+            return self.pos_embed
+        if self.pos_embed_type != "learn":
+            return self._fixed_pos_embed(tuple(grid), like=self.pos_embed)
+        return resample_abs_pos_embed(self.pos_embed, grid, own, self.num_prefix_tokens)
+
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """The token grid of images ``x`` [B, C, H, W]; ValueError for another layout, or another size without
+        ``dynamic_img_size``, or a size that gives no token."""
+        if x.dim() != 4:
+            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        img = tuple(self.patch_embed.img_size)
+        if not self.dynamic_img_size and (H, W) != img:
+            raise ValueError(
+                f"input size ({H}, {W}) does not match the model's img_size {img}; build the model with "
+                "img_size=... or dynamic_img_size=True (the PE is then resampled at forward)"
+            )
+        grid = self.patch_embed.grid_for(H, W)
+        if grid[0] < 1 or grid[1] < 1:
+            raise ValueError(f"input size ({H}, {W}) is too small for the tokenizer (no token)")
+        return grid
 
     def _data_cfg(
         self, architecture: str, first_conv: str, classifier: str | tuple[str, ...], crop_pct: float = 0.875

@@ -69,7 +69,7 @@ from ..layers.blocks import Attention, DropPath, Mlp, PEBlock, to_2tuple
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import no_autocast
 from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, POOLS, PETerms, default_pool, resolve_pe_knobs
-from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
+from ..layers.pos_embed import POS_EMBED_TYPES
 from .base import PEModel, check_sizes
 
 __all__ = ["CeiT", "CeiTBlock", "I2TEmbed", "Image2Tokens", "LCABlock", "LocallyEnhancedFeedForward"]
@@ -513,20 +513,6 @@ class CeiT(PEModel):
     def _default_grid(self) -> tuple[int, int]:
         return self.i2t.grid_size
 
-    def _fixed_pos_embed(self, grid: tuple[int, int], like: torch.Tensor | None = None) -> torch.Tensor:
-        """The fixed sin-cos table [1, P + h*w, D] for ``grid`` (dtype/device of ``like``, else float32 CPU)."""
-        return sincos_pos_embed(self.pos_embed_type, grid, self.embed_dim, self.num_prefix_tokens,
-                                dtype=torch.float32 if like is None else like.dtype,
-                                device=None if like is None else like.device)
-
-    def _pos_for_grid(self, grid: tuple[int, int]) -> torch.Tensor:
-        assert self.pos_embed is not None
-        if grid == self.i2t.grid_size:
-            return self.pos_embed
-        if self.pos_embed_type != "learn":
-            return self._fixed_pos_embed(tuple(grid), like=self.pos_embed)
-        return resample_abs_pos_embed(self.pos_embed, grid, self.i2t.grid_size, self.num_prefix_tokens)
-
     def compute_pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
         """The PE, every block's PE term, LN'_last(p) ([1, T, D], every row) and, for ``pool="avg"``, the pooled
         bias ``norm.bias + mean over the patch rows of LN'_last(p)`` for ``grid`` (default: the model's grid),
@@ -547,20 +533,6 @@ class CeiT(PEModel):
             )
 
     # ------------------------------------------------------------------ forward
-
-    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
-        if x.dim() != 4:
-            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        if not self.dynamic_img_size and (H, W) != self.i2t.img_size:
-            raise ValueError(
-                f"input size ({H}, {W}) does not match the model's img_size {self.i2t.img_size}; build the "
-                "model with img_size=... or dynamic_img_size=True (the PE is then resampled at forward)"
-            )
-        grid = self.i2t.grid_for(H, W)
-        if grid[0] < 1 or grid[1] < 1:
-            raise ValueError(f"input size ({H}, {W}) is too small for the I2T tokenizer (no token)")
-        return grid
 
     def _embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         """Images -> the tokens entering block 0 (I2T tokens, class token, the PE added where the mode does)."""

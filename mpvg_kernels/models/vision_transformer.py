@@ -60,7 +60,7 @@ from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import no_autocast
 from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, PETerms, PEWalk, default_pool, resolve_pe_knobs
 from ..layers.pe_walk import POOLS as _WALK_POOLS
-from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
+from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed
 from ..layers.tokenizers import build_tokenizer
 from .base import PEModel, check_sizes, count_parameters
 
@@ -240,17 +240,6 @@ class VisionTransformer(PEModel):
 
     # ------------------------------------------------------------------ configuration helpers
 
-    def _fixed_pos_embed(self, grid: tuple[int, int], like: torch.Tensor | None = None) -> torch.Tensor:
-        """The fixed sin-cos table [1, P + h*w, D] for ``grid`` (dtype/device of ``like``, else float32 CPU)."""
-        return sincos_pos_embed(
-            self.pos_embed_type,
-            grid,
-            self.embed_dim,
-            self.num_prefix_tokens,
-            dtype=torch.float32 if like is None else like.dtype,
-            device=None if like is None else like.device,
-        )
-
     def _make_default_cfg(self) -> dict[str, Any]:
         classifier = ("head", "head_dist") if self.distilled else "head"
         return self._data_cfg("vision_transformer", f"patch_embed.{self.patch_embed.first_conv}", classifier)
@@ -401,15 +390,6 @@ class VisionTransformer(PEModel):
             ts += [last.bias, last.pos_weight, last.pos_bias]
         return ts
 
-    def _pos_for_grid(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The PE for the token grid ``grid``: the model's own, a fixed table recomputed, or a learned PE resampled."""
-        assert self.pos_embed is not None
-        if tuple(grid) == tuple(self.patch_embed.grid_size):
-            return self.pos_embed
-        if self.pos_embed_type != "learn":
-            return self._fixed_pos_embed(tuple(grid), like=self.pos_embed)
-        return resample_abs_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
-
     def compute_pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
         """The PE, every block's PE term, the last PE term and the pooled bias for ``grid`` (default: the model's
         grid), computed now from the parameters along :attr:`pe_walk` (differentiable; no cache). None for a model
@@ -439,17 +419,6 @@ class VisionTransformer(PEModel):
         return self.patch_embed.grid_size
 
     # ------------------------------------------------------------------ forward
-
-    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
-        if x.dim() != 4:
-            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        if not self.dynamic_img_size and (H, W) != self.patch_embed.img_size:
-            raise ValueError(
-                f"input size ({H}, {W}) does not match the model's img_size {self.patch_embed.img_size}; build the "
-                "model with img_size=... or dynamic_img_size=True (the PE is then resampled at forward)"
-            )
-        return self.patch_embed.grid_for(H, W)
 
     def _run_block(
         self, blk: Block, x: torch.Tensor, pos: torch.Tensor | None

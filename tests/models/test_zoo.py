@@ -189,12 +189,18 @@ def test_every_family_through_analyze(name: str, tmp_path: Path):
         assert (tmp_path / "a" / f).is_file(), f
 
 
-@pytest.mark.parametrize("name", TRAIN)
-def test_every_family_exports_to_onnx_and_runs_in_onnxruntime(name: str, tmp_path: Path):
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [(n, {}) for n in TRAIN]
+    + [("deit_tiny_patch16_224", {"pos_embed": "sincos2d"}), ("ceit_tiny_patch16_224", {"pos_embed": "sincos1d"}),
+       ("swin_tiny_patch4_window7_224", {"pos_embed": "rpe", "pe": "lape"})],
+)
+def test_every_family_exports_to_onnx_and_runs_in_onnxruntime(name: str, kwargs: dict, tmp_path: Path):
     pytest.importorskip("onnxruntime", reason="ONNX verification needs onnxruntime (the export extra)")
     from mpvg_kernels.export import export_model
 
-    model = _tiny(name, "mpvg").float().eval()
+    kwargs = dict(kwargs)
+    model = _tiny(name, kwargs.pop("pe", "mpvg"), **kwargs).float().eval()
     _perturb(model)
     res = export_model(model, tmp_path / "m.onnx", "onnx", verify=True)
     assert res.max_abs_diff is not None and res.max_abs_diff < 1e-4, res.message
