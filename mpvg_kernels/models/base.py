@@ -20,13 +20,14 @@ provides these runs through every ``mpvg`` command without a special case.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..layers.pe_cache import PECache
-from ..layers.pe_walk import PEKnobs, PETerms
+from ..layers.pe_walk import PEKnobs, PETerms, PEWalk
 from ..layers.pos_embed import resample_abs_pos_embed, sincos_pos_embed
 
 __all__ = ["PEModel", "check_sizes", "count_parameters"]
@@ -147,6 +148,30 @@ class PEModel(nn.Module):
         if grid[0] < 1 or grid[1] < 1:
             raise ValueError(f"input size ({H}, {W}) is too small for the tokenizer (no token)")
         return grid
+
+    @staticmethod
+    def _analyse_block(
+        out: dict[str, Any], step: PEWalk.Step, i: int, blk: nn.Module, x: torch.Tensor,
+        to_block: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One block of ``forward_analysis`` with unfused plain-PyTorch steps: records x_l (``block_inputs``),
+        LN1_l(x_l) (``token_terms``), the PE term LN'_l(p_l) or None (``pos_terms``) and the attention input
+        (``attn_inputs``) in ``out``, advances the walk ``step`` and returns the attention input. ``to_block``
+        brings the walk's source to the block's token space first (Swin's later stages)."""
+        out["block_inputs"].append(x)
+        src = step.source(i)
+        if src is None:
+            tok, term = blk.norm1(x), None
+            a = tok
+        else:
+            tok = blk.norm1.norm_tokens(x)
+            term = blk.norm1.norm_pos(src if to_block is None else to_block(src))
+            step.record(i, term)
+            a = tok + term
+        out["token_terms"].append(tok)
+        out["pos_terms"].append(term)
+        out["attn_inputs"].append(a)
+        return a
 
     def _data_cfg(
         self, architecture: str, first_conv: str, classifier: str | tuple[str, ...], crop_pct: float = 0.875

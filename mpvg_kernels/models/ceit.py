@@ -644,20 +644,7 @@ class CeiT(PEModel):
         }
         step = self.pe_walk.start(pos)
         for i, blk in enumerate(self.blocks):
-            out["block_inputs"].append(x)
-            src = step.source(i)
-            if src is not None:
-                tok = blk.norm1.norm_tokens(x)
-                term = blk.norm1.norm_pos(src)
-                step.record(i, term)
-                a = tok + term
-            else:
-                tok, term = blk.norm1(x), None
-                a = tok
-            out["token_terms"].append(tok)
-            out["pos_terms"].append(term)
-            out["attn_inputs"].append(a)
-            x = blk.forward_rest(x, a, grid, npt)
+            x = blk.forward_rest(x, self._analyse_block(out, step, i, blk, x), grid, npt)
             out["readouts"].append(self._readout(x))
         lca_in = torch.stack(out["readouts"], dim=1) + self.pos_layer_embed
         z = self.lca(lca_in)

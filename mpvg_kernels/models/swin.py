@@ -677,19 +677,7 @@ class SwinTransformer(PEModel):
         for s, stage in enumerate(self.layers):
             x = stage.down(x)
             for blk in stage.blocks:
-                out["block_inputs"].append(x)
-                src = step.source(i)
-                if src is not None:
-                    tok = blk.norm1.norm_tokens(x)
-                    term = blk.norm1.norm_pos(self._to_stage(src, s))
-                    step.record(i, term)
-                    a = tok + term
-                else:
-                    tok, term = blk.norm1(x), None
-                    a = tok
-                out["token_terms"].append(tok)
-                out["pos_terms"].append(term)
-                out["attn_inputs"].append(a)
+                a = self._analyse_block(out, step, i, blk, x, lambda p, s=s: self._to_stage(p, s))
                 x = blk.forward_rest(x, a)
                 i += 1
         last_out = self.norm.norm_tokens(x)

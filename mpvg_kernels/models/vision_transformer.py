@@ -706,20 +706,7 @@ class VisionTransformer(PEModel):
         }
         step = self.pe_walk.start(pos)
         for i, blk in enumerate(self.blocks):
-            out["block_inputs"].append(x)
-            src = step.source(i)
-            if src is not None:
-                tok = blk.norm1.norm_tokens(x)
-                term = blk.norm1.norm_pos(src)
-                step.record(i, term)
-                a = tok + term
-            else:
-                tok, term = blk.norm1(x), None
-                a = tok
-            out["token_terms"].append(tok)
-            out["pos_terms"].append(term)
-            out["attn_inputs"].append(a)
-            x = blk.forward_rest(x, a)
+            x = blk.forward_rest(x, self._analyse_block(out, step, i, blk, x))
         last_out = self._last_norm().norm_tokens(x)
         last_term = self._last_term(None, step.last_source)
         feats = last_out if last_term is None else last_out + last_term
