@@ -124,19 +124,24 @@ def _onnx_add_pe(g: Any, y: Any, pe: Any) -> Any:
     return y if sh._is_none(pe) else g.op("Add", y, pe)
 
 
-def _sym_layer_norm_add(g: Any, x: Any, pe: Any, weight: Any, bias: Any, eps: Any) -> tuple[Any, Any, Any]:
-    y, mean, rstd = _onnx_ln(g, x, weight, bias, eps)
-    return _onnx_add_pe(g, y, pe), mean, rstd
+def _onnx_stats(g: Any, mean: Any, rstd: Any) -> Any:
+    """The ops' statistics output (one buffer: the means, then the reciprocal stds; unused at inference)."""
+    flat = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
+    return g.op("Concat", g.op("Reshape", mean, flat), g.op("Reshape", rstd, flat), axis_i=0)
 
 
-def _make_sym_layer_norm_pool(axes_as_input: bool) -> Any:
-    def sym(g: Any, x: Any, weight: Any, bias: Any, pe: Any, eps: Any) -> tuple[Any, Any, Any]:
+def _make_sym_layer_norm(pool: bool, axes_as_input: bool = False) -> Any:
+    """The symbolic of ``mpvg::layer_norm_add`` (``pool`` False) or ``mpvg::layer_norm_pool``."""
+
+    def sym(g: Any, x: Any, pe: Any, weight: Any, bias: Any, eps: Any) -> tuple[Any, Any]:
         y, mean, rstd = _onnx_ln(g, x, weight, bias, eps)
         y = _onnx_add_pe(g, y, pe)
-        if axes_as_input:  # opset >= 18: axes is an input
+        if pool and axes_as_input:  # opset >= 18: axes is an input
             axes = g.op("Constant", value_t=torch.tensor([-2], dtype=torch.int64))
-            return g.op("ReduceMean", y, axes, keepdims_i=0), mean, rstd
-        return g.op("ReduceMean", y, axes_i=[-2], keepdims_i=0), mean, rstd
+            y = g.op("ReduceMean", y, axes, keepdims_i=0)
+        elif pool:
+            y = g.op("ReduceMean", y, axes_i=[-2], keepdims_i=0)
+        return y, _onnx_stats(g, mean, rstd)
 
     return sym
 
@@ -149,15 +154,15 @@ def register_onnx_symbolics() -> None:
 
     ``layer_norm_add`` -> ``LayerNormalization`` (+ ``Add`` of the PE); ``layer_norm_pool`` -> ``LayerNormalization``
     (+ ``Add``) + ``ReduceMean`` over the tokens. The saved statistics map to LayerNormalization's optional
-    Mean / InvStdDev outputs (unused at inference).
+    Mean / InvStdDev outputs, concatenated (unused at inference).
     """
     if _SYMBOLICS_REGISTERED[0]:
         return
     from torch.onnx import register_custom_op_symbolic
 
-    register_custom_op_symbolic("mpvg::layer_norm_add", _sym_layer_norm_add, MIN_OPSET)
-    register_custom_op_symbolic("mpvg::layer_norm_pool", _make_sym_layer_norm_pool(False), MIN_OPSET)
-    register_custom_op_symbolic("mpvg::layer_norm_pool", _make_sym_layer_norm_pool(True), 18)
+    register_custom_op_symbolic("mpvg::layer_norm_add", _make_sym_layer_norm(False), MIN_OPSET)
+    register_custom_op_symbolic("mpvg::layer_norm_pool", _make_sym_layer_norm(True), MIN_OPSET)
+    register_custom_op_symbolic("mpvg::layer_norm_pool", _make_sym_layer_norm(True, axes_as_input=True), 18)
     _SYMBOLICS_REGISTERED[0] = True
 
 

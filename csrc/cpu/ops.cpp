@@ -1,9 +1,9 @@
-// CPU implementations of the mpvg:: custom ops (schemas defined in mpvg_kernels/ops/custom_ops.py) and the
+// CPU implementations of the mpvg:: custom ops (schemas defined in mpvg_kernels/ops/layer_norm.py) and the
 // Python module mpvg_kernels.ops._C that registers them when imported.
 //
-//   layer_norm_add(x, pe?, weight, bias, eps)            -> (y [B,N,D], mean [B*N], rstd [B*N])
-//   layer_norm_pool(x, weight, bias, pe?, eps)           -> (y [B,D],   mean [B*N], rstd [B*N])
-//   layer_norm_{add,pool}_backward(grad, x, weight, mean, rstd, has_pe) -> (dx, dpe, dweight, dbias)
+//   layer_norm_add(x, pe?, weight, bias, eps)            -> (y [B,N,D], stats [2*B*N]: mean, then rstd)
+//   layer_norm_pool(x, pe?, weight, bias, eps)           -> (y [B,D],   stats [2*B*N])
+//   layer_norm_{add,pool}_backward(grad, x, weight, stats, has_pe) -> (dx, dpe, dweight, dbias)
 //
 // This file does the tensor work (argument checks, parameter casts, output allocation), splits the
 // rows into work units (forward) or chunks (backward), runs them with at::parallel_for and reduces
@@ -223,9 +223,8 @@ FwdParams fwd_params(const Tensor& x, const Tensor& w, const Tensor& b, double e
   return p;
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_add_cpu(const Tensor& x, const std::optional<Tensor>& pe,
-                                                      const Tensor& weight, const Tensor& bias,
-                                                      double eps) {
+std::tuple<Tensor, Tensor> layer_norm_add_cpu(const Tensor& x, const std::optional<Tensor>& pe,
+                                              const Tensor& weight, const Tensor& bias, double eps) {
   const char* op = "mpvg::layer_norm_add";
   check_x(x, op);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), R = B * N;
@@ -236,9 +235,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_add_cpu(const Tensor& x, const std
   if (pe.has_value()) pe_acc = pe_param(*pe, N, D, acc, op);
 
   Tensor y = at::empty({B, N, D}, x.options());
-  Tensor mean = at::empty({R}, x.options().dtype(acc));
-  Tensor rstd = at::empty({R}, x.options().dtype(acc));
-  if (R == 0) return {y, mean, rstd};
+  Tensor stats = at::empty({2 * R}, x.options().dtype(acc));
+  Tensor mean = stats.narrow(0, 0, R), rstd = stats.narrow(0, R, R);
+  if (R == 0) return {y, stats};
 
   FwdParams p = fwd_params(x, w, b, eps, y, mean, rstd);
   p.pe = pe_acc.defined() ? pe_acc.const_data_ptr() : nullptr;
@@ -253,7 +252,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_add_cpu(const Tensor& x, const std
     Scratch s(D);
     fn(p, u0, u1, s.get());
   });
-  return {y, mean, rstd};
+  return {y, stats};
 }
 
 // out[j] = mean over rows n of a[n, j], summed in row order.
@@ -267,9 +266,8 @@ void column_mean(const A* a, int64_t N, int64_t D, A* out) {
   for (int64_t j = 0; j < D; ++j) out[j] /= static_cast<A>(N);
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_pool_cpu(const Tensor& x, const Tensor& weight,
-                                                       const Tensor& bias,
-                                                       const std::optional<Tensor>& pe, double eps) {
+std::tuple<Tensor, Tensor> layer_norm_pool_cpu(const Tensor& x, const std::optional<Tensor>& pe,
+                                               const Tensor& weight, const Tensor& bias, double eps) {
   const char* op = "mpvg::layer_norm_pool";
   check_x(x, op);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), R = B * N;
@@ -290,12 +288,12 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_pool_cpu(const Tensor& x, const Te
   }
 
   Tensor y = at::empty({B, D}, x.options());
-  Tensor mean = at::empty({R}, x.options().dtype(acc));
-  Tensor rstd = at::empty({R}, x.options().dtype(acc));
-  if (B == 0) return {y, mean, rstd};
+  Tensor stats = at::empty({2 * R}, x.options().dtype(acc));
+  Tensor mean = stats.narrow(0, 0, R), rstd = stats.narrow(0, R, R);
+  if (B == 0) return {y, stats};
   if (N == 0) {  // the mean over no tokens: zeros, as the reference kernel defines it
     y.zero_();
-    return {y, mean, rstd};
+    return {y, stats};
   }
 
   FwdParams p = fwd_params(x, w, b, eps, y, mean, rstd);
@@ -306,7 +304,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_pool_cpu(const Tensor& x, const Te
     Scratch s(D);
     fn(p, b0, b1, s.get());
   });
-  return {y, mean, rstd};
+  return {y, stats};
 }
 
 // ----------------------------------------------------------------------------------- backward
@@ -388,8 +386,8 @@ void reduce_partials(const ChunkPlan& plan, bool pool, bool has_pe, int64_t B, i
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, const Tensor& x,
-                                                        const Tensor& weight, const Tensor& mean,
-                                                        const Tensor& rstd, bool has_pe, bool pool) {
+                                                        const Tensor& weight, const Tensor& stats, bool has_pe,
+                                                        bool pool) {
   const char* op = pool ? "mpvg::layer_norm_pool_backward" : "mpvg::layer_norm_add_backward";
   check_x(x, op);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), R = B * N;
@@ -403,10 +401,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, cons
     TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == N && grad.size(2) == D, op,
                 ": grad must have shape [", B, ", ", N, ", ", D, "], got ", grad.sizes());
   }
-  check_float(mean, "mean", op);
-  check_float(rstd, "rstd", op);
-  TORCH_CHECK(mean.numel() == R && rstd.numel() == R, op, ": mean and rstd must have ", R,
-              " elements, got ", mean.numel(), " and ", rstd.numel());
+  check_float(stats, "stats", op);
+  TORCH_CHECK(stats.dim() == 1 && stats.numel() == 2 * R, op, ": stats must be 1-D with 2 * B * N = ", 2 * R,
+              " elements (mean, then rstd), got shape ", stats.sizes());
   const Tensor w = param(weight, D, acc, "weight", op);
 
   Tensor dx = at::empty({B, N, D}, x.options());
@@ -420,8 +417,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, cons
     return {dx, dpe, dw, db};
   }
 
-  const Tensor mean_c = mean.to(acc).contiguous();
-  const Tensor rstd_c = rstd.to(acc).contiguous();
+  const Tensor stats_c = stats.to(acc).contiguous();
+  const Tensor mean_c = stats_c.narrow(0, 0, R), rstd_c = stats_c.narrow(0, R, R);
   // pool: every token of sample b receives grad[b] / N (kept as [B, D], never expanded).
   const Tensor g = pool ? grad.to(acc).contiguous().div(static_cast<double>(N))
                         : grad.to(x.scalar_type()).contiguous();
@@ -472,17 +469,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad, cons
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_add_backward_cpu(const Tensor& grad, const Tensor& x,
-                                                                       const Tensor& weight,
-                                                                       const Tensor& mean,
-                                                                       const Tensor& rstd, bool has_pe) {
-  return backward_cpu(grad, x, weight, mean, rstd, has_pe, /*pool=*/false);
+                                                                       const Tensor& weight, const Tensor& stats,
+                                                                       bool has_pe) {
+  return backward_cpu(grad, x, weight, stats, has_pe, /*pool=*/false);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_pool_backward_cpu(const Tensor& grad, const Tensor& x,
-                                                                        const Tensor& weight,
-                                                                        const Tensor& mean,
-                                                                        const Tensor& rstd, bool has_pe) {
-  return backward_cpu(grad, x, weight, mean, rstd, has_pe, /*pool=*/true);
+                                                                        const Tensor& weight, const Tensor& stats,
+                                                                        bool has_pe) {
+  return backward_cpu(grad, x, weight, stats, has_pe, /*pool=*/true);
 }
 
 }  // namespace

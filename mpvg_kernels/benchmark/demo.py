@@ -8,7 +8,8 @@ import torch
 import torch.utils.benchmark as tb
 
 from .. import ops
-from ..ops import backends, reference
+from ..ops import backends
+from ..ops import layer_norm as LN
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -21,8 +22,8 @@ def run_demo(args: argparse.Namespace) -> int:
     B, N, D = args.batch, args.tokens, args.dim
     x = torch.randn(B, N, D).to(device)
     pe, w, b = (t.to(device) for t in (torch.randn(N, D), torch.randn(D), torch.randn(D)))
-    ref = reference.layer_norm_add(x.double(), pe.double(), w.double(), b.double())
-    ref_pool = reference.layer_norm_pool(x.double(), w.double(), b.double(), pe.double())
+    ref = LN.reference_layer_norm_add(x.double(), pe.double(), w.double(), b.double())
+    ref_pool = LN.reference_layer_norm_pool(x.double(), w.double(), b.double(), pe.double())
     usable = backends.available_backends(x.device)
     where = "CPU" if device.type == "cpu" else str(device)
     print(f"mpvg demo: x [{B}, {N}, {D}] float32 on {where}, threads={torch.get_num_threads()}")

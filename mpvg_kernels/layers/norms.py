@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import custom_ops as _ops
+from ..ops import layer_norm as _ops
 from ..ops import dual_layer_norm, layer_norm_add, layer_norm_pool
 
 __all__ = ["DualLayerNorm", "LastLayerNormPE"]

@@ -1,20 +1,23 @@
-"""The fused ops (``layer_norm_add``, ``dual_layer_norm``, ``layer_norm_pool``), the ``mpvg::`` custom-op library
-behind them, the float64-checked reference, input validation, backend selection and the Triton kernels.
+"""The fused ops (``layer_norm_add``, ``dual_layer_norm``, ``layer_norm_pool``): the op family in ``layer_norm.py``
+(contract, reference, registered ops, kernel route, autograd, public functions), its kernels per backend
+(``triton_kernels.py``, the C++ extension ``_C`` from ``csrc/cpu``) and the policy in ``backends.py``.
 
 Imports torch only (and triton, lazily, for the ``triton`` backend); nothing else in the package.
 """
 
 from .backends import (
     available_backends,
+    eager_fast_path_enabled,
     get_backend,
     get_op_design,
     set_backend,
+    set_eager_fast_path,
     set_op_design,
     use_backend,
+    use_eager_fast_path,
     use_op_design,
 )
-from .custom_ops import dual_layer_norm, layer_norm_add, layer_norm_pool
-from .eager import eager_fast_path_enabled, set_eager_fast_path, use_eager_fast_path
+from .layer_norm import dual_layer_norm, layer_norm_add, layer_norm_pool
 
 __all__ = [
     "available_backends",

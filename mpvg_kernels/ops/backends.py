@@ -1,4 +1,5 @@
-"""Backend selection: which implementation serves an op for a tensor on a given device.
+"""The ops' policy: which backend serves a call, which registered op design compiled graphs see, and whether plain
+eager calls take the fast path. Imports no kernel module (the op module, ``layer_norm.py``, reads this one).
 
 Backends:
 - ``torch``: the plain PyTorch reference (``reference.py``); everywhere.
@@ -9,6 +10,11 @@ Backends:
 ``auto`` (the default) picks the fastest backend available for the tensor's device: ``cpp`` on CPU when
 built, ``triton`` on CUDA, otherwise ``torch``. The choice comes from :func:`set_backend`, else from the
 environment variable ``MPVG_BACKEND`` read at import.
+
+Op design (:func:`set_op_design`, ``MPVG_OP_DESIGN``): ``opaque`` or ``triton_op``. Fast path
+(:func:`set_eager_fast_path`, ``MPVG_EAGER_FAST_PATH=0`` to turn it off): plain eager calls launch the kernels from a
+cached plan instead of through the registered ops. A bad value of either environment variable is reported when an op
+first needs it, not at import.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -31,6 +37,7 @@ OP_DESIGNS = ("opaque", "triton_op")
 _state: dict[str, object] = {
     "backend": os.environ.get("MPVG_BACKEND", "auto").strip().lower() or "auto",
     "op_design": os.environ.get("MPVG_OP_DESIGN", "opaque").strip().lower() or "opaque",
+    "fast_path": os.environ.get("MPVG_EAGER_FAST_PATH", "1").strip().lower() not in ("0", "false", "off", "no"),
     "cpp_loaded": False,
     "cpp_error": "not attempted",
 }
@@ -161,42 +168,77 @@ def _resolve(device: torch.device) -> str:
 
 # ----------------------------------------------------------------------------------------------- op design
 
+#: Called with the design's name when one is chosen: the op module registers the ``mpvg_triton::`` ops this way
+#: (this module imports no kernel module).
+_design_hooks: list[Callable[[str], None]] = []
+
 
 def set_op_design(name: str) -> None:
-    """Choose which registered ops the public functions call where they do not take the eager fast path
-    (``torch.compile``, tracing, modes):
+    """Choose which registered ops the fused ops use where they do not take the eager fast path (``torch.compile``,
+    tracing, modes):
 
     - ``opaque`` (the default): the ``mpvg::`` custom ops, one opaque node per operation on every device;
-    - ``triton_op``: the ``mpvg_triton::`` ops of ``triton_ops.py`` (``torch.library.triton_op``), which
-      ``torch.compile`` decomposes into their Triton kernels on CUDA, so Inductor sees them; on CPU they call the
-      ``mpvg::`` ops (C++ kernels). Needs triton; the ops are registered on first use.
+    - ``triton_op``: the ``mpvg_triton::`` ops (``torch.library.triton_op`` over the same Triton launcher), which
+      ``torch.compile`` decomposes into their Triton kernels on CUDA, so Inductor sees them; on other devices they
+      call the ``mpvg::`` ops. Needs triton.
 
-    ``torch.export`` always records the ``mpvg::`` ops. The environment variable ``MPVG_OP_DESIGN`` sets the
-    choice at import. Raises ValueError for an unknown name and RuntimeError when triton is not installed.
+    ``torch.export`` always records the ``mpvg::`` ops. ``MPVG_OP_DESIGN`` sets the choice at import. Raises
+    ValueError for an unknown name and RuntimeError when triton is not installed.
     """
     if not isinstance(name, str):
         raise TypeError(f"op design must be a str, got {type(name).__name__}")
     name = name.strip().lower()
     if name not in OP_DESIGNS:
         raise ValueError(f"unknown op design {name!r}; choose one of {', '.join(OP_DESIGNS)}")
-    if name == "triton_op":
-        if not _triton_installed():
-            raise BackendUnavailableError("op design 'triton_op' needs triton, which is not installed")
-        from . import triton_ops  # noqa: F401  (registers the mpvg_triton:: ops)
+    if name == "triton_op" and not _triton_installed():
+        raise BackendUnavailableError("op design 'triton_op' needs triton, which is not installed")
+    for hook in _design_hooks:
+        hook(name)
     _state["op_design"] = name
 
 
 def get_op_design() -> str:
-    """The configured op design: ``opaque`` or ``triton_op``."""
-    return str(_state["op_design"])
+    """The configured op design: ``opaque`` or ``triton_op`` (raises ValueError for a bad ``MPVG_OP_DESIGN``)."""
+    name = str(_state["op_design"])
+    if name not in OP_DESIGNS:
+        raise ValueError(
+            f"MPVG_OP_DESIGN={name!r} is not an op design; choose one of {', '.join(OP_DESIGNS)}"
+        )
+    return name
 
 
 @contextlib.contextmanager
 def use_op_design(name: str) -> Iterator[None]:
     """Context manager form of :func:`set_op_design`, restoring the previous choice on exit."""
-    old = get_op_design()
+    old = _state["op_design"]
     set_op_design(name)
     try:
         yield
     finally:
         _state["op_design"] = old
+
+
+# ----------------------------------------------------------------------------------------------- fast path
+
+
+def set_eager_fast_path(enabled: bool) -> None:
+    """Turn the eager fast path on (the default) or off (every call through the registered ``mpvg::`` ops)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _state["fast_path"] = enabled
+
+
+def eager_fast_path_enabled() -> bool:
+    """Whether the eager fast path is switched on (it still applies only to plain eager calls)."""
+    return bool(_state["fast_path"])
+
+
+@contextlib.contextmanager
+def use_eager_fast_path(enabled: bool) -> Iterator[None]:
+    """Context manager form of :func:`set_eager_fast_path`, restoring the previous setting on exit."""
+    old = _state["fast_path"]
+    set_eager_fast_path(enabled)
+    try:
+        yield
+    finally:
+        _state["fast_path"] = old

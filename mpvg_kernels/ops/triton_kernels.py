@@ -1,8 +1,11 @@
-"""Triton kernels for the ``mpvg::`` ops: fused LayerNorm (+ position embedding) (+ mean pooling).
+"""Triton kernels of the fused LayerNorm op family (``layer_norm.py``): LayerNorm (+ position embedding) (+ mean
+pooling), and their two launchers.
 
-The launchers :func:`forward` and :func:`backward` follow the kernel contract of ``reference.forward`` /
-``reference.backward`` (see there): ``x3`` is ``[B, N, D]`` with stride 1 in the last dim and any strides in
-the first two, ``pe`` an ``[N, D]`` tensor indexed by token (never expanded over the batch).
+One launcher per direction, :func:`forward` and :func:`backward`, serves every route (the eager fast path, the
+``mpvg::`` ops on CUDA and under the interpreter, the ``mpvg_triton::`` ops under ``torch.compile``); they follow the
+kernel contract of ``layer_norm.reference_forward`` / ``reference_backward``: ``x3`` is ``[B, N, D]`` with stride 1
+in the last dim and any strides in the first two, ``pe`` an ``[N, D]`` tensor indexed by token (never expanded over
+the batch), the statistics one ``[2 * B * N]`` buffer (mean, then rstd).
 
 Kernels (each variant is selected by constexpr flags):
 
@@ -36,8 +39,8 @@ counts are pure functions of D and dtype (:func:`forward_config`, :func:`backwar
 the shape only, aiming at ``_TARGET_PROGRAMS`` programs (two waves of the 132 SMs of an H100/H200; a constant
 so that the summation order never depends on the GPU), with the backward's split count also capped so that
 its partial sums cost at most a fixed share of its minimal memory traffic. No autotuning, which keeps the
-launches CUDA-graph friendly. Planning is cached per shape, strides and dtype (:func:`plan_forward`,
-:func:`plan_backward` only allocate and fill in the launch). Importing this module needs no GPU.
+launches CUDA-graph friendly. Planning is cached per shape, strides, dtype and alignment (a call is one dict lookup,
+the allocations and the launches). Importing this module needs no GPU.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -52,7 +56,12 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from .reference import acc_dtype
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation dtype: float64 for float64 inputs, else float32 (the op contract's rule)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 __all__ = [
     "MAX_D",
@@ -60,16 +69,13 @@ __all__ = [
     "ForwardPlan",
     "KernelConfig",
     "Launch",
+    "acc_dtype",
     "backward",
     "backward_config",
-    "backward_eager",
     "forward",
     "forward_config",
-    "forward_eager",
-    "forward_eager_planned",
     "partial_traffic_ratio",
-    "plan_backward",
-    "plan_forward",
+    "run_kernel",
     "vector_width",
 ]
 
@@ -194,8 +200,9 @@ _NO_GUARD = contextlib.nullcontext()
 
 
 def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Make t's GPU the current one for the launches (a no-op on CPU and when it already is)."""
-    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+    """Make t's GPU the current one for the launches (a no-op on CPU, while tracing (fake tensors: the compiled
+    program launches) and when it already is)."""
+    if t.device.type != "cuda" or type(t) not in _PLAIN or t.device.index == torch.cuda.current_device():
         return _NO_GUARD
     return torch.cuda.device(t.device)
 
@@ -440,50 +447,20 @@ def _sum_partials_kernel(
 
 
 class Launch(NamedTuple):
-    """One planned kernel launch: ``kernel[grid](*args, **meta)``; ``meta`` holds constexprs and num_warps.
-
-    Planning is separate from launching so that the ahead-of-time compile test can derive exactly the
-    specialisation the JIT sees (argument values, constexprs, warps) from the launcher's own code.
-    """
+    """One kernel launch as the launchers make it: ``kernel[grid](*args, **meta)``; ``meta`` holds constexprs and
+    num_warps. The ahead-of-time compile test records these (``launch=`` of :func:`forward` / :func:`backward`) to
+    compile exactly the specialisation the JIT sees."""
 
     kernel: triton.JITFunction
     grid: tuple[int, ...]
     args: tuple
     meta: dict
 
-    def __call__(self) -> None:
-        run_kernel(self.kernel, self.grid, self.args, self.meta)
-
 
 def run_kernel(kernel: triton.JITFunction, grid: tuple[int, ...], args: tuple, meta: dict) -> None:
-    """Launch ``kernel[grid](*args, **meta)``: every launch of this module goes through here (a single point to
-    stub for measuring host overhead)."""
+    """Launch ``kernel[grid](*args, **meta)``: the launchers' default ``launch`` (a single point to stub for
+    measuring host overhead)."""
     kernel[grid](*args, **meta)
-
-
-class ForwardPlan(NamedTuple):
-    """Buffers and launches of one forward call; ``launch`` is None when there is nothing to compute."""
-
-    launch: Launch | None
-    out: torch.Tensor
-    mean: torch.Tensor
-    rstd: torch.Tensor
-    partial: torch.Tensor | None  # pool with several token splits: [splits, B, D], summed into out
-    finish: Launch | None = None  # the sum of ``partial`` into ``out``
-
-
-class BackwardPlan(NamedTuple):
-    """Buffers and launches of one backward call; ``launch`` is None when there is nothing to compute."""
-
-    launch: Launch | None
-    dx: torch.Tensor
-    #: the partial sums: dweight [programs, pitch_w], then dbias [programs, pitch_w], then (with pe) dpe
-    #: [splits, pitch_pe] ([N, D] per split); None when nothing is launched
-    part: torch.Tensor | None
-    finish: Launch | None = None  # the fixed-order sum of the partials into dpe, dweight, dbias
-    dpe: torch.Tensor | None = None  # [N, D] or [0] (accumulation dtype)
-    dw: torch.Tensor | None = None  # [D]
-    db: torch.Tensor | None = None  # [D]
 
 
 class _FinishStatic(NamedTuple):
@@ -505,13 +482,12 @@ def _finish_static(segments: tuple[tuple[int, int, int, int], ...], acc: torch.d
     return _FinishStatic((max(1, sum(blocks)),), offsets, scalars, meta)  # type: ignore[arg-type]
 
 
-def _finish_launch(st: _FinishStatic, partial: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> Launch:
-    """The launch of :func:`_finish_static`'s plan summing ``partial`` into ``outs`` (absent ones repeat the
+def _finish_args(st: _FinishStatic, partial: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> tuple:
+    """The arguments of :func:`_finish_static`'s launch summing ``partial`` into ``outs`` (absent ones repeat the
     first)."""
     o = outs + (outs[0],) * (3 - len(outs))
     sc = st.scalars
-    return Launch(_sum_partials_kernel, st.grid, (partial, *st.offsets, o[0], *sc[0], o[1], *sc[1], o[2], *sc[2]),
-                  st.meta)  # fmt: skip
+    return (partial, *st.offsets, o[0], *sc[0], o[1], *sc[1], o[2], *sc[2])
 
 
 def _row_vector_width(dtype: torch.dtype, sizes: tuple[int, ...], stride_sets: tuple[tuple[int, ...], ...],
@@ -533,215 +509,6 @@ def _kernel_meta(cfg: KernelConfig, D: int, vec: int, dtype: torch.dtype, has_pe
                 ACC_DTYPE=_tl_acc(dtype), num_warps=cfg.num_warps)
 
 
-class _FwdStatic(NamedTuple):
-    grid: tuple[int, ...]
-    scalars: tuple  # N, n_rows, sxb, sxn, stride_ys, tiles_per_prog
-    meta: dict
-    splits: int
-    acc: torch.dtype
-    finish: _FinishStatic | None  # pool with several token splits: the sum of the partials into out
-
-
-@functools.lru_cache(maxsize=1024)
-def _fwd_static(B, N, D, sxb, sxn, dtype, addr_mods, has_pe, pool, stats=True) -> _FwdStatic:
-    """Everything of a forward launch that depends on shape, strides, dtype and alignment only (B * N > 0).
-
-    ``stats``: whether the kernel stores mean and rstd (the backward needs them; inference does not).
-    """
-    if D > MAX_D:
-        raise ValueError(f"the Triton kernels support D <= {MAX_D}, got D = {D}")
-    cfg = forward_config(D, dtype)
-    acc = acc_dtype(dtype)
-    vec = _row_vector_width(dtype, (B, N), ((sxb, sxn),), addr_mods)
-    meta = _kernel_meta(cfg, D, vec, dtype, has_pe, pool)
-    meta["STATS"] = stats
-    sv = _in_units((sxb, sxn), (B, N), vec)
-    if pool:
-        tiles_per_prog, splits = _split(_cdiv(N, cfg.rows), B)
-        stride_ys = 0 if splits == 1 else B * D
-        finish = _finish_static(((0, splits, B * D, B * D),), acc) if splits > 1 else None
-        return _FwdStatic((B, splits), (N, B * N, *sv, stride_ys, tiles_per_prog), meta, splits, acc, finish)
-    return _FwdStatic((_cdiv(B * N, cfg.rows),), (N, B * N, *sv, 0, 1), meta, 1, acc, None)
-
-
-def plan_forward(
-    x3: torch.Tensor,
-    pe: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    eps: float,
-    pool: bool,
-) -> ForwardPlan:
-    """Allocate the outputs of :func:`forward` and describe its kernel launches (works on meta tensors)."""
-    _check_x3(x3)
-    B, N, D = x3.shape
-    dtype = x3.dtype
-    acc = acc_dtype(dtype)
-    dev = x3.device
-    mean = torch.empty(B * N, dtype=acc, device=dev)
-    rstd = torch.empty(B * N, dtype=acc, device=dev)
-    out = torch.empty((B, D) if pool else (B, N, D), dtype=dtype, device=dev)
-    if B * N == 0:
-        return ForwardPlan(None, out, mean, rstd, None)
-    if pe is not None:
-        if pe.dim() != 2:
-            pe = pe.reshape(N, D)
-        if not pe.is_contiguous():
-            pe = pe.contiguous()
-    if not weight.is_contiguous():
-        weight = weight.contiguous()
-    if not bias.is_contiguous():
-        bias = bias.contiguous()
-    st = _fwd_static(B, N, D, x3.stride(0), x3.stride(1), dtype, (_addr_mod(x3),), pe is not None, pool)
-    pe_arg = pe if pe is not None else weight  # never read without HAS_PE
-    partial = None
-    finish = None
-    target = out
-    if st.finish is not None:
-        partial = torch.empty((st.splits, B, D), dtype=acc, device=dev)
-        target = partial
-        finish = _finish_launch(st.finish, partial, (out,))
-    args = (x3, pe_arg, weight, bias, target, mean, rstd, 0, *st.scalars, *_eps_pair(eps))
-    return ForwardPlan(Launch(_ln_fwd_kernel, st.grid, args, st.meta), out, mean, rstd, partial, finish)
-
-
-def forward(
-    x3: torch.Tensor,
-    pe: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    eps: float,
-    pool: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused ``LN(x) * weight + bias (+ pe)``, per token or averaged over tokens; see ``reference.forward``.
-
-    Returns (out, mean, rstd): out is ``[B, N, D]`` contiguous (``[B, D]`` when ``pool``) in x's dtype;
-    mean and rstd are ``[B*N]`` in the accumulation dtype (float32, float64 for float64 x).
-    """
-    plan = plan_forward(x3, pe, weight, bias, eps, pool)
-    if plan.launch is None:
-        if pool:
-            plan.out.zero_()  # the mean over zero tokens, as the reference defines it
-        return plan.out, plan.mean, plan.rstd
-    with _device_guard(x3):
-        plan.launch()
-        if plan.finish is not None:
-            plan.finish()
-    return plan.out, plan.mean, plan.rstd
-
-
-class _BwdStatic(NamedTuple):
-    grid: tuple[int, int]
-    scalars: tuple  # db_off, dpe_off, B, N, sxb, sxn, sgb, sgn, b_per_prog, pitch_w, pitch_pe
-    meta: dict
-    splits: int
-    programs: int
-    pitch_w: int
-    pitch_pe: int
-    part_numel: int  # elements of the one partial buffer (dweight, dbias, dpe partials)
-    acc: torch.dtype
-    finish: _FinishStatic
-
-
-@functools.lru_cache(maxsize=1024)
-def _bwd_static(B, N, D, xs, gs, dtype, addr_mods, has_pe, pool) -> _BwdStatic:
-    """Everything of a backward launch that depends on shape, strides, dtype and alignment only (B * N > 0)."""
-    if D > MAX_D:
-        raise ValueError(f"the Triton kernels support D <= {MAX_D}, got D = {D}")
-    cfg = backward_config(D, dtype)
-    es = dtype.itemsize
-    acc = acc_dtype(dtype)
-    vec = _row_vector_width(dtype, (B, N), (xs, gs), addr_mods)
-    n_tok = _cdiv(N, cfg.rows)
-    b_per_prog, splits = _bwd_split(B, n_tok, es, acc.itemsize)
-    pitch_w = _cdiv(D, _PITCH) * _PITCH
-    pitch_pe = _cdiv(N * D, _PITCH) * _PITCH
-    programs = n_tok * splits
-    db_off = programs * pitch_w
-    dpe_off = 2 * programs * pitch_w
-    part_numel = dpe_off + (splits * pitch_pe if has_pe else 0)
-    meta = _kernel_meta(cfg, D, vec, dtype, has_pe, pool)
-    scalars = (db_off, dpe_off, B, N, *_in_units(xs, (B, N), vec), *_in_units(gs, (B, N), vec), b_per_prog, pitch_w,
-               pitch_pe)  # fmt: skip
-    segments = ((0, programs, pitch_w, D), (db_off, programs, pitch_w, D))
-    if has_pe:
-        segments += ((dpe_off, splits, pitch_pe, N * D),)
-    finish = _finish_static(segments, acc)
-    return _BwdStatic((n_tok, splits), scalars, meta, splits, programs, pitch_w, pitch_pe, part_numel, acc, finish)
-
-
-def plan_backward(
-    grad: torch.Tensor,
-    x3: torch.Tensor,
-    weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    has_pe: bool,
-    pool: bool,
-) -> BackwardPlan:
-    """Allocate dx, the partial-sum buffer and the results of :func:`backward`; describe its launches."""
-    _check_x3(x3)
-    B, N, D = x3.shape
-    dtype = x3.dtype
-    acc = acc_dtype(dtype)
-    dev = x3.device
-    dx = torch.empty((B, N, D), dtype=dtype, device=dev)
-    if B * N == 0:
-        dpe = torch.zeros((N, D) if has_pe else (0,), dtype=acc, device=dev)
-        zeros = torch.zeros(D, dtype=acc, device=dev)
-        return BackwardPlan(None, dx, None, None, dpe, zeros, zeros.clone())
-    if grad.stride(-1) != 1 and grad.shape[-1] > 1:
-        grad = grad.contiguous()
-    if not weight.is_contiguous():
-        weight = weight.contiguous()
-    gs = (grad.stride(0), 0) if pool else (grad.stride(0), grad.stride(1))
-    st = _bwd_static(B, N, D, (x3.stride(0), x3.stride(1)), gs, dtype, (_addr_mod(x3), _addr_mod(grad)), has_pe, pool)
-    part = torch.empty(st.part_numel, dtype=acc, device=dev)
-    dw = torch.empty(D, dtype=acc, device=dev)
-    db = torch.empty(D, dtype=acc, device=dev)
-    dpe = torch.empty((N, D) if has_pe else (0,), dtype=acc, device=dev)
-    args = (x3, grad, weight, mean, rstd, dx, part, 0, *st.scalars)
-    outs = (dw, db, dpe) if has_pe else (dw, db)
-    return BackwardPlan(
-        Launch(_ln_bwd_kernel, st.grid, args, st.meta), dx, part, _finish_launch(st.finish, part, outs), dpe, dw, db,
-    )  # fmt: skip
-
-
-def backward(
-    grad: torch.Tensor,
-    x3: torch.Tensor,
-    weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    has_pe: bool,
-    pool: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`forward`; see ``reference.backward``.
-
-    grad is ``[B, N, D]`` (``[B, D]`` when ``pool``: every token receives ``grad[b] / N``). Returns
-    (dx ``[B, N, D]`` contiguous in x's dtype, dpe ``[N, D]`` or an empty ``[0]`` when not ``has_pe``,
-    dweight ``[D]``, dbias ``[D]``), the last three in the accumulation dtype. Bitwise deterministic: the
-    partial sums have a fixed layout for a given shape and are reduced in a fixed order by one small kernel.
-    """
-    plan = plan_backward(grad, x3, weight, mean, rstd, has_pe, pool)
-    if plan.launch is not None:
-        with _device_guard(x3):
-            plan.launch()
-            assert plan.finish is not None
-            plan.finish()
-    return plan.dx, plan.dpe, plan.dw, plan.db
-
-
-# ------------------------------------------------------------------------------------ eager fast path
-
-# Launch plans of the eager path, keyed by (shape, strides, dtype, start address mod 16, flags): one dict lookup
-# per call. Bounded by the shapes a process runs (a model has a handful); cleared when it passes _EAGER_MAX.
-_EAGER_FWD: dict[tuple, _FwdStatic] = {}
-_EAGER_BWD: dict[tuple, _BwdStatic] = {}
-_EAGER_MAX = 4096
-_empty = torch.empty_strided
-
-
 def _contig(*size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(size, contiguous strides): the arguments of ``torch.empty_strided``, the cheapest allocation call."""
     strides, acc = [], 1
@@ -751,143 +518,210 @@ def _contig(*size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(size), tuple(reversed(strides))
 
 
-class _EagerFwd(NamedTuple):
-    st: _FwdStatic
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+def _start_mod(t: torch.Tensor) -> int:
+    """Start address of t modulo 16 bytes (tensor subclasses, fake ones included, by :func:`_addr_mod`'s rule)."""
+    return t.data_ptr() % 16 if type(t) in _PLAIN else _addr_mod(t)
+
+
+# The launchers' plans, keyed by (shape, strides, dtype, start addresses mod 16, flags): one dict lookup per call.
+# Bounded by the shapes a process runs (a model has a handful); cleared when it passes _PLANS_MAX.
+_FWD_PLANS: dict[tuple, ForwardPlan] = {}
+_BWD_PLANS: dict[tuple, BackwardPlan] = {}
+_PLANS_MAX = 4096
+_empty = torch.empty_strided
+
+
+class ForwardPlan(NamedTuple):
+    """Everything of a forward call that depends on shape, strides, dtype, alignment and flags (B * N > 0)."""
+
+    grid: tuple[int, ...]
+    meta: dict
+    acc: torch.dtype
     out: tuple  # (size, stride) of out, of the stats buffer, of the pooled partials (or None)
     stats: tuple
     partial: tuple | None
-    tail: tuple  # the kernel's scalar arguments after the tensors: rstd_off, st.scalars, eps_hi, eps_lo
+    tail: tuple  # the kernel's scalar arguments after the tensors: rstd_off, N, n_rows, strides, ..., eps pair
+    finish: _FinishStatic | None  # pool with several token splits: the sum of the partials into out
     contiguous_out: bool  # out may be allocated with torch.empty_like(x3)
     #: the backward plan for a gradient laid out like out (contiguous, aligned), once a backward has needed it
     bwd: list
 
 
-class _EagerBwd(NamedTuple):
-    st: _BwdStatic
+class BackwardPlan(NamedTuple):
+    """Everything of a backward call that depends on shape, strides, dtype and alignment (B * N > 0)."""
+
+    grid: tuple[int, int]
+    meta: dict
+    acc: torch.dtype
     dx: tuple  # (size, stride) of dx, of the partial buffer, of dweight/dbias, of dpe
     part: tuple
     param: tuple
     dpe: tuple
-    tail: tuple  # the backward kernel's scalar arguments after the tensors: rstd_off, st.scalars
-    fin: tuple  # the finish's scalars: (offsets, then per segment (parts, pitch, width[, blocks]))
+    tail: tuple  # the backward kernel's scalar arguments after the tensors: rstd_off, db_off, dpe_off, B, N, ...
+    finish: _FinishStatic  # the fixed-order sum of the partials into dweight, dbias (and dpe)
     contiguous_dx: bool  # dx may be allocated with torch.empty_like(x3)
     gstrides: tuple  # the gradient strides this plan was made for
+    programs: int
+    splits: int
 
 
-def forward_eager(
-    x3: torch.Tensor,
-    pe: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    eps: float,
-    pool: bool,
-    keep_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`forward` for validated inputs with the least host work: (out, stats or None).
-
-    The caller guarantees what the public ops check (x3 ``[B, N, D]`` with stride 1 in the last dim and
-    ``B * N > 0``; pe ``[N, D]`` contiguous or None; weight and bias ``[D]`` contiguous; one device). ``stats``
-    is one ``[2 * B * N]`` buffer (mean, then rstd) when ``keep_stats``; otherwise the kernel skips the
-    statistics. The launches and their arithmetic are :func:`forward`'s: the results are bitwise the same.
-    """
-    out, stats, _ = forward_eager_planned(x3, pe, weight, bias, eps, pool, keep_stats)
-    return out, stats
-
-
-def forward_eager_planned(
-    x3: torch.Tensor,
-    pe: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    eps: float,
-    pool: bool,
-    keep_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, _EagerFwd]:
-    """:func:`forward_eager` plus its cached plan, which :func:`backward_eager` takes as ``hint``."""
-    shape = x3.shape
-    strides = x3.stride()
-    dtype = x3.dtype
-    key = (shape, strides, dtype, x3.data_ptr() % 16, pe is not None, pool, keep_stats, eps)
-    plan = _EAGER_FWD.get(key)
-    if plan is None:
-        plan = _plan_forward_eager(key)
-    st = plan.st
-    if plan.contiguous_out:
-        out = torch.empty_like(x3)
+def _plan_forward(key: tuple) -> ForwardPlan:
+    """The forward plan of a key of :func:`forward` (computed on a cache miss)."""
+    if len(_FWD_PLANS) >= _PLANS_MAX:
+        _FWD_PLANS.clear()
+    (B, N, D), strides, dtype, addr_mod, has_pe, pool, stats, eps = key
+    if D > MAX_D:
+        raise ValueError(f"the Triton kernels support D <= {MAX_D}, got D = {D}")
+    cfg = forward_config(D, dtype)
+    acc = acc_dtype(dtype)
+    vec = _row_vector_width(dtype, (B, N), (strides[:2],), (addr_mod,))
+    meta = _kernel_meta(cfg, D, vec, dtype, has_pe, pool)
+    meta["STATS"] = stats
+    sv = _in_units(strides[:2], (B, N), vec)
+    eps2 = _eps_pair(eps)
+    if pool:
+        tiles_per_prog, splits = _split(_cdiv(N, cfg.rows), B)
+        stride_ys = 0 if splits == 1 else B * D
+        finish = _finish_static(((0, splits, B * D, B * D),), acc) if splits > 1 else None
+        grid = (B, splits)
+        tail = (B * N, N, B * N, *sv, stride_ys, tiles_per_prog, *eps2)
+        out, partial = _contig(B, D), (None if finish is None else _contig(splits, B, D))
     else:
-        out = _empty(*plan.out, dtype=dtype, device=x3.device)
-    if keep_stats:
-        stats = s = _empty(*plan.stats, dtype=st.acc, device=x3.device)
-    else:
-        stats, s = None, out  # never written without STATS
-    target = out if plan.partial is None else _empty(*plan.partial, dtype=st.acc, device=x3.device)
-    args = (x3, weight if pe is None else pe, weight, bias, target, s, s, *plan.tail)  # pe never read without HAS_PE
-    if x3.is_cuda:
-        with _device_guard(x3):
-            _launch_forward(st, args, target, out)
-    else:
-        _launch_forward(st, args, target, out)
-    return out, stats, plan
-
-
-def _plan_forward_eager(key: tuple) -> _EagerFwd:
-    """The cached eager plan of :func:`forward_eager`'s key (computed on a miss)."""
-    if len(_EAGER_FWD) >= _EAGER_MAX:
-        _EAGER_FWD.clear()
-    shape, strides, dtype, addr_mod, has_pe, pool, keep_stats, eps = key
-    B, N, D = shape
-    st = _fwd_static(B, N, D, strides[0], strides[1], dtype, (addr_mod,), has_pe, pool, keep_stats)
-    contiguous = not pool and strides == (N * D, D, 1)
-    plan = _EagerFwd(
-        st, _contig(B, D) if pool else _contig(B, N, D), _contig(2 * B * N),
-        None if st.finish is None else _contig(st.splits, B, D), (B * N, *st.scalars, *_eps_pair(eps)), contiguous,
-        [],
-    )  # fmt: skip
-    _EAGER_FWD[key] = plan
+        finish = None
+        grid = (_cdiv(B * N, cfg.rows),)
+        tail = (B * N, N, B * N, *sv, 0, 1, *eps2)
+        out, partial = _contig(B, N, D), None
+    contiguous = not pool and tuple(strides) == (N * D, D, 1)
+    plan = ForwardPlan(grid, meta, acc, out, _contig(2 * B * N), partial, tail, finish, contiguous, [])
+    _FWD_PLANS[key] = plan
     return plan
 
 
-def _launch_forward(st: _FwdStatic, args: tuple, target: torch.Tensor, out: torch.Tensor) -> None:
-    run_kernel(_ln_fwd_kernel, st.grid, args, st.meta)
-    if st.finish is not None:
-        _finish_launch(st.finish, target, (out,))()
+def forward(
+    x3: torch.Tensor,
+    pe: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    pool: bool,
+    keep_stats: bool,
+    launch: Callable[..., None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, ForwardPlan | None]:
+    """The forward launcher: ``LN(x3) * weight + bias (+ pe)``, per token or averaged over tokens.
+
+    Takes the op's contract (checked by the caller): x3 ``[B, N, D]`` with stride 1 in its last dim, pe ``[N, D]``
+    contiguous or None, weight and bias ``[D]`` contiguous, one device. Returns ``(out, stats, plan)``: out
+    ``[B, N, D]`` (``[B, D]`` when ``pool``) in x's dtype; stats one ``[2 * B * N]`` buffer (mean, then rstd) in the
+    accumulation dtype when ``keep_stats`` (else None: the kernel skips them); plan, for :func:`backward`'s
+    ``hint``. ``launch(kernel, grid, args, meta)`` runs each launch (default :func:`run_kernel`; ``wrap_triton``
+    under ``torch.compile``; a recorder in the compile test).
+    """
+    shape = x3.shape
+    dtype = x3.dtype
+    dev = x3.device
+    if not x3.numel():  # nothing to launch: the mean over zero tokens is zero, as the reference defines it
+        B, N, D = shape
+        out = torch.zeros((B, D), dtype=dtype, device=dev) if pool else torch.empty_like(x3)
+        return out, (x3.new_empty(0, dtype=acc_dtype(dtype)) if keep_stats else None), None
+    key = (shape, x3.stride(), dtype, _start_mod(x3), pe is not None, pool, keep_stats, eps)
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        plan = _plan_forward(key)
+    out = torch.empty_like(x3) if plan.contiguous_out else _empty(*plan.out, dtype=dtype, device=dev)
+    if keep_stats:
+        stats = s = _empty(*plan.stats, dtype=plan.acc, device=dev)
+    else:
+        stats, s = None, out  # never written without STATS
+    target = out if plan.partial is None else _empty(*plan.partial, dtype=plan.acc, device=dev)
+    args = (x3, weight if pe is None else pe, weight, bias, target, s, s, *plan.tail)  # pe never read without HAS_PE
+    if launch is None:
+        launch = run_kernel
+    with _device_guard(x3):
+        launch(_ln_fwd_kernel, plan.grid, args, plan.meta)
+        if plan.finish is not None:
+            launch(_sum_partials_kernel, plan.finish.grid, _finish_args(plan.finish, target, (out,)),
+                   plan.finish.meta)  # fmt: skip
+    return out, stats, plan
 
 
-def backward_eager(
+def _plan_backward(key: tuple) -> BackwardPlan:
+    """The backward plan of a key of :func:`backward` (computed on a cache miss)."""
+    if len(_BWD_PLANS) >= _PLANS_MAX:
+        _BWD_PLANS.clear()
+    (B, N, D), xs, gs, dtype, x_mod, g_mod, has_pe, pool = key
+    if D > MAX_D:
+        raise ValueError(f"the Triton kernels support D <= {MAX_D}, got D = {D}")
+    gs2 = (gs[0], 0) if pool else gs[:2]
+    cfg = backward_config(D, dtype)
+    acc = acc_dtype(dtype)
+    vec = _row_vector_width(dtype, (B, N), (xs[:2], gs2), (x_mod, g_mod))
+    n_tok = _cdiv(N, cfg.rows)
+    b_per_prog, splits = _bwd_split(B, n_tok, dtype.itemsize, acc.itemsize)
+    pitch_w = _cdiv(D, _PITCH) * _PITCH
+    pitch_pe = _cdiv(N * D, _PITCH) * _PITCH
+    programs = n_tok * splits
+    db_off = programs * pitch_w
+    dpe_off = 2 * programs * pitch_w
+    part_numel = dpe_off + (splits * pitch_pe if has_pe else 0)
+    meta = _kernel_meta(cfg, D, vec, dtype, has_pe, pool)
+    tail = (B * N, db_off, dpe_off, B, N, *_in_units(xs[:2], (B, N), vec), *_in_units(gs2, (B, N), vec), b_per_prog,
+            pitch_w, pitch_pe)  # fmt: skip
+    segments = ((0, programs, pitch_w, D), (db_off, programs, pitch_w, D))
+    if has_pe:
+        segments += ((dpe_off, splits, pitch_pe, N * D),)
+    plan = BackwardPlan(
+        (n_tok, splits), meta, acc, _contig(B, N, D), _contig(part_numel), _contig(D), _contig(N, D), tail,
+        _finish_static(segments, acc), tuple(xs) == (N * D, D, 1), tuple(gs), programs, splits,
+    )  # fmt: skip
+    _BWD_PLANS[key] = plan
+    return plan
+
+
+def backward(
     grad: torch.Tensor,
     x3: torch.Tensor,
     weight: torch.Tensor,
     stats: torch.Tensor,
     has_pe: bool,
     pool: bool,
-    hint: _EagerFwd | None = None,
+    hint: ForwardPlan | None = None,
+    launch: Callable[..., None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """:func:`backward` for the saved state of :func:`forward_eager`: (dx, dpe or None, dweight, dbias).
+    """The backward launcher: gradients of :func:`forward` from its ``stats``.
 
-    ``stats`` is :func:`forward_eager`'s buffer; grad may have any strides (a copy only when its last dim is
-    not contiguous). ``hint``: the forward's plan (:func:`forward_eager_planned`), which remembers the backward
-    plan of a gradient laid out like the forward's output. The launches and their arithmetic are
-    :func:`backward`'s: the results are bitwise the same.
+    grad is ``[B, N, D]`` (``[B, D]`` when ``pool``: every token receives ``grad[b] / N``), any strides (a copy
+    only when its last dim is not contiguous). Returns (dx ``[B, N, D]`` contiguous in x's dtype, dpe ``[N, D]``
+    or None without pe, dweight ``[D]``, dbias ``[D]``), the last three in the accumulation dtype. ``hint``: the
+    forward's plan, which remembers the backward plan of a gradient laid out like the forward's output. Bitwise
+    deterministic: the partial sums have a fixed layout for a given shape and are reduced in a fixed order.
     """
+    dtype = x3.dtype
+    dev = x3.device
+    if not x3.numel():
+        B, N, D = x3.shape
+        acc = acc_dtype(dtype)
+        dpe = torch.zeros((N, D), dtype=acc, device=dev) if has_pe else None
+        return torch.empty_like(x3), dpe, torch.zeros(D, dtype=acc, device=dev), torch.zeros(D, dtype=acc, device=dev)
     gst = grad.stride()
     cached = None if hint is None or not hint.bwd else hint.bwd[0]
-    if cached is not None and gst == cached.gstrides and grad.data_ptr() % 16 == 0:
+    if cached is not None and gst == cached.gstrides and _start_mod(grad) == 0:
         plan = cached
     else:
         shape = x3.shape
         if gst[-1] != 1 and shape[2] > 1:
             grad = grad.contiguous()
             gst = grad.stride()
-        g_mod = grad.data_ptr() % 16
-        key = (shape, x3.stride(), gst, x3.dtype, x3.data_ptr() % 16, g_mod, has_pe, pool)
-        plan = _EAGER_BWD.get(key)
+        g_mod = _start_mod(grad)
+        key = (shape, x3.stride(), gst, dtype, _start_mod(x3), g_mod, has_pe, pool)
+        plan = _BWD_PLANS.get(key)
         if plan is None:
-            plan = _plan_backward_eager(key)
+            plan = _plan_backward(key)
         if hint is not None and not hint.bwd and g_mod == 0 and gst == hint.out[1]:
             hint.bwd.append(plan)
-    dtype = x3.dtype
-    acc = plan.st.acc
-    dev = x3.device
+    acc = plan.acc
     dx = torch.empty_like(x3) if plan.contiguous_dx else _empty(*plan.dx, dtype=dtype, device=dev)
     part = _empty(*plan.part, dtype=acc, device=dev)
     if weight.dtype == acc:  # (empty_like: the cheapest allocation call)
@@ -898,35 +732,14 @@ def backward_eager(
         db = _empty(*plan.param, dtype=acc, device=dev)
     dpe = _empty(*plan.dpe, dtype=acc, device=dev) if has_pe else None
     args = (x3, grad, weight, stats, stats, dx, part, *plan.tail)
-    offsets, s0, s1, s2 = plan.fin
-    fin = (part, *offsets, dw, *s0, db, *s1, dw if dpe is None else dpe, *s2)  # (see _finish_launch)
-    if x3.is_cuda:
-        with _device_guard(x3):
-            _launch_backward(plan.st, args, fin)
-    else:
-        _launch_backward(plan.st, args, fin)
+    fin = plan.finish
+    if launch is None:
+        launch = run_kernel
+    with _device_guard(x3):
+        launch(_ln_bwd_kernel, plan.grid, args, plan.meta)
+        launch(_sum_partials_kernel, fin.grid, _finish_args(fin, part, (dw, db) if dpe is None else (dw, db, dpe)),
+               fin.meta)  # fmt: skip
     return dx, dpe, dw, db
-
-
-def _plan_backward_eager(key: tuple) -> _EagerBwd:
-    """The cached eager plan of :func:`backward_eager`'s key (computed on a miss)."""
-    if len(_EAGER_BWD) >= _EAGER_MAX:
-        _EAGER_BWD.clear()
-    shape, xs, gs, dtype, x_mod, g_mod, has_pe, pool = key
-    B, N, D = shape
-    st = _bwd_static(B, N, D, xs[:2], (gs[0], 0) if pool else gs[:2], dtype, (x_mod, g_mod), has_pe, pool)
-    sc = st.finish.scalars
-    plan = _EagerBwd(
-        st, _contig(B, N, D), _contig(st.part_numel), _contig(D), _contig(N, D), (B * N, *st.scalars),
-        (st.finish.offsets, *sc), xs == (N * D, D, 1), gs,
-    )  # fmt: skip
-    _EAGER_BWD[key] = plan
-    return plan
-
-
-def _launch_backward(st: _BwdStatic, args: tuple, finish_args: tuple) -> None:
-    run_kernel(_ln_bwd_kernel, st.grid, args, st.meta)
-    run_kernel(_sum_partials_kernel, st.finish.grid, finish_args, st.finish.meta)
 
 
 def partial_traffic_ratio(B: int, N: int, D: int, dtype: torch.dtype, has_pe: bool = True) -> tuple[float, int]:
@@ -937,7 +750,7 @@ def partial_traffic_ratio(B: int, N: int, D: int, dtype: torch.dtype, has_pe: bo
     """
     es = dtype.itemsize
     acc_size = acc_dtype(dtype).itemsize
-    st = _bwd_static(B, N, D, (N * D, D), (N * D, D), dtype, (0, 0), has_pe, False)
-    partial = 2 * acc_size * st.part_numel
+    plan = _plan_backward(((B, N, D), (N * D, D, 1), (N * D, D, 1), dtype, 0, 0, has_pe, False))
+    partial = 2 * acc_size * plan.part[0][0]
     minimal = 3 * B * N * D * es + 2 * B * N * acc_size + acc_size * (2 * D + (N * D if has_pe else 0))
-    return partial / minimal, st.programs
+    return partial / minimal, plan.programs

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 import mpvg_kernels as mk
-from mpvg_kernels.ops import backends, reference
+from mpvg_kernels.ops import backends
+from mpvg_kernels.ops import layer_norm as LN
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,13 +158,13 @@ def _public_case(B: int, N: int, D: int, dtype: torch.dtype, seed: int, pe_3d: b
         (
             "layer_norm_add",
             lambda x, pe, w, b: mk.layer_norm_add(x, pe, w, b, EPS),
-            lambda x, pe, w, b: reference.layer_norm_add(x, pe, w, b, EPS),
+            lambda x, pe, w, b: LN.reference_layer_norm_add(x, pe, w, b, EPS),
             torch_add,
         ),
         (
             "layer_norm_pool",
             lambda x, pe, w, b: mk.layer_norm_pool(x, w, b, pe, EPS),
-            lambda x, pe, w, b: reference.layer_norm_pool(x, w, b, pe, EPS),
+            lambda x, pe, w, b: LN.reference_layer_norm_pool(x, w, b, pe, EPS),
             torch_pool,
         ),
     )
@@ -189,7 +190,7 @@ def _public_case(B: int, N: int, D: int, dtype: torch.dtype, seed: int, pe_3d: b
         # dual_layer_norm: LN'(pos) feeds both the output and the next layer.
         y, pos_n = mk.dual_layer_norm(x, pe, w, b, pw, pb, EPS)
         rl = ref_leaves + tuple(t.detach().double().requires_grad_(True) for t in (pw, pb))
-        y_ref, pos_ref = reference.dual_layer_norm(*rl, EPS)
+        y_ref, pos_ref = LN.reference_dual_layer_norm(*rl, EPS)
         sl = same_leaves + tuple(t.detach().clone().requires_grad_(True) for t in (pw, pb))
         pos_same = F.layer_norm(sl[1], (D,), sl[4], sl[5], EPS) if half else None
         y_same = F.layer_norm(sl[0], (D,), sl[2], sl[3], EPS) + pos_same.reshape(N, D) if half else None
@@ -239,21 +240,22 @@ def _direct_case(
         fwd = torch.ops.mpvg.layer_norm_pool if pool else torch.ops.mpvg.layer_norm_add
         bwd = torch.ops.mpvg.layer_norm_pool_backward if pool else torch.ops.mpvg.layer_norm_add_backward
         _poison_heap(x.numel() * x.element_size())
-        y, mean, rstd = fwd(x, w, b, pe, EPS) if pool else fwd(x, pe, w, b, EPS)
-        ry, rmean, rrstd = reference.forward(x64, pe64, w.double(), b.double(), EPS, pool)
-        assert y.dtype == dtype and mean.dtype == acc and rstd.dtype == acc
+        y, stats = fwd(x, pe, w, b, EPS)
+        ry, rstats = LN.reference_forward(x64, pe64, w.double(), b.double(), EPS, pool)
+        assert y.dtype == dtype and stats.dtype == acc
         assert y.shape == ((B, D) if pool else (B, N, D)) and y.is_contiguous()
-        assert mean.shape == (B * N,) and rstd.shape == (B * N,)
-        same_y = reference.forward(x, pe, w, b, EPS, pool)[0]  # fp32 math, rounded once to x's dtype
+        assert stats.shape == (2 * B * N,)
+        mean, rstd, rmean, rrstd = stats[: B * N], stats[B * N :], rstats[: B * N], rstats[B * N :]
+        same_y = LN.reference_forward(x, pe, w, b, EPS, pool)[0]  # fp32 math, rounded once to x's dtype
         _assert_close(f"{fwd} y", y, ry, same_y, dtype)
         _assert_close(f"{fwd} mean", mean, rmean, rmean.to(acc), acc)
         _assert_close(f"{fwd} rstd", rstd, rrstd, rrstd.to(acc), acc)
 
         g = _rand(*y.shape, dtype=dtype, seed=seed + 4)
         _poison_heap(x.numel() * 4)
-        dx, dpe, dw, db = bwd(g, x, w, mean, rstd, has_pe)
-        r = reference.backward(g.double(), x64, w.double(), rmean, rrstd, has_pe, pool)
-        same = reference.backward(g, x, w, mean, rstd, has_pe, pool)
+        dx, dpe, dw, db = bwd(g, x, w, stats, has_pe)
+        r = LN.reference_backward(g.double(), x64, w.double(), rstats, has_pe, pool)
+        same = LN.reference_backward(g, x, w, stats, has_pe, pool)
         assert dx.dtype == dtype and dx.shape == (B, N, D) and dx.is_contiguous()
         assert dpe.dtype == acc and dw.dtype == acc and db.dtype == acc
         assert dpe.shape == ((N, D) if has_pe else (0,))
@@ -280,9 +282,9 @@ def test_ops_direct_edge_cases() -> None:
     """N = 0 (pool of no tokens is zero), B * N large enough for many chunks, pe given as [1, N, D]."""
     x = torch.randn(2, 0, 8)
     w, b = torch.randn(8), torch.randn(8)
-    y, mean, rstd = torch.ops.mpvg.layer_norm_pool(x, w, b, None, EPS)
-    assert y.shape == (2, 8) and torch.equal(y, torch.zeros(2, 8)) and mean.shape == (0,)
-    dx, dpe, dw, db = torch.ops.mpvg.layer_norm_pool_backward(torch.randn(2, 8), x, w, mean, rstd, True)
+    y, stats = torch.ops.mpvg.layer_norm_pool(x, None, w, b, EPS)
+    assert y.shape == (2, 8) and torch.equal(y, torch.zeros(2, 8)) and stats.shape == (0,)
+    dx, dpe, dw, db = torch.ops.mpvg.layer_norm_pool_backward(torch.randn(2, 8), x, w, stats, True)
     assert dx.shape == (2, 0, 8) and dpe.shape == (0, 8) and torch.equal(dw, torch.zeros(8))
     _direct_case(40, 197, 192, torch.float32, True, seed=11)  # 64 backward chunks
     _direct_case(300, 2, 64, torch.float32, True, seed=12)  # few tokens: dpe summed over b-blocks
@@ -394,26 +396,25 @@ def test_backward_bit_identical_across_runs_and_threads(
     x = _strided_x(B, N, D, torch.float32, seed=50)
     w = _rand(D, seed=52)
     p = _rand(N, D, seed=51) if pe else None
-    y, mean, rstd = (
-        torch.ops.mpvg.layer_norm_pool(x, w, w, p, EPS) if pool else torch.ops.mpvg.layer_norm_add(x, p, w, w, EPS)
-    )
+    fwd = torch.ops.mpvg.layer_norm_pool if pool else torch.ops.mpvg.layer_norm_add
+    y, stats = fwd(x, p, w, w, EPS)
     g = _rand(*y.shape, seed=54)
     bwd = torch.ops.mpvg.layer_norm_pool_backward if pool else torch.ops.mpvg.layer_norm_add_backward
     runs = []
     with _tuning(**PLANS[plan]):
         for threads in (2, 2, 1):
             with _threads(threads):
-                runs.append(bwd(g, x, w, mean, rstd, pe))
+                runs.append(bwd(g, x, w, stats, pe))
     for other in runs[1:]:
         for name, a, c in zip(("dx", "dpe", "dw", "db"), runs[0], other, strict=True):
             assert torch.equal(a, c), f"{name} differs between runs / thread counts"
-    ref = reference.backward(g.double(), x.double(), w.double(), mean.double(), rstd.double(), pe, pool)
+    ref = LN.reference_backward(g.double(), x.double(), w.double(), stats.double(), pe, pool)
     for name, a, r in zip(("dx", "dpe", "dw", "db"), runs[0], ref, strict=True):
         _assert_close(f"{name} ({plan})", a, r, None, torch.float32)
     # and the forward: rows are independent, any split is exact
     with _threads(1), _tuning(grain_elems=1):
-        y1 = torch.ops.mpvg.layer_norm_pool(x, w, w, p, EPS) if pool else torch.ops.mpvg.layer_norm_add(x, p, w, w, EPS)
-    assert all(torch.equal(a, c) for a, c in zip(y1, (y, mean, rstd), strict=True))
+        y1 = fwd(x, p, w, w, EPS)
+    assert all(torch.equal(a, c) for a, c in zip(y1, (y, stats), strict=True))
 
 
 def test_tune_rejects_bad_values() -> None:
@@ -430,7 +431,7 @@ def _fwd_args(pool: bool, dtype: torch.dtype, has_pe: bool) -> tuple:
     x = _strided_x(2, 6, 10, dtype, seed=60).requires_grad_(True)
     pe = _rand(6, 10, dtype=dtype, seed=61).requires_grad_(True) if has_pe else None
     w, b = _rand(10, dtype=dtype, seed=62).requires_grad_(True), _rand(10, dtype=dtype, seed=63).requires_grad_(True)
-    return (x, w, b, pe, EPS) if pool else (x, pe, w, b, EPS)
+    return (x, pe, w, b, EPS)
 
 
 @pytest.mark.parametrize("pool", [False, True], ids=["add", "pool"])
@@ -446,10 +447,10 @@ def test_opcheck_forward_ops(pool: bool, has_pe: bool, dtype: torch.dtype) -> No
 def test_opcheck_backward_ops(pool: bool, has_pe: bool) -> None:
     x = _strided_x(2, 6, 10, torch.float32, seed=70)
     w = _rand(10, seed=71)
-    _, mean, rstd = torch.ops.mpvg.layer_norm_add(x, None, w, w, EPS)
+    _, stats = torch.ops.mpvg.layer_norm_add(x, None, w, w, EPS)
     g = _rand(*((2, 10) if pool else (2, 6, 10)), seed=72)
     op = torch.ops.mpvg.layer_norm_pool_backward.default if pool else torch.ops.mpvg.layer_norm_add_backward.default
-    torch.library.opcheck(op, (g, x, w, mean, rstd, has_pe))
+    torch.library.opcheck(op, (g, x, w, stats, has_pe))
 
 
 def test_cpu_kernels_are_the_cpp_ones() -> None:

@@ -1,4 +1,4 @@
-"""The eager fast path (``mpvg_kernels/ops/eager.py``) on CPU with the C++ backend: bitwise the registered ops'
+"""The eager fast path (``mpvg_kernels/ops/layer_norm.py``, section 4) on CPU with the C++ backend: bitwise the registered ops'
 results (forward, inference and every gradient), taken only in plain eager mode, and the registered ``mpvg::`` ops
 everywhere else (dispatch modes, fake tensors, make_fx, torch.compile). The Triton launchers' fast path is checked
 the same way under the Triton interpreter (``triton_interp_checks.py``)."""
@@ -17,9 +17,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpvg_kernels
-from mpvg_kernels.ops import backends, eager
-from mpvg_kernels.ops import custom_ops as co
-from mpvg_kernels.ops import validate as V
+from mpvg_kernels.ops import backends
+from mpvg_kernels.ops import layer_norm as LN
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,7 +50,7 @@ def _params(n, d, dtype, pdt, gen, k=2):
 def _run(fn, tensors, fast, seed):
     """Outputs, outputs under no_grad, input gradients and the autograd node names, on one path."""
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-    with eager.use_eager_fast_path(fast):
+    with backends.use_eager_fast_path(fast):
         outs = fn(*leaves)
         outs = outs if isinstance(outs, tuple) else (outs,)
         nodes = {type(o.grad_fn).__name__ for o in outs}
@@ -95,28 +94,28 @@ def test_eager_path_is_bitwise_the_registered_path(case, op):
     for k, (r, f) in enumerate(zip(registered, fast, strict=True)):
         assert r.dtype == f.dtype and r.shape == f.shape, k
         assert torch.equal(r, f), f"{op} {case}: result {k} differs (max {(r.double() - f.double()).abs().max()})"
-    assert not any("FusedLayerNorm" in n for n in reg_nodes), reg_nodes
+    assert not any("_LayerNormFn" in n for n in reg_nodes), reg_nodes
     if x.dim() == 3 and op != "dual":  # (other ranks end in a view node)
-        assert fast_nodes == {"FusedLayerNormBackward"}, fast_nodes
+        assert fast_nodes == {"_LayerNormFnBackward"}, fast_nodes
 
 
 def test_inference_calls_the_fast_path_and_training_records_one_node(monkeypatch):
     calls = []
-    layer_norm = eager.layer_norm
+    kernel_forward = LN._kernel_forward
 
     def counted(*a, **k):
         calls.append(a[0])
-        return layer_norm(*a, **k)
+        return kernel_forward(*a, **k)
 
-    monkeypatch.setattr(eager, "layer_norm", counted)
+    monkeypatch.setattr(LN, "_kernel_forward", counted)
     x, pe, w, b = torch.randn(2, 4, 8), torch.randn(4, 8), torch.randn(8), torch.randn(8)
     with torch.no_grad():
         y = mpvg_kernels.layer_norm_add(x, pe, w, b)
     assert calls == ["cpp"] and y.grad_fn is None
     w.requires_grad_(True)
     y = mpvg_kernels.layer_norm_add(x, pe, w, b)
-    assert type(y.grad_fn).__name__ == "FusedLayerNormBackward" and len(calls) == 2
-    with eager.use_eager_fast_path(False):
+    assert type(y.grad_fn).__name__ == "_LayerNormFnBackward" and len(calls) == 2
+    with backends.use_eager_fast_path(False):
         mpvg_kernels.layer_norm_add(x, pe, w, b)
     assert len(calls) == 2  # switched off: the registered op
 
@@ -135,7 +134,7 @@ def test_eager_double_backward_is_exact():
     x = torch.randn(2, 5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
     pe = torch.randn(5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
     w, b = (torch.randn(7, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(2))
-    assert type(mpvg_kernels.layer_norm_add(x, pe, w, b).grad_fn).__name__ == "FusedLayerNormBackward"
+    assert type(mpvg_kernels.layer_norm_add(x, pe, w, b).grad_fn).__name__ == "_LayerNormFnBackward"
     assert torch.autograd.gradcheck(mpvg_kernels.layer_norm_add, (x, pe, w, b))
     assert torch.autograd.gradgradcheck(mpvg_kernels.layer_norm_add, (x, pe, w, b))
     assert torch.autograd.gradgradcheck(lambda x, w, b, pe: mpvg_kernels.layer_norm_pool(x, w, b, pe), (x, w, b, pe))
@@ -195,7 +194,7 @@ def test_torch_compile_graph_keeps_the_registered_ops():
     with torch.no_grad():
         y = fn(x, pe, w, b)
     assert graphs and "mpvg.layer_norm_add" in graphs[0], graphs
-    with eager.use_eager_fast_path(False), torch.no_grad():
+    with backends.use_eager_fast_path(False), torch.no_grad():
         assert torch.equal(y, mpvg_kernels.layer_norm_add(x, pe, w, b))
 
 
@@ -203,24 +202,24 @@ def test_torch_compile_graph_keeps_the_registered_ops():
 
 
 def test_switch():
-    assert eager.eager_fast_path_enabled()
-    with eager.use_eager_fast_path(False):
-        assert not eager.eager_fast_path_enabled()
-    assert eager.eager_fast_path_enabled()
+    assert backends.eager_fast_path_enabled()
+    with backends.use_eager_fast_path(False):
+        assert not backends.eager_fast_path_enabled()
+    assert backends.eager_fast_path_enabled()
     with pytest.raises(TypeError, match="enabled must be a bool"):
-        eager.set_eager_fast_path("no")
+        backends.set_eager_fast_path("no")
 
 
 def test_environment_variable_turns_it_off():
     env = dict(os.environ, MPVG_EAGER_FAST_PATH="0", PYTHONPATH=str(ROOT))
-    code = "from mpvg_kernels.ops import eager; print(eager.eager_fast_path_enabled())"
+    code = "import mpvg_kernels.ops as ops; print(ops.eager_fast_path_enabled())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 
 def test_quick_screen_accepts_only_what_the_full_checks_accept():
     x, pe, w, b = torch.randn(2, 4, 8), torch.randn(4, 8), torch.randn(8), torch.randn(8)
-    assert V.quick_ok(x, pe, w, b, 1e-6) and V.quick_ok(x, None, w, b, 0.0) and V.quick_ok(x, pe, w, b, 1e-6, w, b)
+    assert LN._quick_ok(x, pe, w, b, 1e-6) and LN._quick_ok(x, None, w, b, 0.0) and LN._quick_ok(x, pe, w, b, 1e-6, w, b)
     bad = [
         (x, pe, w, b, 1),  # eps not a float
         (x, pe, w, b, -1e-6),
@@ -240,8 +239,8 @@ def test_quick_screen_accepts_only_what_the_full_checks_accept():
         (x, pe, [1.0] * 8, b, 1e-6),
     ]
     for args in bad:
-        assert not V.quick_ok(*args), args
-    assert not V.quick_ok(x, pe, w, b, 1e-6, w[:4])
+        assert not LN._quick_ok(*args), args
+    assert not LN._quick_ok(x, pe, w, b, 1e-6, w[:4])
     with pytest.raises(ValueError, match="pos_weight must have shape"):
         mpvg_kernels.dual_layer_norm(x, pe, w, b, w[:4], b)
 
@@ -256,10 +255,10 @@ def test_cuda_autocast_rule_matches_register_autocast():
         w = torch.empty(8, dtype=torch.float16, device="cuda")
         torch.set_autocast_enabled("cuda", True)
         try:
-            cast = co._cuda_autocast_fp32(x, None, w, x64)
+            cast = LN._cuda_autocast_fp32(x, None, w, x64)
         finally:
             torch.set_autocast_enabled("cuda", prev)
-        assert co._cuda_autocast_fp32(x, w) is None  # autocast off
+        assert LN._cuda_autocast_fp32(x, w) is None  # autocast off
     assert cast is not None
     assert cast[0].dtype == torch.float32 and cast[1] is None and cast[2].dtype == torch.float32
     assert cast[3].dtype == torch.float64

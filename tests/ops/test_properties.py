@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import mpvg_kernels as mk  # noqa: E402
-from mpvg_kernels.ops import backends, reference  # noqa: E402
+from mpvg_kernels.ops import backends  # noqa: E402
+from mpvg_kernels.ops import layer_norm as LN  # noqa: E402
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -73,14 +74,14 @@ def test_layer_norm_add_and_pool_match_float64_reference(backend, case):
     ped = None if pe is None else pe.double()
     with mk.use_backend(backend):
         if pe is not None:
-            want = reference.layer_norm_add(xd, ped, wd, bd, eps)
+            want = LN.reference_layer_norm_add(xd, ped, wd, bd, eps)
             _close(mk.layer_norm_add(x, pe, w, b, eps), want, x.dtype, f"{backend} add {what}")
             y, pos_norm = mk.dual_layer_norm(x, pe, w, b, w, b, eps)
-            want_pos = reference.layer_norm_add(ped, None, wd, bd, eps)
+            want_pos = LN.reference_layer_norm_add(ped, None, wd, bd, eps)
             _close(pos_norm, want_pos, pe.dtype, f"{backend} dual pos {what}")
             # the op adds the rounded LN'(pos) of the input dtype, as an unfused pair of calls would
-            _close(y, reference.layer_norm_add(xd, pos_norm.double(), wd, bd, eps), x.dtype, f"{backend} dual {what}")
-        want = reference.layer_norm_pool(xd, wd, bd, ped, eps)
+            _close(y, LN.reference_layer_norm_add(xd, pos_norm.double(), wd, bd, eps), x.dtype, f"{backend} dual {what}")
+        want = LN.reference_layer_norm_pool(xd, wd, bd, ped, eps)
         _close(mk.layer_norm_pool(x, w, b, pe, eps), want, x.dtype, f"{backend} pool {what}")
 
 
@@ -98,7 +99,7 @@ def test_gradients_match_float64_reference(backend, case):
     cot = torch.randn(x.shape, generator=g, dtype=torch.float64)
     with mk.use_backend(backend):
         mk.layer_norm_add(*leaves, eps).backward(cot.to(x.dtype))
-    reference.layer_norm_add(*ref_leaves, eps).backward(cot)
+    LN.reference_layer_norm_add(*ref_leaves, eps).backward(cot)
     for name, got, want in zip(("x", "pe", "weight", "bias"), leaves, ref_leaves, strict=True):
         assert got.grad is not None, f"{backend} {what}: no gradient for {name}"
         scale = max(1.0, want.grad.abs().max().item()) if want.grad.numel() else 1.0

@@ -1,9 +1,9 @@
 """Ahead-of-time compile of the Triton kernels for sm_80 and sm_90, without a GPU.
 
-Each configuration is planned by the launcher itself (``triton_kernels.plan_forward`` / ``plan_backward`` on
-meta tensors of a ViT-like shape), so tiles, warps, constexprs and argument values are exactly those a real
-launch uses. The specialisation (signature, constexprs, divisibility-16 attributes) is derived the way
-``JITFunction.run`` derives it. Checks per compiled kernel:
+Each configuration is planned by the launcher itself (``triton_kernels.forward`` / ``backward`` on meta tensors
+of a ViT-like shape, with a ``launch=`` that records the launches instead of running them), so tiles, warps,
+constexprs and argument values are exactly those a real launch uses. The specialisation (signature, constexprs,
+divisibility-16 attributes) is derived the way ``JITFunction.run`` derives it. Checks per compiled kernel:
 
 - compilation succeeds;
 - ``ptxas -v`` (the ptxas Triton itself uses for that arch, same flags) reports no spill stores/loads;
@@ -114,20 +114,27 @@ def _specialise(launch: tk.Launch, backend) -> tuple[dict, dict, dict, dict]:
     return signature, constexprs, attrs, {"num_warps": launch.meta["num_warps"]}
 
 
+def _launches(launcher, *args) -> list[tk.Launch]:
+    """The launches ``launcher(*args)`` (``tk.forward`` or ``tk.backward``) makes, recorded instead of run."""
+    launches: list[tk.Launch] = []
+    launcher(*args, launch=lambda kernel, grid, a, meta: launches.append(tk.Launch(kernel, grid, a, meta)))
+    return launches
+
+
 def _plan(kind: str, D: int, dtype: torch.dtype, has_pe: bool, pool: bool, n: int = N, row_pad: int = 0) -> tk.Launch:
-    """The launch the launcher plans for x of shape [B, n, D] (rows D + row_pad elements apart)."""
+    """The main kernel launch the launcher makes for x of shape [B, n, D] (rows D + row_pad elements apart)."""
     meta = dict(device="meta")
     x = torch.empty(B, n, D + row_pad, dtype=dtype, **meta)[:, :, :D]
     w = torch.empty(D, dtype=torch.float32, **meta)
     if kind == "fwd":
         pe = torch.empty(n, D, dtype=dtype, **meta) if has_pe else None
-        launch = tk.plan_forward(x, pe, w, w, 1e-6, pool).launch
+        launches = _launches(tk.forward, x, pe, w, w, 1e-6, pool, True)
     else:
         grad = torch.empty((B, D) if pool else (B, n, D), dtype=dtype, **meta)
-        stats = torch.empty(B * n, dtype=torch.float32, **meta)
-        launch = tk.plan_backward(grad, x, w, stats, stats, has_pe, pool).launch
-    assert launch is not None
-    return launch
+        stats = torch.empty(2 * B * n, dtype=torch.float32, **meta)
+        launches = _launches(tk.backward, grad, x, w, stats, has_pe, pool)
+    assert launches and launches[0].kernel is (tk._ln_fwd_kernel if kind == "fwd" else tk._ln_bwd_kernel)
+    return launches[0]
 
 
 def _memory_ops_by_arg(llir: str, arg_names: list[str]) -> dict[str, list[str]]:
@@ -347,6 +354,7 @@ def test_backward_partials_are_small(batch, D, dtype):
 def test_backward_partial_plan_is_a_function_of_the_shape():
     """Split counts come from the shape alone (not the device): two plans of one shape are identical."""
     a = _plan("bwd", 768, torch.bfloat16, True, False)
+    tk._BWD_PLANS.clear()  # planned afresh, not the cached plan
     b = _plan("bwd", 768, torch.bfloat16, True, False)
     assert a.grid == b.grid and a.meta == b.meta
     assert [v for v in a.args if not isinstance(v, torch.Tensor)] == [
@@ -359,9 +367,10 @@ def test_partials_finish_compiles(ptxas):
     meta = dict(device="meta")
     x = torch.empty(B, N, 1000, dtype=torch.bfloat16, **meta)
     w = torch.empty(1000, **meta)
-    stats = torch.empty(B * N, **meta)
-    plan = tk.plan_backward(torch.empty_like(x), x, w, stats, stats, True, False)
-    r = _compile_launch("finish", "fwd", 1000, torch.float32, plan.finish, 90, ptxas[90])
+    stats = torch.empty(2 * B * N, **meta)
+    finish = _launches(tk.backward, torch.empty_like(x), x, w, stats, True, False)[1]
+    assert finish.kernel is tk._sum_partials_kernel
+    r = _compile_launch("finish", "fwd", 1000, torch.float32, finish, 90, ptxas[90])
     assert r.spill_stores == 0 and r.spill_loads == 0
     # The partial pointers are loop-carried (no getelementptr chain to an argument): read the PTX directly.
     loads = re.findall(r"ld\.global[\w.]*", r.ptx)
@@ -376,10 +385,11 @@ def test_unit_arguments_compile(ptxas, pool):
     for b, n in ((1, 197), (B, 1)):
         x = torch.empty(b, n, 1000, dtype=torch.bfloat16, **meta)
         w = torch.empty(1000, **meta)
-        stats = torch.empty(b * n, **meta)
+        stats = torch.empty(2 * b * n, **meta)
         grad = torch.empty((b, 1000) if pool else (b, n, 1000), dtype=torch.bfloat16, **meta)
-        fwd = tk.plan_forward(x, torch.empty(n, 1000, dtype=torch.bfloat16, **meta), w, w, 1e-6, pool)
-        bwd = tk.plan_backward(grad, x, w, stats, stats, True, pool)
-        for name, launch in (("fwd", fwd.launch), ("bwd", bwd.launch), ("finish", bwd.finish)):
+        fwd = _launches(tk.forward, x, torch.empty(n, 1000, dtype=torch.bfloat16, **meta), w, w, 1e-6, pool, True)
+        bwd = _launches(tk.backward, grad, x, w, stats, True, pool)
+        assert len(bwd) == 2
+        for name, launch in (("fwd", fwd[0]), ("bwd", bwd[0]), ("finish", bwd[1])):
             r = _compile_launch(name, "fwd", 1000, torch.bfloat16, launch, 90, ptxas[90])
             assert r.registers > 0 and r.spill_stores == 0, (b, n, name, r.ptxas_log)

@@ -7,7 +7,8 @@ starts that process; to run it by hand::
     TRITON_INTERPRET=1 python -m pytest tests/ops/triton_interp_checks.py -q
 
 What it covers (see ``_direct_cases`` for the exact list):
-- the kernels called directly (``triton_kernels.forward`` / ``backward``), forward and every gradient, for
+- the kernels called directly (the launchers ``triton_kernels.forward`` / ``backward``), forward (output and the
+  one statistics buffer: means, then rstds) and every gradient, for
   D in {3, 5, 192, 200, 384, 768, 1000, 1280}, N in {1, 16, 197}, B in {0, 1, 3}, with and without pe,
   per-token and pooled, float32 and float16 (plus a few bfloat16 and float64 cases), x contiguous or
   row-strided (last-dim slice of a wider tensor, every other token, batch/token dims transposed); also D = 1,
@@ -23,8 +24,8 @@ What it covers (see ``_direct_cases`` for the exact list):
 - float arguments rounded to fp32 before the launch, as a GPU receives them: float64 results still match the
   float64 reference to 1e-12 (``1 / N`` and ``eps`` are formed in the accumulation dtype inside the kernels).
 
-Every buffer the kernels write is filled with NaN before the launch (``poison`` fixture), so an element a
-kernel forgets to write fails the comparison.
+Every buffer a kernel writes is filled with NaN just before its launch (``poison`` fixture, around
+``triton_kernels.run_kernel``), so an element a kernel forgets to write fails the comparison.
 """
 
 from __future__ import annotations
@@ -40,13 +41,22 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip(reason=_WHY, allow_module_level=True)
 
 import mpvg_kernels  # noqa: E402
-from mpvg_kernels.ops import backends, eager, reference  # noqa: E402
+from mpvg_kernels.ops import backends  # noqa: E402
+from mpvg_kernels.ops import layer_norm as LN  # noqa: E402
 from mpvg_kernels.ops import triton_kernels as tk  # noqa: E402
 
 DS = (3, 5, 192, 200, 384, 768, 1000, 1280)
 EPS = 1e-6
 LAYOUTS = ("contiguous", "slice", "every_other", "transposed")
 ATOL_LOW = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+#: The autograd node the eager fast path records (the op's Function); the registered ops record torch.library's.
+EAGER_NODE = f"{LN._LayerNormFn.__name__}Backward"
+#: The buffers each kernel writes (its output arguments), which the ``poison`` fixture fills with NaN.
+WRITTEN_ARGS = {
+    tk._ln_fwd_kernel: ("Y", "Mean"),  # Rstd is the second half of Mean's statistics buffer
+    tk._ln_bwd_kernel: ("DX", "Part"),
+    tk._sum_partials_kernel: ("O0", "O1", "O2"),
+}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -54,27 +64,33 @@ ATOL_LOW = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    """Fill every output/partial buffer the launchers allocate with NaN before the kernel runs."""
-    plan_fwd, plan_bwd = tk.plan_forward, tk.plan_backward
+    """Fill every output/partial buffer a kernel writes with NaN just before its launch (every launch of the
+    launchers' default ``launch``, ``run_kernel``: direct calls, the registered ops and the eager fast path)."""
+    run = tk.run_kernel
+    seen = {"launches": 0}
 
-    def poisoned_forward(*args, **kwargs):
-        plan = plan_fwd(*args, **kwargs)
-        if plan.launch is not None:
-            for t in (plan.out, plan.mean, plan.rstd, plan.partial):
-                if t is not None:
-                    t.fill_(math.nan)
-        return plan
+    def poisoned(kernel, grid, args, meta):
+        for name in WRITTEN_ARGS[kernel]:
+            args[kernel.arg_names.index(name)].fill_(math.nan)
+        seen["launches"] += 1
+        run(kernel, grid, args, meta)
 
-    def poisoned_backward(*args, **kwargs):
-        plan = plan_bwd(*args, **kwargs)
-        if plan.launch is not None:
-            for t in (plan.dx, plan.part, plan.dpe, plan.dw, plan.db):
-                if t is not None:
-                    t.fill_(math.nan)
-        return plan
+    monkeypatch.setattr(tk, "run_kernel", poisoned)
+    return seen
 
-    monkeypatch.setattr(tk, "plan_forward", poisoned_forward)
-    monkeypatch.setattr(tk, "plan_backward", poisoned_backward)
+
+def stats_halves(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) of one statistics buffer [2 * B * N]: the means, then the reciprocal stds."""
+    n = stats.numel() // 2
+    assert stats.dim() == 1 and stats.numel() == 2 * n, tuple(stats.shape)
+    return stats[:n], stats[n:]
+
+
+def recorded(launcher, *args) -> list[tk.Launch]:
+    """The launches ``launcher(*args)`` (``tk.forward`` or ``tk.backward``) makes, recorded instead of run."""
+    launches: list[tk.Launch] = []
+    launcher(*args, launch=lambda k, g, a, m: launches.append(tk.Launch(k, g, a, m)))
+    return launches
 
 
 def make_x(
@@ -141,21 +157,23 @@ def assert_close(name: str, out: torch.Tensor, ref64: torch.Tensor, same_dtype: 
 
 
 def check_kernels(B, N, D, dtype, layout, has_pe, pool, seed=0, param_dtype=torch.float32, eps=EPS, scale=2.0):
-    """Direct kernel calls vs reference.forward/backward (float64, and in x's dtype for fp16/bf16)."""
+    """Direct launcher calls vs LN.reference_forward/backward (float64, and in x's dtype for fp16/bf16)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + B * 10_007 + N * 101 + D)
     x = make_x(B, N, D, dtype, layout, gen, scale)
     w, b, pe = make_params(N, D, dtype, param_dtype, gen)
     pe = pe if has_pe else None
     low = dtype in (torch.float16, torch.bfloat16)
 
-    out, mean, rstd = tk.forward(x, pe, w, b, eps, pool)
+    out, stats, _ = tk.forward(x, pe, w, b, eps, pool, True)
     assert out.dtype == dtype and out.is_contiguous()
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert mean.dtype == acc and rstd.dtype == acc and mean.shape == (B * N,) and rstd.shape == (B * N,)
+    assert stats.dtype == acc and stats.shape == (2 * B * N,)
+    mean, rstd = stats_halves(stats)
 
     f64 = (x.double(), None if pe is None else pe.double(), w.double(), b.double())
-    r_out, r_mean, r_rstd = reference.forward(*f64, eps, pool)
-    s_out = reference.forward(x, pe, w, b, eps, pool)[0] if low else None
+    r_out, r_stats = LN.reference_forward(*f64, eps, pool)
+    r_mean, r_rstd = stats_halves(r_stats)
+    s_out = LN.reference_forward(x, pe, w, b, eps, pool)[0] if low else None
     tag = f"B={B} N={N} D={D} {dtype} {layout} pe={has_pe} pool={pool}"
     assert_close(f"out [{tag}]", out, r_out, s_out, low)
     assert_close(f"mean [{tag}]", mean, r_mean, None, False)
@@ -163,15 +181,20 @@ def check_kernels(B, N, D, dtype, layout, has_pe, pool, seed=0, param_dtype=torc
 
     gen_g = torch.Generator().manual_seed(seed + 7)
     grad = torch.randn(out.shape, generator=gen_g, dtype=torch.float64).to(dtype)
-    dx, dpe, dw, db = tk.backward(grad, x, w, mean, rstd, has_pe, pool)
+    dx, dpe, dw, db = tk.backward(grad, x, w, stats, has_pe, pool)
     assert dx.dtype == dtype and dx.is_contiguous() and dx.shape == (B, N, D)
     assert dw.dtype == acc and db.dtype == acc and dw.shape == (D,) and db.shape == (D,)
-    assert dpe.dtype == acc and dpe.shape == ((N, D) if has_pe else (0,))
-    refs = reference.backward(grad.double(), x.double(), w.double(), r_mean, r_rstd, has_pe, pool)
-    sames = reference.backward(grad, x, w, mean, rstd, has_pe, pool) if low else (None,) * 4
+    if has_pe:
+        assert dpe is not None and dpe.dtype == acc and dpe.shape == (N, D)
+    else:
+        assert dpe is None
+    refs = LN.reference_backward(grad.double(), x.double(), w.double(), r_stats, has_pe, pool)
+    sames = LN.reference_backward(grad, x, w, stats, has_pe, pool) if low else (None,) * 4
     for name, got, ref, same in zip(("dx", "dpe", "dweight", "dbias"), (dx, dpe, dw, db), refs, sames, strict=True):
+        if name == "dpe" and not has_pe:
+            continue
         assert_close(f"{name} [{tag}]", got, ref, same, low)
-    return x, w, mean, rstd, grad
+    return x, w, stats, grad
 
 
 def _direct_cases():
@@ -231,6 +254,12 @@ def test_interpreter_is_active():
     assert isinstance(tk._ln_fwd_kernel, InterpretedFunction) and isinstance(tk._ln_bwd_kernel, InterpretedFunction)
 
 
+def test_poison_reaches_every_launch(poison):
+    """The poison fixture sees the launches (a check that it wraps what the launchers call)."""
+    check_kernels(2, 3, 8, torch.float32, "contiguous", True, True)
+    assert poison["launches"] >= 3  # forward (+ finish when split), backward and its finish
+
+
 @pytest.mark.parametrize("case", _direct_cases(), ids=_case_id)
 def test_kernels_vs_reference(case):
     check_kernels(*case)
@@ -244,7 +273,7 @@ def test_uneven_splits(monkeypatch, B, N, D, pool, target):
     """Several batch elements per backward program, several token tiles per pooled program, short last chunks."""
     monkeypatch.setattr(tk, "_TARGET_PROGRAMS", target)
     cfg = tk.backward_config(D, torch.float32)
-    b_per_prog, splits = tk._split(B, -(-N // cfg.rows))
+    b_per_prog, splits = tk._bwd_split(B, -(-N // cfg.rows), 4, 4)
     assert b_per_prog > 1 and splits * b_per_prog >= B
     check_kernels(B, N, D, torch.float32, "every_other", True, pool, seed=3)
 
@@ -267,12 +296,12 @@ def test_backward_is_bitwise_deterministic(D, N, B, pool):
     gen = torch.Generator().manual_seed(11)
     x = make_x(B, N, D, torch.float32, "slice", gen)
     w, b, pe = make_params(N, D, torch.float32, torch.float32, gen)
-    out, mean, rstd = tk.forward(x, pe, w, b, EPS, pool)
-    out2, mean2, rstd2 = tk.forward(x, pe, w, b, EPS, pool)
-    assert torch.equal(out, out2) and torch.equal(mean, mean2) and torch.equal(rstd, rstd2)
+    out, stats, _ = tk.forward(x, pe, w, b, EPS, pool, True)
+    out2, stats2, _ = tk.forward(x, pe, w, b, EPS, pool, True)
+    assert torch.equal(out, out2) and torch.equal(stats, stats2)
     grad = torch.randn(out.shape, generator=gen)
-    first = tk.backward(grad, x, w, mean, rstd, True, pool)
-    second = tk.backward(grad, x, w, mean, rstd, True, pool)
+    first = tk.backward(grad, x, w, stats, True, pool)
+    second = tk.backward(grad, x, w, stats, True, pool)
     for name, a, c in zip(("dx", "dpe", "dweight", "dbias"), first, second, strict=True):
         assert torch.equal(a, c), f"{name} differs between two identical backward runs"
 
@@ -281,14 +310,14 @@ def test_empty_batch_results():
     for pool in (False, True):
         x = torch.empty(0, 16, 200)
         w, b = torch.ones(200), torch.zeros(200)
-        out, mean, rstd = tk.forward(x, torch.zeros(16, 200), w, b, EPS, pool)
-        assert out.shape == ((0, 200) if pool else (0, 16, 200)) and mean.shape == (0,) and rstd.shape == (0,)
+        out, stats, _ = tk.forward(x, torch.zeros(16, 200), w, b, EPS, pool, True)
+        assert out.shape == ((0, 200) if pool else (0, 16, 200)) and stats.shape == (0,)
         grad = torch.empty(out.shape)
-        dx, dpe, dw, db = tk.backward(grad, x, w, mean, rstd, True, pool)
+        dx, dpe, dw, db = tk.backward(grad, x, w, stats, True, pool)
         assert dx.shape == (0, 16, 200) and dpe.shape == (16, 200) and not dpe.any()
         assert dw.shape == (200,) and not dw.any() and db.shape == (200,) and not db.any()
-        _, dpe0, _, _ = tk.backward(grad, x, w, mean, rstd, False, pool)
-        assert dpe0.shape == (0,)
+        _, dpe0, _, _ = tk.backward(grad, x, w, stats, False, pool)
+        assert dpe0 is None
 
 
 # ------------------------------------------------------------------------------ public API (torch.ops path)
@@ -307,10 +336,8 @@ def triton_backend(monkeypatch):
 
         return wrapper
 
-    launchers = {"forward": ("forward", "forward_eager_planned"), "backward": ("backward", "backward_eager")}
-    for kind, names in launchers.items():
-        for name in names:
-            monkeypatch.setattr(tk, name, counted(kind, getattr(tk, name)))
+    for kind in calls:  # one launcher per direction serves every route
+        monkeypatch.setattr(tk, kind, counted(kind, getattr(tk, kind)))
     with mpvg_kernels.use_backend("triton"):
         assert backends.resolve_backend(torch.device("cpu")) == "triton"
         yield calls
@@ -373,8 +400,8 @@ def test_layer_norm_add_api(triton_backend, case):
     sames = [_leaf(t) for t in (x, pe, w, b)]
     y = mpvg_kernels.layer_norm_add(*ins, eps=EPS)
     assert y.shape == x.shape and y.dtype == x.dtype
-    r = reference.layer_norm_add(*refs, eps=EPS)
-    s = reference.layer_norm_add(*sames, eps=EPS)
+    r = LN.reference_layer_norm_add(*refs, eps=EPS)
+    s = LN.reference_layer_norm_add(*sames, eps=EPS)
     _compare_autograd(f"layer_norm_add {case}", [y], [r], [s], ins, refs, sames, low, gen)
     assert triton_backend["forward"] >= 1 and triton_backend["backward"] >= 1
 
@@ -394,8 +421,8 @@ def test_dual_layer_norm_api(triton_backend, case):
     sames = [_leaf(t) for t in (x, pos, w, b, pw, pb)]
     y, pos_n = mpvg_kernels.dual_layer_norm(*ins, eps=EPS)
     assert y.shape == x.shape and pos_n.shape == pos.shape
-    ry, rp = reference.dual_layer_norm(*refs, eps=EPS)
-    sy, sp = reference.dual_layer_norm(*sames, eps=EPS)
+    ry, rp = LN.reference_dual_layer_norm(*refs, eps=EPS)
+    sy, sp = LN.reference_dual_layer_norm(*sames, eps=EPS)
     _compare_autograd(f"dual_layer_norm {case}", [y, pos_n], [ry, rp], [sy, sp], ins, refs, sames, low, gen)
     assert triton_backend["forward"] >= 2 and triton_backend["backward"] >= 2
 
@@ -414,8 +441,8 @@ def test_layer_norm_pool_api(triton_backend, case, with_pe):
     sames = [_leaf(t) for t in tensors]
     out = mpvg_kernels.layer_norm_pool(*ins, eps=EPS)
     assert out.shape == (*shape[:-2], D) and out.dtype == dtype
-    r = reference.layer_norm_pool(*refs, eps=EPS)
-    s = reference.layer_norm_pool(*sames, eps=EPS)
+    r = LN.reference_layer_norm_pool(*refs, eps=EPS)
+    s = LN.reference_layer_norm_pool(*sames, eps=EPS)
     _compare_autograd(f"layer_norm_pool {case} pe={with_pe}", [out], [r], [s], ins, refs, sames, low, gen)
     assert triton_backend["forward"] >= 1 and triton_backend["backward"] >= 1
 
@@ -448,7 +475,7 @@ def _both_paths(fn, tensors, gen_seed):
     results, nodes = [], []
     for fast in (False, True):
         leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-        with eager.use_eager_fast_path(fast):
+        with backends.use_eager_fast_path(fast):
             outs = fn(*leaves)
             outs = outs if isinstance(outs, tuple) else (outs,)
             nodes.append({type(o.grad_fn).__name__ for o in outs})
@@ -498,8 +525,8 @@ def test_eager_path_is_bitwise_the_registered_path(triton_backend, case):
         before = dict(triton_backend)
         (registered, fast), nodes = _both_paths(fn, tensors, gen_seed=seed)
         _assert_bitwise(f"{name} {case}", registered, fast)
-        assert not any("FusedLayerNorm" in n for n in nodes[0]), nodes
-        assert any("FusedLayerNorm" in n or "View" in n for n in nodes[1]), nodes
+        assert not any(EAGER_NODE in n for n in nodes[0]), nodes
+        assert any(EAGER_NODE in n or "View" in n for n in nodes[1]), nodes
         assert triton_backend["forward"] > before["forward"] and triton_backend["backward"] > before["backward"]
 
 
@@ -510,7 +537,7 @@ def test_eager_backward_is_bitwise_deterministic(pool):
     x = make_x(5, 61, 200, torch.float32, "slice", gen)
     w, b, pe = make_params(61, 200, torch.float32, torch.float32, gen)
     runs = []
-    with mpvg_kernels.use_backend("triton"), eager.use_eager_fast_path(True):
+    with mpvg_kernels.use_backend("triton"), backends.use_eager_fast_path(True):
         for _ in range(2):
             leaves = [t.detach().clone().requires_grad_(True) for t in (x, pe, w, b)]
             out = (
@@ -518,7 +545,7 @@ def test_eager_backward_is_bitwise_deterministic(pool):
                 if pool
                 else mpvg_kernels.layer_norm_add(*leaves)
             )
-            assert type(out.grad_fn).__name__ == "FusedLayerNormBackward"
+            assert type(out.grad_fn).__name__ == EAGER_NODE
             runs.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
     for name, a, c in zip(("dx", "dpe", "dweight", "dbias"), *runs, strict=True):
         assert torch.equal(a, c), f"{name} differs between two identical eager backward runs"
@@ -530,8 +557,8 @@ def test_eager_double_backward_is_exact():
     x = torch.randn(2, 5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
     pe = torch.randn(5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
     w, b = (torch.randn(7, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(2))
-    with mpvg_kernels.use_backend("triton"), eager.use_eager_fast_path(True):
-        assert type(mpvg_kernels.layer_norm_add(x, pe, w, b).grad_fn).__name__ == "FusedLayerNormBackward"
+    with mpvg_kernels.use_backend("triton"), backends.use_eager_fast_path(True):
+        assert type(mpvg_kernels.layer_norm_add(x, pe, w, b).grad_fn).__name__ == EAGER_NODE
         assert torch.autograd.gradgradcheck(mpvg_kernels.layer_norm_add, (x, pe, w, b))
         assert torch.autograd.gradgradcheck(
             lambda x, w, b, pe: mpvg_kernels.layer_norm_pool(x, w, b, pe), (x, w, b, pe)
@@ -539,21 +566,26 @@ def test_eager_double_backward_is_exact():
 
 
 @pytest.mark.parametrize("pool", [False, True])
-def test_triton_op_bodies_launch_the_same_kernels(pool):
-    """The triton_op design's CUDA branch (``wrap_triton`` launches of the launcher's plans), run eagerly on CPU
-    tensors here: bitwise what the registered kernels give, forward and backward."""
+def test_triton_op_bodies_launch_the_same_kernels(poison, pool):
+    """The triton_op design's CUDA branch (the launchers with ``launch=`` its ``wrap_triton`` launch), run eagerly on
+    CPU tensors here: bitwise what the default launches give, forward and backward; and the bodies as they run on
+    CPU (the ``mpvg::`` ops) give the same."""
     from mpvg_kernels.ops import triton_ops
 
     gen = torch.Generator().manual_seed(14)
     x = make_x(3, 17, 200, torch.float32, "slice", gen)
     w, b, pe = make_params(17, 200, torch.float32, torch.float32, gen)
-    got = triton_ops._forward(x, pe, w, b, EPS, pool)
-    want = tk.forward(x, pe, w, b, EPS, pool)
-    for a, c in zip(got, want, strict=True):
-        assert torch.equal(a, c)
+    want = tk.forward(x, pe, w, b, EPS, pool, True)[:2]
     grad = torch.randn(want[0].shape, generator=gen)
-    got = triton_ops._backward(grad, x, w, want[1], want[2], True, pool)
-    for a, c in zip(got, tk.backward(grad, x, w, want[1], want[2], True, pool), strict=True):
+    want_grads = tk.backward(grad, x, w, want[1], True, pool)
+    before = poison["launches"]
+    got = tk.forward(x, pe, w, b, EPS, pool, True, triton_ops._wrap_launch)[:2]
+    got_grads = tk.backward(grad, x, w, want[1], True, pool, None, triton_ops._wrap_launch)
+    assert poison["launches"] == before  # every launch went through wrap_triton, none through run_kernel
+    for a, c in zip(got + got_grads, want + want_grads, strict=True):
+        assert torch.equal(a, c)
+    got = triton_ops._forward(x, pe, w, b, EPS, pool) + triton_ops._backward(grad, x, w, want[1], True, pool)
+    for a, c in zip(got, want + want_grads, strict=True):
         assert torch.equal(a, c)
 
 
@@ -569,13 +601,14 @@ def test_misaligned_inputs_take_the_scalar_path(layout, dtype, pool):
     gen = torch.Generator().manual_seed(5)
     x = make_x(B, N, D, dtype, layout, gen)
     w, b, pe = make_params(N, D, dtype, torch.float32, gen)
-    assert tk.plan_forward(x, pe, w, b, EPS, pool).launch.meta["VEC"] == 1
+    assert recorded(tk.forward, x, pe, w, b, EPS, pool, True)[0].meta["VEC"] == 1
     grad_shape = (B, D) if pool else (B, N, D)
-    stats = torch.empty(B * N)
+    stats = torch.empty(2 * B * N)
     grad = torch.empty(grad_shape, dtype=dtype)
-    assert tk.plan_backward(grad, x, w, stats, stats, True, pool).launch.meta["VEC"] == 1
+    assert recorded(tk.backward, grad, x, w, stats, True, pool)[0].meta["VEC"] == 1
     aligned = make_x(B, N, D, dtype, "contiguous", gen)
-    assert tk.plan_forward(aligned, pe, w, b, EPS, pool).launch.meta["VEC"] == 16 // aligned.element_size()
+    vec = recorded(tk.forward, aligned, pe, w, b, EPS, pool, True)[0].meta["VEC"]
+    assert vec == 16 // aligned.element_size()
     check_kernels(B, N, D, dtype, layout, True, pool, seed=9)
 
 
@@ -593,7 +626,7 @@ def test_vector_width_rule():
 @pytest.fixture
 def fp32_float_args(monkeypatch):
     """Round every Python float a kernel receives to fp32, as a GPU launch does (the interpreter keeps doubles)."""
-    call = tk.Launch.__call__
+    run = tk.run_kernel
     rounded = {"n": 0}
 
     def to_fp32(v):
@@ -602,10 +635,10 @@ def fp32_float_args(monkeypatch):
             return float(torch.tensor(v, dtype=torch.float32).item())
         return v
 
-    def launch(self):
-        call(self._replace(args=tuple(to_fp32(a) for a in self.args)))
+    def launch(kernel, grid, args, meta):
+        run(kernel, grid, tuple(to_fp32(a) for a in args), meta)
 
-    monkeypatch.setattr(tk.Launch, "__call__", launch)
+    monkeypatch.setattr(tk, "run_kernel", launch)
     return rounded
 
 
@@ -618,8 +651,8 @@ def test_float64_exact_with_fp32_float_arguments(fp32_float_args, pool):
     x = make_x(B, N, D, torch.float64, "contiguous", gen, scale=1e-3)
     w, b, pe = make_params(N, D, torch.float64, torch.float64, gen)
     # The test has teeth: eps rounded to fp32 moves the float64 result by more than the 1e-12 tolerance.
-    r = reference.forward(x, pe, w, b, eps, pool)[0]
-    r32 = reference.forward(x, pe, w, b, eps32, pool)[0]
+    r = LN.reference_forward(x, pe, w, b, eps, pool)[0]
+    r32 = LN.reference_forward(x, pe, w, b, eps32, pool)[0]
     assert ((r - r32).abs() / r.abs().max()).max() > 1e-10
     third = torch.tensor(1 / 3, dtype=torch.float32).double().item()
     assert abs(third - 1 / 3) * 3 > 1e-9
