@@ -280,13 +280,13 @@ def host_overhead(setup: Setup) -> dict[str, float]:
     """Microseconds per back-to-back call at a tiny shape (host-bound), real launches: forward, backward and
     forward+backward on the eager fast path (the default), and the same through the registered ``mpvg::`` ops
     (``registered_*``, the fast path switched off)."""
-    from mpvg_kernels.ops import eager
+    from mpvg_kernels.ops import use_eager_fast_path
 
     inputs = _inputs("layer_norm_add", 1, 1, 64, torch.float32, setup.device)
     iters = 3 if setup.dry else 2000
     out: dict[str, float] = {}
     for prefix, fast in (("", True), ("registered_", False)):
-        with eager.use_eager_fast_path(fast):
+        with use_eager_fast_path(fast):
             p = _passes(ours("layer_norm_add"), inputs)
             out[f"{prefix}forward_us"] = wall_ms(p["fwd"], setup, iters) * 1e3
             out[f"{prefix}backward_us"] = wall_ms(p["bwd"], setup, iters) * 1e3

@@ -4,8 +4,8 @@
 Runs on CPU under the Triton interpreter's dispatch (``TRITON_INTERPRET=1`` routes CPU tensors to the Triton
 launchers) with ``triton_kernels.run_kernel`` (every launch) replaced by a no-op, so what is timed is everything
 the package does in Python before and around the kernels: argument checks, backend resolution, the dispatcher
-and torch.library's autograd layer (registered path only), planning, buffer allocation, the partial-sum finish,
-and the autograd bookkeeping of the backward node. On a GPU the same code runs, plus the launches themselves
+and torch.library's autograd layer (registered path only), the launchers' cached plan lookup, buffer allocation,
+the partial-sum finish, and the autograd bookkeeping of the backward node. On a GPU the same code runs, plus the launches themselves
 (Triton's launcher, a few microseconds per kernel). The two paths of each row are timed in alternating rounds.
 
     PYTHONPATH=. python benchmarks/host_overhead.py [--iters 1000] [--json out.json] [--dry-run]
@@ -15,14 +15,16 @@ Rows (microseconds per call, best of 20 repeats of ``--iters`` calls):
 - ``forward``: the public ``layer_norm_add`` under ``torch.no_grad`` (the inference call);
 - ``backward``: one call of the autograd node the training forward leaves on its output (``grad_fn.apply``:
   the backward's Python, planning, allocation and launches; the engine's own C++ work is the same for both paths);
-- ``backward_op``: the layer below that node: the ``mpvg::layer_norm_add_backward`` op (registered path) or
-  ``triton_kernels.backward_eager`` (eager path);
+- ``backward_op``: the layer below that node: the ``mpvg::layer_norm_add_backward`` op (registered path) or the
+  backward launcher ``triton_kernels.backward`` with the forward's plan as ``hint``, as the eager path calls it;
 - ``forward_grad``: the public ``layer_norm_add`` with inputs that require grad (records the autograd node);
 - ``train``: ``forward_grad`` plus ``torch.autograd.grad`` through the engine (everything a training step pays);
 - ``backward_bf16_pe``: ``backward`` with a bfloat16 pe, whose float32 gradient is converted by a separate tensor
   op on both paths;
-- ``plan_forward`` / ``plan_backward``: the registered path's planning alone; ``empty``: one ``torch.empty``
-  (a unit for comparing machines).
+- ``launcher_forward`` / ``launcher_backward``: the launchers alone as the registered ops' kernels call them
+  (``triton_kernels.forward`` keeping the statistics, ``backward`` without a hint) with a no-op ``launch``: the
+  cached plan lookup, the allocations and the argument tuples; ``empty``: one ``torch.empty`` (a unit for
+  comparing machines).
 
 x is bfloat16 [4, 16, 64]; pe, weight and bias float32 (the parameters' dtype in mixed precision) unless stated.
 The target is ``forward`` and ``backward`` <= 10 us on the eager path.
@@ -47,16 +49,20 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton / mpv
 import torch  # noqa: E402
 
 import mpvg_kernels  # noqa: E402
-from mpvg_kernels.ops import eager  # noqa: E402
 from mpvg_kernels.ops import triton_kernels as tk  # noqa: E402
+from mpvg_kernels.ops import use_eager_fast_path  # noqa: E402
 
 PATHS = ("registered", "eager")
 ROWS = ("forward", "backward", "backward_op", "forward_grad", "train", "backward_bf16_pe")
 TARGET_US = 10.0
 
 
+def _no_launch(kernel, grid, args, meta) -> None:
+    """A launch that launches nothing."""
+
+
 def _stub_launches() -> None:
-    tk.run_kernel = lambda kernel, grid, args, meta: None  # every launch of both paths goes through run_kernel
+    tk.run_kernel = _no_launch  # the launchers' default launch: every launch of both paths goes through it
 
 
 class Call(NamedTuple):
@@ -68,7 +74,7 @@ class Call(NamedTuple):
 
     def context(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
-        stack.enter_context(eager.use_eager_fast_path(self.path == "eager"))
+        stack.enter_context(use_eager_fast_path(self.path == "eager"))
         stack.enter_context(torch.set_grad_enabled(self.grad))
         return stack
 
@@ -104,28 +110,26 @@ def _best_us_interleaved(calls: dict[str, Call], iters: int, rounds: int = 20) -
 def _node_call(leaves):
     """(the autograd node of a training forward, the gradients its ``apply`` takes)."""
     y = mpvg_kernels.layer_norm_add(*leaves)
-    node = y.grad_fn
-    # The registered op's node takes one gradient per op output (y, mean, rstd); the eager path's one.
-    n_out = 3 if "Generated" in type(node).__name__ else 1
-    return node, (torch.ones_like(y),) + (None,) * (n_out - 1)
+    # Both nodes take one gradient per tensor output of their op, (y, stats), as the engine calls them.
+    return y.grad_fn, (torch.ones_like(y), None)
 
 
 def _row_fns(path: str, x, pe, w, b, leaves, leaves_bf16_pe) -> dict[str, Call]:
     """The calls of every row on one path, set up on that path."""
     fns: dict[str, Call] = {}
-    with eager.use_eager_fast_path(path == "eager"):
+    with use_eager_fast_path(path == "eager"):
         fns["forward"] = Call(lambda: mpvg_kernels.layer_norm_add(x, pe, w, b), path, grad=False)
         node, grads = _node_call(leaves)
         fns["backward"] = Call(lambda: node.apply(*grads), path, grad=False)
         g = grads[0]
         with torch.no_grad():
             if path == "registered":
-                _, mean, rstd = torch.ops.mpvg.layer_norm_add(x, pe, w, b, 1e-6)
+                _, stats = torch.ops.mpvg.layer_norm_add(x, pe, w, b, 1e-6)
                 op = torch.ops.mpvg.layer_norm_add_backward
-                fns["backward_op"] = Call(lambda: op(g, x, w, mean, rstd, True), path, grad=False)
-            else:
-                _, stats = tk.forward_eager(x, pe, w, b, 1e-6, False, True)
-                fns["backward_op"] = Call(lambda: tk.backward_eager(g, x, w, stats, True, False), path, grad=False)
+                fns["backward_op"] = Call(lambda: op(g, x, w, stats, True), path, grad=False)
+            else:  # as the eager path's backward calls the launcher: with the forward's plan as hint
+                _, stats, plan = tk.forward(x, pe, w, b, 1e-6, False, True)
+                fns["backward_op"] = Call(lambda: tk.backward(g, x, w, stats, True, False, plan), path, grad=False)
         fns["forward_grad"] = Call(lambda: mpvg_kernels.layer_norm_add(*leaves), path)
         fns["train"] = Call(lambda: torch.autograd.grad(mpvg_kernels.layer_norm_add(*leaves), leaves, g), path)
         node16, grads16 = _node_call(leaves_bf16_pe)
@@ -135,8 +139,8 @@ def _row_fns(path: str, x, pe, w, b, leaves, leaves_bf16_pe) -> dict[str, Call]:
 
 def measure(iters: int = 1000, B: int = 4, N: int = 16, D: int = 64) -> dict[str, dict[str, float]]:
     """Microseconds of Python per call with the launches stubbed: ``{path: {row: us}}`` for the registered and
-    the eager path (each row's two candidates timed in alternating rounds), plus ``{"common": {...}}`` (planning
-    alone, one ``torch.empty``)."""
+    the eager path (each row's two candidates timed in alternating rounds), plus ``{"common": {...}}`` (the
+    launchers alone with a no-op launch, one ``torch.empty``)."""
     _stub_launches()
     torch.set_num_threads(1)
     x = torch.randn(B, N, D).to(torch.bfloat16)
@@ -153,13 +157,13 @@ def measure(iters: int = 1000, B: int = 4, N: int = 16, D: int = 64) -> dict[str
             best = _best_us_interleaved({path: fns[path][row] for path in PATHS}, n)
             for path in PATHS:
                 res[path][row] = best[path]
-    y, mean, rstd = torch.ops.mpvg.layer_norm_add(x, pe, w, b, 1e-6)
+    y, stats = torch.ops.mpvg.layer_norm_add(x, pe, w, b, 1e-6)
     g = torch.empty_like(y)
     res["common"] = _best_us_interleaved(
         {
             "empty": Call(lambda: torch.empty(B * N)),
-            "plan_forward": Call(lambda: tk.plan_forward(x, pe, w, b, 1e-6, False)),
-            "plan_backward": Call(lambda: tk.plan_backward(g, x, w, mean, rstd, True, False)),
+            "launcher_forward": Call(lambda: tk.forward(x, pe, w, b, 1e-6, False, True, _no_launch)),
+            "launcher_backward": Call(lambda: tk.backward(g, x, w, stats, True, False, None, _no_launch)),
         },
         iters,
     )

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import layer_norm as _ops
 from ..ops import dual_layer_norm, layer_norm_add, layer_norm_pool
+from ..ops import layer_norm as _ops
 
 __all__ = ["DualLayerNorm", "LastLayerNormPE"]
 

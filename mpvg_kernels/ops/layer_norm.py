@@ -103,7 +103,9 @@ def _check_param(name: str, p: object, x: torch.Tensor) -> torch.Tensor:
     assert isinstance(p, torch.Tensor)
     d = x.shape[-1]
     if tuple(p.shape) != (d,):
-        raise ValueError(f"{name} must have shape [D] = [{d}] to match x of shape {tuple(x.shape)}, got {tuple(p.shape)}")
+        raise ValueError(
+            f"{name} must have shape [D] = [{d}] to match x of shape {tuple(x.shape)}, got {tuple(p.shape)}"
+        )
     _check_device(name, p, x)
     return p
 
@@ -281,8 +283,9 @@ def reference_jvp(
 ) -> torch.Tensor:
     """The forward-mode derivative of the op at (x3, weight) along the tangents (None: zero), in x's dtype.
 
-    ``LN(x) = xhat * w + b + pe`` with ``xhat = (x - mean) * rstd`` gives ``d xhat = rstd * (u - xhat * mean(xhat * u))``
-    for ``u = tx - mean(tx)``; the statistics are recomputed by differentiable ops (higher orders stay exact).
+    ``LN(x) = xhat * w + b + pe`` with ``xhat = (x - mean) * rstd`` gives
+    ``d xhat = rstd * (u - xhat * mean(xhat * u))`` for ``u = tx - mean(tx)``; the statistics are recomputed by
+    differentiable ops (higher orders stay exact).
     """
     acc = acc_dtype(x3.dtype)
     xhat, _, rstd = _reference_stats(x3, eps)
@@ -444,14 +447,15 @@ def _triton():
 
 
 def _kernel_forward(backend, x3, pe, weight, bias, eps, pool, keep_stats):
-    """The fused forward on a kernel backend (``cpp`` or ``triton``): (out, stats or None, the launcher's plan or None).
+    """The fused forward: (out, stats or None, the launcher's plan or None).
 
-    Plain eager calls launch from the backend's cached plan (``stats`` only when ``keep_stats``); every other call
-    goes through the registered op (which always returns the statistics).
+    ``backend`` ``cpp`` or ``triton``: a plain eager call (:func:`_plain_eager`), launched from the backend's cached
+    plan (``stats`` only when ``keep_stats``). None: any other call, through the registered op of the op design in
+    force (the dispatcher picks the kernel; the statistics are always returned).
     """
-    if _plain_eager(x3, pe, weight, bias):
-        if backend == "triton":
-            return _triton().forward(x3, pe, weight, bias, eps, pool, keep_stats)
+    if backend == "triton":
+        return _triton().forward(x3, pe, weight, bias, eps, pool, keep_stats)
+    if backend == "cpp":
         with _BELOW_AUTOGRAD():  # straight into the C++ kernel, below the op's own autograd
             out, stats = _cpp_op(pool, False)(x3, pe, weight, bias, eps)
         return out, stats, None
@@ -461,10 +465,13 @@ def _kernel_forward(backend, x3, pe, weight, bias, eps, pool, keep_stats):
 
 
 def _kernel_backward(backend, grad, x3, weight, stats, has_pe, pool, plan):
-    """The backward kernel of :func:`_kernel_forward`'s statistics: (dx, dpe or None, dweight, dbias)."""
-    if plan is not None and backend == "triton" and _plain_eager(x3, None, weight, weight):
+    """The backward kernel for :func:`_kernel_forward`'s statistics: (dx, dpe or None, dweight, dbias); ``backend``
+    as there (a backward traced by compiled autograd takes the registered op)."""
+    if backend is not None and torch.compiler.is_compiling():
+        backend = None
+    if backend == "triton":
         return _tk[0].backward(grad, x3, weight, stats, has_pe, pool, plan)
-    if backend == "cpp" and _plain_eager(x3, None, weight, weight):
+    if backend == "cpp":
         with _BELOW_AUTOGRAD():
             dx, dpe, dw, db = _cpp_op(pool, True)(grad.contiguous(), x3, weight, stats, has_pe)
     else:
@@ -476,8 +483,9 @@ def _kernel_backward(backend, grad, x3, weight, stats, has_pe, pool, plan):
 
 # ============================================================================================== 5. autograd
 #
-# One definition for every route. Inputs of the Function: (x3, pe, weight, bias, eps, pool, backend); the registered
-# ops' inputs are the first five (pool is the op's, the backend the dispatcher's). Outputs: (out, stats[, plan]).
+# One definition for every route. Inputs of the Function: (x3, pe, weight, bias, eps, pool, backend), backend None
+# for the registered ops (see _kernel_forward); the registered ops' inputs are the first five (pool is the op's, the
+# kernel the dispatcher's). Outputs: (out, stats[, the launcher's plan]).
 
 
 def _setup_context(ctx, inputs, output, pool=None):
@@ -489,7 +497,7 @@ def _setup_context(ctx, inputs, output, pool=None):
     stats = output[1]
     ctx.save_for_backward(x3, weight, stats)
     ctx.save_for_forward(x3, weight)
-    acc = acc_dtype(x3.dtype)
+    acc = _F64 if x3.dtype == _F64 else _F32
     ctx.info = (
         eps,
         pool,
@@ -524,10 +532,6 @@ def _backward(ctx, grad, *_unused):
     x3, weight, stats = ctx.saved_tensors
     if _needs_graph(grad, x3, weight):  # the reference's differentiable formulas: higher orders stay exact
         dx, dpe, dw, db = reference_backward(grad, x3, weight, None, has_pe, pool, eps)
-    elif backend is None:
-        ops = _registered_ops()
-        op = ops.layer_norm_pool_backward if pool else ops.layer_norm_add_backward
-        dx, dpe, dw, db = op(grad.contiguous(), x3, weight, stats, has_pe)
     else:
         dx, dpe, dw, db = _kernel_backward(backend, grad, x3, weight, stats, has_pe, pool, ctx.plan)
     dpe = None if not has_pe else (dpe if pe_cast is None else dpe.to(pe_cast))
@@ -612,7 +616,9 @@ def _fused(x3, pe, weight, bias, eps, pool, backend):
                 x3, pe, weight, bias = cast
         if (
             _C.is_grad_enabled()
-            and (x3.requires_grad or weight.requires_grad or bias.requires_grad or (pe is not None and pe.requires_grad))
+            and (
+                x3.requires_grad or weight.requires_grad or bias.requires_grad or (pe is not None and pe.requires_grad)
+            )
         ) or forward_ad._current_level >= 0:
             return _apply(x3, pe, weight, bias, eps, pool, backend)[0]
         return _kernel_forward(backend, x3, pe, weight, bias, eps, pool, False)[0]
@@ -622,7 +628,7 @@ def _fused(x3, pe, weight, bias, eps, pool, backend):
         cast = _cuda_autocast_fp32(x3, pe, weight, bias)
         if cast is not None:
             x3, pe, weight, bias = cast
-        return _LayerNormFn.apply(x3, pe, weight, bias, eps, pool, backend)[0]
+        return _LayerNormFn.apply(x3, pe, weight, bias, eps, pool, None)[0]
     ops = _registered_ops()
     return (ops.layer_norm_pool if pool else ops.layer_norm_add)(x3, pe, weight, bias, eps)[0]
 
@@ -630,9 +636,19 @@ def _fused(x3, pe, weight, bias, eps, pool, backend):
 # ====================================================================================== 6. public functions
 
 
-def _run(x: torch.Tensor, pe: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float, pool: bool):
-    """The op for validated arguments (pe [N, D] or None; x [..., N, D] with N >= 1 when pooling)."""
-    backend = backends.resolve_backend(x.device)
+def _run(
+    x: torch.Tensor,
+    pe: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    pool: bool,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The op for validated arguments (pe [N, D] or None; x [..., N, D] with N >= 1 when pooling), on ``backend``
+    (default: the one resolved for x's device)."""
+    if backend is None:
+        backend = backends.resolve_backend(x.device)
     if backend == "torch":  # the reference, under the ops' CUDA-autocast rule
         cast = _cuda_autocast_fp32(x, pe, weight, bias)
         if cast is not None:
@@ -705,8 +721,9 @@ def dual_layer_norm(
         x, pos2, weight, bias, eps = _checked(x, "pos", pos, weight, bias, eps)
         pos_weight = _check_param("pos_weight", pos_weight, x)
         pos_bias = _check_param("pos_bias", pos_bias, x)
-    pos_norm = _run(pos2, None, pos_weight, pos_bias, eps, False)
-    return _run(x, pos_norm, weight, bias, eps, False), pos_norm.view(pos.shape)
+    backend = backends.resolve_backend(x.device)
+    pos_norm = _run(pos2, None, pos_weight, pos_bias, eps, False, backend)
+    return _run(x, pos_norm, weight, bias, eps, False, backend), pos_norm.view(pos.shape)
 
 
 def layer_norm_pool(

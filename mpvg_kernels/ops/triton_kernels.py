@@ -57,7 +57,6 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 
-
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The kernels' accumulation dtype: float64 for float64 inputs, else float32 (the op contract's rule)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

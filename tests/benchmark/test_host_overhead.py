@@ -32,4 +32,5 @@ def test_host_overhead_script_runs_dry(tmp_path):
     res = json.loads(out.read_text())
     for path in ("registered", "eager"):
         assert set(res[path]) == set(ROWS) and all(v > 0 for v in res[path].values())
-    assert {"empty", "plan_forward", "plan_backward"} <= set(res["common"])
+    assert set(res["common"]) == {"empty", "launcher_forward", "launcher_backward"}
+    assert all(v > 0 for v in res["common"].values())

@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ import torch
 pytest.importorskip("triton")
 
 import mpvg_kernels  # noqa: E402
-from mpvg_kernels.ops import backends, reference  # noqa: E402
+from mpvg_kernels.ops import backends, use_eager_fast_path  # noqa: E402
+from mpvg_kernels.ops import layer_norm as LN  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
@@ -63,6 +65,12 @@ else:
 EPS = 1e-6
 ATOL_LOW = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 OPS = ("layer_norm_add", "dual_layer_norm", "layer_norm_pool")
+#: The plain PyTorch reference under the public functions' names and signatures (``_run``'s ``fn_mod``).
+reference = SimpleNamespace(
+    layer_norm_add=LN.reference_layer_norm_add,
+    dual_layer_norm=LN.reference_dual_layer_norm,
+    layer_norm_pool=LN.reference_layer_norm_pool,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -226,7 +234,7 @@ def test_opcheck(op):
     if op == "layer_norm_add":
         torch.library.opcheck(torch.ops.mpvg.layer_norm_add.default, (args[0], args[1], args[2], b, EPS))
     else:
-        torch.library.opcheck(torch.ops.mpvg.layer_norm_pool.default, (args[0], args[2], b, args[1], EPS))
+        torch.library.opcheck(torch.ops.mpvg.layer_norm_pool.default, (args[0], args[1], args[2], b, EPS))
 
 
 @gpu
@@ -238,13 +246,15 @@ def test_int64_offsets():
     B, N, D = 2, 1_100_000, 1000  # 2.2e9 elements; bf16: 4.4 GB per [B, N, D] tensor
     need = 40e9  # x, pe, y, grad, dx, dpe and the backward's partials
     if free < need:
-        pytest.skip(reason=f"the >2^31-element tensors need ~{need / 1e9:.0f} GB of free GPU memory; "
-                    f"only {free / 1e9:.0f} GB are free on this device")
+        pytest.skip(
+            reason=f"the >2^31-element tensors need ~{need / 1e9:.0f} GB of free GPU memory; "
+            f"only {free / 1e9:.0f} GB are free on this device"
+        )
     x = torch.randn(B, N, D, dtype=torch.bfloat16, device="cuda")
     pe = torch.randn(N, D, dtype=torch.bfloat16, device="cuda")
     w, b = torch.randn(D, device="cuda"), torch.randn(D, device="cuda")
     assert x.numel() > 2**31
-    y, mean, rstd = torch.ops.mpvg.layer_norm_add(x, pe, w, b, EPS)
+    y, stats = torch.ops.mpvg.layer_norm_add(x, pe, w, b, EPS)  # stats: the B * N means, then the rstds
     rows = [(0, 0), (1, N - 1), (1, (2**31 - N * D) // D + 7), (B - 1, N // 2)]
     f64 = (w.double().cpu(), b.double().cpu())
     for bi, ni in rows:
@@ -254,13 +264,13 @@ def test_int64_offsets():
         _close(f"y row ({bi}, {ni})", y[bi, ni][None, None], r, s)
     del y
     g = torch.randn_like(x)
-    dx, _, _, _ = torch.ops.mpvg.layer_norm_add_backward(g, x, w, mean, rstd, True)
+    dx, _, _, _ = torch.ops.mpvg.layer_norm_add_backward(g, x, w, stats, True)
     for bi, ni in rows:
         k = bi * N + ni
         gr, xr = g[bi, ni].cpu()[None, None], x[bi, ni].cpu()[None, None]
-        st = (mean[k : k + 1].cpu(), rstd[k : k + 1].cpu())
-        r = reference.backward(gr.double(), xr.double(), f64[0], st[0].double(), st[1].double(), True, False)[0]
-        s = reference.backward(gr, xr, w.cpu(), *st, True, False)[0]
+        st = stats[[k, B * N + k]].cpu()  # the row's (mean, rstd): its one-row statistics buffer
+        r = LN.reference_backward(gr.double(), xr.double(), f64[0], st.double(), True, False)[0]
+        s = LN.reference_backward(gr, xr, w.cpu(), st, True, False)[0]
         _close(f"dx row ({bi}, {ni})", dx[bi, ni][None, None], r, s)
 
 
@@ -324,12 +334,10 @@ def test_autocast_bf16(op):
 
 def _both_paths(op: str, x0, p0, autocast: bool = False):
     """Outputs and every gradient of one op on the registered ops and on the eager fast path."""
-    from mpvg_kernels.ops import eager
-
     res = []
     for fast in (False, True):
         x, p = _leaves(x0, p0, lambda t: t)
-        with eager.use_eager_fast_path(fast), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with use_eager_fast_path(fast), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             outs = _run(op, x, p)
         torch.autograd.backward(outs, [torch.full_like(o, 0.01) for o in outs])
         used = ("pe", "w", "b", "pw", "pb") if op == "dual_layer_norm" else ("pe", "w", "b")

@@ -1,4 +1,4 @@
-"""The eager fast path (``mpvg_kernels/ops/layer_norm.py``, section 4) on CPU with the C++ backend: bitwise the registered ops'
+"""The eager fast path (``ops/layer_norm.py``, section 4) on CPU with the C++ backend: bitwise the registered ops'
 results (forward, inference and every gradient), taken only in plain eager mode, and the registered ``mpvg::`` ops
 everywhere else (dispatch modes, fake tensors, make_fx, torch.compile). The Triton launchers' fast path is checked
 the same way under the Triton interpreter (``triton_interp_checks.py``)."""
@@ -219,7 +219,8 @@ def test_environment_variable_turns_it_off():
 
 def test_quick_screen_accepts_only_what_the_full_checks_accept():
     x, pe, w, b = torch.randn(2, 4, 8), torch.randn(4, 8), torch.randn(8), torch.randn(8)
-    assert LN._quick_ok(x, pe, w, b, 1e-6) and LN._quick_ok(x, None, w, b, 0.0) and LN._quick_ok(x, pe, w, b, 1e-6, w, b)
+    assert LN._quick_ok(x, pe, w, b, 1e-6) and LN._quick_ok(x, None, w, b, 0.0)
+    assert LN._quick_ok(x, pe, w, b, 1e-6, w, b)
     bad = [
         (x, pe, w, b, 1),  # eps not a float
         (x, pe, w, b, -1e-6),
