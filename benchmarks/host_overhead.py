@@ -5,8 +5,9 @@ Runs on CPU under the Triton interpreter's dispatch (``TRITON_INTERPRET=1`` rout
 launchers) with ``triton_kernels.run_kernel`` (every launch) replaced by a no-op, so what is timed is everything
 the package does in Python before and around the kernels: argument checks, backend resolution, the dispatcher
 and torch.library's autograd layer (registered path only), the launchers' cached plan lookup, buffer allocation,
-the partial-sum finish, and the autograd bookkeeping of the backward node. On a GPU the same code runs, plus the launches themselves
-(Triton's launcher, a few microseconds per kernel). The two paths of each row are timed in alternating rounds.
+the partial-sum finish, and the autograd bookkeeping of the backward node. On a GPU the same code runs, plus the
+launches themselves (Triton's launcher, a few microseconds per kernel). The two paths of each row are timed in
+alternating rounds.
 
     PYTHONPATH=. python benchmarks/host_overhead.py [--iters 1000] [--json out.json] [--dry-run]
 
@@ -120,6 +121,8 @@ def _row_fns(path: str, x, pe, w, b, leaves, leaves_bf16_pe) -> dict[str, Call]:
     with use_eager_fast_path(path == "eager"):
         fns["forward"] = Call(lambda: mpvg_kernels.layer_norm_add(x, pe, w, b), path, grad=False)
         node, grads = _node_call(leaves)
+        registered_node = type(node).__name__.startswith("GeneratedBackwardFor_mpvg")
+        assert registered_node == (path == "registered"), f"the {path} path recorded {type(node).__name__}"
         fns["backward"] = Call(lambda: node.apply(*grads), path, grad=False)
         g = grads[0]
         with torch.no_grad():
