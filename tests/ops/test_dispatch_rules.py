@@ -8,25 +8,15 @@ import contextlib
 
 import pytest
 import torch
+from conftest import OpLog  # noqa: E402  (tests/ops/conftest.py)
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpvg_kernels
 from mpvg_kernels.ops import backends
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _mpvg_ops(fn) -> list[str]:
-    with _OpLog() as log:
+    with OpLog() as log:
         fn()
     return [o for o in log.ops if o.startswith("mpvg.")]
 

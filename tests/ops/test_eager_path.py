@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpvg_kernels
 from mpvg_kernels.ops import backends
@@ -143,15 +142,6 @@ def test_eager_double_backward_is_exact():
 # ----------------------------------------------------------------------------- where the registered ops stay
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
 
 def _inputs(requires_grad=False):
     t = (torch.randn(2, 4, 8), torch.randn(4, 8), torch.randn(8), torch.randn(8))
@@ -159,9 +149,9 @@ def _inputs(requires_grad=False):
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_dispatch_modes_see_the_registered_ops(requires_grad):
+def test_dispatch_modes_see_the_registered_ops(requires_grad, op_log):
     x, pe, w, b = _inputs(requires_grad)
-    with _OpLog() as log:
+    with op_log() as log:
         y = mpvg_kernels.layer_norm_add(x, pe, w, b)
         if requires_grad:
             y.sum().backward()

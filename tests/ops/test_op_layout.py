@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mpvg_kernels as mk
 from mpvg_kernels.ops import backends
@@ -86,17 +85,8 @@ def test_ops_imports_form_no_circle_and_the_policy_imports_no_kernel_module():
         visit(start, [])
 
 
-class _Calls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def test_one_backward_body_serves_every_route():
+def test_one_backward_body_serves_every_route(op_log):
     """The eager Function and the registered ops' autograd (taken under a dispatch mode, as under compile/export) run
     the same backward function; a Function is the only autograd.Function in ops/."""
     assert LN._LayerNormFn.backward is LN._backward and LN._LayerNormFn.jvp is LN._jvp
@@ -113,7 +103,7 @@ def test_one_backward_body_serves_every_route():
             y = mk.layer_norm_add(x, pe, w, b)
             events = _frames(lambda y=y: y.sum().backward())
         else:
-            with _Calls() as log:
+            with op_log() as log:
                 y = mk.layer_norm_add(x, pe, w, b)
                 events = _frames(lambda y=y: y.sum().backward())
             assert "mpvg.layer_norm_add.default" in log.ops and "mpvg.layer_norm_add_backward.default" in log.ops
