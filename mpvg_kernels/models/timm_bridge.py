@@ -214,9 +214,11 @@ def _check_blocks(model: nn.Module, eps: set[float]) -> list[str]:
         else:
             act = m.act
             if not (type(act) is TimmGELU or (type(act) is nn.GELU and act.approximate == "none")):
-                why.append(f"act_layer={type(act).__name__}"
-                           f"{'(approximate=' + repr(act.approximate) + ')' if isinstance(act, nn.GELU) else ''}"
-                           " (only exact GELU)")
+                why.append(
+                    f"act_layer={type(act).__name__}"
+                    f"{'(approximate=' + repr(act.approximate) + ')' if isinstance(act, nn.GELU) else ''}"
+                    " (only exact GELU)"
+                )
             if not isinstance(m.norm, nn.Identity):
                 why.append("scale_mlp_norm=True (mlp.norm)")
             if m.fc1.bias is None or m.fc2.bias is None:
@@ -242,28 +244,39 @@ def _check_dropout(model: nn.Module, kwargs: Mapping[str, Any]) -> list[str]:
     bad: list[str] = []
     blocks = list(model.blocks)
     none = nn.Identity()
-    proj = {_drop_p(getattr(sub, n, none)) for b in blocks for sub, n in
-            ((b.attn, "proj_drop"), (b.mlp, "drop1"), (b.mlp, "drop2"))}
+    proj = {
+        _drop_p(getattr(sub, n, none))
+        for b in blocks
+        for sub, n in ((b.attn, "proj_drop"), (b.mlp, "drop1"), (b.mlp, "drop2"))
+    }
     rates = {"drop_rate": _drop_p(model.head_drop), "pos_drop_rate": _drop_p(model.pos_drop)}
     if len(proj) == 1:
         rates["proj_drop_rate"] = proj.pop()
     if "drop_rate" not in kwargs and (len(set(rates.values())) > 1 or len(rates) < 3):
         shown = ", ".join(f"{k}={v:g}" for k, v in rates.items())
-        bad.append(f"different dropout rates ({shown}{'' if len(rates) == 3 else ', proj_drop_rate varying'}): "
-                   "this model has one drop_rate for all three; pass drop_rate=... to choose it")
+        bad.append(
+            f"different dropout rates ({shown}{'' if len(rates) == 3 else ', proj_drop_rate varying'}): "
+            "this model has one drop_rate for all three; pass drop_rate=... to choose it"
+        )
     attn = {_drop_p(getattr(b.attn, "attn_drop", none)) for b in blocks}
     if "attn_drop_rate" not in kwargs and len(attn) > 1:
         bad.append(f"attention dropout differing between blocks ({sorted(attn)}); pass attn_drop_rate=... to choose")
-    odd = {type(m).__name__ for b in blocks for m in (b.drop_path1, b.drop_path2)
-           if not isinstance(m, (nn.Identity, DropPath))}
+    odd = {
+        type(m).__name__
+        for b in blocks
+        for m in (b.drop_path1, b.drop_path2)
+        if not isinstance(m, (nn.Identity, DropPath))
+    }
     if odd:
         bad.append(f"drop path modules {sorted(odd)} (only timm's DropPath)")
     paths = [(_drop_p(b.drop_path1), _drop_p(b.drop_path2)) for b in blocks]
     top = paths[-1][0]
     linear = [float(v) for v in torch.linspace(0, top, len(blocks), device="cpu")]
     if "drop_path_rate" not in kwargs and any(p != (v, v) for p, v in zip(paths, linear, strict=True)):
-        bad.append("drop path rates that are not timm's linear rule 0..drop_path_rate over the blocks "
-                   f"({[p[0] for p in paths]}); pass drop_path_rate=... to choose")
+        bad.append(
+            "drop path rates that are not timm's linear rule 0..drop_path_rate over the blocks "
+            f"({[p[0] for p in paths]}); pass drop_path_rate=... to choose"
+        )
     return bad
 
 
@@ -294,8 +307,10 @@ def _check_timm_vit(model: nn.Module, kwargs: Mapping[str, Any] | None = None) -
     if model.attn_pool is not None or gp not in ("token", "avg"):
         bad.append(f"global_pool={gp!r} (only 'token' and 'avg')")
     elif gp == "avg" and model.pool_include_prefix and npt:
-        bad.append("pool_include_prefix=True with global_pool='avg' and a class token (timm averages the class "
-                   "token too; this model leaves it out of the mean)")
+        bad.append(
+            "pool_include_prefix=True with global_pool='avg' and a class token (timm averages the class "
+            "token too; this model leaves it out of the mean)"
+        )
     if not isinstance(model.norm_pre, nn.Identity):
         bad.append("pre_norm=True (norm_pre)")
     if not isinstance(model.patch_drop, nn.Identity):
@@ -327,8 +342,10 @@ def _check_timm_vit(model: nn.Module, kwargs: Mapping[str, Any] | None = None) -
             eps.add(m.eps)
     head = model.head
     if not (isinstance(head, nn.Identity) or (type(head) is nn.Linear and head.bias is not None)):
-        bad.append(f"head is {type(head).__name__}{' without bias' if type(head) is nn.Linear else ''} "
-                   "(only nn.Linear with bias or nn.Identity)")
+        bad.append(
+            f"head is {type(head).__name__}{' without bias' if type(head) is nn.Linear else ''} "
+            "(only nn.Linear with bias or nn.Identity)"
+        )
     bad += _check_blocks(model, eps)
     if all(type(b) is Block for b in model.blocks):  # other blocks are refused above, their dropout aside
         bad += _check_dropout(model, kwargs)

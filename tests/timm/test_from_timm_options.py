@@ -211,8 +211,9 @@ def test_refused_option_names_it(case):
 
 def test_issue_example_avg_pool_include_prefix_is_refused():
     """The tester's case: converted without a word, logits 1.7e-2 apart."""
-    src = timm.create_model("deit_tiny_patch16_224", img_size=32, depth=1, num_classes=5, global_pool="avg",
-                            pool_include_prefix=True)
+    src = timm.create_model(
+        "deit_tiny_patch16_224", img_size=32, depth=1, num_classes=5, global_pool="avg", pool_include_prefix=True
+    )
     with pytest.raises(ValueError, match=r"pool_include_prefix=True with global_pool='avg' and a class token"):
         from_timm(src)
 
@@ -223,8 +224,13 @@ def test_refusal_lists_every_problem_once():
         from_timm(src)
     msg = str(e.value)
     assert "\n" not in msg
-    for part in ("reg_tokens=1", "global_pool='map'", "every block: init_values", "every block: qk_norm=True",
-                 "different dropout rates"):
+    for part in (
+        "reg_tokens=1",
+        "global_pool='map'",
+        "every block: init_values",
+        "every block: qk_norm=True",
+        "different dropout rates",
+    ):
         assert msg.count(part) == 1, (part, msg)
 
 
