@@ -88,7 +88,9 @@ def _remap_cct(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _adapt_pos_embed(v: torch.Tensor, model: VisionTransformer, src_prefix: int) -> torch.Tensor:
+def _adapt_pos_embed(
+    v: torch.Tensor, model: VisionTransformer, src_prefix: int, src_grid: tuple[int, int] | None = None
+) -> torch.Tensor:
     if v.dim() == 2:
         v = v.unsqueeze(0)
     target = model.pos_embed
@@ -96,7 +98,7 @@ def _adapt_pos_embed(v: torch.Tensor, model: VisionTransformer, src_prefix: int)
     if v.shape[-1] != target.shape[-1]:
         raise ValueError(f"pos_embed has embed dim {v.shape[-1]}, the model {target.shape[-1]}")
     grid = v[:, src_prefix:]
-    old_size = infer_grid_size(grid.shape[1])
+    old_size = infer_grid_size(grid.shape[1]) if src_grid is None else tuple(src_grid)
     grid = resample_abs_pos_embed(grid, model.patch_embed.grid_size, old_size, num_prefix_tokens=0)
     npt = model.num_prefix_tokens
     if npt == 0:
@@ -107,8 +109,11 @@ def _adapt_pos_embed(v: torch.Tensor, model: VisionTransformer, src_prefix: int)
     return torch.cat([v[:, :kept], own, grid], dim=1)
 
 
-def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer) -> dict[str, torch.Tensor]:
-    """A timm/DeiT/CCT/own-format checkpoint adapted to ``model`` (see the module docstring)."""
+def checkpoint_filter_fn(
+    checkpoint: Mapping[str, Any], model: VisionTransformer, src_grid: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """A timm/DeiT/CCT/own-format checkpoint adapted to ``model`` (see the module docstring). ``src_grid``: the
+    checkpoint's token grid (h, w) where known (needed for a non-square one); None infers a square grid."""
     sd = unwrap_state_dict(checkpoint)
     own = model.state_dict()
     first = "patch_embed." + getattr(model.patch_embed, "first_conv", "proj")
@@ -127,7 +132,7 @@ def checkpoint_filter_fn(checkpoint: Mapping[str, Any], model: VisionTransformer
                 _check_fixed_table(v, kind, src_prefix)
                 v = own[k]  # the same fixed sin-cos table: the model's own, computed for its grid
             else:
-                v = _adapt_pos_embed(v, model, src_prefix)
+                v = _adapt_pos_embed(v, model, src_prefix, src_grid)
         elif k == first + ".weight" and k in own and v.shape != own[k].shape:
             v = _adapt_patch_weight(v, own[k].shape, k)
         elif k.startswith(("head.", "head_dist.")) and (k not in own or v.shape != own[k].shape):

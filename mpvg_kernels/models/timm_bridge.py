@@ -153,13 +153,137 @@ for _name in TIMM_MODELS:
 # ----------------------------------------------------------------------------- from_timm
 
 
-def _is(m: nn.Module, cls_name: str) -> bool:
-    return type(m).__name__ == cls_name
+def _drop_p(m: nn.Module) -> float:
+    """The rate of a dropout / drop-path module (0 for an identity)."""
+    return float(getattr(m, "drop_prob", getattr(m, "p", 0.0)))
 
 
-def _check_timm_vit(model: nn.Module) -> list[str]:
-    """What in ``model`` this package's VisionTransformer cannot express (empty: convertible)."""
-    from timm.layers import Mlp
+def _layer_norm_problem(m: nn.Module) -> str | None:
+    """Why ``m`` is not a LayerNorm this package computes identically (None: it is)."""
+    from timm.layers import LayerNorm as TimmLayerNorm
+
+    if type(m) not in (nn.LayerNorm, TimmLayerNorm):
+        return f"{type(m).__name__} (norm_layer: only LayerNorm)"
+    if m.weight is None or m.bias is None:
+        return "LayerNorm without affine weight and bias"
+    if getattr(m, "_fast_norm", False):
+        return "timm's fast_norm LayerNorm (timm.layers.set_fast_norm(True))"
+    return None
+
+
+def _blocks_text(idx: list[int], depth: int) -> str:
+    return "every block" if len(idx) == depth else "blocks " + ", ".join(map(str, idx))
+
+
+def _check_blocks(model: nn.Module, eps: set[float]) -> list[str]:
+    """What in ``model.blocks`` this package's Block cannot express; per problem, the blocks that have it."""
+    from timm.layers import Attention, Mlp
+    from timm.layers.activations import GELU as TimmGELU
+    from timm.models.vision_transformer import Block
+
+    found: dict[str, list[int]] = {}
+    blocks = list(model.blocks)
+    ref = blocks[0]
+    for i, blk in enumerate(blocks):
+        why: list[str] = []
+        if type(blk) is not Block:
+            found.setdefault(f"block_fn={type(blk).__name__} (only timm's Block)", []).append(i)
+            continue
+        if not (isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity)):
+            why.append("init_values (LayerScale)")
+        a = blk.attn
+        if type(a) is not Attention:
+            why.append(f"attn_layer={type(a).__name__} (only timm's Attention)")
+        else:
+            if not (isinstance(a.q_norm, nn.Identity) and isinstance(a.k_norm, nn.Identity)):
+                why.append("qk_norm=True (q_norm/k_norm)")
+            if not isinstance(a.norm, nn.Identity):
+                why.append("scale_attn_norm=True (attn.norm)")
+            if getattr(a, "gate", None) is not None:
+                why.append("gated attention (attn.gate)")
+            d = model.embed_dim
+            if a.attn_dim != d or a.proj.out_features != d or a.scale != a.head_dim**-0.5:
+                why.append("an attention width other than embed_dim or a non-standard scale")
+            if a.proj.bias is None:
+                why.append("proj_bias=False (attn.proj without bias)")
+            if (a.qkv.bias is None) != (ref.attn.qkv.bias is None) or a.num_heads != ref.attn.num_heads:
+                why.append("num_heads or qkv_bias differing between blocks")
+        m = blk.mlp
+        if type(m) is not Mlp or not (isinstance(m.fc1, nn.Linear) and isinstance(m.fc2, nn.Linear)):
+            why.append(f"mlp_layer={type(m).__name__} (only timm's Mlp with linear layers)")
+        else:
+            act = m.act
+            if not (type(act) is TimmGELU or (type(act) is nn.GELU and act.approximate == "none")):
+                why.append(
+                    f"act_layer={type(act).__name__}"
+                    f"{'(approximate=' + repr(act.approximate) + ')' if isinstance(act, nn.GELU) else ''}"
+                    " (only exact GELU)"
+                )
+            if not isinstance(m.norm, nn.Identity):
+                why.append("scale_mlp_norm=True (mlp.norm)")
+            if m.fc1.bias is None or m.fc2.bias is None:
+                why.append("proj_bias=False (MLP without bias)")
+            if isinstance(ref.mlp, Mlp) and m.fc1.out_features != ref.mlp.fc1.out_features:
+                why.append("MLP widths differing between blocks")
+        for n in ("norm1", "norm2"):
+            problem = _layer_norm_problem(getattr(blk, n))
+            if problem:
+                why.append(f"{n} is {problem}")
+            else:
+                eps.add(getattr(blk, n).eps)
+        for w in why:
+            found.setdefault(w, []).append(i)
+    return [f"{_blocks_text(idx, len(blocks))}: {w}" for w, idx in found.items()]
+
+
+def _check_dropout(model: nn.Module, kwargs: Mapping[str, Any]) -> list[str]:
+    """Dropout and stochastic depth this package's single ``drop_rate`` / ``attn_drop_rate`` / linear
+    ``drop_path_rate`` cannot reproduce; a rate passed to :func:`from_timm` explicitly is the user's choice."""
+    from timm.layers import DropPath
+
+    bad: list[str] = []
+    blocks = list(model.blocks)
+    none = nn.Identity()
+    proj = {
+        _drop_p(getattr(sub, n, none))
+        for b in blocks
+        for sub, n in ((b.attn, "proj_drop"), (b.mlp, "drop1"), (b.mlp, "drop2"))
+    }
+    rates = {"drop_rate": _drop_p(model.head_drop), "pos_drop_rate": _drop_p(model.pos_drop)}
+    if len(proj) == 1:
+        rates["proj_drop_rate"] = proj.pop()
+    if "drop_rate" not in kwargs and (len(set(rates.values())) > 1 or len(rates) < 3):
+        shown = ", ".join(f"{k}={v:g}" for k, v in rates.items())
+        bad.append(
+            f"different dropout rates ({shown}{'' if len(rates) == 3 else ', proj_drop_rate varying'}): "
+            "this model has one drop_rate for all three; pass drop_rate=... to choose it"
+        )
+    attn = {_drop_p(getattr(b.attn, "attn_drop", none)) for b in blocks}
+    if "attn_drop_rate" not in kwargs and len(attn) > 1:
+        bad.append(f"attention dropout differing between blocks ({sorted(attn)}); pass attn_drop_rate=... to choose")
+    odd = {
+        type(m).__name__
+        for b in blocks
+        for m in (b.drop_path1, b.drop_path2)
+        if not isinstance(m, (nn.Identity, DropPath))
+    }
+    if odd:
+        bad.append(f"drop path modules {sorted(odd)} (only timm's DropPath)")
+    paths = [(_drop_p(b.drop_path1), _drop_p(b.drop_path2)) for b in blocks]
+    top = paths[-1][0]
+    linear = [float(v) for v in torch.linspace(0, top, len(blocks), device="cpu")]
+    if "drop_path_rate" not in kwargs and any(p != (v, v) for p, v in zip(paths, linear, strict=True)):
+        bad.append(
+            "drop path rates that are not timm's linear rule 0..drop_path_rate over the blocks "
+            f"({[p[0] for p in paths]}); pass drop_path_rate=... to choose"
+        )
+    return bad
+
+
+def _check_timm_vit(model: nn.Module, kwargs: Mapping[str, Any] | None = None) -> list[str]:
+    """What in ``model`` this package's VisionTransformer cannot reproduce exactly (empty: convertible); each entry
+    names the timm constructor option. The full table is in docs/timm.md."""
+    from timm.layers import PatchEmbed
     from timm.models.vision_transformer import Block
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
@@ -168,79 +292,66 @@ def _check_timm_vit(model: nn.Module) -> list[str]:
             f"from_timm converts timm.models.vision_transformer.VisionTransformer instances (ViT, DeiT, GAP "
             f"variants); got {type(model).__module__}.{type(model).__name__}"
         )
+    kwargs = kwargs or {}
     bad: list[str] = []
     if type(model) is not TimmViT:
         bad.append(f"the subclass {type(model).__name__} (e.g. DeiT's distillation token)")
-    if getattr(model, "num_reg_tokens", 0):
-        bad.append(f"{model.num_reg_tokens} register tokens")
-    if getattr(model, "no_embed_class", False):
-        bad.append("no_embed_class=True (prefix tokens without PE rows)")
+    npt = model.num_prefix_tokens
+    if model.num_reg_tokens:
+        bad.append(f"reg_tokens={model.num_reg_tokens} (register tokens)")
+    if model.no_embed_class and npt:
+        bad.append("no_embed_class=True with a class token (prefix tokens without PE rows)")
     if model.pos_embed is None:
-        bad.append("no learned absolute position embedding (pos_embed is None)")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
-        bad.append(f"global_pool={model.global_pool!r} (only 'token' and 'avg')")
-    for attr, what in (("norm_pre", "pre_norm (norm_pre)"), ("patch_drop", "patch_drop_rate > 0")):
-        if not isinstance(getattr(model, attr, nn.Identity()), nn.Identity):
-            bad.append(what)
+        bad.append("pos_embed='none' (no learned absolute position embedding)")
+    gp = model.global_pool
+    if model.attn_pool is not None or gp not in ("token", "avg"):
+        bad.append(f"global_pool={gp!r} (only 'token' and 'avg')")
+    elif gp == "avg" and model.pool_include_prefix and npt:
+        bad.append(
+            "pool_include_prefix=True with global_pool='avg' and a class token (timm averages the class "
+            "token too; this model leaves it out of the mean)"
+        )
+    if not isinstance(model.norm_pre, nn.Identity):
+        bad.append("pre_norm=True (norm_pre)")
+    if not isinstance(model.patch_drop, nn.Identity):
+        bad.append("patch_drop_rate > 0 (PatchDropout)")
     pe = model.patch_embed
-    proj = getattr(pe, "proj", None)
-    if not _is(pe, "PatchEmbed") or not isinstance(proj, nn.Conv2d):
-        bad.append(f"patch embedding {type(pe).__name__} (only timm's PatchEmbed with a Conv2d)")
+    if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d):
+        bad.append(f"embed_layer={type(pe).__name__} (only timm's PatchEmbed with a Conv2d)")
     else:
-        if not isinstance(getattr(pe, "norm", nn.Identity()), nn.Identity):
-            bad.append("a norm in the patch embedding (embed_norm)")
-        if proj.bias is None:
-            bad.append("a patch projection without bias")
-        if tuple(proj.kernel_size) != tuple(proj.stride) or tuple(proj.padding) != (0, 0):
+        if not isinstance(pe.norm, nn.Identity):
+            bad.append("embed_norm_layer (a norm in the patch embedding)")
+        if pe.proj.bias is None:
+            bad.append("a patch projection without bias (pre_norm=True)")
+        if tuple(pe.proj.kernel_size) != tuple(pe.proj.stride) or tuple(pe.proj.padding) != (0, 0):
             bad.append("an overlapping or padded patch projection")
-        if getattr(pe, "dynamic_img_pad", False):
+        if pe.dynamic_img_pad:
             bad.append("dynamic_img_pad=True")
+    eps: set[float] = set()
     norms = {"norm": model.norm, "fc_norm": model.fc_norm}
-    lns = [n for n, m in norms.items() if isinstance(m, nn.LayerNorm)]
-    for n, m in norms.items():
-        if not isinstance(m, (nn.Identity, nn.LayerNorm)):
-            bad.append(f"{n} is {type(m).__name__} (only LayerNorm)")
-    if len(lns) != 1:
-        bad.append(f"{len(lns)} final LayerNorms among norm/fc_norm (exactly one expected)")
-    eps = set()
-    for i, blk in enumerate(model.blocks):
-        if type(blk) is not Block:
-            bad.append(f"blocks.{i} is {type(blk).__name__} (only timm's Block)")
-            continue
-        if not (isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity)):
-            bad.append(f"blocks.{i}: LayerScale (init_values)")
-        a = blk.attn
-        if not _is(a, "Attention") or not hasattr(a, "qkv"):
-            bad.append(f"blocks.{i}.attn is {type(a).__name__}")
+    present = {n: m for n, m in norms.items() if not isinstance(m, nn.Identity)}
+    if not present:
+        bad.append("final_norm=False (no LayerNorm after the blocks)")
+    elif len(present) > 1:
+        bad.append("both norm and fc_norm are norms (only one LayerNorm after the blocks)")
+    for n, m in present.items():
+        problem = _layer_norm_problem(m)
+        if problem:
+            bad.append(f"{n} is {problem}")
         else:
-            for n in ("q_norm", "k_norm", "norm"):
-                if not isinstance(getattr(a, n, nn.Identity()), nn.Identity):
-                    bad.append(f"blocks.{i}.attn.{n} (qk_norm / scale_attn_norm)")
-            if getattr(a, "gate", None) is not None:
-                bad.append(f"blocks.{i}.attn.gate (gated attention)")
-            d = a.proj.out_features
-            if a.proj.bias is None or a.qkv.out_features != 3 * d or a.proj.in_features != d:
-                bad.append(f"blocks.{i}.attn: proj without bias or attn_dim != dim")
-        m = blk.mlp
-        if type(m) is not Mlp or not isinstance(m.act, nn.GELU) or m.act.approximate != "none":
-            bad.append(f"blocks.{i}.mlp is not timm's Mlp with exact GELU")
-        elif not isinstance(m.norm, nn.Identity) or m.fc1.bias is None or m.fc2.bias is None:
-            bad.append(f"blocks.{i}.mlp: scale_mlp_norm or bias-free linears")
-        for n in ("norm1", "norm2"):
-            ln = getattr(blk, n)
-            if not isinstance(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None:
-                bad.append(f"blocks.{i}.{n} is {type(ln).__name__} (only LayerNorm with affine)")
-            else:
-                eps.add(ln.eps)
-    for n in lns:
-        eps.add(norms[n].eps)
+            eps.add(m.eps)
+    head = model.head
+    if not (isinstance(head, nn.Identity) or (type(head) is nn.Linear and head.bias is not None)):
+        bad.append(
+            f"head is {type(head).__name__}{' without bias' if type(head) is nn.Linear else ''} "
+            "(only nn.Linear with bias or nn.Identity)"
+        )
+    bad += _check_blocks(model, eps)
+    if all(type(b) is Block for b in model.blocks):  # other blocks are refused above, their dropout aside
+        bad += _check_dropout(model, kwargs)
     if len(eps) > 1:
         bad.append(f"LayerNorms with different eps {sorted(eps)}")
     return bad
-
-
-def _drop_p(m: nn.Module) -> float:
-    return float(getattr(m, "drop_prob", getattr(m, "p", 0.0)))
 
 
 def from_timm(model: nn.Module, pe: str = "default", **kwargs: Any) -> VisionTransformer:
@@ -257,12 +368,16 @@ def from_timm(model: nn.Module, pe: str = "default", **kwargs: Any) -> VisionTra
       ``fc_norm``, ``num_classes``, ``img_size``, ``last_pos``, ...); the PE is resampled and the head dropped
       (left as initialised) where they change shapes.
 
-    The result has the timm model's device, dtype, train/eval mode and ``pretrained_cfg`` (plus ``pe``/``pool``).
-    A model with something this package cannot express raises ``ValueError`` listing every such part.
+    The result has the timm model's device, dtype, train/eval mode, gradient checkpointing, frozen parameters and
+    ``pretrained_cfg`` (plus ``pe``/``pool``). Every timm constructor option is reproduced exactly or refused: a
+    model with something this package cannot reproduce raises ``ValueError`` listing every such part by its timm
+    option (the table is in docs/timm.md). Dropout rates this model cannot split (one ``drop_rate`` for the PE,
+    projection and head dropout) are refused unless ``drop_rate=`` (or ``attn_drop_rate=``, ``drop_path_rate=``)
+    is passed explicitly.
     """
     if pe not in PE_MODES:
         raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
-    bad = _check_timm_vit(model)
+    bad = _check_timm_vit(model, kwargs)
     if bad:
         raise ValueError(f"from_timm cannot convert this {type(model).__name__}: unsupported " + "; ".join(bad))
     blk0 = model.blocks[0]
@@ -270,21 +385,23 @@ def from_timm(model: nn.Module, pe: str = "default", **kwargs: Any) -> VisionTra
     src_fc = isinstance(model.fc_norm, nn.LayerNorm)
     last_ln = model.fc_norm if src_fc else model.norm
     src_pool = "cls" if model.global_pool == "token" else "avg"
+    hidden, dim = blk0.mlp.fc1.out_features, model.embed_dim
+    mlp_ratio = hidden / dim if int(dim * (hidden / dim)) == hidden else (hidden + 0.5) / dim  # int(dim * r) == hidden
     args: dict[str, Any] = dict(
         img_size=tuple(pe_mod.img_size),
         patch_size=tuple(pe_mod.patch_size),
         in_chans=pe_mod.proj.in_channels,
         num_classes=model.num_classes,
-        embed_dim=model.embed_dim,
+        embed_dim=dim,
         depth=len(model.blocks),
         num_heads=blk0.attn.num_heads,
-        mlp_ratio=blk0.mlp.fc1.out_features / model.embed_dim,
+        mlp_ratio=mlp_ratio,
         qkv_bias=blk0.attn.qkv.bias is not None,
-        drop_rate=_drop_p(model.pos_drop),
+        drop_rate=_drop_p(model.head_drop),
         attn_drop_rate=_drop_p(blk0.attn.attn_drop),
         drop_path_rate=_drop_p(model.blocks[-1].drop_path1),
         norm_eps=last_ln.eps,
-        dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
+        dynamic_img_size=bool(model.dynamic_img_size),
     )
     if pe == "default" or (pe == "lape" and "pool" not in kwargs):
         args.update(pool=src_pool, class_token=model.has_class_token)
@@ -295,11 +412,13 @@ def from_timm(model: nn.Module, pe: str = "default", **kwargs: Any) -> VisionTra
     ref = next(model.parameters())
     ours.to(device=ref.device, dtype=ref.dtype)
 
-    sd = dict(model.state_dict())
-    if src_fc != ours.use_fc_norm:  # move the last norm's weights to the placement the new model uses
-        src, dst = ("fc_norm.", "norm.") if src_fc else ("norm.", "fc_norm.")
-        sd = {(dst + k[len(src) :] if k.startswith(src) else k): v for k, v in sd.items()}
-    filtered = checkpoint_filter_fn(sd, ours)
+    src, dst = ("fc_norm.", "norm.") if src_fc else ("norm.", "fc_norm.")
+
+    def rename(k: str) -> str:  # the last norm's weights go to the placement the new model uses
+        return dst + k[len(src) :] if src_fc != ours.use_fc_norm and k.startswith(src) else k
+
+    sd = {rename(k): v for k, v in model.state_dict().items()}
+    filtered = checkpoint_filter_fn(sd, ours, src_grid=tuple(pe_mod.grid_size))
     result = ours.load_state_dict(filtered, strict=False)
     allowed = set(ours.pe_norm_parameter_names())
     if ours.num_classes != model.num_classes:
@@ -311,6 +430,11 @@ def from_timm(model: nn.Module, pe: str = "default", **kwargs: Any) -> VisionTra
             f"{result.unexpected_keys}"
         )
     ours.train(model.training)
+    ours.set_grad_checkpointing(bool(model.grad_checkpointing))
+    frozen = {rename(n) for n, p in model.named_parameters() if not p.requires_grad}
+    for n, p in ours.named_parameters():  # frozen parameters stay frozen
+        if n in frozen:
+            p.requires_grad_(False)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     cfg.update({k: v for k, v in ours.default_cfg.items() if k not in cfg or k in ("pe", "pool", "input_size")})
     cfg["num_classes"] = ours.num_classes

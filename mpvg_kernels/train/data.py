@@ -8,7 +8,9 @@ Specs (``--data``):
 - ``cifar10:PATH`` / ``cifar100:PATH``: the pickled ``cifar-10-batches-py`` / ``cifar-100-python`` folder
   (PATH is that folder or its parent). CIFAR-100 uses the 100 fine labels.
 - ``folder:PATH``: ImageNet-style ``PATH/train/<class>/<image>`` and ``PATH/val/<class>/<image>``; images are
-  decoded with PIL in the DataLoader workers. An unreadable image is an error naming its path.
+  decoded with PIL in the DataLoader workers. An unreadable image is an error naming its path. Symbolic links are
+  followed, each real file counted once per split (:func:`_scan_split`); 16-bit, 32-bit integer and float images
+  are scaled to 0..255 or refused, never clipped (:func:`read_image`).
 
 Every data set yields ``(uint8 tensor [C, H, W], int label)``; conversion to float, resizing to the model's input
 size, augmentation and normalisation happen on the batch (see :mod:`mpvg_kernels.augment`). Channels follow the
@@ -24,6 +26,7 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,8 +120,47 @@ def resize_center_crop(img: torch.Tensor, size: Sequence[int], crop_pct: float =
     return img[..., top : top + th, left : left + tw].contiguous()
 
 
+#: PIL modes of 16-bit unsigned gray images (little-, big-, native-endian): divided by 257 (65535 -> 255).
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _high_depth_to_8bit(im: Any, path: str | os.PathLike) -> Any:
+    """A PIL image of mode ``I;16*`` / ``I`` / ``F`` -> mode ``L`` scaled to 0..255 (other modes unchanged).
+
+    16-bit and 32-bit integer pixels are read as 16-bit data, v / 257 rounded (0 -> 0, 65535 -> 255); a 32-bit
+    integer image must hold values in 0..65535. Float pixels must be finite and in [0, 1]: v * 255 rounded.
+    Anything else (values out of range, signed 16-bit or raw 32-bit ``I;...`` modes) is an :class:`ImageReadError`
+    naming the file, the mode and the value range.
+    """
+    from PIL import Image
+
+    if im.mode.startswith("I;") and im.mode not in _MODES_16BIT:
+        raise ImageReadError(f"cannot read image {path}: PIL mode {im.mode} (signed or 32-bit raw integer pixels) "
+                             f"is not supported; save it as 8-bit, unsigned 16-bit or float in [0, 1]")
+    if im.mode not in (*_MODES_16BIT, "I", "F"):
+        return im
+    arr = np.asarray(im)
+    if im.mode == "F":
+        if not np.isfinite(arr).all():
+            raise ImageReadError(f"cannot read image {path}: mode F (32-bit float) with values that are not finite "
+                                 "(NaN or Inf)")
+        lo, hi, top = float(arr.min(initial=0.0)), float(arr.max(initial=0.0)), 1.0
+    else:
+        lo, hi, top = int(arr.min(initial=0)), int(arr.max(initial=0)), 65535
+    if lo < 0 or hi > top:
+        expected = "[0, 1] (scaled by 255)" if im.mode == "F" else "0..65535 (read as 16-bit data, divided by 257)"
+        raise ImageReadError(f"cannot read image {path}: mode {im.mode} with values {lo}..{hi}; mpvg reads "
+                             f"{'float' if im.mode == 'F' else '32-bit integer'} images only with values in {expected}")
+    scaled = arr.astype(np.float64) * 255.0 if im.mode == "F" else arr.astype(np.float64) / 257.0
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+
+
 def read_image(path: str | os.PathLike, in_chans: int) -> torch.Tensor:
-    """Decode an image file with PIL into a uint8 tensor ``[in_chans, H, W]``; errors name the path."""
+    """Decode an image file with PIL into a uint8 tensor ``[in_chans, H, W]``; errors name the path.
+
+    8-bit images are converted with PIL (``L``: ITU-R 601 luma, ``RGB``: gray repeated). 16-bit, 32-bit integer
+    and float gray images are scaled to 0..255 first (:func:`_high_depth_to_8bit`: 16-bit / 257, float * 255 from
+    [0, 1]) or refused with an :class:`ImageReadError` naming the mode; they are never clipped."""
     from PIL import Image, UnidentifiedImageError
 
     mode = {1: "L", 3: "RGB"}.get(in_chans)
@@ -127,7 +169,7 @@ def read_image(path: str | os.PathLike, in_chans: int) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert(mode), dtype=np.uint8)
+            arr = np.asarray(_high_depth_to_8bit(im, path).convert(mode), dtype=np.uint8)
     except FileNotFoundError:
         raise ImageReadError(f"image not found: {path}") from None
     except Image.DecompressionBombError as e:
@@ -387,18 +429,51 @@ def _folder_classes(split_dir: Path) -> list[str]:
     return classes
 
 
+def _walk_error(err: OSError) -> None:
+    raise UserError(f"cannot list folder {err.filename}: {err.strerror}")
+
+
+def _class_files(class_dir: Path) -> list[str]:
+    """The image files under ``class_dir`` in sorted walk order. Symbolic links to files and folders are followed,
+    but a folder whose real path was already walked (a loop, or a second link to it) is not walked again."""
+    files: list[str] = []
+    walked: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True, onerror=_walk_error):
+        real = os.path.realpath(dirpath)
+        if real in walked:
+            dirnames[:] = []
+            continue
+        walked.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) not in walked)
+        files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
+    return files
+
+
 def _scan_split(split_dir: Path, class_to_idx: dict[str, int], require_all: bool) -> list[tuple[str, int]]:
+    """``(path, label)`` of every image file of a split, each real file once (symbolic links resolved); the same
+    file under two classes, or a broken link, is an error."""
     samples: list[tuple[str, int]] = []
+    first: dict[str, tuple[str, str]] = {}  # real path -> (path it was found at, class)
     present = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     unknown = [c for c in present if c not in class_to_idx]
     if unknown:
         raise UserError(f"{split_dir} has class folders not present in train/: {', '.join(unknown[:10])}")
     for cls in present:
         files = []
-        for dirpath, dirnames, filenames in os.walk(split_dir / cls, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [os.path.join(dirpath, f) for f in sorted(filenames)
-                      if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
+        for f in _class_files(split_dir / cls):
+            real = os.path.realpath(f)
+            if not os.path.exists(real):
+                raise UserError(f"{f} is a broken symbolic link (to {real})")
+            if real in first:
+                seen, seen_cls = first[real]
+                if seen_cls != cls:
+                    raise UserError(f"{f} is the same file as {seen} ({real}): one image in classes "
+                                    f"{seen_cls!r} and {cls!r}")
+                continue
+            first[real] = (f, cls)
+            files.append(f)
         if not files and require_all:
             raise UserError(f"class folder {split_dir / cls} has no image files ({' '.join(IMG_EXTENSIONS)})")
         samples += [(f, class_to_idx[cls]) for f in files]

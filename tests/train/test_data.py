@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -249,3 +250,92 @@ def test_decompression_bomb_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels > 2 x the limit: a "bomb"
     with pytest.raises(D.ImageReadError, match="huge.png"):
         D.read_image(path, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# high bit depth images: scaled to the 8-bit range the models are trained on, or refused
+
+
+def test_read_image_scales_high_bit_depth(tmp_path: Path) -> None:
+    ramp16 = np.linspace(0, 32767, 8).astype(np.uint16).reshape(2, 4)
+    Image.fromarray(ramp16).save(tmp_path / "ramp16.png")  # PIL mode I;16
+    Image.fromarray(ramp16.astype(">u2")).save(tmp_path / "ramp16b.tif")  # big-endian I;16B
+    full16 = np.array([[0, 257, 65535, 32896]], dtype=np.uint16)
+    Image.fromarray(full16).save(tmp_path / "full16.png")
+    ramp_f = np.linspace(0, 1, 8).astype(np.float32).reshape(2, 4)
+    Image.fromarray(ramp_f).save(tmp_path / "float.tif")  # mode F
+    ramp_i = np.linspace(0, 65535, 8).astype(np.int32).reshape(2, 4)
+    Image.fromarray(ramp_i).save(tmp_path / "int32.tif")  # mode I
+    want16 = np.rint(ramp16 / 257.0).astype(np.uint8)
+    assert want16.tolist() == [[0, 18, 36, 55], [73, 91, 109, 127]]
+    for name in ("ramp16.png", "ramp16b.tif"):
+        assert D.read_image(tmp_path / name, 1)[0].numpy().tolist() == want16.tolist(), name
+    assert D.read_image(tmp_path / "full16.png", 1)[0].tolist() == [[0, 1, 255, 128]]
+    assert D.read_image(tmp_path / "float.tif", 1)[0].tolist() == [[0, 36, 73, 109], [146, 182, 219, 255]]
+    assert D.read_image(tmp_path / "int32.tif", 1)[0].tolist() == np.rint(ramp_i / 257.0).astype(int).tolist()
+    rgb = D.read_image(tmp_path / "ramp16.png", 3)  # gray repeated, as for 8-bit gray files
+    assert rgb.shape == (3, 2, 4) and all(rgb[c].numpy().tolist() == want16.tolist() for c in range(3))
+    assert D.read_image(tmp_path / "float.tif", 3).dtype == torch.uint8
+
+
+@pytest.mark.parametrize(("name", "arr", "match"), [
+    ("f255.tif", np.full((2, 3), 200.0, np.float32), r"f255\.tif.*mode F.*0\.0\.\.200\.0.*\[0, 1\]"),
+    ("fneg.tif", np.full((2, 3), -0.5, np.float32), r"fneg\.tif.*mode F.*-0\.5"),
+    ("fnan.tif", np.array([[0.5, np.nan]], np.float32), r"fnan\.tif.*mode F.*not finite"),
+    ("ibig.tif", np.array([[0, 70000]], np.int32), r"ibig\.tif.*mode I.*0\.\.70000.*0\.\.65535"),
+    ("ineg.tif", np.array([[-3, 10]], np.int32), r"ineg\.tif.*mode I.*-3\.\.10"),
+])
+def test_read_image_refuses_out_of_range(tmp_path: Path, name: str, arr: np.ndarray, match: str) -> None:
+    Image.fromarray(arr).save(tmp_path / name)
+    with pytest.raises(D.ImageReadError, match=match):
+        D.read_image(tmp_path / name, 3)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# symbolic links in folder data sets: each real file once
+
+
+def _png(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((6, 6), value, np.uint8)).save(path)
+
+
+def test_folder_symlink_loop_and_duplicates_count_each_file_once(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        _png(root / split / "cat" / "a.png", 10)
+        _png(root / split / "cat" / "sub" / "b.png", 20)
+        _png(root / split / "dog" / "c.png", 30)
+        (root / split / "cat" / "sub" / "loop").symlink_to(root / split / "cat", target_is_directory=True)
+        _png(root / split / "cat" / "sub2" / "e.png", 50)
+        (root / split / "cat" / "again").symlink_to(root / split / "cat" / "sub2", target_is_directory=True)
+        (root / split / "cat" / "z_dup.png").symlink_to(root / split / "cat" / "a.png")
+    outside = tmp_path / "elsewhere" / "d.png"  # a link to a file outside the data set is followed
+    _png(outside, 40)
+    (root / "train" / "dog" / "d_link.png").symlink_to(outside)
+    s = D.load_data(f"folder:{root}", in_chans=1, input_size=(6, 6), crop_pct=1.0)
+    real = sorted((os.path.realpath(p), y) for p, y in s.train.samples)
+    assert real == sorted([(os.path.realpath(root / "train" / "cat" / "a.png"), 0),
+                           (os.path.realpath(root / "train" / "cat" / "sub" / "b.png"), 0),
+                           (os.path.realpath(root / "train" / "cat" / "sub2" / "e.png"), 0),
+                           (os.path.realpath(root / "train" / "dog" / "c.png"), 1), (os.path.realpath(outside), 1)])
+    assert len(s.test.samples) == 4 and len({os.path.realpath(p) for p, _ in s.test.samples}) == 4
+
+
+def test_folder_same_file_in_two_classes_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        _png(root / split / "cat" / "a.png", 10)
+        _png(root / split / "dog" / "c.png", 30)
+    (root / "train" / "dog" / "cat_too.png").symlink_to(root / "train" / "cat" / "a.png")
+    with pytest.raises(UserError, match=r"cat_too\.png.*same file as .*cat/a\.png.*classes 'cat' and 'dog'"):
+        D.load_data(f"folder:{root}", in_chans=1, input_size=(6, 6))
+
+
+def test_folder_broken_symlink_is_refused_before_work(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        _png(root / split / "cat" / "a.png", 10)
+    (root / "train" / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(UserError, match=r"gone\.png is a broken symbolic link"):
+        D.load_data(f"folder:{root}", in_chans=1, input_size=(6, 6))
