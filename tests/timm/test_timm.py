@@ -201,18 +201,18 @@ def test_from_timm_pe_modes(pe):
 
 
 def test_from_timm_fused_kernels_in_use(monkeypatch):
-    from mpvg_kernels.ops import custom_ops
+    from mpvg_kernels.ops import layer_norm as ops_ln
 
     src = timm.create_model("deit_tiny_patch16_224", num_classes=10, **SMALL)
     ours = from_timm(src, pe="mpvg")
     calls = []
     for name in ("dual_layer_norm", "layer_norm_pool"):
-        orig = getattr(custom_ops, name)
-        monkeypatch.setattr(custom_ops, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+        orig = getattr(ops_ln, name)
+        monkeypatch.setattr(ops_ln, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
     import mpvg_kernels.layers.norms as norms
 
     for name in ("dual_layer_norm", "layer_norm_pool"):
-        monkeypatch.setattr(norms, name, getattr(custom_ops, name))
+        monkeypatch.setattr(norms, name, getattr(ops_ln, name))
     _grads(ours, _x())
     assert calls.count("dual_layer_norm") == 1 and calls.count("layer_norm_pool") == 1  # block 1 + last step
 
@@ -376,10 +376,10 @@ def test_attach_pe_timm_block_matches_from_timm(pe, monkeypatch):
         torch.testing.assert_close(feats, ours.eval().forward_features(x), **TOL)
     ema = copy.deepcopy(t)  # copies keep their own PE binding
     assert ema.blocks[1].norm1.stream.owner is ema
-    from mpvg_kernels.ops import custom_ops
+    from mpvg_kernels.ops import layer_norm as ops_ln
 
     calls = []
-    orig = custom_ops.dual_layer_norm
+    orig = ops_ln.dual_layer_norm
     import mpvg_kernels.layers.norms as norms
 
     monkeypatch.setattr(norms, "dual_layer_norm", lambda *a, **k: calls.append(1) or orig(*a, **k))
