@@ -5,6 +5,7 @@ transformers.
 export and benchmarks live in subpackages that import their own dependencies (extras ``[train]``, ``[export]``).
 """
 
+from ._timm_hook import install as _install_timm_hook
 from .layers import DualLayerNorm, LastLayerNormPE
 from .models import create_model, list_models
 from .ops import (
@@ -20,6 +21,8 @@ from .ops import (
 )
 
 __version__ = "0.1.0"
+
+_install_timm_hook()  # timm.create_model("mpvg_...") works whether timm is imported before or after this package
 
 
 def __getattr__(name: str) -> object:
