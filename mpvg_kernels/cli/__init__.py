@@ -70,14 +70,16 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 
 def _short_message(e: BaseException) -> str:
-    """The user-facing line of an error; errors re-raised from DataLoader workers carry a whole traceback."""
+    """The user-facing line of an error: errors re-raised from DataLoader workers carry a whole traceback (their
+    last line says what went wrong), and one that quotes a library's error may carry its C++ stack (the first line
+    says it)."""
     msg = str(e).strip()
+    lines = [ln for ln in msg.splitlines() if ln.strip()]
     if "Original Traceback" in msg:
-        lines = [ln for ln in msg.splitlines() if ln.strip()]
         last = lines[-1] if lines else msg
         _, sep, rest = last.partition(": ")
         return rest if sep and "Error" in last.split(": ", 1)[0] else last
-    return msg
+    return lines[0] if lines else msg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,7 +100,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
           phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(settings_drawn=st.lists(setting(), min_size=1, max_size=3))
 def test_any_setting_is_accepted_or_refused_in_one_line(finished_run: Path, capsys,
