@@ -1,10 +1,16 @@
 """Command-line flags generated from a configuration dataclass: one flag per field, the same way for every command.
 
 A field documents itself through its metadata (see :func:`option`): ``help`` (required), and optionally
-``choices``, ``flags`` (the option strings, default ``--field-name``), ``sep`` (a list given as one
-``sep``-separated word, e.g. ``--models a,b``), ``item`` (a dict field filled by a repeatable flag whose every value
-``item(text)`` turns into a ``(key, value)`` pair), ``metavar`` and ``default_help`` (what the help shows as the
-default instead of the field's own default).
+``choices``, its valid range (``ge``/``gt``/``le``/``lt``: bounds of a number, or of every number of a list; a bound
+may be a :class:`Bound` computed when checked, e.g. the CPU count), ``length`` (a list of exactly that many values),
+``ordered`` (a list whose values do not decrease, e.g. ``[min, max]``), ``flags`` (the option strings, default
+``--field-name``), ``sep`` (a list given as one ``sep``-separated word, e.g. ``--models a,b``), ``item`` (a dict
+field filled by a repeatable flag whose every value ``item(text)`` turns into a ``(key, value)`` pair), ``metavar``
+and ``default_help`` (what the help shows as the default instead of the field's own default).
+
+Every float must be finite. :func:`check_field` applies all of these; :func:`coerce_value` calls it, so a value from
+any source (recipe, ``--set``, flag) is checked where it is read, and a caller may re-check a whole instance.
+:func:`load_yaml` is the one YAML reader: no anchors or aliases (an alias bomb cannot expand), errors in one line.
 
 Every generated flag defaults to ``None``, meaning "not given", so that a caller can layer explicit flags over other
 sources (a recipe, ``--set``, a preset such as ``mpvg bench --smoke``). :func:`explicit_values` reads them back,
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -27,13 +34,17 @@ import yaml
 from .errors import UserError
 
 __all__ = [
+    "Bound",
     "add_dataclass_flags",
+    "check_field",
     "coerce_type",
     "coerce_value",
     "explicit_values",
     "field_flags",
     "flag_name",
+    "load_yaml",
     "option",
+    "range_text",
     "show",
     "unwrap_optional",
 ]
@@ -44,6 +55,99 @@ def option(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - "help" 
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **meta})
     return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+class Bound:
+    """A range bound computed when a value is checked (e.g. the number of CPUs of this machine)."""
+
+    def __init__(self, compute: Callable[[], float], text: str) -> None:
+        self.compute, self.text = compute, text
+
+    def value(self) -> float:
+        """The bound on this machine."""
+        return self.compute()
+
+    def __str__(self) -> str:
+        return f"{self.text} = {show(self.value())}"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors and aliases, so a document cannot expand beyond its own size."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "YAML anchors and aliases (&name, *name) are not supported",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) folded into one space."""
+    return " ".join(str(text).split())
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """Parse YAML ``text`` (safe types only, no anchors or aliases); a :class:`UserError` starting with ``what``
+    and in one line when it cannot be parsed."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise UserError(f"{what}: cannot parse {one_line(text)[:80]!r}: {one_line(e)}") from None
+    except RecursionError:
+        raise UserError(f"{what}: cannot parse {one_line(text)[:80]!r}: nested too deeply") from None
+
+
+def _bound(meta: Any, key: str) -> float | None:
+    b = meta.get(key)
+    return b.value() if isinstance(b, Bound) else b
+
+
+def range_text(meta: Any) -> str:
+    """The valid range declared in a field's metadata, as the help shows it (``"[0, 1)"``, ``">= 1"``; ``""``
+    when none)."""
+    lo_key = "ge" if "ge" in meta else "gt" if "gt" in meta else None
+    hi_key = "le" if "le" in meta else "lt" if "lt" in meta else None
+    lo = show(meta[lo_key]) if lo_key else None
+    hi = str(meta[hi_key]) if hi_key and isinstance(meta[hi_key], Bound) else show(meta[hi_key]) if hi_key else None
+    if lo is not None and hi is not None:
+        return f"{'[' if lo_key == 'ge' else '('}{lo}, {hi}{']' if hi_key == 'le' else ')'}"
+    if lo is not None:
+        return f"{'>=' if lo_key == 'ge' else '>'} {lo}"
+    if hi is not None:
+        return f"{'<=' if hi_key == 'le' else '<'} {hi}"
+    return ""
+
+
+def check_field(cls: type, name: str, value: Any, what: str | None = None) -> None:
+    """Check an already coerced ``value`` of field ``name`` of ``cls`` against the field's metadata: ``choices``,
+    finite floats, the range (``ge``/``gt``/``le``/``lt``, per number of a list), ``length`` and ``ordered``.
+    A :class:`UserError` starting with ``what`` (default: ``config key 'NAME'``) names the rule broken."""
+    what = what or f"config key {name!r}"
+    meta = {f.name: f for f in dataclasses.fields(cls)}[name].metadata
+    if value is None:
+        return
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    choices = meta.get("choices")
+    for v in items:
+        if choices and v not in choices:
+            raise UserError(f"{what}: {v!r} is not one of {', '.join(choices)}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"{what} must be finite, got {value}")
+    if "length" in meta and len(items) != meta["length"]:
+        raise UserError(f"{what}: {value} must have {meta['length']} values, got {len(items)}")
+    if meta.get("ordered") and any(a > b for a, b in zip(items, items[1:], strict=False)):
+        raise UserError(f"{what}: {value} must be [min, max] with min <= max")
+    rules = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b,
+             "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        for key, ok in rules.items():
+            b = _bound(meta, key)
+            if b is not None and not ok(v, b):
+                raise UserError(f"{what} {v} is out of range (valid: {range_text(meta)})" if len(items) == 1 else
+                                f"{what} {value}: {v} is out of range (valid for every value: {range_text(meta)})")
 
 
 def unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -107,21 +211,17 @@ def coerce_value(cls: type, name: str, value: Any, what: str | None = None) -> A
     """Convert ``value`` (YAML, or a command-line string parsed as YAML) to the type of field ``name`` of ``cls``.
 
     Strings are parsed as YAML first, so ``betas=[0.9,0.95]`` and ``clip_grad=none`` work and ``5e-4`` (a string to
-    YAML 1.1) becomes a float. A wrong type, or a value outside the field's ``choices``, is a :class:`UserError`
-    whose message starts with ``what`` (default: ``config key 'NAME'``).
+    YAML 1.1) becomes a float. A wrong type, or a value that breaks a rule of :func:`check_field` (choices, range),
+    is a :class:`UserError` whose message starts with ``what`` (default: ``config key 'NAME'``).
     """
     what = what or f"config key {name!r}"
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
     tp, optional = unwrap_optional(typing.get_type_hints(cls)[name])
     if isinstance(value, str) and tp is not str:
         text = value.strip()
         if text.lower() in ("none", "null", "~", ""):
             value = None
         else:
-            try:
-                value = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                raise UserError(f"{what}: cannot parse {text!r} ({e})") from None
+            value = load_yaml(text, what)
     if value is None:
         if optional:
             return None
@@ -130,10 +230,7 @@ def coerce_value(cls: type, name: str, value: Any, what: str | None = None) -> A
         out = coerce_type(tp, value)
     except (TypeError, ValueError) as e:
         raise UserError(f"{what}: {value!r} is not a valid {type_name(tp)} ({e})") from None
-    choices = f.metadata.get("choices")
-    for v in out if isinstance(out, list) else [out]:
-        if choices and v not in choices:
-            raise UserError(f"{what}: {v!r} is not one of {', '.join(choices)}")
+    check_field(cls, name, out, what)
     return out
 
 
@@ -200,7 +297,8 @@ def add_dataclass_flags(
         help_text = meta["help"]
         if meta.get("choices") and typing.get_origin(tp) is list:
             help_text += f", from {', '.join(meta['choices'])}"
-        help_text += f" (default: {default_text})"
+        rng = range_text(meta)
+        help_text += f" (default: {default_text}" + (f"; range: {rng})" if rng else ")")
         kwargs: dict[str, Any] = {"default": None, "dest": f.name}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

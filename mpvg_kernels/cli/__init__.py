@@ -63,15 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of subcommand ``command``."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
 def _short_message(e: BaseException) -> str:
-    """The user-facing line of an error; errors re-raised from DataLoader workers carry a whole traceback."""
+    """The user-facing line of an error: errors re-raised from DataLoader workers carry a whole traceback (their
+    last line says what went wrong), and one that quotes a library's error may carry its C++ stack (the first line
+    says it)."""
     msg = str(e).strip()
+    lines = [ln for ln in msg.splitlines() if ln.strip()]
     if "Original Traceback" in msg:
-        lines = [ln for ln in msg.splitlines() if ln.strip()]
         last = lines[-1] if lines else msg
         _, sep, rest = last.partition(": ")
         return rest if sep and "Error" in last.split(": ", 1)[0] else last
-    return msg
+    return lines[0] if lines else msg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import UserError
     from ..ops.backends import BackendUnavailableError, UnknownBackendError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # an option the subcommand does not know: its own usage, not the top-level one
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -94,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mpvg {args.command}: error: {why}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"mpvg {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say what was saved and how to continue
+        print(f"mpvg {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
 
 

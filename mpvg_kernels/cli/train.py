@@ -11,12 +11,17 @@ Examples:
 
 The batch size is per process: under torchrun the global batch is --batch-size x WORLD_SIZE (and the learning
 rate scales with the global batch when the recipe sets lr_base_batch). Only rank 0 writes files.
+
+Every setting is checked before anything is written or deleted (ranges: see each flag; the model is built and run
+on one batch; the data and --out are checked); --dry-run stops after these checks. Ctrl-C prints the epoch that is
+saved and the command that continues the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,12 +53,30 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
-    from ..train.trainer import train
+    from ..train.trainer import TrainingInterrupted, train
 
     out = args.out or default_out(args.recipe, cfg.pe)
-    summary = train(cfg, out, resume=args.resume, stop_after_epoch=args.stop_after_epoch, progress=args.progress,
-                    overwrite=args.overwrite)
+    try:
+        summary = train(cfg, out, resume=args.resume, stop_after_epoch=args.stop_after_epoch,
+                        progress=args.progress, overwrite=args.overwrite, dry_run=args.dry_run)
+    except TrainingInterrupted as e:
+        raise KeyboardInterrupt(f"{e}; continue with: {continue_command(getattr(args, 'argv', None), e)}") from None
     return 0 if summary.get("ranks_in_sync", True) else 1
+
+
+def continue_command(argv: list[str] | None, stop: Any) -> str:
+    """The ``mpvg train`` command line that continues an interrupted run: the same arguments with ``--resume``
+    (without ``--overwrite``), or with ``--overwrite`` when no epoch was saved (``stop.saved_epoch == 0``)."""
+    words = list(argv if argv is not None else sys.argv[1:])
+    if words and words[0] == "train":
+        words = words[1:]
+    if stop.saved_epoch:
+        words = [w for w in words if w != "--overwrite"]
+        if not any(w == "--resume" or w.startswith("--resume=") for w in words):
+            words.append("--resume")
+    elif "--overwrite" not in words:
+        words.append("--overwrite")
+    return shlex.join(["mpvg", "train", *words])
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -80,6 +103,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="tqdm progress bar (default: on when stderr is a terminal)")
     g.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration as YAML and exit (default: off)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check every setting (ranges, --out, the checkpoint to resume, the model built and run on "
+                   "one batch, the data) and exit without writing anything (default: off)")
     add_model_arg(g)
     add_config_flags(p, load_recipe(DEFAULT_RECIPE))
     p.set_defaults(func=_run)

@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import math
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..dataclass_flags import add_dataclass_flags, coerce_value, explicit_values, option
+from ..dataclass_flags import Bound, add_dataclass_flags, check_field, coerce_value, explicit_values, load_yaml, option
 from ..dataclass_flags import flag_name as flag_name  # re-exported: ``--field-name`` of a config field
 from ..errors import UserError
 from ..models import PE_MODES
@@ -27,7 +25,16 @@ RECIPE_PACKAGE, RECIPE_FOLDER = "mpvg_kernels.train", "recipes"
 DEFAULT_RECIPE = "digits"
 
 
-_f = option  # a TrainConfig field with its flag's help
+_f = option  # a TrainConfig field with its flag's help and its valid range
+
+#: Range bound: the CPUs of this machine (more intra-op threads or loader workers per process only oversubscribe).
+CPUS = Bound(lambda: os.cpu_count() or 1, "os.cpu_count()")
+#: kornia's RandAugment policy has this many operations; n must not exceed it.
+RANDAUG_OPS = 15
+#: Largest seed: torch takes 64-bit seeds and every rank adds a small offset (``trainer._rank_seed``).
+MAX_SEED = 2**63 - 1
+#: A recipe file larger than this is refused unread (the bundled ones are under 2 KiB).
+MAX_RECIPE_BYTES = 1 << 20
 
 
 @dataclass
@@ -42,73 +49,84 @@ class TrainConfig:
     )
     # data
     data: str = _f("digits", "data set: digits | cifar10:PATH | cifar100:PATH | folder:PATH")
-    num_workers: int | None = _f(None, "DataLoader workers per process (None: 0 for in-memory data, else up to 8)")
+    num_workers: int | None = _f(None, "DataLoader workers per process (None: 0 for in-memory data, else up to 8)",
+                                 ge=0, le=CPUS)
     # schedule and optimizer
-    epochs: int = _f(30, "total training epochs (warmup and cooldown included; both shrink to fit short runs)")
-    batch_size: int = _f(64, "batch size PER PROCESS; the global batch is batch_size x world_size")
-    lr: float = _f(1e-3, "peak learning rate (before lr_base_batch scaling)")
+    epochs: int = _f(30, "total training epochs (warmup and cooldown included; both shrink to fit short runs)",
+                     ge=1, le=100_000)
+    batch_size: int = _f(64, "batch size PER PROCESS; the global batch is batch_size x world_size", ge=1, le=1_000_000)
+    lr: float = _f(1e-3, "peak learning rate (before lr_base_batch scaling)", gt=0)
     lr_base_batch: int | None = _f(
-        None, "if set, the peak lr is lr * global_batch / lr_base_batch (DeiT: 5e-4 * global_batch / 512)"
-    )
-    min_lr: float = _f(1e-5, "final learning rate of the cosine schedule (and during cooldown)")
-    warmup_lr: float = _f(1e-6, "learning rate at the first step of the linear warmup")
-    warmup_epochs: float = _f(3.0, "linear warmup length in epochs (per-step schedule)")
-    cooldown_epochs: float = _f(0.0, "epochs at min_lr after the cosine decay (part of epochs)")
+        None, "if set, the peak lr is lr * global_batch / lr_base_batch (DeiT: 5e-4 * global_batch / 512)", ge=1)
+    min_lr: float = _f(1e-5, "final learning rate of the cosine schedule (and during cooldown)", ge=0)
+    warmup_lr: float = _f(1e-6, "learning rate at the first step of the linear warmup", ge=0)
+    warmup_epochs: float = _f(3.0, "linear warmup length in epochs (per-step schedule)", ge=0, le=100_000)
+    cooldown_epochs: float = _f(0.0, "epochs at min_lr after the cosine decay (part of epochs)", ge=0, le=100_000)
     opt: str = _f("adamw", "optimizer: adamw, or sgd with momentum (T2T-ViT's CIFAR fine-tuning)",
                   choices=("adamw", "sgd"))
-    momentum: float = _f(0.9, "SGD momentum (opt=sgd only)")
-    weight_decay: float = _f(0.05, "weight decay (pos_embed and 1-D parameters are excluded)")
-    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
-    opt_eps: float = _f(1e-8, "AdamW epsilon")
-    clip_grad: float | None = _f(None, "clip the global gradient norm to this value (None: no clipping)")
-    label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy targets")
+    momentum: float = _f(0.9, "SGD momentum (opt=sgd only)", ge=0, lt=1)
+    weight_decay: float = _f(0.05, "weight decay (pos_embed and 1-D parameters are excluded)", ge=0)
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas", ge=0, lt=1, length=2)
+    opt_eps: float = _f(1e-8, "AdamW epsilon", gt=0)
+    clip_grad: float | None = _f(None, "clip the global gradient norm to this value (None: no clipping)", gt=0)
+    label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy targets", ge=0, lt=1)
     # augmentation (on batched tensors, kornia)
     augment: bool = _f(True, "master switch for every train-time augmentation below (mixup/cutmix included)")
-    rrc_scale: list[float] | None = _f(None, "random resized crop area range, e.g. [0.08, 1.0] (None: off)")
-    rrc_ratio: list[float] = _f([0.75, 1.3333333], "random resized crop aspect-ratio range")
-    hflip: float = _f(0.0, "horizontal flip probability (0 for digits: a flipped digit is another glyph)")
-    affine_degrees: float = _f(0.0, "random affine: max rotation in degrees (0 and no translate/scale: off)")
-    affine_translate: float = _f(0.0, "random affine: max translation as a fraction of the image size")
-    affine_scale: list[float] | None = _f(None, "random affine: scale range, e.g. [0.9, 1.1]")
-    randaug_n: int = _f(0, "RandAugment: operations per image (0: off)")
-    randaug_m: float = _f(9.0, "RandAugment magnitude on timm's 0..10 scale (kornia's m = 3 x this)")
-    randaug_chunk: int = _f(8, "kornia draws one op sequence per call: apply RandAugment per chunk of this many")
-    reprob: float = _f(0.0, "random erasing probability (erased area filled with the mean, i.e. 0 after norm)")
-    mixup: float = _f(0.0, "mixup Beta(alpha, alpha) alpha (0: off)")
-    cutmix: float = _f(0.0, "cutmix Beta(alpha, alpha) alpha (0: off)")
-    mixup_prob: float = _f(1.0, "probability of applying mixup or cutmix to a batch")
-    mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on")
-    repeated_aug: int = _f(1, "repeated augmentation: each image appears this many times per epoch (DeiT: 3)")
+    rrc_scale: list[float] | None = _f(None, "random resized crop area range, e.g. [0.08, 1.0] (None: off)",
+                                       gt=0, le=1, length=2, ordered=True)
+    rrc_ratio: list[float] = _f([0.75, 1.3333333], "random resized crop aspect-ratio range",
+                                gt=0, length=2, ordered=True)
+    hflip: float = _f(0.0, "horizontal flip probability (0 for digits: a flipped digit is another glyph)", ge=0, le=1)
+    affine_degrees: float = _f(0.0, "random affine: max rotation in degrees (0 and no translate/scale: off)",
+                               ge=0, le=180)
+    affine_translate: float = _f(0.0, "random affine: max translation as a fraction of the image size", ge=0, le=1)
+    affine_scale: list[float] | None = _f(None, "random affine: scale range, e.g. [0.9, 1.1]",
+                                          gt=0, length=2, ordered=True)
+    randaug_n: int = _f(0, "RandAugment: operations per image (0: off; 3-channel models only)", ge=0, le=RANDAUG_OPS)
+    randaug_m: float = _f(9.0, "RandAugment magnitude on timm's 0..10 scale (kornia's m = 3 x this)", ge=0, le=10)
+    randaug_chunk: int = _f(8, "kornia draws one op sequence per call: apply RandAugment per chunk of this many", ge=1)
+    reprob: float = _f(0.0, "random erasing probability (erased area filled with the mean, i.e. 0 after norm)",
+                       ge=0, le=1)
+    mixup: float = _f(0.0, "mixup Beta(alpha, alpha) alpha (0: off)", ge=0)
+    cutmix: float = _f(0.0, "cutmix Beta(alpha, alpha) alpha (0: off)", ge=0)
+    mixup_prob: float = _f(1.0, "probability of applying mixup or cutmix to a batch", ge=0, le=1)
+    mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on", ge=0, le=1)
+    repeated_aug: int = _f(1, "repeated augmentation: each image appears this many times per epoch (DeiT: 3)",
+                           ge=1, le=64)
     # preprocessing
-    crop_pct: float | None = _f(None, "eval center-crop fraction for folder data (None: model default or 0.875)")
-    mean: list[float] | None = _f(None, "normalisation mean per channel (None: the model's default_cfg)")
-    std: list[float] | None = _f(None, "normalisation std per channel (None: the model's default_cfg)")
+    crop_pct: float | None = _f(None, "eval center-crop fraction for folder data (None: model default or 0.875)",
+                                gt=0, le=1)
+    mean: list[float] | None = _f(None, "normalisation mean per channel (None: the model's default_cfg)",
+                                  ge=-1000, le=1000)
+    std: list[float] | None = _f(None, "normalisation std per channel (None: the model's default_cfg)", gt=0, le=1000)
     # training machinery
     ema: bool = _f(False, "keep an EMA of the weights and evaluate it (summary top1 is the EMA's)")
-    ema_decay: float = _f(0.999, "EMA decay per optimizer step")
+    ema_decay: float = _f(0.999, "EMA decay per optimizer step", gt=0, lt=1)
     ema_warmup: bool = _f(True, "EMA decay ramps up as min(decay, (1 + step) / (10 + step))")
     amp: str = _f("none", "mixed precision autocast dtype", choices=("none", "bf16", "fp16"))
     compile: bool = _f(False, "torch.compile the model for training")
-    seed: int = _f(0, "random seed (model init, data order, augmentation)")
+    seed: int = _f(0, "random seed (model init, data order, augmentation)", ge=0, le=MAX_SEED)
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (auto: cuda:LOCAL_RANK when CUDA is available)")
     threads: int | None = _f(
-        None, "intra-op CPU threads per process (None: torch's default; under torchrun on CPU: cores / processes)"
-    )
-    eval_every: int = _f(1, "evaluate on the held-out split every this many epochs (and after the last)")
+        None, "intra-op CPU threads per process (None: torch's default; under torchrun on CPU: cores / processes)",
+        ge=1, le=CPUS)
+    eval_every: int = _f(1, "evaluate on the held-out split every this many epochs (and after the last)", ge=1)
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def coerce(name: str, value: Any) -> Any:
-    """Convert ``value`` (from YAML or a command-line string) to the type of config field ``name``.
+def coerce(name: str, value: Any, what: str | None = None) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to the type of config field ``name`` and check its
+    range (:func:`mpvg_kernels.dataclass_flags.check_field`).
 
     Strings are parsed as YAML first, so ``--set betas=[0.9,0.95]`` and ``--set clip_grad=none`` work, and
-    ``5e-4`` (a string to YAML 1.1) becomes a float. Raises :class:`UserError` with the field name on failure.
+    ``5e-4`` (a string to YAML 1.1) becomes a float. Raises :class:`UserError` naming ``what`` (default: the
+    config key) on failure.
     """
     if name not in FIELDS:
         raise UserError(_unknown_key_message(name))
-    return coerce_value(TrainConfig, name, value)
+    return coerce_value(TrainConfig, name, value, what)
 
 
 def _unknown_key_message(name: str) -> str:
@@ -136,13 +154,26 @@ def recipe_path(recipe: str) -> Path:
     return Path(str(candidate))
 
 
-def load_recipe(recipe: str) -> dict[str, Any]:
-    """The validated, type-coerced fields of a recipe (bundled name or YAML path)."""
-    path = recipe_path(recipe)
+def read_recipe_text(path: Path) -> str:
+    """The text of a recipe file: at most :data:`MAX_RECIPE_BYTES`, UTF-8; else a one-line :class:`UserError`."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read recipe {path}: {e}") from None
+        with path.open("rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UserError(f"recipe {path} is larger than {MAX_RECIPE_BYTES} bytes: not a recipe")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"recipe {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def load_recipe(recipe: str) -> dict[str, Any]:
+    """The validated, type-coerced fields of a recipe (bundled name or YAML path). YAML anchors and aliases are
+    refused (:func:`mpvg_kernels.dataclass_flags.load_yaml`) and the file size is limited."""
+    path = recipe_path(recipe)
+    raw = load_yaml(read_recipe_text(path), f"recipe {path}")
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -151,7 +182,7 @@ def load_recipe(recipe: str) -> dict[str, Any]:
     for k, v in raw.items():
         if k not in FIELDS:
             raise UserError(f"recipe {path}: {_unknown_key_message(str(k))}")
-        out[k] = coerce(k, v)
+        out[k] = coerce(k, v, f"recipe {path}: {k}")
     return out
 
 
@@ -165,9 +196,9 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if key.startswith("model_kwargs."):
             sub = key.split(".", 1)[1]
-            updates.setdefault("model_kwargs.", {})[sub] = yaml.safe_load(value) if value.strip() else None
+            updates.setdefault("model_kwargs.", {})[sub] = load_yaml(value, f"--set {key}") if value.strip() else None
             continue
-        updates[key] = coerce(key, value)
+        updates[key] = coerce(key, value, f"--set {key}")
     return updates
 
 
@@ -181,42 +212,19 @@ def build_config(recipe: str, sets: list[str] | None = None, flags: dict[str, An
     values["model_kwargs"] = {**values["model_kwargs"], **kw_updates}
     for k, v in (flags or {}).items():
         if v is not None:
-            values[k] = coerce(k, v)
+            values[k] = coerce(k, v, flag_name(k))
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Range checks that catch a wrong value before any data is read."""
-    checks = [
-        (cfg.epochs >= 1, "epochs must be >= 1"),
-        (cfg.batch_size >= 1, "batch_size must be >= 1"),
-        (cfg.lr > 0, "lr must be > 0"),
-        (cfg.warmup_epochs >= 0 and cfg.cooldown_epochs >= 0, "warmup_epochs and cooldown_epochs must be >= 0"),
-        (0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-        (0 <= cfg.hflip <= 1 and 0 <= cfg.reprob <= 1, "hflip and reprob are probabilities in [0, 1]"),
-        (cfg.mixup >= 0 and cfg.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
-        (cfg.repeated_aug >= 1, "repeated_aug must be >= 1"),
-        (cfg.eval_every >= 1, "eval_every must be >= 1"),
-        (0 <= cfg.randaug_m <= 10, "randaug_m is on timm's 0..10 scale"),
-        (cfg.randaug_chunk >= 1, "randaug_chunk must be >= 1"),
-        (len(cfg.betas) == 2, "betas must have two values"),
-        (0 <= cfg.momentum < 1, "momentum must be in [0, 1)"),
-        (cfg.rrc_scale is None or len(cfg.rrc_scale) == 2, "rrc_scale must be [min, max]"),
-        (cfg.affine_scale is None or len(cfg.affine_scale) == 2, "affine_scale must be [min, max]"),
-        (cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, "crop_pct must be in (0, 1]"),
-        (0 < cfg.ema_decay < 1, "ema_decay must be in (0, 1)"),
-        (cfg.threads is None or cfg.threads >= 1, "threads must be >= 1"),
-    ]
-    for f in dataclasses.fields(cfg):  # inf/nan anywhere (lr, weight_decay, betas, ...) is never meant
-        value = getattr(cfg, f.name)
-        values = value if isinstance(value, (list, tuple)) else [value]
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            raise UserError(f"invalid config: {f.name} must be finite, got {value}")
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(f"invalid config: {msg}")
+    """Check every field of ``cfg`` against the range declared next to it (a config built in Python, not only one
+    read from a recipe, ``--set`` or a flag); a :class:`UserError` names the field."""
+    if not isinstance(cfg.model_kwargs, dict):
+        raise UserError(f"invalid config: model_kwargs must be a mapping, got {type(cfg.model_kwargs).__name__}")
+    for name in FIELDS:
+        check_field(TrainConfig, name, getattr(cfg, name), f"invalid config: {name}")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, recipe_defaults: dict[str, Any] | None = None) -> None:

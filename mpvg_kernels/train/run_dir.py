@@ -29,7 +29,9 @@ def existing_run_files(out: Path) -> list[str]:
 
 
 def check_out_dir(out: Path) -> None:
-    """``out`` must be a folder or not exist yet."""
+    """``out`` must be a folder or not exist yet (a symbolic link to a missing folder is neither)."""
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"--out {out} is a dangling symbolic link (to {os.readlink(out)}): remove it or pass a folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder: pass a folder for the run's outputs")
 

@@ -53,7 +53,7 @@ from .checkpoint import (
     seed_all,
     weights_digest,
 )
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict, validate
 from .ema import ModelEma
 from .evaluate import AMP_DTYPES, evaluate
 from .metrics import JsonlLog, plot_curves
@@ -116,23 +116,40 @@ def _is_finished(ckpt_path: Path) -> bool | None:
         return None
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training; says which epoch the checkpoint holds (``saved_epoch``, 0: none)."""
+
+    def __init__(self, saved_epoch: int, epochs: int, checkpoint: Path) -> None:
+        self.saved_epoch, self.epochs, self.checkpoint = saved_epoch, epochs, checkpoint
+        super().__init__(f"epoch {saved_epoch}/{epochs} is saved in {checkpoint}" if saved_epoch
+                         else "no epoch was saved")
+
+
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool | str | os.PathLike = False,
           stop_after_epoch: int | None = None, progress: bool | None = None, overwrite: bool = False,
-          verbose: bool = True) -> dict[str, Any]:
+          verbose: bool = True, dry_run: bool = False) -> dict[str, Any]:
     """Train ``cfg`` into the directory ``out`` and return the summary (also written to ``out/summary.json``).
 
     ``resume``: True (``out/checkpoint.pt``) or a checkpoint path. ``stop_after_epoch``: end this invocation
     after that epoch (the schedule still spans ``cfg.epochs``), as a preemption would. ``progress``: tqdm bar
     (None: when stderr is a terminal). Under ``torchrun`` this sets up the process group and DDP. The number of
     intra-op threads (``cfg.threads``) is restored when training ends.
+
+    Every setting is checked before anything in ``out`` changes: the config ranges, ``out`` itself, the
+    checkpoint to resume, the model (built, and one forward and backward pass on a small batch), the data and the
+    augmentation. ``dry_run``: stop after these checks and write nothing (returns ``{"dry_run": True, ...}``).
+    A failing write (full disk) is a :class:`UserError` naming the last intact checkpoint; Ctrl-C raises
+    :class:`TrainingInterrupted`.
     """
+    validate(cfg)
     threads_before = torch.get_num_threads()
     info = D.setup(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
         return _Trainer(cfg, Path(out), info, verbose=verbose).run(
-            resume=resume, stop_after_epoch=stop_after_epoch, progress=progress, overwrite=overwrite)
+            resume=resume, stop_after_epoch=stop_after_epoch, progress=progress, overwrite=overwrite,
+            dry_run=dry_run)
     finally:
         D.cleanup(info)
         torch.set_num_threads(threads_before)
@@ -149,6 +166,8 @@ class _Data:
     sampler: D.ShardedSampler
     train_loader: DataLoader
     eval_loader: DataLoader
+    train_tf: TrainTransform
+    eval_tf: EvalTransform
 
 
 @dataclass
@@ -171,7 +190,8 @@ class _Progress:
     last: dict[str, Any]  # the last epoch's record
     completed: int  # epochs completed, counting those before a resume
     train_images: int = 0
-    train_time: float = 0.0
+    train_time: float = 0.0  # without the torch.compile warm-up
+    compile_time: float = 0.0
 
 
 class _Trainer:
@@ -184,8 +204,9 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------------------------------
     def run(self, resume: bool | str | os.PathLike, stop_after_epoch: int | None, progress: bool | None,
-            overwrite: bool) -> dict[str, Any]:
+            overwrite: bool, dry_run: bool = False) -> dict[str, Any]:
         t_start = time.perf_counter()
+        self._saved_epoch = 0
         created = self._claim_out_dir()
         try:
             ckpt, resume_path = self._open_run(resume, overwrite)
@@ -193,29 +214,69 @@ class _Trainer:
             opt = self._build_optimization(model, len(data.train_loader))
         except BaseException:
             # nothing was trained: leave no empty folder behind (and never touch an existing run's files)
-            self._lock.release(remove=created)
-            if created and self.info.is_main and not any(self.out.iterdir()):
-                self.out.rmdir()
+            self._release_unused(created)
             raise
+        if dry_run:
+            self._release_unused(created)
+            self.log(f"dry run: every setting checked ({self.cfg.model} pe={self.cfg.pe} built and run on one "
+                     f"batch, {len(data.splits.train)} training images of {data.spec}, {self.out} usable); "
+                     "nothing was written")
+            return {"dry_run": True, "out": str(self.out), "resume": ckpt is not None}
         try:
-            if ckpt is None and overwrite and self.info.is_main:
-                removed = run_dir.clear_run_files(self.out)
-                if removed:
-                    self.log(f"note: --overwrite: removed the previous run's {', '.join(removed)} from {self.out}")
-            log = JsonlLog(self.out / "metrics.jsonl")
-            start_epoch = self._restore(ckpt, resume_path, model, opt, log)
-            self._saved_epoch = start_epoch
-            del ckpt
-            with self._stop_cleanly_if_a_peer_fails():
-                done = self._epoch_loop(model, data, opt, log, start_epoch, stop_after_epoch, progress)
-                return self._finish(model, data, opt, log, done, t_start)
+            with self._disk_errors_named(), self._interrupt_names_the_saved_epoch():
+                if ckpt is None and overwrite and self.info.is_main:
+                    removed = run_dir.clear_run_files(self.out)
+                    if removed:
+                        self.log(f"note: --overwrite: removed the previous run's {', '.join(removed)} from "
+                                 f"{self.out}")
+                log = JsonlLog(self.out / "metrics.jsonl")
+                start_epoch = self._restore(ckpt, resume_path, model, opt, log)
+                self._saved_epoch = start_epoch
+                del ckpt
+                with self._stop_cleanly_if_a_peer_fails():
+                    done = self._epoch_loop(model, data, opt, log, start_epoch, stop_after_epoch, progress)
+                    return self._finish(model, data, opt, log, done, t_start)
         finally:
             self._lock.release()
 
+    def _release_unused(self, created: bool) -> None:
+        """Drop the lock of a run that wrote nothing, and the folder when this run created it and it is empty."""
+        self._lock.release(remove=created)
+        if created and self.info.is_main and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+    def _saved_note(self) -> str:
+        """Where the last intact checkpoint is, for a message about a run that stopped."""
+        if self._saved_epoch:
+            return (f"the checkpoint of epoch {self._saved_epoch} in {self.out / CHECKPOINT_NAME} is intact: "
+                    "continue with --resume")
+        return "no checkpoint was written yet"
+
     def _peer_failed_message(self, why: str) -> str:
-        saved = (f"the checkpoint of epoch {self._saved_epoch} in {self.out / CHECKPOINT_NAME} is intact: continue "
-                 "with --resume" if self._saved_epoch else "no checkpoint was written yet")
-        return f"rank {self.info.rank} stopped: {why}; {saved}"
+        return f"rank {self.info.rank} stopped: {why}; {self._saved_note()}"
+
+    @contextlib.contextmanager
+    def _disk_errors_named(self) -> Iterator[None]:
+        """An ``OSError`` while the run writes (a full disk, a folder gone read-only) becomes one line naming the
+        problem and the last intact checkpoint; a half-written temporary checkpoint is removed."""
+        try:
+            yield
+        except OSError as e:
+            if self.info.is_main:
+                with contextlib.suppress(OSError):
+                    (self.out / (CHECKPOINT_NAME + ".tmp")).unlink(missing_ok=True)
+            where = f" ({e.filename})" if e.filename else ""
+            raise UserError(f"cannot write the run's files: {e.strerror or e}{where}; {self._saved_note()}") from None
+
+    @contextlib.contextmanager
+    def _interrupt_names_the_saved_epoch(self) -> Iterator[None]:
+        """Ctrl-C becomes :class:`TrainingInterrupted`, which says which epoch the checkpoint holds."""
+        try:
+            yield
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._saved_epoch, self.cfg.epochs, self.out / CHECKPOINT_NAME) from None
 
     @contextlib.contextmanager
     def _stop_cleanly_if_a_peer_fails(self) -> Iterator[None]:
@@ -246,12 +307,16 @@ class _Trainer:
             return False
         run_dir.check_out_dir(self.out)
         created = not self.out.exists()
-        self.out.mkdir(parents=True, exist_ok=True)
         try:
+            self.out.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
-        except BaseException:
-            if created and not any(self.out.iterdir()):
+        except BaseException as e:
+            if created and self.out.is_dir() and not any(self.out.iterdir()):
                 self.out.rmdir()
+            if isinstance(e, OSError):
+                raise UserError(f"--out {self.out} cannot hold a run: {e.strerror or e}"
+                                + (f" ({e.filename})" if e.filename and str(e.filename) != str(self.out) else "")
+                                ) from None
             raise
         return created
 
@@ -277,7 +342,8 @@ class _Trainer:
 
     def _setup_model_and_data(self) -> tuple[nn.Module, _Data]:
         """Build the model (same init on every rank: seeded with ``cfg.seed``), load the data in the model's input
-        format and build the sharded loaders."""
+        format, build the sharded loaders and the transforms, and run one small batch through them and the model
+        (:meth:`_probe`), so that a setting that would fail at the first step fails here, before any file changes."""
         cfg, info = self.cfg, self.info
         device = info.device
         seed_all(cfg.seed)
@@ -304,7 +370,51 @@ class _Trainer:
         if len(train_loader) == 0:
             raise UserError(f"the training set has {len(sampler)} images per process, fewer than the batch size "
                             f"{cfg.batch_size}; lower --batch-size")
-        return model, _Data(spec, classes, inp, splits, sampler, train_loader, eval_loader)
+        try:
+            train_tf = TrainTransform(cfg, inp["input_size"], inp["in_chans"], len(classes), inp["mean"],
+                                      inp["std"]).to(device)
+            eval_tf = EvalTransform(inp["input_size"], inp["in_chans"], inp["mean"], inp["std"]).to(device)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"invalid augmentation settings: {e}") from None
+        data = _Data(spec, classes, inp, splits, sampler, train_loader, eval_loader, train_tf, eval_tf)
+        self._probe(model, data)
+        return model, data
+
+    def _probe(self, model: nn.Module, data: _Data) -> None:
+        """One forward and backward pass of two blank images through the train transform and the model in training
+        mode (under the run's autocast), then the eval transform and an eval-mode forward: a model keyword argument
+        or a transform setting that fails, or gives a non-finite loss, is a :class:`UserError` now. Buffers and
+        gradients are restored; the random state is reseeded by :meth:`_restore` afterwards."""
+        cfg, device = self.cfg, self.info.device
+        c, (h, w) = data.inp["in_chans"], data.inp["input_size"]
+        images = torch.zeros(2, c, h, w, dtype=torch.uint8, device=device)
+        labels = torch.zeros(2, dtype=torch.long, device=device)
+        amp_dtype = AMP_DTYPES[cfg.amp]
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        what = f"model {cfg.model} (pe={cfg.pe}, model_kwargs={dict(cfg.model_kwargs)})"
+        try:
+            x, target = data.train_tf(images, labels)
+            model.train()
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(x)
+            loss = classification_loss(logits, target, cfg.label_smoothing)
+            loss.backward()
+            if not math.isfinite(float(loss.detach())):
+                raise UserError(f"{what} gives a non-finite loss ({float(loss.detach())}) on a blank batch with "
+                                f"mean {data.inp['mean']} and std {data.inp['std']}")
+            model.eval()
+            with torch.no_grad():
+                model(data.eval_tf(images))
+        except (TypeError, ValueError, RuntimeError, IndexError, KeyError, ZeroDivisionError) as e:
+            msg = " ".join(str(e).split())[:300]
+            raise UserError(f"{what} cannot train on {c}x{h}x{w} images with these settings: "
+                            f"{type(e).__name__}: {msg}") from None
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train()
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
 
     def _build_optimization(self, model: nn.Module, steps_per_epoch: int) -> _Optimization:
         """AdamW (or SGD with momentum) on the model's param groups, the warmup + cosine schedule (warmup and
@@ -372,9 +482,7 @@ class _Trainer:
             train_model = torch.compile(train_model)  # type: ignore[assignment]
 
         inp, spec, splits = data.inp, data.spec, data.splits
-        train_tf = TrainTransform(cfg, inp["input_size"], inp["in_chans"], len(data.classes), inp["mean"],
-                                  inp["std"]).to(device)
-        eval_tf = EvalTransform(inp["input_size"], inp["in_chans"], inp["mean"], inp["std"]).to(device)
+        train_tf, eval_tf = data.train_tf, data.eval_tf
 
         n_params = count_parameters(model)
         meta = {
@@ -395,16 +503,26 @@ class _Trainer:
 
         show_bar = _show_progress(progress, info)
         done = _Progress(last={}, completed=start_epoch)
+        if cfg.compile:
+            self.log("compiling the model with torch.compile: the first step may take minutes; its time is "
+                     "reported as compile_s and left out of images/s")
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             stats = self._train_epoch(train_model, model, data.train_loader, data.sampler, train_tf, opt.optimizer,
-                                      opt.sched, opt.scaler, opt.ema, opt.amp_dtype, epoch, show_bar)
-            t_train = time.perf_counter() - t0
+                                      opt.sched, opt.scaler, opt.ema, opt.amp_dtype, epoch, show_bar,
+                                      warm_up=cfg.compile and epoch == start_epoch)
+            t_train = time.perf_counter() - t0 - stats["warmup_s"]
+            images = stats["images"] - stats["warmup_images"]
+            if images <= 0:  # an epoch of one step: nothing but the warm-up to time
+                t_train, images = t_train + stats["warmup_s"], stats["images"]
             done.train_time += t_train
-            done.train_images += stats["images"]
+            done.train_images += images
+            done.compile_time += stats["warmup_s"]
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": stats["loss"],
                                       "lr": opt.sched.get_last_lr()[0],
-                                      "train_images_per_s": stats["images"] / t_train, "train_time_s": t_train}
+                                      "train_images_per_s": images / t_train, "train_time_s": t_train}
+            if stats["warmup_s"]:
+                record["compile_s"] = stats["warmup_s"]
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or epoch + 1 == stop_after_epoch:
                 res = evaluate(model, data.eval_loader, eval_tf, device, opt.amp_dtype, info)
                 if opt.ema is not None:
@@ -455,6 +573,7 @@ class _Trainer:
             "epochs": completed, "epochs_planned": cfg.epochs, "finished": completed >= cfg.epochs,
             "train_images_per_s": done.train_images / done.train_time if done.train_time > 0 else None,
             "train_images": done.train_images, "train_time_s": done.train_time,
+            "compile_s": done.compile_time if cfg.compile else None,
             "wall_s": time.perf_counter() - t_start, "params": count_parameters(model), "model": cfg.model,
             "pe": cfg.pe, "model_kwargs": dict(cfg.model_kwargs), "data": str(spec), "num_classes": len(data.classes),
             "world_size": info.world_size, "batch_size_per_process": cfg.batch_size,
@@ -480,7 +599,10 @@ class _Trainer:
     def _train_epoch(self, train_model: nn.Module, model: nn.Module, loader: DataLoader, sampler: D.ShardedSampler,
                      tf: TrainTransform, optimizer: torch.optim.Optimizer, sched: WarmupCosine,
                      scaler: torch.amp.GradScaler, ema: ModelEma | None, amp_dtype: torch.dtype | None, epoch: int,
-                     show_bar: bool) -> dict[str, float]:
+                     show_bar: bool, warm_up: bool = False) -> dict[str, float]:
+        """One epoch of training steps; returns the mean loss over all ranks and the images seen. ``warm_up``: the
+        first step compiles (``torch.compile``), so its time and images are returned apart (``warmup_s``,
+        ``warmup_images``)."""
         cfg, device = self.cfg, self.info.device
         train_model.train()
         sampler.set_epoch(epoch)
@@ -493,7 +615,9 @@ class _Trainer:
             bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                        file=sys.stderr)
         params = [p for p in model.parameters() if p.requires_grad]
+        warmup_s, warmup_images = 0.0, 0
         for step, (x, y) in enumerate(loader):
+            t_step = time.perf_counter()
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             x, target = tf(x, y)
@@ -512,10 +636,13 @@ class _Trainer:
                 ema.update(model)
             loss_sum += loss.detach().double() * x.shape[0]
             n += x.shape[0]
+            if warm_up and step == 0:
+                warmup_s = time.perf_counter() - t_step
+                warmup_images = x.shape[0] * self.info.world_size
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0 or step + 1 == len(loader):
-                    bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         if bar is not None:
             bar.close()
         total_loss, total_n = D.all_reduce_sum([float(loss_sum), float(n)], self.info)
@@ -525,7 +652,7 @@ class _Trainer:
                     else "no checkpoint was written")
             raise UserError(f"training diverged in epoch {epoch + 1}: the mean loss is {mean_loss}; {kept} (lower "
                             "--lr, set --clip-grad, or use --amp bf16 instead of fp16)")
-        return {"loss": mean_loss, "images": int(total_n)}
+        return {"loss": mean_loss, "images": int(total_n), "warmup_s": warmup_s, "warmup_images": warmup_images}
 
     def _print_epoch(self, r: dict[str, Any], epochs: int) -> None:
         acc = f"  top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}" if r.get("top1") is not None else ""

@@ -105,9 +105,9 @@ def test_overrides_precedence_and_errors(tmp_path: Path) -> None:
     assert build_config("digits", ["clip_grad=none"]).clip_grad is None
     with pytest.raises(UserError, match="unknown config key 'lrr'; did you mean lr"):
         parse_set(["lrr=1"])
-    with pytest.raises(UserError, match="'epochs': 'many' is not a valid int"):
+    with pytest.raises(UserError, match="--set epochs: 'many' is not a valid int"):
         build_config("digits", ["epochs=many"])
-    with pytest.raises(UserError, match="'pe': 'xyz' is not one of"):
+    with pytest.raises(UserError, match="--set pe: 'xyz' is not one of"):
         build_config("digits", ["pe=xyz"])
     with pytest.raises(UserError, match="unknown recipe 'nope'"):
         build_config("nope")
