@@ -8,6 +8,7 @@ import importlib.util
 from collections.abc import Iterable
 from typing import Any
 
+from .._install import install_advice
 from ..errors import UserError
 
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (default: %(default)s; auto = cuda when available, else cpu)"
@@ -54,7 +55,7 @@ def parse_model_args(items: Iterable[str] | None) -> dict[str, Any]:
     return out
 
 
-#: Optional modules and the extra that installs each (``pip install "mpvg-kernels[EXTRA]"``).
+#: Optional modules and the extra that installs each (:func:`mpvg_kernels._install.install_advice`).
 EXTRA_OF_MODULE: dict[str, str] = {
     "yaml": "train",
     "sklearn": "train",
@@ -73,8 +74,7 @@ def missing_extra_message(e: ModuleNotFoundError) -> str | None:
     extra = EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
     if extra is None:
         return None
-    return (f"{e.name} is not installed; it comes with the [{extra}] extra: "
-            f'pip install "mpvg-kernels[{extra}]" (in a checkout: pip install -e ".[{extra}]")')
+    return f"{e.name} is not installed; it comes with the [{extra}] extra: {install_advice(extra)}"
 
 
 def require_extra(*modules: str) -> None:
@@ -83,10 +83,7 @@ def require_extra(*modules: str) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         extra = EXTRA_OF_MODULE[missing[0]]
-        raise UserError(
-            f"this command needs {', '.join(missing)}, which is not installed: run "
-            f'pip install "mpvg-kernels[{extra}]" (or pip install -e ".[{extra}]" in a checkout)'
-        )
+        raise UserError(f"this command needs {', '.join(missing)}, which is not installed: run {install_advice(extra)}")
 
 
 def check_at_least(flag: str, value: int | float | None, minimum: int | float) -> None:

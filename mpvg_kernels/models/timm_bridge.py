@@ -36,9 +36,9 @@ try:
     import timm  # noqa: F401
     from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 except ImportError as exc:  # pragma: no cover - exercised only without timm
-    raise ImportError(
-        "mpvg_kernels.models.timm_bridge needs timm: pip install 'mpvg-kernels[timm]' (or pip install timm)"
-    ) from exc
+    from .._install import install_advice
+
+    raise ImportError(f"mpvg_kernels.models.timm_bridge needs timm: {install_advice('timm')}") from exc
 
 from ..layers.pe_walk import POOL_ALIASES, default_pool
 from .base import PEModel
