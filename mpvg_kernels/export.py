@@ -299,7 +299,7 @@ def load_model(
     weights: str = "auto",
     model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """The model to export, in eval mode; the loading itself is :mod:`mpvg_kernels.train.checkpoint`'s and
+    """The model to export, in eval mode; the loading itself is :mod:`mpvg_kernels.models.factory`'s and
     :func:`mpvg_kernels.models.checkpoint_filter_fn`'s, the file is read once.
 
     Every parameter and buffer of the returned model comes from the checkpoint (when one is given); anything else
@@ -319,7 +319,7 @@ def load_model(
     (:func:`deployment_metadata`).
     """
     from .errors import UserError
-    from .train import checkpoint as C
+    from .models import factory as C
 
     raw = None
     if checkpoint is not None:
@@ -390,8 +390,8 @@ def _load_complete(model: nn.Module, raw: Any, where: str, what: str) -> None:
     """Load timm/DeiT-format weights (or a plain state dict) into ``model`` only if they give every one of its
     parameters and buffers and every checkpoint tensor is used; else a UserError listing the differences."""
     from .errors import UserError
+    from .models.factory import mismatch_parts
     from .models.pretrained import checkpoint_filter_fn, unwrap_state_dict
-    from .train.checkpoint import mismatch_parts
 
     try:
         sd = unwrap_state_dict(raw)

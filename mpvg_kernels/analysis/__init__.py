@@ -9,7 +9,9 @@ Modules, in the order the data flows:
 - :mod:`.plots`: the matplotlib figures;
 - :mod:`.report`: the Markdown table, writing every output, and :func:`run_analysis` (what ``mpvg analyze`` calls).
 
-May import ops, layers, models and train; needs matplotlib (the ``[train]`` extra).
+May import ops, layers and models (checkpoints and devices: :mod:`mpvg_kernels.models.factory`,
+:mod:`mpvg_kernels.device`); from training only its data sets, for the held-out images. Needs matplotlib (the
+``[train]`` extra).
 """
 
 from .collect import (

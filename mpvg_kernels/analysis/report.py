@@ -183,7 +183,7 @@ def _load_sources(
             raise UserError("--pe applies to a fresh --model; a checkpoint carries its own PE mode")
         if model_kwargs:
             raise UserError("--model-arg applies to a fresh --model; a checkpoint carries its own model options")
-        from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+        from ..models.factory import load_checkpoint, model_from_checkpoint
 
         for path in checkpoints:
             ckpt = load_checkpoint(path)
@@ -194,7 +194,7 @@ def _load_sources(
                                    [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]],
                                    float(meta.get("crop_pct", 1.0))))
         return sources
-    from ..train.checkpoint import build_model
+    from ..models.factory import build_model
 
     assert model is not None
     spec = data_mod.parse_data_spec(data or "digits")
@@ -292,7 +292,7 @@ def _run(*, out: Path, checkpoints: Sequence[str | Path] | None, model: str | No
          model_kwargs: dict[str, Any] | None, labels: Sequence[str] | None, data: str | None, num_images: int,
          batch_size: int, figures: list[str], explicit: bool, layers: list[int] | None, ref_token: int | None,
          seed: int, device: str | torch.device, on_note: Callable[[str], None] | None) -> AnalysisReport:
-    from ..train.distributed import resolve_device
+    from ..device import resolve_device
 
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
     sources = _load_sources(checkpoints, model, pe, model_kwargs, data, seed)

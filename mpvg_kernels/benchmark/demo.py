@@ -15,7 +15,7 @@ from ..ops import layer_norm as LN
 def run_demo(args: argparse.Namespace) -> int:
     """Max error vs the float64 reference and median time of both ops under every usable backend on
     ``args.device`` (``auto``: CUDA when available; absent CUDA is a :class:`UserError`)."""
-    from ..train.distributed import resolve_device
+    from ..device import resolve_device
 
     device = resolve_device(getattr(args, "device", "cpu"))
     torch.manual_seed(0)

@@ -177,7 +177,7 @@ class Case:
 def resolve(cfg: BenchConfig) -> tuple[BenchConfig, torch.device]:
     """The device of the run (a :class:`UserError` when it is CUDA and there is none) and the config with its
     file name stem filled in (``models_<device>`` unless set)."""
-    from ..train.distributed import resolve_device
+    from ..device import resolve_device
 
     device = resolve_device(cfg.device)
     return replace(cfg, name=cfg.name or f"models_{device.type}"), device

@@ -12,6 +12,11 @@ The four modes are presets of the same knobs (``docs/design.md#the-method``):
 Hierarchical: p_l = the term of the previous PE block (p = ``pos`` for the first); otherwise p_l = ``pos`` for
 every block. ``last_pos = k`` feeds LN'_last with ``pos`` (k = 0) or with the term of block k.
 
+A family whose rules differ has its own preset table: :data:`SWIN_PRESETS` (every layer-wise mode includes layer 0)
+and :data:`NO_ABSOLUTE_PE_PRESETS` (a model without an absolute PE: Swin with its relative bias alone).
+:func:`check_pe_mode` is the one check of the mode's name; :func:`resolve_pe_knobs` turns a mode, a preset table and
+the knobs given into :class:`PEKnobs`.
+
 :class:`PEWalk` is that rule, written once. Every consumer runs the same loop over the blocks: ask
 :meth:`PEWalk.Step.source` for the PE a block normalises, hand the block's term back with
 :meth:`PEWalk.Step.record`, and read :attr:`PEWalk.Step.last_source` at the end. The training forward (fused
@@ -21,13 +26,14 @@ the analysis and the frozen terms of an export all go through it; a new model fa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 __all__ = [
     "AUTO",
+    "NO_ABSOLUTE_PE_PRESETS",
     "PE_MODES",
     "POOLS",
     "POOL_ALIASES",
@@ -36,6 +42,8 @@ __all__ = [
     "PETerms",
     "PEWalk",
     "PRESETS",
+    "SWIN_PRESETS",
+    "check_pe_mode",
     "default_pool",
     "resolve_pe_knobs",
 ]
@@ -48,15 +56,24 @@ POOLS: tuple[str, ...] = ("cls", "avg")
 POOL_ALIASES: dict[str, str] = {"token": "cls", "cls": "cls", "avg": "avg"}
 
 
+def check_pe_mode(pe: str) -> str:
+    """``pe`` if it names a position-embedding mode (:data:`PE_MODES`); else the ValueError every entry point gives."""
+    if pe not in PE_MODES:
+        raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
+    return pe
+
+
 @dataclass(frozen=True)
 class PEPreset:
-    """The knob values a mode stands for."""
+    """The knob values a mode stands for. ``absolute=False``: the model has no absolute PE in this mode (nothing
+    is added, normalised or pooled, and no knob applies)."""
 
     layerwise: bool
     add_pos_to_input: bool
     include_layer0: bool
     hierarchical: bool
     last_pos: int | None
+    absolute: bool = True
 
 
 PRESETS: dict[str, PEPreset] = {
@@ -66,6 +83,19 @@ PRESETS: dict[str, PEPreset] = {
     "pvg": PEPreset(layerwise=True, add_pos_to_input=True, include_layer0=False, hierarchical=True, last_pos=None),
     "mpvg": PEPreset(layerwise=True, add_pos_to_input=True, include_layer0=False, hierarchical=True, last_pos=0),
 }
+
+#: Swin with an absolute PE (MPVG's Swin): "for Swin, PVG and MPVG exceptionally include layer 0", so every
+#: layer-wise mode includes it.
+SWIN_PRESETS: dict[str, PEPreset] = {
+    pe: replace(p, include_layer0=True) if p.layerwise else p for pe, p in PRESETS.items()
+}
+
+_NO_PE = PEPreset(layerwise=False, add_pos_to_input=False, include_layer0=False, hierarchical=False, last_pos=None,
+                  absolute=False)
+#: A model without an absolute PE (Swin with its relative position bias alone, LaPE's Swin): ``default`` and
+#: ``lape`` (whose LayerNorm joins the relative bias instead) deliver nothing; ``pvg`` and ``mpvg`` exist to deliver
+#: an absolute PE and are missing.
+NO_ABSOLUTE_PE_PRESETS: dict[str, PEPreset] = {"default": _NO_PE, "lape": _NO_PE}
 
 
 #: ``last_pos="auto"``: the mode's own value.
@@ -215,6 +245,17 @@ class PEKnobs:
         """The PE walk of these knobs."""
         return PEWalk(self.block_uses_pos, self.hierarchical, self.last_pos)
 
+    def pruned(self, depth: int, last_norm: bool = True) -> PEKnobs:
+        """These knobs for the first ``depth`` blocks (timm's ``prune_intermediate_layers``); ``last_norm=False``:
+        the last norm is gone, and with it the last PE. ValueError where the last PE's block is pruned away."""
+        last = self.last_pos if last_norm else None
+        if last is not None and last >= depth:
+            raise ValueError(
+                f"last_pos={last} takes LN'_last's input from block {last}, which pruning to {depth} blocks "
+                "removes; pass prune_norm=True"
+            )
+        return replace(self, block_uses_pos=self.block_uses_pos[:depth], last_pos=last)
+
 
 def resolve_pe_knobs(
     pe: str,
@@ -225,17 +266,29 @@ def resolve_pe_knobs(
     add_pos_to_input: bool | None = None,
     last_pos: int | str | None = AUTO,
     pe_layers: int | None = None,
-    include_layer0_default: bool | None = None,
+    presets: Mapping[str, PEPreset] = PRESETS,
+    model: str = "this model",
 ) -> PEKnobs:
     """The knobs of mode ``pe`` for ``depth`` blocks: every knob left at None (``last_pos="auto"``) takes the
-    mode's preset (:data:`PRESETS`); ``include_layer0_default`` replaces the preset's ``include_layer0`` for the
-    layer-wise modes (Swin includes layer 0 in every one). ``pe_layers=k``: only blocks 0..k-1 take a PE term (LaPE
-    for partial layers). ``last_pos``: None, 0 (``pos``) or block k >= 1 (negative counts from the end), which must
-    take a PE term. Raises ValueError (TypeError for a ``last_pos`` of the wrong type) naming what is wrong."""
-    if pe not in PRESETS:
-        raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
-    preset = PRESETS[pe]
-    if not preset.layerwise:
+    mode's preset in ``presets`` (:data:`PRESETS`, :data:`SWIN_PRESETS`, :data:`NO_ABSOLUTE_PE_PRESETS`). A mode
+    missing from ``presets`` is one that delivers an absolute PE, which ``model`` (named in the error) lacks.
+    ``pe_layers=k``: only blocks 0..k-1 take a PE term (LaPE for partial layers). ``last_pos``: None, 0 (``pos``) or
+    block k >= 1 (negative counts from the end), which must take a PE term. Raises ValueError (TypeError for a
+    ``last_pos`` of the wrong type) naming what is wrong."""
+    check_pe_mode(pe)
+    if pe not in presets:
+        raise ValueError(
+            f"pe={pe!r} delivers an absolute position embedding to the blocks (and the last norm), but {model} "
+            "has none; use a model with one (pos_embed='learn')"
+        )
+    preset = presets[pe]
+    if not preset.absolute:
+        for name, value in (("include_layer0", include_layer0), ("hierarchical", hierarchical),
+                            ("add_pos_to_input", add_pos_to_input), ("pe_layers", pe_layers),
+                            ("last_pos", None if last_pos == AUTO else last_pos)):
+            if value is not None:
+                raise ValueError(f"{name} needs an absolute position embedding; {model} has none")
+    elif not preset.layerwise:
         for name, value in (("include_layer0", include_layer0), ("hierarchical", hierarchical),
                             ("pe_layers", pe_layers)):
             if value is not None:
@@ -243,10 +296,7 @@ def resolve_pe_knobs(
     if pe_layers is not None and (isinstance(pe_layers, bool) or not isinstance(pe_layers, int)
                                   or not 1 <= pe_layers <= depth):
         raise ValueError(f"pe_layers must be an integer in [1, {depth}] (the number of blocks), got {pe_layers!r}")
-    layer0_default = preset.include_layer0
-    if include_layer0_default is not None and preset.layerwise:
-        layer0_default = include_layer0_default
-    layer0 = layer0_default if include_layer0 is None else bool(include_layer0)
+    layer0 = preset.include_layer0 if include_layer0 is None else bool(include_layer0)
     uses = tuple(preset.layerwise and (i > 0 or layer0) and (pe_layers is None or i < pe_layers)
                  for i in range(depth))
     last = preset.last_pos if last_pos == AUTO else last_pos

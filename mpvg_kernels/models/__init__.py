@@ -8,11 +8,16 @@ groups with the DeiT/LaPE weight-decay exclusions; ``load_pretrained`` loads tim
 :mod:`mpvg_kernels.models.timm_bridge`, which needs timm and is imported only on first use of ``from_timm`` (or
 explicitly, to register the models with timm).
 
-May import :mod:`mpvg_kernels.ops` and :mod:`mpvg_kernels.layers`; never training or tools.
+Each family module (``vision_transformer``, ``swin``, ``ceit``) registers its own configurations with
+:mod:`.registry`; :mod:`.factory` builds models and reads ``mpvg train`` checkpoints for the tools.
+
+May import :mod:`mpvg_kernels.ops`, :mod:`mpvg_kernels.layers` and :mod:`mpvg_kernels.errors`; never training or
+tools.
 """
 
 from typing import Any
 
+from . import ceit, swin  # noqa: F401 - their models register on import
 from .param_table import PAPER_PARAMS_M, PAPER_ROWS, format_param_table, paper_table, param_table
 from .pretrained import checkpoint_filter_fn, load_pretrained, unwrap_state_dict
 from .registry import MODEL_CFGS, create_model, list_models, param_groups

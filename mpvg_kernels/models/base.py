@@ -26,11 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import PECache
 from ..layers.pe_walk import PEKnobs, PETerms, PEWalk
-from ..layers.pos_embed import resample_abs_pos_embed, sincos_pos_embed
+from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
 
-__all__ = ["PEModel", "check_sizes", "count_parameters"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PEModel", "check_pos_embed", "check_sizes", "count_parameters"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _clear_cache_hook(module: nn.Module, incompatible_keys: Any) -> None:
@@ -67,19 +71,27 @@ class PEModel(nn.Module):
     # ------------------------------------------------------------------ shared
 
     def _set_pe_knobs(self, knobs: PEKnobs) -> None:
-        """Adopt resolved PE knobs (:func:`~mpvg_kernels.layers.pe_walk.resolve_pe_knobs`): the attributes
-        ``pe``, ``layerwise``, ``include_layer0``, ``hierarchical``, ``add_pos_to_input``, ``pe_layers``,
-        ``block_uses_pos``, ``last_pos`` and the model's walk ``pe_walk``."""
-        self.pe = knobs.pe
-        self.layerwise = knobs.layerwise
-        self.include_layer0 = knobs.include_layer0
-        self.hierarchical = knobs.hierarchical
-        self.add_pos_to_input = knobs.add_pos_to_input
-        self.pe_layers = knobs.pe_layers
-        self.block_uses_pos = knobs.block_uses_pos
-        self.last_pos = knobs.last_pos
+        """Adopt resolved PE knobs (:func:`~mpvg_kernels.layers.pe_walk.resolve_pe_knobs`): :attr:`pe_knobs`, read
+        by the attributes ``pe``, ``layerwise``, ``include_layer0``, ``hierarchical``, ``add_pos_to_input``,
+        ``pe_layers``, ``block_uses_pos``, ``last_pos``, and the model's walk ``pe_walk``."""
+        #: The model's PE knobs, the one record of its PE rule.
+        self.pe_knobs = knobs
         #: The PE rule of this model (which block gets which PE, the source of LN'_last): every forward walks it.
         self.pe_walk = knobs.walk()
+
+    pe = property(lambda self: self.pe_knobs.pe, doc="The position-embedding mode.")
+    layerwise = property(lambda self: self.pe_knobs.layerwise, doc="Whether blocks take PE terms (lape/pvg/mpvg).")
+    include_layer0 = property(lambda self: self.pe_knobs.include_layer0, doc="Whether block 0 takes a PE term.")
+    hierarchical = property(lambda self: self.pe_knobs.hierarchical, doc="Whether each PE term feeds the next.")
+    add_pos_to_input = property(lambda self: self.pe_knobs.add_pos_to_input, doc="Whether x_0 = tokens + pos.")
+    pe_layers = property(lambda self: self.pe_knobs.pe_layers, doc="Only blocks 0..k-1 take a PE term (None: all).")
+    block_uses_pos = property(lambda self: self.pe_knobs.block_uses_pos, doc="Per block: takes a PE term.")
+    last_pos = property(lambda self: self.pe_knobs.last_pos, doc="The source of LN'_last (None: no last PE).")
+
+    @property
+    def has_last_pos(self) -> bool:
+        """Whether the last LN adds LN'_last(p) (MPVG)."""
+        return self.pe_knobs.last_pos is not None
 
     def clear_pe_cache(self) -> None:
         """Drop the inference PE cache (needed only after writes that bypass autograd, e.g. ``p.data.add_()``)."""
@@ -115,6 +127,18 @@ class PEModel(nn.Module):
     #: whether other input sizes are accepted (the PE is then resampled, or recomputed, for their grid)
     dynamic_img_size: bool = False
 
+    def _init_pos_embed(self) -> None:
+        """``pos_embed`` [1, P + h*w, D] for the tokenizer's grid where the knobs use a PE (:attr:`pe_knobs`), else
+        None: zeros as a parameter for ``pos_embed_type="learn"`` (:meth:`init_weights` draws it), the fixed sin-cos
+        table as a buffer otherwise. Needs ``patch_embed``, ``embed_dim`` and ``num_prefix_tokens``."""
+        if not self.pe_knobs.uses_pos:
+            self.pos_embed = None
+        elif self.pos_embed_type == "learn":
+            num_pos = self.patch_embed.num_patches + self.num_prefix_tokens
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, self.embed_dim))
+        else:
+            self.register_buffer("pos_embed", self._fixed_pos_embed(self.patch_embed.grid_size))
+
     def _fixed_pos_embed(self, grid: tuple[int, int], like: torch.Tensor | None = None) -> torch.Tensor:
         """The fixed sin-cos table [1, P + h*w, D] for ``grid`` (dtype/device of ``like``, else float32 CPU)."""
         return sincos_pos_embed(self.pos_embed_type, grid, self.embed_dim, self.num_prefix_tokens,
@@ -149,6 +173,66 @@ class PEModel(nn.Module):
             raise ValueError(f"input size ({H}, {W}) is too small for the tokenizer (no token)")
         return grid
 
+    # ------------------------------------------------------------------ init
+
+    def init_weights(self) -> None:
+        """DeiT/timm init: trunc_normal for a learned PE (std ``pos_init_std``), the class and distillation tokens
+        and every Linear weight (std .02), zero Linear biases, LayerNorms 1/0, the PE LayerNorms (LN', LN'_last) by
+        their ``reset_parameters`` (:meth:`_init_submodule`); convolutions keep PyTorch's init."""
+        if isinstance(self.pos_embed, nn.Parameter):  # a fixed table keeps its values
+            nn.init.trunc_normal_(self.pos_embed, std=self.pos_init_std)
+        for name in ("cls_token", "dist_token"):
+            token = getattr(self, name, None)
+            if token is not None:
+                nn.init.trunc_normal_(token, std=0.02)
+        for m in self.modules():
+            self._init_submodule(m)
+        self.clear_pe_cache()
+
+    def _init_submodule(self, m: nn.Module) -> None:
+        """The init of one submodule (its own parameters, not its children's); a family extends it."""
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, (DualLayerNorm, LastLayerNormPE)):
+            m.reset_parameters()
+
+    # ------------------------------------------------------------------ analysis
+
+    def _analysis_begin(self, x: torch.Tensor, **extra: Any) -> tuple[dict[str, Any], torch.Tensor, PEWalk.Step]:
+        """The start of ``forward_analysis``: the record (the per-block lists :meth:`_analyse_block` fills,
+        ``grid``, ``num_prefix_tokens`` and ``extra``), the tokens entering block 0 and a fresh walk."""
+        grid = self._grid(x)
+        pos = None if self.pos_embed is None else self._pos_for_grid(grid)
+        out: dict[str, Any] = {
+            "block_inputs": [],
+            "token_terms": [],
+            "pos_terms": [],
+            "attn_inputs": [],
+            "grid": grid,
+            "num_prefix_tokens": self.num_prefix_tokens,
+            **extra,
+        }
+        return out, self._embed(x, pos), self.pe_walk.start(pos)
+
+    @staticmethod
+    def _analyse_last_norm(
+        out: dict[str, Any], x: torch.Tensor, norm: LastLayerNormPE, last_term: torch.Tensor | None,
+        added: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The last norm of ``forward_analysis``: records its input x (``last_norm_input``), LN(x) without PE
+        (``last_norm_output``), LN'_last(p) or None (``last_pos_term``) and the features LN(x) + ``added`` (default:
+        the term itself) in ``out``; returns the features."""
+        last_out = norm.norm_tokens(x)
+        added = last_term if added is None else added
+        feats = last_out if added is None else last_out + added
+        out.update(last_norm_input=x, last_norm_output=last_out, last_pos_term=last_term, features=feats)
+        return feats
+
     @staticmethod
     def _analyse_block(
         out: dict[str, Any], step: PEWalk.Step, i: int, blk: nn.Module, x: torch.Tensor,
@@ -179,7 +263,7 @@ class PEModel(nn.Module):
         """A ``default_cfg`` for this model: ``input_size`` from ``in_chans`` and ``patch_embed.img_size``,
         ImageNet mean/std for 3 channels (0.5 otherwise), bicubic, ``num_classes``, ``pe`` and ``pool``."""
         c = self.in_chans
-        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if c == 3 else ((0.5,) * c, (0.5,) * c)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,) * c, (0.5,) * c)
         return {
             "architecture": architecture,
             "input_size": (c, *self.patch_embed.img_size),
@@ -203,6 +287,20 @@ class PEModel(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Number of parameter elements (fixed sinusoidal tables and other buffers are not parameters)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def check_pos_embed(pos_embed: str, embed_dim: int) -> None:
+    """The absolute PE of a global-attention model: one of ``POS_EMBED_TYPES`` (``sincos2d`` needs an
+    ``embed_dim`` divisible by 4); else a ValueError naming it."""
+    if pos_embed == "rpe":
+        raise ValueError(
+            "pos_embed='rpe' is Swin's relative position bias inside window attention; this model attends "
+            f"globally and has no relative bias table: choose one of {POS_EMBED_TYPES}"
+        )
+    if pos_embed not in POS_EMBED_TYPES:
+        raise ValueError(f"pos_embed must be one of {POS_EMBED_TYPES}, got {pos_embed!r}")
+    if pos_embed == "sincos2d" and embed_dim % 4:
+        raise ValueError(f"pos_embed='sincos2d' needs an embed_dim divisible by 4, got {embed_dim}")
 
 
 def check_sizes(*checks: tuple[str, Any, int]) -> None:

@@ -66,11 +66,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.blocks import Attention, DropPath, Mlp, PEBlock, to_2tuple
-from ..layers.norms import DualLayerNorm, LastLayerNormPE
+from ..layers.norms import LastLayerNormPE
 from ..layers.pe_cache import no_autocast
-from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, POOLS, PETerms, default_pool, resolve_pe_knobs
-from ..layers.pos_embed import POS_EMBED_TYPES
-from .base import PEModel, check_sizes
+from ..layers.pe_walk import AUTO, POOL_ALIASES, POOLS, PETerms, check_pe_mode, default_pool, resolve_pe_knobs
+from .base import PEModel, check_pos_embed, check_sizes
+from .registry import imagenet_cfg, register_models
 
 __all__ = ["CeiT", "CeiTBlock", "I2TEmbed", "Image2Tokens", "LCABlock", "LocallyEnhancedFeedForward"]
 
@@ -315,8 +315,7 @@ class CeiT(PEModel):
         pe_cache: bool = True,
     ) -> None:
         super().__init__()
-        if pe not in PE_MODES:
-            raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
+        check_pe_mode(pe)
         pool = default_pool(pe) if pool is None else pool
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -341,6 +340,7 @@ class CeiT(PEModel):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+        check_pos_embed(pos_embed, embed_dim)
         has_cls = True if class_token is None else bool(class_token)
         if pool == "cls" and not has_cls:
             raise ValueError(
@@ -362,25 +362,11 @@ class CeiT(PEModel):
         self.grad_checkpointing = False
         self.has_class_token = has_cls
         self.num_prefix_tokens = 1 if has_cls else 0
+        self.pos_embed_type = pos_embed
 
         self.i2t = I2TEmbed(img_size, patch_size, in_chans, embed_dim, stem_chans, stem_kernel, stem_stride)
-        num_pos = self.i2t.num_patches + self.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if has_cls else None
-        uses_pos = self.add_pos_to_input or any(self.block_uses_pos) or self.last_pos is not None
-        if pos_embed == "rpe":
-            raise ValueError(
-                "pos_embed='rpe' is Swin's relative position bias inside window attention; this model attends "
-                f"globally and has no relative bias table: choose one of {POS_EMBED_TYPES}"
-            )
-        if pos_embed not in POS_EMBED_TYPES:
-            raise ValueError(f"pos_embed must be one of {POS_EMBED_TYPES}, got {pos_embed!r}")
-        if pos_embed == "sincos2d" and embed_dim % 4:
-            raise ValueError(f"pos_embed='sincos2d' needs an embed_dim divisible by 4, got {embed_dim}")
-        self.pos_embed_type = pos_embed
-        if uses_pos and pos_embed != "learn":
-            self.register_buffer("pos_embed", self._fixed_pos_embed(self.i2t.grid_size))
-        else:
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim)) if uses_pos else None
+        self._init_pos_embed()
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = [float(v) for v in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.ModuleList(
@@ -425,34 +411,15 @@ class CeiT(PEModel):
         return self.i2t
 
     @property
-    def has_last_pos(self) -> bool:
-        """Whether the last LN adds LN'_last(p) (MPVG)."""
-        return self.last_pos is not None
-
-    @property
     def global_pool(self) -> str:
         """timm's name for the pooling: ``token`` (class token) or ``avg``."""
         return "token" if self.pool == "cls" else "avg"
 
     def init_weights(self) -> None:
-        """The official init: trunc_normal(.02) for Linear weights, the PE (``pos_init_std``) and the class token;
-        zero biases; LayerNorms 1/0; convs and BatchNorms PyTorch's defaults; ``pos_layer_embed`` zeros."""
-        if isinstance(self.pos_embed, nn.Parameter):  # a fixed table keeps its values
-            nn.init.trunc_normal_(self.pos_embed, std=self.pos_init_std)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        """The official init (:meth:`PEModel.init_weights <mpvg_kernels.models.base.PEModel.init_weights>`: convs
+        and BatchNorms keep PyTorch's defaults), ``pos_layer_embed`` zeros."""
+        super().init_weights()
         nn.init.zeros_(self.pos_layer_embed)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (DualLayerNorm, LastLayerNormPE)):
-                m.reset_parameters()
-        self.clear_pe_cache()
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm's parameter groups (layer-wise LR decay): stem (class token, PE, I2T), one group per encoder block,
@@ -629,42 +596,19 @@ class CeiT(PEModel):
         - ``features``: LN(z) (+ the readout) [B, 1, D]; ``pooled``: [B, D]; ``logits``: [B, num_classes];
         - ``grid``: the token grid (h, w); ``num_prefix_tokens``: 1 with a class token, else 0.
         """
-        grid = self._grid(x)
-        pos = self._pos_for_grid(grid) if self.pos_embed is not None else None
-        x = self._embed(x, pos)
-        npt = self.num_prefix_tokens
-        out: dict[str, Any] = {
-            "block_inputs": [],
-            "token_terms": [],
-            "pos_terms": [],
-            "attn_inputs": [],
-            "readouts": [],
-            "grid": grid,
-            "num_prefix_tokens": npt,
-        }
-        step = self.pe_walk.start(pos)
+        out, x, step = self._analysis_begin(x, readouts=[])
+        grid, npt = out["grid"], self.num_prefix_tokens
         for i, blk in enumerate(self.blocks):
             x = blk.forward_rest(x, self._analyse_block(out, step, i, blk, x), grid, npt)
             out["readouts"].append(self._readout(x))
-        lca_in = torch.stack(out["readouts"], dim=1) + self.pos_layer_embed
-        z = self.lca(lca_in)
-        last_out = self.norm.norm_tokens(z)
+        out["lca_input"] = torch.stack(out["readouts"], dim=1) + self.pos_layer_embed
         last_term = readout = None
         if self.has_last_pos:
             last_term = self.norm.pos_term(step.last_source)
             readout = self._readout(last_term).unsqueeze(1)
-        feats = last_out if readout is None else last_out + readout
-        pooled = feats[:, 0]
-        out.update(
-            lca_input=lca_in,
-            last_norm_input=z,
-            last_norm_output=last_out,
-            last_pos_term=last_term,
-            last_pos_readout=readout,
-            features=feats,
-            pooled=pooled,
-            logits=self.head(pooled),
-        )
+        out["last_pos_readout"] = readout
+        feats = self._analyse_last_norm(out, self.lca(out["lca_input"]), self.norm, last_term, added=readout)
+        out.update(pooled=feats[:, 0], logits=self.head(feats[:, 0]))
         return out
 
     def extra_repr(self) -> str:
@@ -674,3 +618,22 @@ class CeiT(PEModel):
             f"add_pos_to_input={self.add_pos_to_input}, include_layer0={self.include_layer0}, "
             f"hierarchical={self.hierarchical}, last_pos={self.last_pos}"
         )
+
+
+# ----------------------------------------------------------------------------- registered configurations
+# I2T tokenizer (conv 7x7/2 + BN + max-pool 3x3/2, then a 4x4/4 conv: 224 -> 14x14 tokens), LeFF instead of the
+# MLP, layer-wise class-token attention (LCA); official parameter names.
+register_models(CeiT, {
+    "ceit_tiny_patch16_224": {
+        "model": dict(img_size=224, patch_size=4, embed_dim=192, depth=12, num_heads=3, num_classes=1000),
+        "cfg": imagenet_cfg(),
+        "source": "CeiT-T (Yuan et al. 2021); MPVG Table 1, LaPE Table 1",
+        "tiny": dict(img_size=32, patch_size=2, stem_chans=16, embed_dim=32, depth=2, num_heads=2),
+    },
+    "ceit_small_patch16_224": {
+        "model": dict(img_size=224, patch_size=4, embed_dim=384, depth=12, num_heads=6, num_classes=1000),
+        "cfg": imagenet_cfg(),
+        "source": "CeiT-S (Yuan et al. 2021); LaPE Table 1",
+        "tiny": dict(img_size=32, patch_size=2, stem_chans=16, embed_dim=32, depth=2, num_heads=2),
+    },
+})

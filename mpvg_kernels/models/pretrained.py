@@ -1,4 +1,4 @@
-"""Loading timm/DeiT-format (and Compact-Transformers ViT-Lite/CVT/CCT) checkpoints into :class:`VisionTransformer`.
+"""Loading timm/DeiT-format (and Compact-Transformers ViT-Lite/CVT/CCT) checkpoints into a model of any family.
 
 A timm/DeiT checkpoint is a state dict (or one wrapped in ``{"model": ...}``, ``{"state_dict": ...}``) with keys
 ``cls_token`` [1, 1, D] (DeiT distilled: and ``dist_token``), ``pos_embed`` [1, 1 + N, D] (distilled: 2 + N rows),
@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..layers.pos_embed import infer_grid_size, resample_abs_pos_embed, sincos_pos_embed
-from .vision_transformer import VisionTransformer
+from .base import PEModel
 
 __all__ = ["checkpoint_filter_fn", "load_pretrained", "unwrap_state_dict"]
 
@@ -89,7 +89,7 @@ def _remap_cct(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _adapt_pos_embed(
-    v: torch.Tensor, model: VisionTransformer, src_prefix: int, src_grid: tuple[int, int] | None = None
+    v: torch.Tensor, model: PEModel, src_prefix: int, src_grid: tuple[int, int] | None = None
 ) -> torch.Tensor:
     if v.dim() == 2:
         v = v.unsqueeze(0)
@@ -110,7 +110,7 @@ def _adapt_pos_embed(
 
 
 def checkpoint_filter_fn(
-    checkpoint: Mapping[str, Any], model: VisionTransformer, src_grid: tuple[int, int] | None = None
+    checkpoint: Mapping[str, Any], model: PEModel, src_grid: tuple[int, int] | None = None
 ) -> dict[str, torch.Tensor]:
     """A timm/DeiT/CCT/own-format checkpoint adapted to ``model`` (see the module docstring). ``src_grid``: the
     checkpoint's token grid (h, w) where known (needed for a non-square one); None infers a square grid."""
@@ -165,7 +165,7 @@ def _adapt_patch_weight(v: torch.Tensor, shape: torch.Size, name: str = "patch_e
 
 
 def load_pretrained(
-    model: VisionTransformer,
+    model: PEModel,
     checkpoint: str | os.PathLike | Mapping[str, Any],
     strict: bool = False,
     map_location: str | torch.device = "cpu",

@@ -56,7 +56,6 @@ Image-independent PE terms: :meth:`SwinTransformer.compute_pe_terms` (live), the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -64,9 +63,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.blocks import DropPath, Mlp, PEBlock, to_2tuple
-from ..layers.norms import DualLayerNorm, LastLayerNormPE
+from ..layers.norms import LastLayerNormPE
 from ..layers.pe_cache import no_autocast
-from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, PETerms, resolve_pe_knobs
+from ..layers.pe_walk import (
+    AUTO,
+    NO_ABSOLUTE_PE_PRESETS,
+    POOL_ALIASES,
+    SWIN_PRESETS,
+    PETerms,
+    check_pe_mode,
+    resolve_pe_knobs,
+)
 from ..layers.window_attention import (
     PatchMerging,
     RelPosBiasNorm,
@@ -76,6 +83,7 @@ from ..layers.window_attention import (
     window_reverse,
 )
 from .base import PEModel, check_sizes
+from .registry import imagenet_cfg, register_models
 from .vision_transformer import feature_take_indices
 
 __all__ = ["POS_EMBEDS", "SwinBlock", "SwinStage", "SwinTransformer"]
@@ -231,8 +239,7 @@ class SwinTransformer(PEModel):
         pe_cache: bool = True,
     ) -> None:
         super().__init__()
-        if pe not in PE_MODES:
-            raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
+        check_pe_mode(pe)
         if pool is not None and POOL_ALIASES.get(pool) != "avg":
             raise ValueError(f"Swin average-pools its last stage: pool must be 'avg' (or None), got {pool!r}")
         if pos_embed in ("sincos1d", "sincos2d"):
@@ -284,36 +291,18 @@ class SwinTransformer(PEModel):
         self.pool = "avg"
         self.pos_embed_type = pos_embed
         self.rpe_norm = (pe == "lape") if rpe_norm is None else bool(rpe_norm)
-        has_ape = pos_embed == "learn"
-        if not has_ape:
-            if pe in ("pvg", "mpvg"):
-                raise ValueError(
-                    f"pe={pe!r} delivers an absolute position embedding to the blocks (and the last norm), but "
-                    "pos_embed='rpe' has none (only the relative position bias); use pos_embed='learn'"
-                )
-            if pe == "lape" and not self.rpe_norm:
-                raise ValueError(
-                    "pe='lape' with pos_embed='rpe' joins the relative position bias through its "
-                    "LayerNorm; rpe_norm=False leaves it no position embedding to join"
-                )
-            for name, value in (
-                ("include_layer0", include_layer0),
-                ("hierarchical", hierarchical),
-                ("add_pos_to_input", add_pos_to_input),
-            ):
-                if value is not None:
-                    raise ValueError(f"{name} needs an absolute position embedding; pos_embed='rpe' has none")
-            if last_pos not in (_AUTO, None):
-                raise ValueError("last_pos needs an absolute position embedding; pos_embed='rpe' has none")
         depth = sum(depths)
-        # "for Swin, PVG and MPVG exceptionally include layer 0": every layer-wise mode includes it by default
-        knobs = resolve_pe_knobs(
+        # the mode rules: SWIN_PRESETS (layer 0 in every layer-wise mode) with the absolute PE, else no absolute PE
+        self._set_pe_knobs(resolve_pe_knobs(
             pe, depth, include_layer0=include_layer0, hierarchical=hierarchical, add_pos_to_input=add_pos_to_input,
-            last_pos=last_pos if has_ape else None, include_layer0_default=True,
-        )
-        if not has_ape:  # the relative bias alone: no absolute PE anywhere
-            knobs = replace(knobs, add_pos_to_input=False, block_uses_pos=(False,) * depth, last_pos=None)
-        self._set_pe_knobs(knobs)
+            last_pos=last_pos, presets=SWIN_PRESETS if pos_embed == "learn" else NO_ABSOLUTE_PE_PRESETS,
+            model=f"pos_embed={pos_embed!r}",
+        ))
+        if pe == "lape" and pos_embed == "rpe" and not self.rpe_norm:
+            raise ValueError(
+                "pe='lape' with pos_embed='rpe' joins the relative position bias through its "
+                "LayerNorm; rpe_norm=False leaves it no position embedding to join"
+            )
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -329,8 +318,7 @@ class SwinTransformer(PEModel):
         self.grad_checkpointing = False
 
         self.patch_embed = _PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_eps)
-        uses_pos = self.add_pos_to_input or any(self.block_uses_pos) or self.last_pos is not None
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid0[0] * grid0[1], embed_dim)) if uses_pos else None
+        self._init_pos_embed()
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = [float(v) for v in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         stages = []
@@ -387,29 +375,14 @@ class SwinTransformer(PEModel):
         """timm's name for the pooling (always ``avg``)."""
         return "avg"
 
-    @property
-    def has_last_pos(self) -> bool:
-        """Whether the last LN adds LN'_last(pos_k) (MPVG)."""
-        return self.last_pos is not None
-
-    def init_weights(self) -> None:
-        """timm's Swin init: trunc_normal(.02) for Linear weights, the relative bias tables and the absolute PE
-        (``pos_init_std``); zero Linear biases; LayerNorms 1/0 (LN' too); the patch conv keeps PyTorch's init."""
-        if self.pos_embed is not None:
-            nn.init.trunc_normal_(self.pos_embed, std=self.pos_init_std)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (DualLayerNorm, LastLayerNormPE, RelPosBiasNorm)):
-                m.reset_parameters()
-            elif isinstance(m, WindowAttention):
-                nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
-        self.clear_pe_cache()
+    def _init_submodule(self, m: nn.Module) -> None:
+        """timm's Swin init (:meth:`PEModel.init_weights <mpvg_kernels.models.base.PEModel.init_weights>`; the patch
+        conv keeps PyTorch's init), plus trunc_normal(.02) for the relative bias tables and LaPE's bias norms reset."""
+        super()._init_submodule(m)
+        if isinstance(m, RelPosBiasNorm):
+            m.reset_parameters()
+        elif isinstance(m, WindowAttention):
+            nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm's Swin parameter groups (layer-wise LR decay); the absolute PE joins the stem."""
@@ -520,7 +493,9 @@ class SwinTransformer(PEModel):
 
     # ------------------------------------------------------------------ forward
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """The token grid of images ``x``: the model's own (the attention masks are built for it); ValueError for
+        another layout or size."""
         if x.dim() != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.patch_embed.img_size:
@@ -528,6 +503,7 @@ class SwinTransformer(PEModel):
                 f"input size {tuple(x.shape[-2:])} does not match the model's img_size "
                 f"{self.patch_embed.img_size}; build the model with img_size=..."
             )
+        return self.patch_embed.grid_size
 
     def _embed(self, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -552,7 +528,7 @@ class SwinTransformer(PEModel):
         """Images -> (x_{L+1} [B, N_last, C_last], the precomputed terms used or None, LN'_last's source (pos or a
         block term, not yet brought to the last stage) when computed live, the tokens after each stage in
         ``take``). ``stop_after``: run stages 0..stop_after only."""
-        self._check_input(x)
+        self._grid(x)
         if pe_terms is None and self.pos_embed is not None:
             pe_terms = self.pe_terms()
         pos = None
@@ -659,20 +635,8 @@ class SwinTransformer(PEModel):
         :meth:`VisionTransformer.forward_analysis <mpvg_kernels.models.VisionTransformer.forward_analysis>`.
         Entries of block l have block l's stage shape ([B, H_s * W_s, C_s]); ``grid`` is the stage-0 grid, and
         ``grids`` (per block) and ``last_grid`` give each entry's own grid."""
-        self._check_input(x)
-        pos = self.pos_embed
-        x = self._embed(x, pos)
-        out: dict[str, Any] = {
-            "block_inputs": [],
-            "token_terms": [],
-            "pos_terms": [],
-            "attn_inputs": [],
-            "grid": self.patch_embed.grid_size,
-            "num_prefix_tokens": 0,
-            "grids": [self.grids[s] for s in self.block_stage],
-            "last_grid": self.grids[-1],
-        }
-        step = self.pe_walk.start(pos)
+        out, x, step = self._analysis_begin(x, grids=[self.grids[s] for s in self.block_stage],
+                                            last_grid=self.grids[-1])
         i = 0
         for s, stage in enumerate(self.layers):
             x = stage.down(x)
@@ -680,18 +644,9 @@ class SwinTransformer(PEModel):
                 a = self._analyse_block(out, step, i, blk, x, lambda p, s=s: self._to_stage(p, s))
                 x = blk.forward_rest(x, a)
                 i += 1
-        last_out = self.norm.norm_tokens(x)
         last_term = None if step.last_source is None else self.norm.pos_term(self._last_pe(step.last_source))
-        feats = last_out if last_term is None else last_out + last_term
-        pooled = feats.mean(dim=1)
-        out.update(
-            last_norm_input=x,
-            last_norm_output=last_out,
-            last_pos_term=last_term,
-            features=feats,
-            pooled=pooled,
-            logits=self.head(pooled),
-        )
+        pooled = self._analyse_last_norm(out, x, self.norm, last_term).mean(dim=1)
+        out.update(pooled=pooled, logits=self.head(pooled))
         return out
 
     def extra_repr(self) -> str:
@@ -700,3 +655,31 @@ class SwinTransformer(PEModel):
             f"add_pos_to_input={self.add_pos_to_input}, include_layer0={self.include_layer0}, "
             f"hierarchical={self.hierarchical}, last_pos={self.last_pos}"
         )
+
+
+# ----------------------------------------------------------------------------- registered configurations
+
+register_models(SwinTransformer, {
+    "swin_tiny_patch4_window7_224": {
+        # timm's swin_tiny_patch4_window7_224 plus MPVG's absolute PE (pos_embed="learn"; "rpe": Swin's own
+        # relative bias only); stochastic depth 0.2 as in the Swin paper's Swin-T recipe.
+        "model": dict(
+            img_size=224, patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+            drop_path_rate=0.2, num_classes=1000,
+        ),
+        "cfg": imagenet_cfg(crop_pct=0.9),
+        "source": "Swin-T (Liu et al. 2021); MPVG Table 1 (absolute PE), LaPE Table 1 (pos_embed='rpe')",
+        "tiny": dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                     drop_path_rate=0.0),
+    },
+    "swin_small_patch4_window7_224": {
+        "model": dict(
+            img_size=224, patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
+            drop_path_rate=0.3, num_classes=1000,
+        ),
+        "cfg": imagenet_cfg(crop_pct=0.9),
+        "source": "Swin-S (Liu et al. 2021); LaPE Table 1 (pos_embed='rpe')",
+        "tiny": dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                     drop_path_rate=0.0),
+    },
+})

@@ -40,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without timm
 
     raise ImportError(f"mpvg_kernels.models.timm_bridge needs timm: {install_advice('timm')}") from exc
 
-from ..layers.pe_walk import POOL_ALIASES, default_pool
+from ..layers.pe_walk import POOL_ALIASES, check_pe_mode, default_pool
 from .base import PEModel
 from .pretrained import checkpoint_filter_fn
 from .registry import MODEL_CFGS, create_model, fit_channels
@@ -122,7 +122,7 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     args = dict(MODEL_CFGS[arch]["model"])
     args.update(kwargs)
     model = build_model_with_cfg(
-        partial(MODEL_CFGS[arch].get("family", VisionTransformer), pe=pe),
+        partial(MODEL_CFGS[arch]["family"], pe=pe),
         name,
         pretrained,
         pretrained_filter_fn=timm_checkpoint_filter_fn,
@@ -141,7 +141,7 @@ def _register(name: str) -> None:
     arch, pe = TIMM_MODELS[name]
     entry.__name__ = entry.__qualname__ = name
     entry.__module__ = __name__
-    family = MODEL_CFGS[arch].get("family", VisionTransformer).__name__
+    family = MODEL_CFGS[arch]["family"].__name__
     entry.__doc__ = f"{arch} with pe={pe!r} (mpvg-kernels {family})."
     globals()[name] = register_model(entry)
 
@@ -375,8 +375,7 @@ def from_timm(model: nn.Module, pe: str = "default", **kwargs: Any) -> VisionTra
     projection and head dropout) are refused unless ``drop_rate=`` (or ``attn_drop_rate=``, ``drop_path_rate=``)
     is passed explicitly.
     """
-    if pe not in PE_MODES:
-        raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
+    check_pe_mode(pe)
     bad = _check_timm_vit(model, kwargs)
     if bad:
         raise ValueError(f"from_timm cannot convert this {type(model).__name__}: unsupported " + "; ".join(bad))

@@ -56,13 +56,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.blocks import Block, to_2tuple
-from ..layers.norms import DualLayerNorm, LastLayerNormPE
+from ..layers.norms import LastLayerNormPE
 from ..layers.pe_cache import no_autocast
-from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, PETerms, PEWalk, default_pool, resolve_pe_knobs
+from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, PETerms, check_pe_mode, default_pool, resolve_pe_knobs
 from ..layers.pe_walk import POOLS as _WALK_POOLS
-from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed
+from ..layers.pos_embed import infer_grid_size, resample_abs_pos_embed
 from ..layers.tokenizers import build_tokenizer
-from .base import PEModel, check_sizes, count_parameters
+from .base import PEModel, check_pos_embed, check_sizes, count_parameters
+from .pretrained import load_pretrained
+from .registry import cifar100_cfg, imagenet_cfg, register_models
 
 __all__ = [
     "PE_MODES",
@@ -136,8 +138,7 @@ class VisionTransformer(PEModel):
         distilled: bool = False,
     ) -> None:
         super().__init__()
-        if pe not in PE_MODES:
-            raise ValueError(f"pe must be one of {PE_MODES}, got {pe!r}")
+        check_pe_mode(pe)
         pool = default_pool(pe) if pool is None else pool
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -159,15 +160,7 @@ class VisionTransformer(PEModel):
             raise ValueError(f"fc_norm=True (the last norm after pooling) needs pool='avg', got pool={pool!r}")
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
-        if pos_embed == "rpe":
-            raise ValueError(
-                "pos_embed='rpe' is Swin's relative position bias inside window attention; this model attends "
-                f"globally and has no relative bias table: choose one of {POS_EMBED_TYPES}"
-            )
-        if pos_embed not in POS_EMBED_TYPES:
-            raise ValueError(f"pos_embed must be one of {POS_EMBED_TYPES}, got {pos_embed!r}")
-        if pos_embed == "sincos2d" and embed_dim % 4:
-            raise ValueError(f"pos_embed='sincos2d' needs an embed_dim divisible by 4, got {embed_dim}")
+        check_pos_embed(pos_embed, embed_dim)
         if patch_init not in ("default", "kaiming_normal"):
             raise ValueError(f"patch_init must be 'default' or 'kaiming_normal', got {patch_init!r}")
         self._set_pe_knobs(resolve_pe_knobs(
@@ -193,16 +186,9 @@ class VisionTransformer(PEModel):
         self.tokenizer = tokenizer
 
         self.patch_embed = build_tokenizer(tokenizer, img_size, patch_size, in_chans, embed_dim, tokenizer_args)
-        num_pos = self.patch_embed.num_patches + self.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.has_class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.distilled else None
-        uses_pos = self.add_pos_to_input or any(self.block_uses_pos) or self.last_pos is not None
-        self.pos_embed: torch.Tensor | None = None
-        if uses_pos and pos_embed == "learn":
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim))
-        elif uses_pos:
-            del self.pos_embed
-            self.register_buffer("pos_embed", self._fixed_pos_embed(self.patch_embed.grid_size))
+        self._init_pos_embed()
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = [float(v) for v in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.ModuleList(
@@ -266,35 +252,14 @@ class VisionTransformer(PEModel):
         """timm's name for the pooling: ``token`` (class token), ``avg`` or ``seq`` (sequence pooling)."""
         return "token" if self.pool == "cls" else self.pool
 
-    @property
-    def has_last_pos(self) -> bool:
-        """Whether the last LN adds LN'_last(pos_k) (MPVG)."""
-        return self.last_pos is not None
-
     def init_weights(self) -> None:
-        """DeiT/LaPE init: trunc_normal(.02) for Linear weights, PE (``pos_init_std``) and class token; zero biases;
-        LayerNorms 1/0; patch conv PyTorch default or kaiming_normal (CCT)."""
-        if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.trunc_normal_(self.pos_embed, std=self.pos_init_std)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
-        if self.dist_token is not None:
-            nn.init.trunc_normal_(self.dist_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (DualLayerNorm, LastLayerNormPE)):
-                m.reset_parameters()
+        """DeiT/LaPE init (:meth:`PEModel.init_weights <mpvg_kernels.models.base.PEModel.init_weights>`); the
+        tokenizer's convs then keep PyTorch's default or, with ``patch_init="kaiming_normal"``, CCT's."""
+        super().init_weights()
         if self.patch_init == "kaiming_normal":
             for m in self.patch_embed.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight)
-        self.clear_pe_cache()
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm's parameter groups (layer-wise LR decay): stem (class token, PE, patch embedding), one group per
@@ -373,8 +338,6 @@ class VisionTransformer(PEModel):
         self, checkpoint: str | PathLike | Mapping[str, Any], strict: bool = False
     ) -> torch.nn.modules.module._IncompatibleKeys:
         """Load a timm/DeiT-format (or this package's) checkpoint; see :func:`load_pretrained`."""
-        from .pretrained import load_pretrained
-
         return load_pretrained(self, checkpoint, strict=strict)
 
     # ------------------------------------------------------------------ PE cache
@@ -543,8 +506,6 @@ class VisionTransformer(PEModel):
         grid = self.patch_embed.grid_size
         if num_tokens - self.num_prefix_tokens == grid[0] * grid[1]:
             return grid
-        from ..layers.pos_embed import infer_grid_size
-
         return infer_grid_size(num_tokens - self.num_prefix_tokens)
 
     def _seq_pool(self, z: torch.Tensor) -> torch.Tensor:
@@ -654,23 +615,17 @@ class VisionTransformer(PEModel):
         """timm's pruning for feature extraction: keep blocks up to the last index taken, optionally drop the last
         norm (``prune_norm``) and the head and ``fc_norm`` (``prune_head``). Returns the absolute indices kept."""
         take, max_index = feature_take_indices(len(self.blocks), indices)
-        if self.last_pos is not None and self.last_pos > max_index and not prune_norm:
-            raise ValueError(
-                f"last_pos={self.last_pos} takes LN'_last's input from block {self.last_pos}, which pruning to "
-                f"{max_index + 1} blocks removes; pass prune_norm=True"
-            )
+        knobs = self.pe_knobs.pruned(max_index + 1, last_norm=not prune_norm)
         self.blocks = self.blocks[: max_index + 1]
         self.depth = len(self.blocks)
-        self.block_uses_pos = self.block_uses_pos[: max_index + 1]
+        self._set_pe_knobs(knobs)
         if prune_norm:
             self.norm = nn.Identity()
             if self.use_fc_norm:
                 self.fc_norm = nn.Identity()
-            self.last_pos = None
         if prune_head:
             self.fc_norm = nn.Identity()
             self.reset_classifier(0)
-        self.pe_walk = PEWalk(self.block_uses_pos, self.hierarchical, self.last_pos)
         self.feature_info = self._make_feature_info()
         self.clear_pe_cache()
         return take
@@ -693,24 +648,10 @@ class VisionTransformer(PEModel):
         """
         if self.use_fc_norm:
             raise ValueError("forward_analysis needs the last norm before pooling; this model has fc_norm=True")
-        grid = self._grid(x)
-        pos = self._pos_for_grid(grid) if self.pos_embed is not None else None
-        x = self._embed(x, pos)
-        out: dict[str, Any] = {
-            "block_inputs": [],
-            "token_terms": [],
-            "pos_terms": [],
-            "attn_inputs": [],
-            "grid": grid,
-            "num_prefix_tokens": self.num_prefix_tokens,
-        }
-        step = self.pe_walk.start(pos)
+        out, x, step = self._analysis_begin(x)
         for i, blk in enumerate(self.blocks):
             x = blk.forward_rest(x, self._analyse_block(out, step, i, blk, x))
-        last_out = self._last_norm().norm_tokens(x)
-        last_term = self._last_term(None, step.last_source)
-        feats = last_out if last_term is None else last_out + last_term
-        out.update(last_norm_input=x, last_norm_output=last_out, last_pos_term=last_term, features=feats)
+        feats = self._analyse_last_norm(out, x, self._last_norm(), self._last_term(None, step.last_source))
         if self.distilled:
             out["pooled"] = self._distilled_head(feats[:, :2], pre_logits=True)
             out["logits"] = self._distilled_head(feats[:, :2])
@@ -752,3 +693,178 @@ def feature_take_indices(num_features: int, indices: int | Sequence[int] | None 
                 raise ValueError(f"feature index {i} is out of range (0 to {num_features - 1})")
             take.append(j)
     return take, max(take)
+
+
+# ----------------------------------------------------------------------------- registered configurations
+# sklearn's load_digits() pixels / 16 (0..16 -> 0..1): mean and std over all 1,797 8x8 images.
+DIGITS_MEAN = (0.3053,)
+DIGITS_STD = (0.3760,)
+
+register_models(VisionTransformer, {
+    "deit_tiny_patch16_224": {
+        "model": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=1000),
+        "cfg": imagenet_cfg(),
+        "source": "DeiT-Ti (Touvron et al. 2021); MPVG Table 1",
+        "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
+    },
+    "deit_small_patch16_224": {
+        "model": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=1000),
+        "cfg": imagenet_cfg(),
+        "source": "DeiT-S (Touvron et al. 2021); MPVG Table 1",
+        "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
+    },
+    "deit_base_patch16_224": {
+        "model": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=1000),
+        "cfg": imagenet_cfg(),
+        "source": "DeiT-B (Touvron et al. 2021); MPVG Table 1",
+        "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
+    },
+    "vit_lite_7_4_32": {
+        # Compact-Transformers vit_7_4_32: conv tokenizer 4x4/stride 4 with bias (kaiming_normal init), class
+        # token (seq_pool=False), learnable PE (trunc_normal std 0.2), 7 blocks, dim 256, 4 heads, MLP ratio 2,
+        # qkv without bias, LN2 applied to the residual stream, LayerNorm eps 1e-5, attention dropout 0.1,
+        # stochastic depth 0.1, dropout 0 (as cvt_7_4_32 and cct_7_3x1_32, the official values).
+        "model": dict(
+            img_size=32,
+            patch_size=4,
+            embed_dim=256,
+            depth=7,
+            num_heads=4,
+            mlp_ratio=2.0,
+            qkv_bias=False,
+            block_style="cct",
+            attn_drop_rate=0.1,
+            drop_path_rate=0.1,
+            patch_init="kaiming_normal",
+            pos_init_std=0.2,
+            norm_eps=1e-5,
+            num_classes=100,
+        ),
+        "cfg": cifar100_cfg(),
+        "source": "ViT-Lite-7/4 (Hassani et al. 2022) on CIFAR-100; MPVG Table 2",
+        "tiny": dict(img_size=16, embed_dim=32, depth=2, num_heads=2),
+    },
+    "vit_digits": {
+        # Sized for sklearn's 8x8 digits upsampled to 16x16: 16 tokens of 4x4 pixels, dim 64, 4 blocks.
+        "model": dict(
+            img_size=16, patch_size=4, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=10
+        ),
+        "cfg": dict(mean=DIGITS_MEAN, std=DIGITS_STD, crop_pct=1.0),
+        "source": "this project: the bundled digits data (8x8, 10 classes, 1,797 images)",
+        "tiny": dict(embed_dim=32, depth=2, num_heads=2),
+    },
+    "t2t_vit_7": {
+        # Official T2T-ViT (yitu-opensource/T2T-ViT, models/t2t_vit.py: t2t_vit_7): T2T module with Performer token
+        # layers (token_dim 64, random features m = 32, dropout 0.1), fixed 1-D sinusoid PE (a buffer), class
+        # token, 7 blocks of dim 256, 4 heads, MLP ratio 2, qkv without bias, attention scale head_dim^-0.5,
+        # LayerNorm eps 1e-5, stochastic depth 0.1 (the default of the official train script), crop_pct 0.9.
+        "model": dict(
+            img_size=224,
+            patch_size=16,
+            tokenizer="t2t",
+            tokenizer_args=dict(token_type="performer", token_dim=64),
+            pos_embed="sincos1d",
+            embed_dim=256,
+            depth=7,
+            num_heads=4,
+            mlp_ratio=2.0,
+            qkv_bias=False,
+            norm_eps=1e-5,
+            drop_path_rate=0.1,
+            num_classes=1000,
+        ),
+        "cfg": imagenet_cfg(crop_pct=0.9),
+        "source": "T2T-ViT-7 (Yuan et al. 2021); MPVG Tables 1-2, LaPE Table 1",
+        # The official code holds the sinusoid table and the Performer random features as frozen nn.Parameters, and
+        # the papers' #Params count them (4,310,222 = 4,255,694 trainable + 50,432 + 2 x 2,048); here they are
+        # buffers, added back only where the parameter table compares with the papers.
+        "paper_counts_buffers": ("pos_embed", "patch_embed.attention1.w", "patch_embed.attention2.w"),
+        # 64 x 64 pixels -> 16 x 16, 8 x 8, then 4 x 4 tokens
+        "tiny": dict(
+            img_size=64, tokenizer_args=dict(token_type="performer", token_dim=16), embed_dim=32, depth=2, num_heads=2
+        ),
+    },
+    "deit_tiny_distilled_patch16_224": {
+        # DeiT's distillation token and second head; pool="cls" in every mode (the heads read the two tokens).
+        "model": dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=192,
+            depth=12,
+            num_heads=3,
+            num_classes=1000,
+            distilled=True,
+            pool="cls",
+        ),
+        "cfg": imagenet_cfg(),
+        "source": "DeiT-Ti distilled (Touvron et al. 2021, 5.91 M params); LaPE Table 1",
+        "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
+    },
+    "deit_small_distilled_patch16_224": {
+        "model": dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=384,
+            depth=12,
+            num_heads=6,
+            num_classes=1000,
+            distilled=True,
+            pool="cls",
+        ),
+        "cfg": imagenet_cfg(),
+        "source": "DeiT-S distilled (Touvron et al. 2021, 22.4 M params); LaPE Table 1",
+        "tiny": dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
+    },
+    "cvt_7_4_32": {
+        # Compact-Transformers cvt_7_4_32: ViT-Lite's tokenizer (conv 4x4 / stride 4 with bias, kaiming_normal
+        # init), sequence pooling (no class token) in every mode, learnable PE (trunc_normal std 0.2), 7 blocks,
+        # dim 256, 4 heads, MLP ratio 2, qkv without bias, LN2 on the residual stream, LayerNorm eps 1e-5,
+        # attention dropout 0.1, stochastic depth 0.1, dropout 0.
+        "model": dict(
+            img_size=32,
+            patch_size=4,
+            embed_dim=256,
+            depth=7,
+            num_heads=4,
+            mlp_ratio=2.0,
+            qkv_bias=False,
+            block_style="cct",
+            attn_drop_rate=0.1,
+            drop_path_rate=0.1,
+            patch_init="kaiming_normal",
+            pos_init_std=0.2,
+            norm_eps=1e-5,
+            pool="seq",
+            num_classes=100,
+        ),
+        "cfg": cifar100_cfg(),
+        "source": "CVT-7/4 (Hassani et al. 2021, Compact-Transformers) on CIFAR-100; LaPE Table 2",
+        "tiny": dict(img_size=16, embed_dim=32, depth=2, num_heads=2),
+    },
+    "cct_7_3x1_32": {
+        # Compact-Transformers cct_7_3x1_32: conv tokenizer of one layer (conv 3x3 / stride 1 / padding 1 without
+        # bias, ReLU, max-pool 3 / 2 / 1: 32x32 -> 16x16 = 256 tokens), otherwise as cvt_7_4_32.
+        "model": dict(
+            img_size=32,
+            patch_size=3,
+            tokenizer="conv",
+            tokenizer_args=dict(n_conv_layers=1),
+            embed_dim=256,
+            depth=7,
+            num_heads=4,
+            mlp_ratio=2.0,
+            qkv_bias=False,
+            block_style="cct",
+            attn_drop_rate=0.1,
+            drop_path_rate=0.1,
+            patch_init="kaiming_normal",
+            pos_init_std=0.2,
+            norm_eps=1e-5,
+            pool="seq",
+            num_classes=100,
+        ),
+        "cfg": cifar100_cfg(),
+        "source": "CCT-7/3x1 (Hassani et al. 2021, Compact-Transformers) on CIFAR-100; LaPE Table 2",
+        "tiny": dict(img_size=16, embed_dim=32, depth=2, num_heads=2),
+    },
+})

@@ -1,6 +1,8 @@
-"""Checkpoints that load with ``torch.load(weights_only=True)``, RNG state capture, and model rebuilding.
+"""Writing checkpoints that load with ``torch.load(weights_only=True)``, and RNG state capture.
 
-A checkpoint is a dict of tensors and primitive containers only (no pickled classes)::
+Reading them back and rebuilding the model is :mod:`mpvg_kernels.models.factory` (its names are re-exported here:
+``build_model``, ``model_from_checkpoint``, ``load_checkpoint``, ...), so the tools that only read checkpoints need
+not import training. A checkpoint is a dict of tensors and primitive containers only (no pickled classes)::
 
     format: "mpvg-kernels-checkpoint", version: 1
     model: {name, pe, kwargs, num_classes, params}      # enough for eval/predict to rebuild the model
@@ -23,29 +25,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
-
-FORMAT = "mpvg-kernels-checkpoint"
-VERSION = 1
-REQUIRED_KEYS = ("format", "version", "model", "data", "config", "epoch", "state_dict")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# models
-
-
-def build_model(name: str, pe: str, num_classes: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """``mpvg_kernels.models.create_model`` with clear errors for an unknown name or bad keyword arguments."""
-    from .. import models
-
-    available = list(models.list_models())
-    if name not in available:
-        raise UserError(f"unknown model {name!r}; available models: {', '.join(available)}")
-    try:
-        return models.create_model(name, pe=pe, num_classes=num_classes, **(kwargs or {}))
-    except (TypeError, ValueError, KeyError) as e:
-        raise UserError(f"cannot build model {name!r} (pe={pe!r}, num_classes={num_classes}, "
-                        f"kwargs={kwargs or {}}): {e}") from None
+from ..models.factory import (  # noqa: F401 - re-exported: reading checkpoints and rebuilding models
+    FORMAT,
+    REQUIRED_KEYS,
+    VERSION,
+    build_model,
+    is_train_checkpoint,
+    load_checkpoint,
+    load_state_dict_checked,
+    mismatch_parts,
+    model_from_checkpoint,
+    read_torch_file,
+    validate_checkpoint,
+)
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -56,33 +48,6 @@ def weights_digest(model: nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def mismatch_parts(missing: list[str], unexpected: list[str], shapes: list[str],
-                   missing_note: str = "keys", unexpected_word: str = "unexpected",
-                   unexpected_note: str = "keys") -> list[str]:
-    """The readable pieces of a state-dict mismatch, the first few names of each kind (empty: no mismatch)."""
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)} {missing_note} (e.g. {', '.join(missing[:4])})")
-    if unexpected:
-        parts.append(f"{unexpected_word} {len(unexpected)} {unexpected_note} (e.g. {', '.join(unexpected[:4])})")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
-    return parts
-
-
-def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
-    """``model.load_state_dict(strict=True)`` with a readable error listing what does not match."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    parts = mismatch_parts(missing, unexpected, shapes)
-    if parts:
-        raise UserError(f"{where} does not match the model: {'; '.join(parts)}")
-    model.load_state_dict(state_dict, strict=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,57 +110,3 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(to_cpu(payload), tmp)
     os.replace(tmp, path)
-
-
-def read_torch_file(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU; a missing or unreadable file is a :class:`UserError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file, foreign pickle ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load checkpoint {path}: the file is corrupt, truncated or not a torch checkpoint "
-                        f"({type(e).__name__}: {msg})") from None
-
-
-def is_train_checkpoint(obj: Any) -> bool:
-    """Whether a loaded object is an ``mpvg train`` checkpoint (as opposed to, e.g., a bare state dict)."""
-    return isinstance(obj, dict) and obj.get("format") == FORMAT
-
-
-def validate_checkpoint(ckpt: Any, path: str | os.PathLike) -> dict[str, Any]:
-    """Check that a loaded object is an ``mpvg train`` checkpoint this version reads; else a :class:`UserError`."""
-    if not is_train_checkpoint(ckpt):
-        raise UserError(f"{path} is a torch file but not an mpvg-kernels checkpoint (written by `mpvg train`)")
-    if int(ckpt.get("version", 0)) > VERSION:
-        raise UserError(f"{path} has checkpoint version {ckpt['version']}; this mpvg-kernels reads up to {VERSION}")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}")
-    return ckpt
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a checkpoint with ``weights_only=True``; every failure is a :class:`UserError`."""
-    return validate_checkpoint(read_torch_file(path), path)
-
-
-def model_from_checkpoint(ckpt: dict[str, Any], weights: str = "auto", where: str = "checkpoint") -> nn.Module:
-    """Rebuild the model a checkpoint was trained with and load its weights.
-
-    ``weights``: ``auto`` (the EMA weights when the run kept an EMA, else the trained weights), ``ema`` or ``model``.
-    """
-    meta = ckpt["model"]
-    model = build_model(meta["name"], meta["pe"], int(meta["num_classes"]), dict(meta.get("kwargs") or {}))
-    ema = ckpt.get("ema")
-    if weights == "ema" and not ema:
-        raise UserError(f"{where} has no EMA weights (the run was trained with ema: false)")
-    if weights not in ("auto", "ema", "model"):
-        raise UserError(f"weights must be auto, ema or model, got {weights!r}")
-    use_ema = bool(ema) and weights in ("auto", "ema")
-    sd = ema["state_dict"] if use_ema else ckpt["state_dict"]
-    load_state_dict_checked(model, sd, f"{where} ({'EMA' if use_ema else 'model'} weights)")
-    model.eval()
-    return model

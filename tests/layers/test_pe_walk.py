@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpvg_kernels.layers.pe_walk import PE_MODES, PEWalk, resolve_pe_knobs
+from mpvg_kernels.layers.pe_walk import (
+    NO_ABSOLUTE_PE_PRESETS,
+    PE_MODES,
+    SWIN_PRESETS,
+    PEWalk,
+    resolve_pe_knobs,
+)
 
 
 @pytest.mark.parametrize(
@@ -23,11 +29,12 @@ def test_presets(pe: str, uses: tuple, add: bool, last: int | None):
     assert k.uses_pos and k.walk().uses_pos == uses
 
 
-def test_knobs_override_and_swin_default():
+def test_knobs_override_and_swin_presets():
     k = resolve_pe_knobs("mpvg", 5, include_layer0=True, hierarchical=False, last_pos=-1, pe_layers=None)
     assert k.block_uses_pos == (True,) * 5 and not k.hierarchical and k.last_pos == 4
-    assert resolve_pe_knobs("pvg", 3, include_layer0_default=True).block_uses_pos == (True,) * 3
-    assert resolve_pe_knobs("default", 3, include_layer0_default=True).block_uses_pos == (False,) * 3
+    assert resolve_pe_knobs("pvg", 3, presets=SWIN_PRESETS).block_uses_pos == (True,) * 3
+    assert resolve_pe_knobs("default", 3, presets=SWIN_PRESETS).block_uses_pos == (False,) * 3
+    assert resolve_pe_knobs("pvg", 3, presets=SWIN_PRESETS, include_layer0=False).block_uses_pos == (False, True, True)
     assert resolve_pe_knobs("lape", 4, pe_layers=2).block_uses_pos == (True, True, False, False)
 
 
@@ -42,11 +49,34 @@ def test_knobs_override_and_swin_default():
         (dict(pe="mpvg", last_pos=1.0), TypeError, "last_pos must be an int"),
         (dict(pe="mpvg", last_pos=3, pe_layers=2), ValueError, "block 3 takes no PE"),
         (dict(pe="nope"), ValueError, "pe must be one of"),
+        (dict(pe="pvg", presets=NO_ABSOLUTE_PE_PRESETS, model="pos_embed='rpe'"), ValueError,
+         "pe='pvg' delivers an absolute position embedding .* but pos_embed='rpe' has none"),
+        (dict(pe="lape", presets=NO_ABSOLUTE_PE_PRESETS, hierarchical=True), ValueError,
+         "hierarchical needs an absolute position embedding; this model has none"),
+        (dict(pe="default", presets=NO_ABSOLUTE_PE_PRESETS, last_pos=0), ValueError,
+         "last_pos needs an absolute position embedding"),
     ],
 )
 def test_bad_knobs_are_named(kwargs: dict, error: type, match: str):
     with pytest.raises(error, match=match):
         resolve_pe_knobs(depth=4, **kwargs)
+
+
+@pytest.mark.parametrize("pe", ["default", "lape"])
+def test_a_model_without_absolute_pe_delivers_none(pe: str):
+    """Swin with its relative bias alone: no PE at the input, in a block or at the last norm."""
+    k = resolve_pe_knobs(pe, 3, presets=NO_ABSOLUTE_PE_PRESETS, last_pos=None)
+    assert (k.uses_pos, k.block_uses_pos, k.add_pos_to_input, k.last_pos) == (False, (False,) * 3, False, None)
+
+
+def test_pruned_knobs():
+    """timm's prune_intermediate_layers: fewer blocks, and the last PE goes with the last norm."""
+    k = resolve_pe_knobs("mpvg", 4, last_pos=2)
+    assert k.pruned(3).block_uses_pos == (False, True, True) and k.pruned(3).last_pos == 2
+    assert k.pruned(2, last_norm=False).last_pos is None
+    assert k.pruned(2, last_norm=False).walk().depth == 2
+    with pytest.raises(ValueError, match="last_pos=2 takes LN'_last's input from block 2, which pruning to 2 blocks"):
+        k.pruned(2)
 
 
 @pytest.mark.parametrize("pe", PE_MODES)
