@@ -135,6 +135,10 @@ _NOT_FORWARD_STATE = frozenset(
         "_forward_pre_hooks_with_kwargs",
     }
 )
+#: the ``nn.Module`` internals :func:`module_state` reads itself (every other attribute is keyed by name)
+_HANDLED = frozenset({"training", "_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"})
+_NOT_KEYED = _HANDLED | _NOT_FORWARD_STATE
+_EMPTY: dict = {}
 
 
 def module_state(modules: Iterable[nn.Module], skip: Collection[str] = ()) -> tuple[list[torch.Tensor], tuple]:
@@ -152,29 +156,26 @@ def module_state(modules: Iterable[nn.Module], skip: Collection[str] = ()) -> tu
     tensors: list[Any] = []
     parts: list[Any] = []
     append = parts.append
-    left_out = _NOT_FORWARD_STATE.union(skip) if skip else _NOT_FORWARD_STATE
+    not_keyed = _NOT_KEYED.union(skip) if skip else _NOT_KEYED
     atoms = _ATOMS
     for m in modules:
+        d = m.__dict__
+        params, buffers, children = d.get("_parameters", _EMPTY), d.get("_buffers", _EMPTY), d.get("_modules", _EMPTY)
         append(_ident(m))
-        for k, v in m.__dict__.items():
-            if type(v) in atoms:
-                append(k)
-                append(v)
-            elif k in left_out:
-                continue
-            elif k == "_parameters" or k == "_buffers":
-                append(k)
-                append(tuple(v))  # the names; a None entry shows as a tensor missing from the list
-                tensors.extend(v.values())
-            elif k == "_modules":
-                append(tuple(v))
-                append(tuple(map(_ident, v.values())))
-            elif k == "_forward_hooks" or k == "_forward_pre_hooks":
-                append(k)
-                append(tuple(v))  # the hook handles' ids: unique per registration
-            else:
-                append(k)
-                append(_freeze(v, tensors))
+        append(d.get("training"))
+        append(tuple(params))  # the names; a None entry shows as a tensor missing from the list
+        tensors.extend(params.values())
+        append(tuple(buffers))
+        tensors.extend(buffers.values())
+        append(tuple(children))
+        append(tuple(map(_ident, children.values())))
+        append(tuple(d.get("_forward_hooks", _EMPTY)))  # the hook handles' ids: unique per registration
+        append(tuple(d.get("_forward_pre_hooks", _EMPTY)))
+        rest = d.keys() - not_keyed  # every other attribute: eps, normalized_shape, the knobs, the walk, ...
+        for k in sorted(rest):
+            v = d[k]
+            append(k)
+            append(v if type(v) in atoms else _freeze(v, tensors))
     return [t for t in tensors if t is not None], tuple(parts)
 
 
