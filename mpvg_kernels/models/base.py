@@ -4,7 +4,10 @@ A model family (ViT/DeiT, Swin, CeiT, T2T-ViT, CVT/CCT) subclasses :class:`PEMod
 
 - ``compute_pe_terms(grid=None) -> PETerms | None``: every image-independent PE term, computed now from the
   parameters by walking its :class:`~mpvg_kernels.layers.PEWalk` (differentiable, no cache);
-- ``_pe_tensors() -> list[Tensor]``: the tensors those terms are computed from (the cache key);
+- ``_pe_tensors() -> list[Tensor]``: the tensors those terms are computed from (the cache is not used while
+  any of them needs a gradient);
+- ``_pe_modules() -> list[Module]`` (optional, default every submodule): the PE path, whose parameters, buffers
+  and other attributes key the cache with the model's own (:meth:`PEModel._pe_key`);
 - ``_default_grid() -> tuple[int, int]``: the token grid of the model's own input size;
 - ``forward(x, pe_terms=None)``: logits, using given terms, else the cache where it may be used, else computing
   the terms along the walk with the fused ops;

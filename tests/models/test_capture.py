@@ -1,5 +1,7 @@
-"""Captured inference never replays stale PE terms: after any PE parameter update the capture is redone (or the
-call refuses). On CPU the same rule runs without a CUDA graph; tests/gpu exercises the graph itself."""
+"""Captured inference never replays a stale model: after any change (PE parameters, any module attribute such as a
+LayerNorm's eps, a swapped submodule or parameter) the capture is redone (or the call refuses), and every call runs
+the model in eval mode, giving each module its own mode back. On CPU the same rule runs without a CUDA graph;
+tests/gpu exercises the graph itself."""
 
 from __future__ import annotations
 
