@@ -4,7 +4,10 @@ A model family (ViT/DeiT, Swin, CeiT, T2T-ViT, CVT/CCT) subclasses :class:`PEMod
 
 - ``compute_pe_terms(grid=None) -> PETerms | None``: every image-independent PE term, computed now from the
   parameters by walking its :class:`~mpvg_kernels.layers.PEWalk` (differentiable, no cache);
-- ``_pe_tensors() -> list[Tensor]``: the tensors those terms are computed from (the cache key);
+- ``_pe_tensors() -> list[Tensor]``: the tensors those terms are computed from (the cache is not used while
+  any of them needs a gradient);
+- ``_pe_modules() -> list[Module]`` (optional, default every submodule): the PE path, whose parameters, buffers
+  and other attributes key the cache with the model's own (:meth:`PEModel._pe_key`);
 - ``_default_grid() -> tuple[int, int]``: the token grid of the model's own input size;
 - ``forward(x, pe_terms=None)``: logits, using given terms, else the cache where it may be used, else computing
   the terms along the walk with the fused ops;
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
-from ..layers.pe_cache import PECache
+from ..layers.pe_cache import PECache, cache_bypassed, module_state
 from ..layers.pe_walk import PEKnobs, PETerms, PEWalk
 from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
 
@@ -67,6 +70,12 @@ class PEModel(nn.Module):
     def _default_grid(self) -> tuple[int, int]:
         """The token grid of the model's own input size."""
         raise NotImplementedError
+
+    def _pe_modules(self) -> list[nn.Module]:
+        """The submodules the PE terms are computed from (the tokenizer for its grid, every LN', the last norm,
+        whatever the PE passes through): the cache keys on all their attributes (:meth:`_pe_key`). This default,
+        every submodule, is always right; a family lists its PE path to make the key cheaper."""
+        return list(self.modules())[1:]
 
     # ------------------------------------------------------------------ shared
 
@@ -110,16 +119,27 @@ class PEModel(nn.Module):
         self.clear_pe_cache()
         return super()._apply(fn, recurse)
 
+    #: attributes left out of the PE key: the cache itself and metadata the PE path never reads
+    _NOT_PE_STATE = frozenset({"_pe_cache", "default_cfg", "pretrained_cfg", "feature_info"})
+
+    def _pe_key(self) -> tuple[list[torch.Tensor], tuple]:
+        """What the PE terms are computed from, as a cache key (:func:`~mpvg_kernels.layers.pe_cache.module_state`
+        of the model and :meth:`_pe_modules`): every parameter and buffer of those modules, and a snapshot of every
+        other attribute they hold (``eps``, ``normalized_shape``, ``training``, the knobs, the walk, the grid,
+        which submodule sits where, hooks)."""
+        return module_state([self, *self._pe_modules()], skip=self._NOT_PE_STATE)
+
     def pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
         """The cached image-independent PE terms for ``grid`` (default: the model's grid), or None where the cache
-        may not be used (gradients needed, tracing/compiling, no PE, cache disabled)."""
-        if not self.pe_cache_enabled:
+        may not be used (gradients needed, tracing/compiling, no PE, cache disabled). The cache keys on
+        :meth:`_pe_key`: any change of what the terms are computed from recomputes them."""
+        if not self.pe_cache_enabled or cache_bypassed():
             return None
-        tensors = self._pe_tensors()
-        if not tensors or not PECache.usable(tensors):
+        if torch.is_grad_enabled() and not PECache.usable(self._pe_tensors()):
             return None
         grid = self._default_grid() if grid is None else tuple(grid)
-        return self._pe_cache.get(tensors, lambda: self.compute_pe_terms(grid), extra=grid)
+        key_tensors, state = self._pe_key()
+        return self._pe_cache.get(key_tensors, lambda: self.compute_pe_terms(grid), extra=(grid, state))
 
     # ------------------------------------------------------------------ the absolute PE and the input grid
     #: ``learn`` (a parameter) or a fixed sin-cos table (``sincos1d``/``sincos2d``: a buffer); set by the family

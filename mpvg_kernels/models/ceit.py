@@ -480,6 +480,11 @@ class CeiT(PEModel):
     def _default_grid(self) -> tuple[int, int]:
         return self.i2t.grid_size
 
+    def _pe_modules(self) -> list[nn.Module]:
+        """The PE path (the cache keys on all their attributes): the tokenizer (its grid), every block's norm1
+        (LN'), the last norm."""
+        return [self.i2t, *(blk.norm1 for blk in self.blocks), self.norm]
+
     def compute_pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
         """The PE, every block's PE term, LN'_last(p) ([1, T, D], every row) and, for ``pool="avg"``, the pooled
         bias ``norm.bias + mean over the patch rows of LN'_last(p)`` for ``grid`` (default: the model's grid),

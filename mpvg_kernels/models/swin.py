@@ -473,6 +473,12 @@ class SwinTransformer(PEModel):
     def _default_grid(self) -> tuple[int, int]:
         return self.patch_embed.grid_size
 
+    def _pe_modules(self) -> list[nn.Module]:
+        """The PE path (the cache keys on all their attributes): the tokenizer (its grid), the stages and the
+        downsample layers the PE passes, every block's norm1 (LN'), the last norm."""
+        downs = [m for stage in self.layers for m in stage.downsample.modules()]
+        return [self.patch_embed, *self.layers, *downs, *(blk.norm1 for blk in self.blocks), self.norm]
+
     def compute_pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
         """The PE, every block's PE term (at its stage), LN'_last's term (at the last stage) and the pooled bias,
         computed now from the parameters along :attr:`pe_walk` (differentiable; no cache). None without an

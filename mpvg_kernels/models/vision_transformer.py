@@ -353,6 +353,11 @@ class VisionTransformer(PEModel):
             ts += [last.bias, last.pos_weight, last.pos_bias]
         return ts
 
+    def _pe_modules(self) -> list[nn.Module]:
+        """The PE path (the cache keys on all their attributes): the tokenizer (its grid), every block's norm1
+        (LN'), the last norms."""
+        return [self.patch_embed, *(blk.norm1 for blk in self.blocks), self.norm, self.fc_norm]
+
     def compute_pe_terms(self, grid: tuple[int, int] | None = None) -> PETerms | None:
         """The PE, every block's PE term, the last PE term and the pooled bias for ``grid`` (default: the model's
         grid), computed now from the parameters along :attr:`pe_walk` (differentiable; no cache). None for a model

@@ -1,10 +1,16 @@
-"""mpvg_kernels.layers.pe_cache: the global optimizer step hook is registered only once a PE cache stores a value."""
+"""mpvg_kernels.layers.pe_cache: the global optimizer step hook is registered only once a PE cache stores a value;
+module_state (the cache key) sees every kind of change a forward could see."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+
+import torch
+from torch import nn
+
+from mpvg_kernels.layers.pe_cache import PECache, module_state
 
 SCRIPT = textwrap.dedent("""
     import copy
@@ -51,3 +57,41 @@ SCRIPT = textwrap.dedent("""
 def test_import_registers_no_optimizer_hook_until_a_cache_fills() -> None:
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_module_state_sees_every_kind_of_change() -> None:
+    """module_state (the PE cache key): equal while nothing changed; different after any change a forward could see."""
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(4)
+            self.table = torch.zeros(2)  # a tensor held as a plain attribute
+            self.sizes = [1, 2]
+            self.walk = type("Walk", (), {})()
+            self.walk.hierarchical = True
+
+    m = Holder()
+
+    def key() -> tuple:
+        tensors, state = module_state([m, m.norm])
+        return PECache._signature(tuple(tensors), state)
+
+    changes = {
+        "eps": lambda: setattr(m.norm, "eps", 0.1),
+        "elementwise_affine": lambda: setattr(m.norm, "elementwise_affine", False),
+        "training": lambda: m.eval(),
+        "weight edited": lambda: m.norm.weight.detach().add_(1),  # detach shares the version counter
+        "weight replaced": lambda: setattr(m.norm, "weight", nn.Parameter(torch.ones(4))),
+        "child swapped": lambda: setattr(m, "norm", nn.LayerNorm(4)),
+        "forward hook": lambda: m.norm.register_forward_hook(lambda mod, args, out: out),
+        "tensor attribute edited": lambda: m.table.add_(1),
+        "list edited in place": lambda: m.sizes.append(3),
+        "walk edited in place": lambda: setattr(m.walk, "hierarchical", False),
+        "new attribute": lambda: setattr(m.norm, "extra", 1),
+    }
+    for what, change in changes.items():
+        before = key()
+        assert key() == before, "the key changed although nothing did"
+        change()
+        assert key() != before, f"the key missed: {what}"

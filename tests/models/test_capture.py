@@ -1,7 +1,11 @@
-"""Captured inference never replays stale PE terms: after any PE parameter update the capture is redone (or the
-call refuses). On CPU the same rule runs without a CUDA graph; tests/gpu exercises the graph itself."""
+"""Captured inference never replays a stale model: after any change (PE parameters, any module attribute such as a
+LayerNorm's eps, a swapped submodule or parameter) the capture is redone (or the call refuses), and every call runs
+the model in eval mode, giving each module its own mode back. On CPU the same rule runs without a CUDA graph;
+tests/gpu exercises the graph itself."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -74,3 +78,75 @@ def test_shape_and_policy_errors() -> None:
         cap(torch.randn(2, 1, 16, 16))
     with pytest.raises(ValueError, match="on_change"):
         CapturedInference(model, _x(), on_change="ignore")
+
+
+def _uncached(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An eval-mode output computed from the model as it is now (PE cache off), leaving its modes as they were."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    model.pe_cache_enabled = False
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        model.pe_cache_enabled = True
+        for m, t in modes:
+            m.training = t
+
+
+def _perturbed(m: torch.nn.Module) -> torch.nn.Module:
+    new = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.1)
+    return new
+
+
+CHANGES = {
+    "blocks.1.norm1.eps": lambda m: setattr(m.blocks[1].norm1, "eps", 0.3),
+    "norm.eps": lambda m: setattr(m.norm, "eps", 0.3),
+    "pe_walk.hierarchical": lambda m: setattr(m.pe_walk, "hierarchical", False),
+    "blocks.2.norm1 swapped": lambda m: setattr(m.blocks[2], "norm1", _perturbed(m.blocks[2].norm1)),
+    "head swapped": lambda m: setattr(m, "head", _perturbed(m.head)),
+    "head.weight replaced": lambda m: setattr(m.head, "weight", torch.nn.Parameter(m.head.weight.detach() + 0.1)),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_any_change_of_the_model_triggers_a_new_capture(change: str) -> None:
+    model = _model()
+    cap = CapturedInference(model, _x())
+    before = cap(_x(1))
+    CHANGES[change](model)
+    want = _uncached(model, _x(1))
+    assert not torch.allclose(want, before), "the change does not change the output"
+    assert cap.stale
+    torch.testing.assert_close(cap(_x(1)), want)
+    assert cap.captures == 2 and not cap.stale
+
+
+def test_every_call_runs_in_eval_mode_and_restores_the_callers_mode() -> None:
+    torch.manual_seed(0)
+    model = create_model("vit_digits", pe="mpvg", drop_rate=0.3, attn_drop_rate=0.3, drop_path_rate=0.3)
+    cap = CapturedInference(model, _x())
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(_x(2)).sum().backward()
+    opt.step()
+    model.blocks[0].eval()  # a caller's mixed modes come back as they were
+    modes = [m.training for m in model.modules()]
+    first, second = cap(_x(1)), cap(_x(1))
+    assert torch.equal(first, second), "dropout was live in a captured call"
+    assert [m.training for m in model.modules()] == modes
+    torch.testing.assert_close(first, _uncached(model, _x(1)))
+    assert cap.captures == 2  # the step changed the parameters: captured again, in eval mode
+
+    fresh = create_model("vit_digits", pe="mpvg", drop_rate=0.3).train()
+    CapturedInference(fresh, _x())
+    assert all(m.training for m in fresh.modules()), "the constructor changed the caller's mode"
+
+
+def test_input_of_another_dtype_or_device_is_refused() -> None:
+    cap = CapturedInference(_model(), _x())
+    with pytest.raises(ValueError, match="dtype"):
+        cap(_x(1).double())
