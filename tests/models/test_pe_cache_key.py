@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -61,12 +62,13 @@ def _record_reads(objs: list[Any]) -> Iterator[list[tuple[Any, str]]]:
     try:
         for o in objs:
             cls = type(o)
-            o.__class__ = type(cls.__name__, (cls,), {"__getattribute__": getattribute, "__module__": cls.__module__})
+            new = type(cls.__name__, (cls,), {"__getattribute__": getattribute, "__module__": cls.__module__})
+            object.__setattr__(o, "__class__", new)  # (frozen dataclasses too)
             swapped.append((o, cls))
         yield reads
     finally:
         for o, cls in swapped:
-            o.__class__ = cls
+            object.__setattr__(o, "__class__", cls)
 
 
 def _walk_objects(model: nn.Module) -> list[Any]:
@@ -113,8 +115,9 @@ def _plain_change(v: Any) -> Any:
 _SKIP = object()
 
 
-def _mutations(o: Any, name: str) -> Iterator[tuple[str, Callable[[], None], Callable[[], None]]]:
-    """(what, change, undo) for the attribute ``name`` of ``o``."""
+def _mutations(o: Any, name: str, model: nn.Module) -> Iterator[tuple[str, Callable[[], None], Callable[[], None]]]:
+    """(what, change, undo) for the attribute ``name`` of ``o`` (an immutable object, such as the frozen PE knobs,
+    is changed the only way a user can: by replacing it where the model holds it)."""
     if isinstance(o, nn.Module) and (name in o._parameters or name in o._buffers):
         t = getattr(o, name)
         if t is None or not t.is_floating_point():
@@ -170,6 +173,19 @@ def _mutations(o: Any, name: str) -> Iterator[tuple[str, Callable[[], None], Cal
     old = getattr(o, name)
     new = _plain_change(old)
     if new is _SKIP:
+        return
+
+    if dataclasses.is_dataclass(o) and type(o).__dataclass_params__.frozen:
+        holders = [(m, k) for m in model.modules() for k, v in vars(m).items() if v is o]
+        try:
+            replaced = dataclasses.replace(o, **{name: new})
+        except (TypeError, ValueError):
+            return  # not a value the object accepts
+        yield (
+            f"= {new!r} (was {old!r}), the object replaced where the model holds it",
+            lambda: [setattr(m, k, replaced) for m, k in holders],
+            lambda: [setattr(m, k, o) for m, k in holders],
+        )
         return
 
     def undo() -> None:
@@ -262,7 +278,7 @@ def test_every_attribute_the_pe_terms_read_invalidates_the_cache(
     checked = changed = 0
     stale: list[str] = []
     for o, attr in sites:
-        for what, change, undo in _mutations(o, attr):
+        for what, change, undo in _mutations(o, attr, model):
             with torch.no_grad():
                 model.pe_terms(grid)  # the cache holds the terms of the unchanged model
             change()
