@@ -8,10 +8,10 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from mpvg_kernels._install import install_advice, install_command, torch_pin
 
