@@ -85,7 +85,7 @@ def _short_message(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand and return its exit status."""
     from ..errors import UserError
-    from ..ops.backends import BackendUnavailableError, UnknownBackendError
+    from ..ops.backends import BackendUnavailableError, UnknownBackendError, UnknownOpDesignError, check_environment
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -93,11 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        check_environment()  # MPVG_BACKEND / MPVG_OP_DESIGN: one line before any work, not a traceback later
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"mpvg {args.command}: error: {_short_message(e)}", file=sys.stderr)
         return 2
-    except (BackendUnavailableError, UnknownBackendError) as e:  # e.g. MPVG_BACKEND=triton on a machine without it
+    except (BackendUnavailableError, UnknownBackendError, UnknownOpDesignError) as e:  # e.g. MPVG_BACKEND=triton
         print(f"mpvg {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:

@@ -47,6 +47,10 @@ class UnknownBackendError(ValueError):
     """A backend name that does not exist (from ``set_backend`` or ``MPVG_BACKEND``)."""
 
 
+class UnknownOpDesignError(ValueError):
+    """An op design name that does not exist (from ``MPVG_OP_DESIGN``)."""
+
+
 class BackendUnavailableError(RuntimeError):
     """A known backend that cannot run here (not built, not installed, or the tensors' device it cannot serve)."""
 
@@ -201,10 +205,20 @@ def get_op_design() -> str:
     """The configured op design: ``opaque`` or ``triton_op`` (raises ValueError for a bad ``MPVG_OP_DESIGN``)."""
     name = str(_state["op_design"])
     if name not in OP_DESIGNS:
-        raise ValueError(
+        raise UnknownOpDesignError(
             f"MPVG_OP_DESIGN={name!r} is not an op design; choose one of {', '.join(OP_DESIGNS)}"
         )
     return name
+
+
+def check_environment() -> None:
+    """Raise the error a bad ``MPVG_BACKEND`` or ``MPVG_OP_DESIGN`` would raise at the first op call, now (the CLI
+    calls this before any work)."""
+    if _state["backend"] not in KNOWN_BACKENDS:
+        raise UnknownBackendError(
+            f"MPVG_BACKEND={_state['backend']!r} is not a backend; choose one of {', '.join(KNOWN_BACKENDS)}"
+        )
+    get_op_design()
 
 
 @contextlib.contextmanager

@@ -75,3 +75,20 @@ def test_device_flag_defaults_to_auto(name):
     (action,) = [a for a in parser._actions if "--device" in a.option_strings]
     # train's flag is generated from TrainConfig (None = not given, so a recipe may set it); its value is auto
     assert action.default == "auto" or (name == "train" and action.default is None and "auto" in action.help)
+
+
+@pytest.mark.parametrize(("var", "value"), [("MPVG_OP_DESIGN", "bogus"), ("MPVG_BACKEND", "bogus")])
+def test_bad_environment_variable_is_one_line_for_every_command(var, value):
+    """A bad MPVG_OP_DESIGN / MPVG_BACKEND: imports fine, then one line with exit status 2 before any work."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, **{var: value}, PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-m", "mpvg_kernels", "params"], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("mpvg params: error:") and f"{var}='{value}'" in lines[0], lines
