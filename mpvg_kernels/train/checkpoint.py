@@ -337,6 +337,9 @@ class _Fields:
     def fail(self, field: str, value: Any, what: str) -> NoReturn:
         raise UserError(f"{self.where}: {field} {_show(value)}: {what}")
 
+    def missing(self, field: str, note: str = "") -> NoReturn:
+        raise UserError(f"{self.where}: {field} is missing{note}")
+
     def mapping(self, field: str, value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
             self.fail(field, value, "must be a dict")
@@ -428,7 +431,7 @@ def _validate_model_meta(meta: Any, where: str) -> dict[str, Any]:
     meta = f.mapping("model", meta)
     for key in ("name", "pe", "num_classes"):
         if key not in meta:
-            f.fail(f"model.{key}", None, "missing")
+            f.missing(f"model.{key}")
     name = f.text("model.name", meta["name"])
     if name not in models.list_models():
         f.fail("model.name", name, f"unknown model {name!r}")
@@ -453,7 +456,7 @@ def _validate_data(data: dict[str, Any], num_classes: int, f: _Fields, require: 
     if require:
         for key in DATA_KEYS:
             if key not in data:
-                f.fail(f"data.{key}", None, "missing (eval and predict need it)")
+                f.missing(f"data.{key}", " (eval and predict need it)")
     if "spec" in data:
         f.text("data.spec", data["spec"])
     if "classes" in data:
@@ -504,6 +507,8 @@ def validate_checkpoint(ckpt: Any, path: str | os.PathLike, require_data: bool =
     version = ckpt.get("version")
     if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
         raise UserError(f"{path} has checkpoint version {version}; this mpvg-kernels reads up to {VERSION}")
+    if "version" not in ckpt:
+        f.missing("version")
     f.integer("version", version, 1, VERSION)
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:

@@ -102,10 +102,19 @@ BAD_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize("cmd", ["predict", "eval"])
-@pytest.mark.parametrize(("field", "value", "named"), BAD_FIELDS, ids=[f"{f}={v!r}"[:40] for f, v, _ in BAD_FIELDS])
-def test_bad_metadata_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, base, image, cmd, field, value,
-                                                  named) -> None:
+# every case through predict; through eval (the same validator, plus the data fields it needs) the top-level and
+# data fields
+CASES = [("predict", *c) for c in BAD_FIELDS] + [
+    ("eval", *c) for c in BAD_FIELDS if c[0].split(".")[0] in ("version", "epoch", "data", "state_dict", "config")
+]
+
+
+@pytest.mark.parametrize(
+    ("cmd", "field", "value", "named"), CASES, ids=[f"{cmd}-{f}={v!r}"[:48] for cmd, f, v, _ in CASES]
+)
+def test_bad_metadata_is_one_line_before_any_work(
+    tmp_path, capsys, monkeypatch, base, image, cmd, field, value, named
+) -> None:
     """Every bad field: one line naming it, status 2, nothing printed on stdout; the data set is never loaded."""
     from mpvg_kernels.train import data as data_mod
 
@@ -122,7 +131,7 @@ def test_missing_field_is_named(tmp_path, capsys, base, image) -> None:
     ckpt = copy.deepcopy(base)
     del ckpt["data"]["input_size"]
     rc, _, err = run_cli(capsys, "predict", image, "--checkpoint", _write(tmp_path, ckpt))
-    assert rc == 2 and "data.input_size" in one_line_error(err, "predict") and "missing" in err
+    assert rc == 2 and "data.input_size" in one_line_error(err, "predict") and "data.input_size is missing" in err
 
 
 def test_export_checks_the_same_fields(tmp_path, capsys, base) -> None:
@@ -178,8 +187,11 @@ def test_run_folder_as_checkpoint_uses_its_checkpoint_pt(tmp_path, capsys, image
 def test_folder_without_checkpoint_is_named(tmp_path, capsys, image, cmd) -> None:
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    argv = {"predict": ["predict", image], "eval": ["eval"],
-            "export": ["export", "--format", "pt2", "--out", tmp_path / "m.pt2"]}[cmd]
+    argv = {
+        "predict": ["predict", image],
+        "eval": ["eval"],
+        "export": ["export", "--format", "pt2", "--out", tmp_path / "m.pt2"],
+    }[cmd]
     rc, _, err = run_cli(capsys, *argv, "--checkpoint", empty)
     line = one_line_error(err, cmd)
     assert rc == 2 and f"{empty} is a folder without checkpoint.pt" in line
@@ -189,9 +201,12 @@ def _onnx_file(path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     onnx.save(helper.make_model(graph), path)
     return path
 
@@ -208,8 +223,11 @@ def test_exported_file_as_checkpoint_is_named(tmp_path, capsys, image, kind, cmd
     """An exported model passed as --checkpoint: said to be one (no torch.load advice about weights_only)."""
     pytest.importorskip("onnx")
     f = _onnx_file(tmp_path / "model.bin") if kind == "onnx" else _pt2_file(tmp_path / "model.bin")
-    argv = {"predict": ["predict", image], "eval": ["eval"],
-            "export": ["export", "--format", "pt2", "--out", tmp_path / "m.pt2"]}[cmd]
+    argv = {
+        "predict": ["predict", image],
+        "eval": ["eval"],
+        "export": ["export", "--format", "pt2", "--out", tmp_path / "m.pt2"],
+    }[cmd]
     rc, _, err = run_cli(capsys, *argv, "--checkpoint", f)
     line = one_line_error(err, cmd)
     what = "an ONNX file" if kind == "onnx" else "a torch.export (.pt2) program"
