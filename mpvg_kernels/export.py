@@ -52,11 +52,10 @@ from .ops import backends
 #: Opset used unless told otherwise (LayerNormalization needs >= 17).
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
-#: The newest opset the TorchScript-based exporter supports (it warns, "not supported", above it).
-try:
-    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
-except ImportError:  # pragma: no cover - older torch
-    MAX_OPSET = 20
+#: The newest opset the TorchScript-based exporter supports (``torch.onnx._constants.
+#: ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET``; it warns "not supported" above it). A constant, so that the ``mpvg``
+#: command does not import ``torch.onnx`` to build its parser.
+MAX_OPSET = 20
 FORMATS = ("onnx", "pt2")
 
 
@@ -338,7 +337,10 @@ def _host() -> str:
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
-    """Delete the temporary files that exports on this host by processes no longer running left in ``folder``."""
+    """Delete the temporary files that exports on this host by processes no longer running left in ``folder``
+    (POSIX only: elsewhere ``os.kill(pid, 0)`` is no liveness test)."""
+    if os.name != "posix":
+        return
     mine = f"{_TMP_PREFIX}{_host()}-"
     for p in folder.glob(f"{mine}*.tmp"):
         pid = p.name[len(mine):].split("-", 1)[0]
@@ -367,10 +369,11 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def out_target(out: str | os.PathLike) -> Path:
+def out_target(out: str | os.PathLike, example_name: str = "model.onnx") -> Path:
     """The file an export to ``out`` writes: ``out`` itself, or the target of a symlink ``out`` (the link is kept);
-    a :class:`~mpvg_kernels.errors.UserError` for a dangling symlink, a folder or a file that is not regular (a
-    device, a FIFO: it would be replaced), a path below a file, a folder where no file can be created."""
+    a :class:`~mpvg_kernels.errors.UserError` for a dangling symlink, a folder (the message suggests
+    ``out/example_name``) or a file that is not regular (a device, a FIFO: it would be replaced), a path below a
+    file, a folder where no file can be created."""
     from .errors import UserError
 
     path = Path(out)
@@ -381,7 +384,7 @@ def out_target(out: str | os.PathLike) -> Path:
             raise UserError(f"--out {path} is a dangling symlink (to {os.readlink(path)}); remove it or give "
                             "another path")
     if target.is_dir():
-        raise UserError(f"--out {path} is a folder; give the file to write, e.g. {path / 'model.onnx'}")
+        raise UserError(f"--out {path} is a folder; give the file to write, e.g. {path / example_name}")
     if target.exists() and not target.is_file():
         raise UserError(f"--out {path} is not a regular file (a device, FIFO or socket); an export writes a new "
                         "file and renames it over --out")
@@ -755,9 +758,7 @@ def check_export_options(out: str | os.PathLike, format: str, *, opset: int | No
                         "supports)")
     if format != "onnx" and opset is not None:
         raise UserError(f"--opset {opset}: --opset applies to --format onnx only")
-    if Path(out).is_dir():
-        raise UserError(f"--out {out} is a folder; give the file to write, e.g. {Path(out) / ('model.' + format)}")
-    out_target(out)
+    out_target(out, f"model.{format}")
     if backend is not None:
         if backend not in backends.KNOWN_BACKENDS:
             raise UserError(f"--backend {backend}: unknown backend; choose one of "

@@ -47,6 +47,9 @@ MAX_INPUT_SIDE = 4096
 #: The most submodules a model built without a checkpoint to compare with may have (a guard against options such
 #: as ``depth=10**7``; the largest registered models have a few thousand).
 MAX_MODULES = 100_000
+#: The largest integer a model option may be (a size, a depth, a count; the registered models' largest is 4096):
+#: constructors loop over such values before any module exists.
+MAX_OPTION_INT = 1 << 16
 #: Data fields eval and predict need (:func:`validate_checkpoint` with ``require_data=True``).
 DATA_KEYS = ("spec", "classes", "in_chans", "input_size", "mean", "std", "crop_pct")
 EVAL_RESIZES = ("full", "center_crop")
@@ -97,7 +100,11 @@ def _module_budget(limit: int) -> Iterator[None]:
 def build_meta_model(name: str, pe: str, num_classes: int | None, kwargs: dict[str, Any] | None,
                      max_modules: int = MAX_MODULES) -> nn.Module:
     """:func:`build_model` on the ``meta`` device: the model's shapes and ``default_cfg`` without allocating its
-    weights; a model with more than ``max_modules`` submodules is a :class:`UserError` (raised while building)."""
+    weights. An integer option above :data:`MAX_OPTION_INT` and a model with more than ``max_modules`` submodules
+    (found while building) are a :class:`UserError`."""
+    for key, value in (kwargs or {}).items():
+        if any(abs(v) > MAX_OPTION_INT for v in _ints(value)):
+            raise UserError(f"model option {key}={_show(value)}: integers above {MAX_OPTION_INT} describe no model")
     try:
         with torch.device("meta"), _module_budget(max_modules):
             return build_model(name, pe, num_classes, kwargs)  # type: ignore[arg-type]
@@ -137,10 +144,21 @@ def available_memory() -> int:
     return avail
 
 
+def _oversized_input(model: nn.Module) -> str | None:
+    """Why the model's input size (``default_cfg``) is refused (a side above :data:`MAX_INPUT_SIDE`), else None."""
+    _, h, w = (int(v) for v in model.default_cfg["input_size"])
+    if max(h, w) > MAX_INPUT_SIDE:
+        return f"give the model an input size of {h} x {w}, beyond {MAX_INPUT_SIDE} pixels a side"
+    return None
+
+
 def check_model_fits(name: str, pe: str, num_classes: int | None, kwargs: dict[str, Any] | None) -> None:
-    """A :class:`UserError` when the model's weights (measured on the meta device) would not fit in
-    :func:`available_memory`; nothing is allocated."""
+    """A :class:`UserError` when the model's input size is beyond :data:`MAX_INPUT_SIDE` or its weights (measured
+    on the meta device) would not fit in :func:`available_memory`; nothing is allocated."""
     meta = build_meta_model(name, pe, num_classes, kwargs)
+    why = _oversized_input(meta)
+    if why is not None:
+        raise UserError(f"model {name!r}: the options {_show(kwargs or {})} {why}")
     need, avail = tensor_bytes(meta.state_dict()), available_memory()
     if need > avail:
         raise UserError(f"model {name!r} (num_classes={num_classes}, options {_show(kwargs or {})}) needs "
@@ -569,9 +587,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], weights: str = "auto", where: st
     c, h, w = (int(v) for v in shape.default_cfg["input_size"])
     data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else {}
     f = _Fields(where)
-    if max(h, w) > MAX_INPUT_SIDE:
-        f.fail("model.kwargs", meta.get("kwargs"), f"give the model an input size of {h} x {w}, beyond "
-               f"{MAX_INPUT_SIDE} pixels a side")
+    why = _oversized_input(shape)
+    if why is not None:
+        f.fail("model.kwargs", meta.get("kwargs"), why)
     if "input_size" in data and [int(v) for v in data["input_size"]] != [h, w]:
         f.fail("data.input_size", data["input_size"], f"differs from the input size [{h}, {w}] of the model "
                "(model.name, model.kwargs)")

@@ -283,6 +283,11 @@ def test_opset_outside_the_supported_range_is_one_line(tmp_path, capsys, made, n
     assert not out.exists()
 
 
+def test_max_opset_is_the_exporters() -> None:
+    constants = pytest.importorskip("torch.onnx._constants")
+    assert constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET == E.MAX_OPSET
+
+
 def test_opset_above_the_exporters_supported_one_is_refused(tmp_path, capsys, made, no_work) -> None:
     rc, _, err = run_cli(
         capsys,
@@ -304,3 +309,22 @@ def test_opset_with_pt2_is_refused(tmp_path, capsys, made, no_work) -> None:
         capsys, "export", "--checkpoint", made["ckpt"], "--format", "pt2", "--out", tmp_path / "m.pt2", "--opset", "18"
     )
     assert rc == 2 and "--opset applies to --format onnx" in one_line_error(err, "export")
+
+
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        (["--num-classes", "10000000000"], "GiB for its weights"),
+        (["--model-arg", "depth=10000000"], "integers above"),
+        (["--model-arg", "img_size=10000"], "beyond 4096 pixels"),
+        (["--model-arg", "embed_dim=-5"], "embed_dim must be"),
+    ],
+)
+def test_model_without_checkpoint_is_bounded_before_allocating(tmp_path, capsys, option, words) -> None:
+    """Without --checkpoint the model is sized on the meta device first: weights beyond the available memory, an
+    absurd option or input size are one line, nothing allocated (the address space is capped)."""
+    out = tmp_path / "m.pt2"
+    rc, _, err = run_cli(
+        capsys, "export", "--model", "vit_digits", "--pe", "mpvg", "--format", "pt2", "--out", out, *option
+    )
+    assert rc == 2 and words in one_line_error(err, "export") and not out.exists()
