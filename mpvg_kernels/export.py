@@ -19,13 +19,25 @@
 - :func:`deployment_metadata`: the preprocessing (input size, mean/std, resize policy, interpolation,
   antialiasing, crop_pct), class names, model name, PE mode and backend, written into the file (ONNX
   ``metadata_props``; ``mpvg_metadata.json`` in a pt2 archive); ``docs/deploy.md`` says how to read it.
+- Every file is written atomically (:func:`write_file_atomically`): the whole export (graph and metadata) is
+  serialised in memory, checked, written to a temporary file beside the output, read back, and renamed over the
+  output. A failure at any point (a full disk, an unwritable folder, an interrupt; a kill before the rename) leaves
+  the previous file as it was and no partial file; a temporary file left by a killed export is removed by the next
+  export into that folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import io
 import os
+import re
+import shutil
+import socket
+import stat
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +52,10 @@ from .ops import backends
 #: Opset used unless told otherwise (LayerNormalization needs >= 17).
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
+#: The newest opset the TorchScript-based exporter supports (``torch.onnx._constants.
+#: ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET``; it warns "not supported" above it). A constant, so that the ``mpvg``
+#: command does not import ``torch.onnx`` to build its parser.
+MAX_OPSET = 20
 FORMATS = ("onnx", "pt2")
 
 
@@ -86,16 +102,12 @@ class FrozenPEModel(nn.Module):
         return self.model(x, pe_terms=self.frozen_terms())
 
 
-def _prepare(
-    model: nn.Module, out: str | os.PathLike, freeze: bool, example_batch: int
-) -> tuple[nn.Module, Path, torch.Tensor]:
-    """(the model to trace, in eval mode and frozen if asked; the output path, its folder created; an input)."""
+def _prepare(model: nn.Module, freeze: bool, example_batch: int) -> tuple[nn.Module, torch.Tensor]:
+    """(the model to trace, in eval mode and frozen if asked; an input)."""
     if freeze and not isinstance(model, FrozenPEModel):
         model = FrozenPEModel(model)
     model.eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return model, out, example_input(model, example_batch)
+    return model, example_input(model, example_batch)
 
 
 def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
@@ -184,21 +196,27 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     example_batch: int = 2,
     freeze: bool = True,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write ``model`` (frozen with :class:`FrozenPEModel` unless ``freeze=False`` or already frozen) as ONNX.
 
     Input ``images`` [batch, C, H, W] float32, output ``logits`` [batch, num_classes]; ``batch`` is dynamic. The
-    graph uses standard operators only (checked: a custom-domain node raises RuntimeError). Returns the path.
+    graph uses standard operators only (checked: a custom-domain node raises RuntimeError). ``metadata`` goes into
+    ``metadata_props``. The file is written atomically (:func:`write_file_atomically`). Returns the path written
+    (through a symlink: its target).
     """
-    if opset < MIN_OPSET:
-        raise ValueError(f"opset must be >= {MIN_OPSET} (LayerNormalization), got {opset}")
+    import onnx
+
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be from {MIN_OPSET} (LayerNormalization) to {MAX_OPSET}, got {opset}")
     register_onnx_symbolics()
-    model, out, x = _prepare(model, out, freeze, example_batch)
+    model, x = _prepare(model, freeze, example_batch)
+    buf = io.BytesIO()
     with torch.no_grad(), _quiet_export():
         torch.onnx.export(
             model,
             (x,),
-            str(out),
+            buf,
             dynamo=False,
             opset_version=opset,
             input_names=["images"],
@@ -206,14 +224,33 @@ def export_onnx(
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             do_constant_folding=True,
         )
-    bad = custom_domain_ops(out)
+    proto = onnx.load_from_string(buf.getvalue())
+    bad = custom_domain_ops(proto)
     if bad:
         raise RuntimeError(f"the exported ONNX graph holds non-standard operators: {', '.join(sorted(bad))}")
-    return out
+    _set_metadata_props(proto, metadata or {})
+    data = proto.SerializeToString()
+    _check_onnx_bytes(data, metadata or {})
+    return write_file_atomically(out, data)
 
 
-def custom_domain_ops(path: str | os.PathLike) -> set[str]:
-    """``domain::op_type`` of every node (subgraphs included) outside the standard ONNX domains."""
+def _check_onnx_bytes(data: bytes, metadata: dict[str, str]) -> None:
+    """RuntimeError unless ``data`` parses as a valid ONNX model (``onnx.checker``) carrying ``metadata``."""
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise RuntimeError(f"the exported ONNX model is not valid: {str(e).strip().splitlines()[0]}") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if any(props.get(k) != v for k, v in metadata.items()):
+        raise RuntimeError("the exported ONNX model lost its metadata")
+
+
+def custom_domain_ops(path: str | os.PathLike | Any) -> set[str]:
+    """``domain::op_type`` of every node (subgraphs included) outside the standard ONNX domains; ``path``: an
+    ONNX file or an ``onnx.ModelProto``."""
     import onnx
 
     standard = {"", "ai.onnx"}
@@ -229,7 +266,8 @@ def custom_domain_ops(path: str | os.PathLike) -> set[str]:
                 for sub in attr.graphs:
                     walk(sub)
 
-    walk(onnx.load(str(path), load_external_data=False).graph)
+    proto = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
+    walk(proto.graph)
     return found
 
 
@@ -259,9 +297,11 @@ def export_pt2(
 
     The ``mpvg::`` custom ops stay in the graph (when the backend in force resolves to a fused kernel); the program
     loads with ``torch.export.load`` in a process that has imported ``mpvg_kernels``. ``metadata`` is stored as
-    the JSON file :data:`PT2_METADATA_FILE` in the archive. Returns the path.
+    the JSON file :data:`PT2_METADATA_FILE` in the archive. The archive is serialised in memory (so a failing
+    disk cannot abort the C++ writer) and written atomically (:func:`write_file_atomically`). Returns the path
+    written (through a symlink: its target).
     """
-    model, out, x = _prepare(model, out, freeze, example_batch)
+    model, x = _prepare(model, freeze, example_batch)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     with torch.no_grad():
         ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
@@ -270,8 +310,170 @@ def export_pt2(
         import json
 
         extra = {PT2_METADATA_FILE: json.dumps(metadata, indent=1)}
-    torch.export.save(ep, str(out), extra_files=extra)
-    return out
+    buf = io.BytesIO()
+    torch.export.save(ep, buf, extra_files=extra)
+    data = buf.getvalue()
+    _check_pt2_bytes(data, metadata or {})
+    return write_file_atomically(out, data)
+
+
+def _check_pt2_bytes(data: bytes, metadata: dict[str, str]) -> None:
+    """RuntimeError unless ``data`` is an intact zip archive (CRCs) carrying ``metadata`` as JSON."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        if z.testzip() is not None:
+            raise RuntimeError("the exported pt2 archive is corrupt")
+        if metadata:
+            names = [n for n in z.namelist() if n.endswith("/extra/" + PT2_METADATA_FILE)]
+            if len(names) != 1 or json.loads(z.read(names[0])) != metadata:
+                raise RuntimeError("the exported pt2 archive lost its metadata")
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+
+#: Temporary files of an export in progress: ``.mpvg-export-HOST-PID-XXXXXXXX.tmp`` beside the output.
+_TMP_PREFIX = ".mpvg-export-"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:32] or "host"
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files that exports on this host by processes no longer running left in ``folder``
+    (POSIX only: elsewhere ``os.kill(pid, 0)`` is no liveness test)."""
+    if os.name != "posix":
+        return
+    mine = f"{_TMP_PREFIX}{_host()}-"
+    for p in folder.glob(f"{mine}*.tmp"):
+        pid = p.name[len(mine):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        except OSError:
+            pass  # alive (another user's process)
+
+
+def _new_file_mode() -> int:
+    """The permission bits ``open()`` gives a new file: 0o666 less the umask."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def out_target(out: str | os.PathLike, example_name: str = "model.onnx") -> Path:
+    """The file an export to ``out`` writes: ``out`` itself, or the target of a symlink ``out`` (the link is kept);
+    a :class:`~mpvg_kernels.errors.UserError` for a dangling symlink, a folder (the message suggests
+    ``out/example_name``) or a file that is not regular (a device, a FIFO: it would be replaced), a path below a
+    file, a folder where no file can be created."""
+    from .errors import UserError
+
+    path = Path(out)
+    target = path
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.exists():
+            raise UserError(f"--out {path} is a dangling symlink (to {os.readlink(path)}); remove it or give "
+                            "another path")
+    if target.is_dir():
+        raise UserError(f"--out {path} is a folder; give the file to write, e.g. {path / example_name}")
+    if target.exists() and not target.is_file():
+        raise UserError(f"--out {path} is not a regular file (a device, FIFO or socket); an export writes a new "
+                        "file and renames it over --out")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {path}: {parent} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write --out {path}: no file can be created in {parent} "
+                        f"({e.strerror or type(e).__name__})") from None
+    return target
+
+
+def write_file_atomically(out: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``out`` so that ``out`` is either its previous content or ``data``, never anything else.
+
+    The bytes go to a temporary file in ``out``'s folder (missing folders are created), are flushed to the disk and
+    read back, and the file is renamed over ``out`` (a symlink ``out``: over its target). A new file gets the
+    usual permissions (0o666 less the umask), a replaced one keeps its own. Not enough free space, an OS error or
+    bytes that do not read back are a :class:`~mpvg_kernels.errors.UserError`; then the temporary file and the
+    folders created are removed and ``out`` is left as it was. Returns the path written.
+    """
+    from .errors import UserError
+
+    target = out_target(out)
+    existed = target.exists()
+    kept = f"; {out} is left as it was" if existed else ""
+    created: list[Path] = []
+    d = target.parent
+    while not d.exists():
+        created.append(d)
+        d = d.parent
+    tmp: str | None = None
+    done = False
+    try:
+        for folder in reversed(created):
+            folder.mkdir()
+        _remove_stale_temporaries(target.parent)
+        free = shutil.disk_usage(target.parent).free
+        if free < len(data):
+            raise UserError(f"cannot write {out}: not enough free space in {target.parent} ({len(data) / 1e6:.1f} MB "
+                            f"needed, {free / 1e6:.1f} MB free){kept}")
+        mode = stat.S_IMODE(target.stat().st_mode) if existed else _new_file_mode()
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{_TMP_PREFIX}{_host()}-{os.getpid()}-",
+                                   suffix=".tmp")
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                if n <= 0:
+                    raise OSError(errno.EIO, "write wrote nothing")
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            back = f.read()
+        if back != data:
+            raise UserError(f"cannot write {out}: the written file does not read back as written ({len(back)} bytes "
+                            f"on disk, {len(data)} written){kept}")
+        os.replace(tmp, target)
+        done = True
+        with contextlib.suppress(OSError):  # make the rename durable where the folder can be opened
+            dfd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}{kept}") from None
+    finally:
+        if not done:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            for folder in created:  # innermost first; only the empty ones this call made
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+    return target
 
 
 def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
@@ -342,6 +544,7 @@ def load_model(
                             f"{path} is not an `mpvg train` checkpoint (it holds one set of weights): drop --weights")
     if name is None:
         raise UserError("pass --model NAME (or --checkpoint of an `mpvg train` run)")
+    C.check_model_fits(name, pe or "default", num_classes, dict(model_kwargs or {}))  # before allocating
     model = C.build_model(name, pe or "default", num_classes, dict(model_kwargs or {}))  # type: ignore[arg-type]
     if raw is not None:
         _load_complete(model, raw, f"{checkpoint}", f"{name} (pe={pe or 'default'})")
@@ -520,41 +723,47 @@ def deployment_metadata(model: nn.Module, backend: str | None = None) -> dict[st
     }
 
 
+def _set_metadata_props(proto: Any, metadata: dict[str, str]) -> None:
+    """Set ``metadata_props`` of an ``onnx.ModelProto`` (existing keys replaced, others kept)."""
+    kept = {p.key: p.value for p in proto.metadata_props if p.key not in metadata}
+    del proto.metadata_props[:]
+    for key, value in {**kept, **metadata}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+
+
 def write_onnx_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Set ``metadata_props`` of an ONNX file (existing keys replaced, others kept)."""
+    """Set ``metadata_props`` of an ONNX file (existing keys replaced, others kept), rewriting it atomically."""
     import onnx
 
     m = onnx.load(str(path))
-    kept = {p.key: p.value for p in m.metadata_props if p.key not in metadata}
-    del m.metadata_props[:]
-    for key, value in {**kept, **metadata}.items():
-        entry = m.metadata_props.add()
-        entry.key, entry.value = str(key), str(value)
-    onnx.save(m, str(path))
+    _set_metadata_props(m, metadata)
+    data = m.SerializeToString()
+    _check_onnx_bytes(data, metadata)
+    write_file_atomically(path, data)
 
 
 # ----------------------------------------------------------------------------------------------- one call
 
 
-def check_export_options(out: str | os.PathLike, format: str, *, opset: int = DEFAULT_OPSET,
+def check_export_options(out: str | os.PathLike, format: str, *, opset: int | None = None,
                          backend: str | None = None, device: torch.device | str = "cpu") -> None:
     """Refuse, before any work, what an export cannot do (a :class:`~mpvg_kernels.errors.UserError` naming the
-    value): an unknown format, an opset below 17, an output path that is a folder (or below a file), a backend
-    that is unknown or not available for tensors on ``device`` (where the model is traced)."""
+    value): an unknown format, an opset outside :data:`MIN_OPSET`..:data:`MAX_OPSET` (or any opset for pt2), an
+    output path :func:`out_target` refuses (a folder, a dangling symlink, a device file, a path below a file, a
+    folder where no file can be created), a backend that is unknown or not available for tensors on ``device``
+    (where the model is traced). ``opset`` None: the default (onnx)."""
     from .errors import UserError
 
     if format not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if format == "onnx" and opset < MIN_OPSET:
-        raise UserError(f"--opset {opset}: ONNX export needs opset >= {MIN_OPSET} (LayerNormalization)")
-    path = Path(out)
-    if path.is_dir():
-        raise UserError(f"--out {path} is a folder; give the file to write, e.g. {path / ('model.' + format)}")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise UserError(f"--out {path}: {parent} is a file, not a folder")
+    if format == "onnx" and opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserError(f"--opset {opset}: ONNX export supports opsets {MIN_OPSET} to {MAX_OPSET} "
+                        f"(LayerNormalization needs {MIN_OPSET}; {MAX_OPSET} is the newest the TorchScript exporter "
+                        "supports)")
+    if format != "onnx" and opset is not None:
+        raise UserError(f"--opset {opset}: --opset applies to --format onnx only")
+    out_target(out, f"model.{format}")
     if backend is not None:
         if backend not in backends.KNOWN_BACKENDS:
             raise UserError(f"--backend {backend}: unknown backend; choose one of "
@@ -578,7 +787,7 @@ def export_model(
     out: str | os.PathLike,
     format: str,
     *,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     backend: str | None = None,
     verify: bool = False,
     verify_batch: int = 3,
@@ -586,9 +795,11 @@ def export_model(
 ) -> ExportResult:
     """Export ``model`` (frozen, see :class:`FrozenPEModel`) as ``format`` (``onnx`` or ``pt2``) to ``out``.
 
-    ``backend``: the op backend while tracing (None: the configured one, i.e. the fused kernels). ``verify``: run
-    the exported graph once at batch ``verify_batch`` (onnxruntime for ONNX, ``torch.export.load`` for pt2) and
-    report the max |diff| to the PyTorch model. A failed export is a :class:`~mpvg_kernels.errors.UserError`.
+    ``opset``: ONNX only (None: :data:`DEFAULT_OPSET`). ``backend``: the op backend while tracing (None: the
+    configured one, i.e. the fused kernels). ``verify``: run the exported graph once at batch ``verify_batch``
+    (onnxruntime for ONNX, ``torch.export.load`` for pt2) and report the max |diff| to the PyTorch model. A failed
+    export is a :class:`~mpvg_kernels.errors.UserError`, and leaves ``out`` as it was (the file is written
+    atomically: :func:`write_file_atomically`).
 
     The file carries :func:`deployment_metadata` (plus ``metadata``, which wins): ONNX ``metadata_props``, and for
     pt2 the JSON file :data:`PT2_METADATA_FILE` in the archive.
@@ -607,12 +818,13 @@ def export_model(
             resolved = backends.resolve_backend(device)  # the backend the graph is traced with
             props = {**deployment_metadata(model, resolved), **(metadata or {})}
             if format == "onnx":
-                path = export_onnx(model, out, opset=opset)
-                write_onnx_metadata(path, props)
+                path = export_onnx(model, out, opset=DEFAULT_OPSET if opset is None else opset, metadata=props)
             else:
                 path = export_pt2(model, out, metadata=props)
         except (RuntimeError, ValueError) as e:
             raise UserError(f"export failed: {e}") from e
+        except OSError as e:  # while serialising; writing the file reports its own errors
+            raise UserError(f"export to {out} failed: {e.strerror or e}; {out} is left as it was") from None
     msg = f"wrote {path} ({format}, {path.stat().st_size / 1e6:.1f} MB; dynamic batch; backend {resolved})"
     diff = None
     if verify:

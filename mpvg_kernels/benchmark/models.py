@@ -20,6 +20,7 @@ the reported figure is the median over the rounds. Results go to ``<out>/<name>.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -601,9 +602,17 @@ def _row_order(row: tuple[str, ...]) -> tuple[int, ...]:
     return (0, pos(PE_MODES, row[1]), pos(IMPLS, row[2]), pos(EXECS, row[3]))
 
 
+def _ratio_range(values: list[float], usual: tuple[float, float] = (0.8, 1.1)) -> tuple[float, float]:
+    """The y range of a ratio panel: ``usual``, widened (with a 5% margin) to include every value."""
+    lo, hi = min([usual[0], *values]), max([usual[1], *values])
+    pad = 0.05 * (hi - lo) if (lo, hi) != usual else 0.0
+    return lo - pad if lo < usual[0] else lo, hi + pad if hi > usual[1] else hi
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """PNG chart: per model and task, images/s of each mode relative to ``default`` mode (same impl and exec), one
-    bar group per implementation/execution; the dashed line is the MPVG target (CPU runs only)."""
+    bar group per implementation/execution; the dashed line is the MPVG target (CPU runs only). The y axis spans
+    0.80-1.10, widened to include every bar and the target."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -630,6 +639,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 if (model, "default", im, e, task) in idx
                 and any((model, m, im, e, task) in idx for m in modes if m != "default")
             ]
+            shown = [targets[task]] if task in targets else []
             for k, mode in enumerate(modes):
                 vals = []
                 for g in groups:
@@ -637,9 +647,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     vals.append(r["images_per_s"] / b["images_per_s"] if r else float("nan"))
                 xs = [g + (k - (len(modes) - 1) / 2) * width for g in range(len(groups))]
                 ax.bar(xs, vals, width, label=mode, color=colors.get(mode))
+                shown += [v for v in vals if math.isfinite(v)]
             if task in targets:
                 ax.axhline(targets[task], color="black", linewidth=0.8, linestyle="--")
-            ax.set_ylim(0.8, 1.1)
+            ax.set_ylim(*_ratio_range(shown))
             ax.set_xticks(range(len(groups)))
             ax.set_xticklabels([f"{g[0]}\n{g[1]}" for g in groups], fontsize=8)
             batch = next((r["batch"] for r in recs if r["model"] == model and r["task"] == task), "?")

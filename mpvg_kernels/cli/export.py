@@ -5,7 +5,8 @@ fails naming what is missing, unused or of another shape (it never exports a par
 
 The file carries deployment metadata (ONNX metadata_props; mpvg_metadata.json in a .pt2 archive): input size,
 mean/std, resize policy, interpolation and antialiasing, crop_pct, class names, model name, PE mode and backend;
-see docs/deploy.md.
+see docs/deploy.md. It is written atomically: a failed export (full disk, unwritable folder, interrupt) leaves a
+previous --out as it was and no partial file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..export import DEFAULT_OPSET, FORMATS
+from ..export import DEFAULT_OPSET, FORMATS, MAX_OPSET, MIN_OPSET
 from ..models.vision_transformer import PE_MODES
 from ..ops.backends import KNOWN_BACKENDS
 from .options import add_model_arg, add_weights_arg, parse_model_args, require_extra
@@ -46,17 +47,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         default=None,
-        help="an `mpvg train` checkpoint (model, PE mode and options come from it; --model/--pe/--num-classes/"
-        "--model-arg that disagree are errors) or timm/DeiT-format weights / a plain state dict (needs --model). "
-        "Every parameter and buffer of the exported model must come from the checkpoint: a tensor that is "
-        "missing, unused or of another shape is an error naming it (default: none, random init)",
+        help="an `mpvg train` checkpoint or its run folder (model, PE mode and options come from it; --model/--pe/"
+        "--num-classes/--model-arg that disagree are errors) or timm/DeiT-format weights / a plain state dict "
+        "(needs --model). Every parameter and buffer of the exported model must come from the checkpoint: a "
+        "tensor that is missing, unused or of another shape is an error naming it (default: none, random init)",
     )
     add_weights_arg(p, "which weights of an `mpvg train` checkpoint")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the registered one)")
     add_model_arg(p)
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx or pt2 (torch.export)")
-    p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, >= 17 (default: %(default)s)")
+    p.add_argument("--out", required=True,
+                   help="output file, written atomically: a temporary file beside it, checked, then renamed over "
+                   "it (a failed export leaves a previous file as it was); a symlink is written through")
+    p.add_argument("--opset", type=int, default=None,
+                   help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (--format onnx only; default: {DEFAULT_OPSET})")
     p.add_argument(
         "--backend",
         default=None,

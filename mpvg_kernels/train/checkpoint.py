@@ -26,16 +26,28 @@ import torch
 from torch import nn
 
 from ..models.factory import (  # noqa: F401 - re-exported: reading checkpoints and rebuilding models
+    CHECKPOINT_NAME,
+    DATA_KEYS,
+    EVAL_RESIZES,
     FORMAT,
+    MAX_INPUT_SIDE,
+    MAX_MODULES,
+    MAX_OPTION_INT,
     REQUIRED_KEYS,
     VERSION,
+    available_memory,
+    build_meta_model,
     build_model,
+    check_model_fits,
+    checkpoint_file,
     is_train_checkpoint,
     load_checkpoint,
     load_state_dict_checked,
     mismatch_parts,
     model_from_checkpoint,
     read_torch_file,
+    state_dict_mismatch,
+    tensor_bytes,
     validate_checkpoint,
 )
 
@@ -48,10 +60,6 @@ def weights_digest(model: nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# RNG state
 
 
 def capture_rng() -> dict[str, Any]:

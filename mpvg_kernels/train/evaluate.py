@@ -64,6 +64,17 @@ def class_mismatch(expected: list[str], got: list[str], limit: int = 3) -> str |
     return f"{kind}, {len(diffs)} of {max(len(expected), len(got))} differ: {'; '.join(parts)}"
 
 
+def default_workers(in_memory: bool) -> int:
+    """DataLoader workers when none are asked for: 0 for in-memory data, else up to 4, leaving one usable CPU to
+    the main process (so never more than the CPUs, which DataLoader warns about)."""
+    return 0 if in_memory else max(0, min(4, D.usable_cpus() - 1))
+
+
+def max_workers() -> int:
+    """The most DataLoader workers eval accepts: 4 per usable CPU."""
+    return 4 * D.usable_cpus()
+
+
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, batch_size: int = 256,
                         num_workers: int | None = None, device: str = "auto", weights: str = "auto",
                         amp: str = "none") -> dict[str, Any]:
@@ -72,9 +83,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, 
     ``data``: a data spec (``digits``, ``cifar10:PATH``, ...) with the checkpoint's classes; None: the data set the
     checkpoint was trained on. Its class names must be the checkpoint's, in the same order (else an error listing
     the first differences); only CIFAR data without its meta file (names unknown) is compared by index, with a
-    warning. ``batch_size`` >= 1, ``num_workers`` >= 0.
-    ``num_workers``: DataLoader workers (None: 0 for in-memory data, 4 for folder data). ``weights``: ``auto``
+    warning. ``batch_size`` >= 1, ``num_workers`` from 0 to :func:`max_workers`.
+    ``num_workers``: DataLoader workers (None: :func:`default_workers`). ``weights``: ``auto``
     (EMA when the run kept one), ``ema`` or ``model``. ``amp``: ``none``, ``bf16`` or ``fp16`` autocast.
+
+    ``checkpoint``: a file or an ``mpvg train`` run folder; its metadata is validated
+    (:func:`~mpvg_kernels.train.checkpoint.validate_checkpoint`) before anything is built or loaded.
 
     Returns ``{top1, top5, loss, images, split, data, checkpoint, model, pe, epoch, weights}``; every failure the
     user can fix is a :class:`~mpvg_kernels.errors.UserError`.
@@ -88,9 +102,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, 
         raise UserError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
     if int(batch_size) < 1:
         raise UserError(f"batch_size {batch_size}: must be at least 1")
-    if num_workers is not None and int(num_workers) < 0:
-        raise UserError(f"num_workers {num_workers}: must be at least 0")
-    ckpt = load_checkpoint(checkpoint)
+    if num_workers is not None and not 0 <= int(num_workers) <= max_workers():
+        raise UserError(f"num_workers {num_workers}: must be from 0 to {max_workers()} (4 per usable CPU)")
+    dev = D.resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, require_data=True)
     model = model_from_checkpoint(ckpt, weights, f"checkpoint {checkpoint}")
     meta = ckpt["data"]
     spec = data_mod.parse_data_spec(data or meta["spec"])
@@ -107,9 +122,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, 
             raise UserError(f"the class names of {spec} differ from the checkpoint's ({mismatch}); the accuracy "
                             "would compare unrelated classes. Evaluate on data with the checkpoint's classes")
     splits = data_mod.load_data(spec, int(meta["in_chans"]), meta["input_size"], float(meta["crop_pct"]))
-    dev = D.resolve_device(device)
     loader = DataLoader(splits.test, batch_size=batch_size, num_workers=num_workers if num_workers
-                        is not None else (0 if splits.in_memory else 4), pin_memory=dev.type == "cuda")
+                        is not None else default_workers(splits.in_memory), pin_memory=dev.type == "cuda")
     tf = EvalTransform(meta["input_size"], int(meta["in_chans"]), meta["mean"], meta["std"]).to(dev)
     res = evaluate(model.to(dev), loader, tf, dev, AMP_DTYPES[amp])
     return {"top1": res["top1"], "top5": res["top5"], "loss": res["loss"], "images": res["n"],

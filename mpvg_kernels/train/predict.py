@@ -24,15 +24,17 @@ def predict_images(ckpt_path: str | os.PathLike, images: Sequence[str | os.PathL
     """``[{"image": path, "top": [{"class", "index", "prob"}, ...]}, ...]`` for each image path.
 
     ``topk`` >= 1 (a :class:`~mpvg_kernels.errors.UserError` otherwise); more than the number of classes shows
-    them all."""
+    them all. ``ckpt_path``: a file or an ``mpvg train`` run folder; its metadata is validated
+    (:func:`~mpvg_kernels.train.checkpoint.validate_checkpoint`: e.g. one class name per output) before anything is
+    built."""
     from ..errors import UserError
 
     if int(topk) < 1:
         raise UserError(f"topk {topk}: must be at least 1")
-    ckpt = load_checkpoint(ckpt_path)
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(ckpt_path, require_data=True)  # one class name per output, sizes in range, ...
     model = model_from_checkpoint(ckpt, weights, f"checkpoint {ckpt_path}")
     meta = ckpt["data"]
-    dev = resolve_device(device)
     model.to(dev).eval()
     in_chans, size = int(meta["in_chans"]), meta["input_size"]
     tf = EvalTransform(size, in_chans, meta["mean"], meta["std"]).to(dev)
