@@ -44,6 +44,7 @@ from . import distributed as D
 from . import run_dir
 from .augment import EvalTransform, TrainTransform, classification_loss
 from .checkpoint import (
+    CHECKPOINT_NAME,
     build_model,
     capture_rng,
     load_checkpoint,
@@ -61,7 +62,6 @@ from .schedule import WarmupCosine
 
 #: Config keys that may differ between a checkpoint and the run that resumes it (they do not change the math).
 RESUME_FREE_KEYS = frozenset({"num_workers", "device", "compile", "threads"})
-CHECKPOINT_NAME = "checkpoint.pt"
 #: Error texts of a collective whose peer process is gone (gloo, NCCL).
 _PEER_FAILURE_HINTS = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
                        "remote process exited", "ProcessGroupGloo")
