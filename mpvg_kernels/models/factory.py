@@ -41,7 +41,7 @@ from .registry import create_model, list_models
 FORMAT = "mpvg-kernels-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "version", "model", "data", "config", "epoch", "state_dict")
-#: The checkpoint file of an ``mpvg train`` run folder (``trainer.CHECKPOINT_NAME``); a folder given as a
+#: The checkpoint file of an ``mpvg train`` run folder (the trainer writes it under this name); a folder given as a
 #: checkpoint means this file in it.
 CHECKPOINT_NAME = "checkpoint.pt"
 #: The largest image side (pixels) a checkpoint may declare (``data.input_size``, the model's input size).
