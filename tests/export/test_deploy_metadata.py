@@ -89,9 +89,19 @@ def load(model_path):
     return sess, sess.get_modelmeta().custom_metadata_map
 
 
+def open_8bit(path, mode):
+    """The image as mpvg reads it: 16-bit and 32-bit integer pixels / 257, float pixels (in [0, 1]) * 255."""
+    im = Image.open(path)
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = a * 255.0 if im.mode == "F" else a / 257.0
+        im = Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8))
+    return im.convert(mode)  # "L" or "RGB"
+
+
 def preprocess(path, meta):
     c, h, w = json.loads(meta["input_size"])
-    im = Image.open(path).convert(meta["color_mode"])  # "L" or "RGB"
+    im = open_8bit(path, meta["color_mode"])
     if meta["eval_resize"] == "center_crop":
         # shorter side to floor(min(h, w) / crop_pct) (bicubic, on uint8), then a centered h x w crop
         s = int(min(h, w) / float(meta["crop_pct"]))
@@ -148,7 +158,7 @@ runpy.run_path(script, run_name="__main__")
 
 def _held_out_images(folder: Path, n: int = 24) -> list[Path]:
     """Held-out digits as PNG: most at their 8x8 size (upsampled to 16x16 by the model's preprocessing), some
-    enlarged to 40x32 (downsampled, antialiased), one saved as RGB."""
+    enlarged to 40x32 (downsampled, antialiased), some saved as RGB, some as 16-bit gray."""
     from PIL import Image
 
     from mpvg_kernels.train.data import digits_split
@@ -162,6 +172,8 @@ def _held_out_images(folder: Path, n: int = 24) -> list[Path]:
             im = im.resize((32, 40), Image.NEAREST)
         if k % 8 == 3:
             im = im.convert("RGB")
+        if k % 8 == 5:  # 16-bit: v * 257, read back as v
+            im = Image.fromarray(np.asarray(im, dtype=np.uint16) * 257)
         paths.append(folder / f"d{k:02d}.png")
         im.save(paths[-1])
     return paths
