@@ -391,10 +391,10 @@ def _load_complete(model: nn.Module, raw: Any, where: str, what: str) -> None:
     parameters and buffers and every checkpoint tensor is used; else a UserError listing the differences."""
     from .errors import UserError
     from .models.factory import mismatch_parts
-    from .models.pretrained import checkpoint_filter_fn, unwrap_state_dict
+    from .models.pretrained import checkpoint_filter_fn, map_checkpoint_keys, unwrap_state_dict
 
     try:
-        sd = unwrap_state_dict(raw)
+        sd = map_checkpoint_keys(unwrap_state_dict(raw), model)  # published layouts in our key names
         filtered = checkpoint_filter_fn(raw, model)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"cannot load {where} into {what}: {e}") from None
