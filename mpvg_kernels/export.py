@@ -40,7 +40,7 @@ from .ops import backends
 #: Opset used unless told otherwise (LayerNormalization needs >= 17).
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
-FORMATS = ("onnx", "pt2")
+FORMATS = ("onnx", "pt2", "safetensors")
 
 
 # ----------------------------------------------------------------------------------------------- frozen model
@@ -274,6 +274,37 @@ def export_pt2(
     return out
 
 
+def export_safetensors(model: nn.Module, out: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write the weights of ``model`` as a ``.safetensors`` checkpoint that ``mpvg eval/predict/export
+    --checkpoint`` and :func:`~mpvg_kernels.models.load_pretrained` read (no pickle): the tensors of its state dict,
+    and as metadata (str -> str, values JSON) ``model`` {name, pe, kwargs, num_classes}, ``data`` (classes,
+    in_chans, input_size, mean, std, crop_pct, eval_resize, spec), ``config``, ``epoch`` and ``metadata`` (the
+    deployment keys of :func:`deployment_metadata`). Atomic (:func:`~mpvg_kernels.models.factory.
+    write_safetensors_checkpoint`). A model not built by :func:`~mpvg_kernels.models.factory.build_model` (no
+    registered name to rebuild it from) is a :class:`~mpvg_kernels.errors.UserError`."""
+    import json
+
+    from .errors import UserError
+    from .models.factory import MODEL_META_ATTR, write_safetensors_checkpoint
+
+    inner = model.model if isinstance(model, FrozenPEModel) else model
+    meta = dict(inner.__dict__.get(MODEL_META_ATTR) or {})
+    if not meta:
+        raise UserError("--format safetensors needs a registered model (--model NAME or an `mpvg train` checkpoint)")
+    epoch = meta.pop("epoch", None)
+    props = {**deployment_metadata(inner), **(metadata or {})}
+    data = inner.__dict__.get(_PREPROCESSING_ATTR)
+    if not data:  # the preprocessing the deployment metadata states (the model's default_cfg)
+        c, h, w = json.loads(props["input_size"])
+        n = int(props["num_classes"])
+        data = {"spec": None, "classes": json.loads(props["class_names"]) or [str(i) for i in range(n)],
+                "in_chans": c, "input_size": [h, w], "mean": json.loads(props["mean"]),
+                "std": json.loads(props["std"]), "crop_pct": float(props["crop_pct"]),
+                "eval_resize": props["eval_resize"]}
+    entries = {"model": meta, "data": dict(data), "config": {}, "epoch": epoch}
+    return write_safetensors_checkpoint(out, inner.state_dict(), entries, props)
+
+
 def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
     """``torch.export.load`` after registering the ``mpvg::`` ops (importing this package does that)."""
     return torch.export.load(str(path))
@@ -431,6 +462,15 @@ def max_abs_diff_onnx(model: nn.Module, path: str | os.PathLike, x: torch.Tensor
     return float((got - ref).abs().max())
 
 
+def max_abs_diff_safetensors(model: nn.Module, path: str | os.PathLike, x: torch.Tensor) -> float:
+    """Max |model rebuilt from the ``.safetensors`` checkpoint (x) - model(x)|, both in eval mode, no grad."""
+    from .models import factory as C
+
+    rebuilt = C.model_from_checkpoint(C.load_checkpoint(path), where=str(path))
+    with torch.no_grad():
+        return float((rebuilt(x) - model.eval()(x)).abs().max())
+
+
 # ----------------------------------------------------------------------------------------------- metadata
 
 #: Version of the metadata layout written by :func:`deployment_metadata` (docs/deploy.md).
@@ -584,7 +624,9 @@ def export_model(
     verify_batch: int = 3,
     metadata: dict[str, str] | None = None,
 ) -> ExportResult:
-    """Export ``model`` (frozen, see :class:`FrozenPEModel`) as ``format`` (``onnx`` or ``pt2``) to ``out``.
+    """Export ``model`` (frozen, see :class:`FrozenPEModel`) as ``format`` (``onnx`` or ``pt2``) to ``out``, or its
+    weights with their metadata as ``safetensors`` (:func:`export_safetensors`; ``verify`` rebuilds the model from
+    the file and compares its logits).
 
     ``backend``: the op backend while tracing (None: the configured one, i.e. the fused kernels). ``verify``: run
     the exported graph once at batch ``verify_batch`` (onnxruntime for ONNX, ``torch.export.load`` for pt2) and
@@ -609,17 +651,22 @@ def export_model(
             if format == "onnx":
                 path = export_onnx(model, out, opset=opset)
                 write_onnx_metadata(path, props)
+            elif format == "safetensors":
+                path = export_safetensors(model, out, metadata=props)
             else:
                 path = export_pt2(model, out, metadata=props)
         except (RuntimeError, ValueError) as e:
             raise UserError(f"export failed: {e}") from e
-    msg = f"wrote {path} ({format}, {path.stat().st_size / 1e6:.1f} MB; dynamic batch; backend {resolved})"
+    how = "weights and metadata" if format == "safetensors" else f"dynamic batch; backend {resolved}"
+    msg = f"wrote {path} ({format}, {path.stat().st_size / 1e6:.1f} MB; {how})"
     diff = None
     if verify:
         x = example_input(model, verify_batch)
         with backend_scope():
             if format == "onnx":
                 diff = max_abs_diff_onnx(model, path, x)
+            elif format == "safetensors":
+                diff = max_abs_diff_safetensors(model, path, x)
             else:
                 with torch.no_grad():
                     diff = float((load_pt2(path).module()(x) - model(x)).abs().max())

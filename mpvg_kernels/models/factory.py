@@ -11,12 +11,20 @@ checkpoint is a dict of tensors and primitive containers only (no pickled classe
     data: {spec, classes, in_chans, input_size, mean, std, crop_pct, eval_resize}
     config, epoch, state_dict, ema (None or {updates, state_dict}), ...
 
+The same checkpoint can be shared as ``.safetensors`` (:func:`write_safetensors_checkpoint`, ``mpvg export
+--format safetensors``): the state dict as tensors, the rest as JSON strings in the file's metadata
+(``format``, ``version``, ``model``, ``data``, ``config``, ``epoch``, plus the deployment keys of ONNX exports).
+:func:`read_torch_file` reads it back into the dict above without unpickling anything; a ``.safetensors`` file
+without that metadata (e.g. timm's) is returned as its plain state dict.
+
 Every failure here is a :class:`~mpvg_kernels.errors.UserError`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .pretrained import is_safetensors, read_safetensors
 from .registry import create_model, list_models
 
 __all__ = [
@@ -38,11 +47,16 @@ __all__ = [
     "model_from_checkpoint",
     "read_torch_file",
     "validate_checkpoint",
+    "write_safetensors_checkpoint",
 ]
 
 FORMAT = "mpvg-kernels-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "version", "model", "data", "config", "epoch", "state_dict")
+#: Where :func:`build_model` records ``{name, pe, kwargs, num_classes}`` on the model (read by the exports).
+MODEL_META_ATTR = "_mpvg_model_meta"
+#: The checkpoint entries a ``.safetensors`` checkpoint holds as JSON metadata.
+_JSON_ENTRIES = ("model", "data", "config", "epoch")
 
 
 def build_model(name: str, pe: str, num_classes: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
@@ -51,11 +65,14 @@ def build_model(name: str, pe: str, num_classes: int, kwargs: dict[str, Any] | N
     if name not in available:
         raise UserError(f"unknown model {name!r}; available models: {', '.join(available)}")
     try:
-        return create_model(name, pe=pe, num_classes=num_classes, **(kwargs or {}))
+        model = create_model(name, pe=pe, num_classes=num_classes, **(kwargs or {}))
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(
             f"cannot build model {name!r} (pe={pe!r}, num_classes={num_classes}, kwargs={kwargs or {}}): {e}"
         ) from None
+    classes = getattr(model, "num_classes", num_classes)
+    model.__dict__[MODEL_META_ATTR] = {"name": name, "pe": pe, "kwargs": dict(kwargs or {}), "num_classes": classes}
+    return model
 
 
 def mismatch_parts(
@@ -94,10 +111,13 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
 
 
 def read_torch_file(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU; a missing or unreadable file is a :class:`UserError`."""
+    """``torch.load(path, weights_only=True)`` on the CPU (a ``.safetensors`` file: :func:`read_safetensors_file`,
+    no pickle); a missing or unreadable file is a :class:`UserError`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if is_safetensors(path):
+        return read_safetensors_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file, foreign pickle ...
@@ -106,6 +126,57 @@ def read_torch_file(path: str | os.PathLike) -> Any:
             f"cannot load checkpoint {path}: the file is corrupt, truncated or not a torch checkpoint "
             f"({type(e).__name__}: {msg})"
         ) from None
+
+
+def read_safetensors_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A ``.safetensors`` file: the ``mpvg train`` checkpoint dict it holds (written by
+    :func:`write_safetensors_checkpoint`), else its plain state dict. Nothing is unpickled."""
+    try:
+        tensors, meta = read_safetensors(path)
+    except ImportError as e:
+        raise UserError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - truncated header, not a safetensors file ...
+        raise UserError(f"cannot load {path}: not a readable .safetensors file ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT:
+        return tensors
+    try:
+        ckpt: dict[str, Any] = {"format": FORMAT, "version": int(meta["version"])}
+        ckpt.update({k: json.loads(meta[k]) for k in _JSON_ENTRIES})
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path}: the mpvg-kernels metadata of this .safetensors file is incomplete ({e})") from None
+    ckpt.update(state_dict=tensors, ema=None)
+    return ckpt
+
+
+def write_safetensors_checkpoint(
+    path: str | os.PathLike, state_dict: dict[str, torch.Tensor], entries: dict[str, Any], extra: dict[str, str]
+) -> Path:
+    """Write ``state_dict`` as ``.safetensors`` with the checkpoint ``entries`` (model, data, config, epoch) as JSON
+    metadata plus ``extra`` (str -> str); atomically: a temporary file beside ``path``, read back and compared
+    (every tensor and the metadata), then renamed over ``path``. Returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    meta = {**{k: str(v) for k, v in extra.items()}, "format": FORMAT, "version": str(VERSION)}
+    meta.update({k: json.dumps(entries[k]) for k in _JSON_ENTRIES})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        back, back_meta = read_safetensors(tmp)
+        if (
+            back_meta != meta
+            or back.keys() != tensors.keys()
+            or not all(torch.equal(back[k], t) for k, t in tensors.items())
+        ):
+            raise UserError(f"writing {path}: the file read back differs from what was written")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def is_train_checkpoint(obj: Any) -> bool:
@@ -145,5 +216,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], weights: str = "auto", where: st
     use_ema = bool(ema) and weights in ("auto", "ema")
     sd = ema["state_dict"] if use_ema else ckpt["state_dict"]
     load_state_dict_checked(model, sd, f"{where} ({'EMA' if use_ema else 'model'} weights)")
+    model.__dict__[MODEL_META_ATTR] = dict(meta)
+    model.__dict__[MODEL_META_ATTR]["epoch"] = ckpt.get("epoch")
     model.eval()
     return model
