@@ -56,7 +56,7 @@ MIN_OPSET = 17
 #: ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET``; it warns "not supported" above it). A constant, so that the ``mpvg``
 #: command does not import ``torch.onnx`` to build its parser.
 MAX_OPSET = 20
-FORMATS = ("onnx", "pt2")
+FORMATS = ("onnx", "pt2", "safetensors")
 
 
 # ----------------------------------------------------------------------------------------------- frozen model
@@ -476,6 +476,37 @@ def write_file_atomically(out: str | os.PathLike, data: bytes) -> Path:
     return target
 
 
+def export_safetensors(model: nn.Module, out: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write the weights of ``model`` as a ``.safetensors`` checkpoint that ``mpvg eval/predict/export
+    --checkpoint`` and :func:`~mpvg_kernels.models.load_pretrained` read (no pickle): the tensors of its state dict,
+    and as metadata (str -> str, values JSON) ``model`` {name, pe, kwargs, num_classes}, ``data`` (classes,
+    in_chans, input_size, mean, std, crop_pct, eval_resize, spec), ``config``, ``epoch`` and ``metadata`` (the
+    deployment keys of :func:`deployment_metadata`). Atomic (:func:`write_file_atomically`). A model not built by
+    :func:`~mpvg_kernels.models.factory.build_model` (no registered name to rebuild it from) is a
+    :class:`~mpvg_kernels.errors.UserError`."""
+    import json
+
+    from .errors import UserError
+    from .models.factory import MODEL_META_ATTR, safetensors_checkpoint_bytes
+
+    inner = model.model if isinstance(model, FrozenPEModel) else model
+    meta = dict(inner.__dict__.get(MODEL_META_ATTR) or {})
+    if not meta:
+        raise UserError("--format safetensors needs a registered model (--model NAME or an `mpvg train` checkpoint)")
+    epoch = meta.pop("epoch", None)
+    props = {**deployment_metadata(inner), **(metadata or {})}
+    data = inner.__dict__.get(_PREPROCESSING_ATTR)
+    if not data:  # the preprocessing the deployment metadata states (the model's default_cfg)
+        c, h, w = json.loads(props["input_size"])
+        n = int(props["num_classes"])
+        data = {"spec": None, "classes": json.loads(props["class_names"]) or [str(i) for i in range(n)],
+                "in_chans": c, "input_size": [h, w], "mean": json.loads(props["mean"]),
+                "std": json.loads(props["std"]), "crop_pct": float(props["crop_pct"]),
+                "eval_resize": props["eval_resize"]}
+    entries = {"model": meta, "data": dict(data), "config": {}, "epoch": epoch}
+    return write_file_atomically(out, safetensors_checkpoint_bytes(inner.state_dict(), entries, props))
+
+
 def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
     """``torch.export.load`` after registering the ``mpvg::`` ops (importing this package does that)."""
     return torch.export.load(str(path))
@@ -594,10 +625,10 @@ def _load_complete(model: nn.Module, raw: Any, where: str, what: str) -> None:
     parameters and buffers and every checkpoint tensor is used; else a UserError listing the differences."""
     from .errors import UserError
     from .models.factory import mismatch_parts
-    from .models.pretrained import checkpoint_filter_fn, unwrap_state_dict
+    from .models.pretrained import checkpoint_filter_fn, map_checkpoint_keys, unwrap_state_dict
 
     try:
-        sd = unwrap_state_dict(raw)
+        sd = map_checkpoint_keys(unwrap_state_dict(raw), model)  # published layouts in our key names
         filtered = checkpoint_filter_fn(raw, model)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"cannot load {where} into {what}: {e}") from None
@@ -632,6 +663,15 @@ def max_abs_diff_onnx(model: nn.Module, path: str | os.PathLike, x: torch.Tensor
     with torch.no_grad():
         ref = model.eval()(x)
     return float((got - ref).abs().max())
+
+
+def max_abs_diff_safetensors(model: nn.Module, path: str | os.PathLike, x: torch.Tensor) -> float:
+    """Max |model rebuilt from the ``.safetensors`` checkpoint (x) - model(x)|, both in eval mode, no grad."""
+    from .models import factory as C
+
+    rebuilt = C.model_from_checkpoint(C.load_checkpoint(path), where=str(path))
+    with torch.no_grad():
+        return float((rebuilt(x) - model.eval()(x)).abs().max())
 
 
 # ----------------------------------------------------------------------------------------------- metadata
@@ -793,7 +833,9 @@ def export_model(
     verify_batch: int = 3,
     metadata: dict[str, str] | None = None,
 ) -> ExportResult:
-    """Export ``model`` (frozen, see :class:`FrozenPEModel`) as ``format`` (``onnx`` or ``pt2``) to ``out``.
+    """Export ``model`` (frozen, see :class:`FrozenPEModel`) as ``format`` (``onnx`` or ``pt2``) to ``out``, or its
+    weights with their metadata as ``safetensors`` (:func:`export_safetensors`; ``verify`` rebuilds the model from
+    the file and compares its logits).
 
     ``opset``: ONNX only (None: :data:`DEFAULT_OPSET`). ``backend``: the op backend while tracing (None: the
     configured one, i.e. the fused kernels). ``verify``: run the exported graph once at batch ``verify_batch``
@@ -819,19 +861,24 @@ def export_model(
             props = {**deployment_metadata(model, resolved), **(metadata or {})}
             if format == "onnx":
                 path = export_onnx(model, out, opset=DEFAULT_OPSET if opset is None else opset, metadata=props)
+            elif format == "safetensors":
+                path = export_safetensors(model, out, metadata=props)
             else:
                 path = export_pt2(model, out, metadata=props)
         except (RuntimeError, ValueError) as e:
             raise UserError(f"export failed: {e}") from e
         except OSError as e:  # while serialising; writing the file reports its own errors
             raise UserError(f"export to {out} failed: {e.strerror or e}; {out} is left as it was") from None
-    msg = f"wrote {path} ({format}, {path.stat().st_size / 1e6:.1f} MB; dynamic batch; backend {resolved})"
+    how = "weights and metadata" if format == "safetensors" else f"dynamic batch; backend {resolved}"
+    msg = f"wrote {path} ({format}, {path.stat().st_size / 1e6:.1f} MB; {how})"
     diff = None
     if verify:
         x = example_input(model, verify_batch)
         with backend_scope():
             if format == "onnx":
                 diff = max_abs_diff_onnx(model, path, x)
+            elif format == "safetensors":
+                diff = max_abs_diff_safetensors(model, path, x)
             else:
                 with torch.no_grad():
                     diff = float((load_pt2(path).module()(x) - model(x)).abs().max())

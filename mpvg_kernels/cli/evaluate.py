@@ -39,7 +39,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="top-1/top-5 accuracy of a checkpoint on a held-out split",
                               description=__doc__)
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint.pt written by `mpvg train`, or its run folder (required)")
+                   help="checkpoint.pt written by `mpvg train`, its run folder, or the .safetensors "
+                   "`mpvg export --format safetensors` writes from one (required)")
     p.add_argument("--data", default=None,
                    help="digits | cifar10:PATH | cifar100:PATH | folder:PATH with the checkpoint's class names, in its "
                    "order (default: the checkpoint's data set)")

@@ -24,6 +24,8 @@ from .options import add_model_arg, add_weights_arg, parse_model_args, require_e
 def _run(args: argparse.Namespace) -> int:
     if args.format == "onnx":  # before any work: which extra to install
         require_extra("onnx", *(("onnxruntime",) if args.verify else ()))
+    if args.format == "safetensors":
+        require_extra("safetensors")
     model_kwargs = parse_model_args(args.model_arg)
     from ..export import check_export_options, export_model, load_model
 
@@ -49,13 +51,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="an `mpvg train` checkpoint or its run folder (model, PE mode and options come from it; --model/--pe/"
         "--num-classes/--model-arg that disagree are errors) or timm/DeiT-format weights / a plain state dict "
-        "(needs --model). Every parameter and buffer of the exported model must come from the checkpoint: a "
-        "tensor that is missing, unused or of another shape is an error naming it (default: none, random init)",
+        "(needs --model); .pt/.pth, or .safetensors (read without pickle). Every parameter and buffer of the "
+        "exported model must come from the checkpoint: a tensor that is missing, unused or of another shape is an "
+        "error naming it (default: none, random init)",
     )
     add_weights_arg(p, "which weights of an `mpvg train` checkpoint")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the registered one)")
     add_model_arg(p)
-    p.add_argument("--format", required=True, choices=FORMATS, help="onnx or pt2 (torch.export)")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="onnx, pt2 (torch.export) or safetensors (the weights and their metadata, for sharing)")
     p.add_argument("--out", required=True,
                    help="output file, written atomically: a temporary file beside it, checked, then renamed over "
                    "it (a failed export leaves a previous file as it was); a symlink is written through")

@@ -65,6 +65,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "tqdm": "train",
     "onnx": "export",
     "onnxruntime": "export",
+    "safetensors": "export",
     "triton": "triton",
 }
 

@@ -32,9 +32,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``mpvg predict``."""
     p = subparsers.add_parser("predict", help="top-k classes of image files under a checkpoint", description=__doc__)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ... anything PIL reads)")
-    p.add_argument(
-        "--checkpoint", required=True, help="checkpoint.pt written by `mpvg train`, or its run folder (required)"
-    )
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint.pt written by `mpvg train`, its run folder, or the .safetensors "
+                   "`mpvg export --format safetensors` writes from one (required)")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image, >= 1 (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text (default: off)")
     add_weights_arg(p, "which weights: auto = EMA when the run kept one, else the model")

@@ -19,11 +19,18 @@ that eval, predict and export read (the trainer's own state, optimizer to rng, i
 :func:`model_from_checkpoint` checks the model the metadata describes against the weights the file holds before
 building it (on the ``meta`` device, which allocates nothing), so no field can make a command allocate more than
 the file holds. Every failure is a :class:`~mpvg_kernels.errors.UserError` naming the field.
+
+The same checkpoint can be shared as ``.safetensors`` (:func:`write_safetensors_checkpoint`, ``mpvg export
+--format safetensors``): the state dict as tensors, the rest as JSON strings in the file's metadata
+(``format``, ``version``, ``model``, ``data``, ``config``, ``epoch``, plus the deployment keys of ONNX exports).
+:func:`read_torch_file` reads it back into the dict above without unpickling anything; a ``.safetensors`` file
+without that metadata (e.g. timm's) is returned as its plain state dict.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import reprlib
@@ -36,6 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .pretrained import is_safetensors, read_safetensors
 from .registry import create_model, list_models
 
 FORMAT = "mpvg-kernels-checkpoint"
@@ -55,6 +63,10 @@ MAX_OPTION_INT = 1 << 16
 #: Data fields eval and predict need (:func:`validate_checkpoint` with ``require_data=True``).
 DATA_KEYS = ("spec", "classes", "in_chans", "input_size", "mean", "std", "crop_pct")
 EVAL_RESIZES = ("full", "center_crop")
+#: Where :func:`build_model` records ``{name, pe, kwargs, num_classes}`` on the model (read by the exports).
+MODEL_META_ATTR = "_mpvg_model_meta"
+#: The checkpoint entries a ``.safetensors`` checkpoint holds as JSON metadata.
+_JSON_ENTRIES = ("model", "data", "config", "epoch")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,11 +78,14 @@ def build_model(name: str, pe: str, num_classes: int, kwargs: dict[str, Any] | N
     if name not in available:
         raise UserError(f"unknown model {name!r}; available models: {', '.join(available)}")
     try:
-        return create_model(name, pe=pe, num_classes=num_classes, **(kwargs or {}))
+        model = create_model(name, pe=pe, num_classes=num_classes, **(kwargs or {}))
     except (TypeError, ValueError, KeyError, RuntimeError, AssertionError, ArithmeticError, IndexError,
             AttributeError) as e:  # what a constructor raises for options it cannot take
         raise UserError(f"cannot build model {name!r} (pe={pe!r}, num_classes={num_classes}, "
                         f"kwargs={_show(kwargs or {})}): {type(e).__name__}: {_first_line(e)}") from None
+    classes = getattr(model, "num_classes", num_classes)
+    model.__dict__[MODEL_META_ATTR] = {"name": name, "pe": pe, "kwargs": dict(kwargs or {}), "num_classes": classes}
+    return model
 
 
 class _TooManyModules(Exception):
@@ -196,10 +211,6 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
     model.load_state_dict(state_dict, strict=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# RNG state
-
-
 def checkpoint_file(path: str | os.PathLike) -> Path:
     """The file a ``--checkpoint`` value names: the path itself, or a run folder's :data:`CHECKPOINT_NAME`; a
     :class:`UserError` when there is no such regular file."""
@@ -244,6 +255,8 @@ def read_torch_file(path: str | os.PathLike) -> Any:
 
     ``path`` may be a run folder (its :data:`CHECKPOINT_NAME`); an exported model (ONNX, pt2) is named as such."""
     path = checkpoint_file(path)
+    if is_safetensors(path):
+        return read_safetensors_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file, foreign pickle ...
@@ -253,6 +266,49 @@ def read_torch_file(path: str | os.PathLike) -> Any:
                             "`mpvg train` run (or timm/DeiT-format weights)") from None
         raise UserError(f"cannot load checkpoint {path}: the file is corrupt, truncated or not a torch checkpoint "
                         f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def read_safetensors_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A ``.safetensors`` file: the ``mpvg train`` checkpoint dict it holds (written by
+    :func:`write_safetensors_checkpoint`), else its plain state dict. Nothing is unpickled."""
+    try:
+        tensors, meta = read_safetensors(path)
+    except ImportError as e:
+        raise UserError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - truncated header, not a safetensors file ...
+        raise UserError(f"cannot load {path}: not a readable .safetensors file ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT:
+        return tensors
+    try:
+        ckpt: dict[str, Any] = {"format": FORMAT, "version": int(meta["version"])}
+        ckpt.update({k: json.loads(meta[k]) for k in _JSON_ENTRIES})
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path}: the mpvg-kernels metadata of this .safetensors file is incomplete ({e})") from None
+    ckpt.update(state_dict=tensors, ema=None)
+    return ckpt
+
+
+def safetensors_checkpoint_bytes(
+    state_dict: dict[str, torch.Tensor], entries: dict[str, Any], extra: dict[str, str]
+) -> bytes:
+    """``state_dict`` serialised as ``.safetensors`` with the checkpoint ``entries`` (model, data, config, epoch) as
+    JSON metadata plus ``extra`` (str -> str), checked by reading the bytes back (every tensor and the metadata).
+    Writing them is the caller's (``mpvg_kernels.export.write_file_atomically``)."""
+    import safetensors.torch as st
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    meta = {**{k: str(v) for k, v in extra.items()}, "format": FORMAT, "version": str(VERSION)}
+    meta.update({k: json.dumps(entries[k]) for k in _JSON_ENTRIES})
+    data = st.save(tensors, metadata=meta)
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    back = st.load(data)
+    if (
+        header.get("__metadata__") != meta
+        or back.keys() != tensors.keys()
+        or not all(torch.equal(back[k], t) for k, t in tensors.items())
+    ):
+        raise UserError("serialising the weights as safetensors: the bytes read back differ from the weights")
+    return data
 
 
 def is_train_checkpoint(obj: Any) -> bool:
@@ -533,5 +589,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], weights: str = "auto", where: st
                         f"{num_classes}, model.kwargs {_show(kwargs)})")
     model = build_model(name, pe, num_classes, kwargs)
     load_state_dict_checked(model, sd, f"{where} ({'EMA' if use_ema else 'model'} weights)")
+    model.__dict__[MODEL_META_ATTR] = dict(meta)
+    model.__dict__[MODEL_META_ATTR]["epoch"] = ckpt.get("epoch")
     model.eval()
     return model

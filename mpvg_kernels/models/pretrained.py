@@ -9,15 +9,20 @@ to a model: drops the class token and its PE row for GAP models (and DeiT's dist
 for a model that is not distilled), resamples the PE grid (bicubic, like timm's ``resample_abs_pos_embed``),
 drops a head of another class count, and sums RGB patch filters for a one-channel model. Loading then reports
 only the new PE LayerNorms (``*.pos_weight``, ``*.pos_bias``) as missing.
-An official T2T-ViT checkpoint (``tokens_to_token.*``) loads into the ``t2t`` tokenizer (``patch_embed.*``).
+Other published layouts are renamed first by the key map of the model's family (:data:`KEY_MAPS`, one table per
+family): Compact-Transformers and T2T-ViT keys and the official LaPE checkpoints (``blocks.i.pe_norm.*``: the
+PE LayerNorms, our ``blocks.i.norm1.pos_weight/pos_bias``) for the ViT family, the original Microsoft
+Swin-Transformer layout (``layers.i.downsample`` at the end of stage i, ``head.weight``, the
+``relative_position_index``/``attn_mask`` buffers) for Swin. ``.safetensors`` files are read without pickle.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
-from typing import Any
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -26,7 +31,15 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ..layers.pos_embed import infer_grid_size, resample_abs_pos_embed, sincos_pos_embed
 from .base import PEModel
 
-__all__ = ["checkpoint_filter_fn", "load_pretrained", "unwrap_state_dict"]
+__all__ = [
+    "KEY_MAPS",
+    "KeyMap",
+    "checkpoint_filter_fn",
+    "load_pretrained",
+    "map_checkpoint_keys",
+    "read_safetensors",
+    "unwrap_state_dict",
+]
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -68,23 +81,80 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     for prefix in _STRIP_PREFIXES:
         if all(k.startswith(prefix) for k in out):
             out = {k[len(prefix) :]: v for k, v in out.items()}
-    if any(k.startswith(("classifier.", "tokenizer.")) for k in out):
-        out = _remap_cct(out)
-    if any(k.startswith("tokens_to_token.") for k in out):  # official T2T-ViT: its T2T module is our patch_embed
-        out = {re.sub(r"^tokens_to_token\.", "patch_embed.", k): v for k, v in out.items()}
     return out
 
 
-def _remap_cct(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    patch_conv = "tokenizer.conv_layers.0.0.bias" in sd and "tokenizer.conv_layers.1.0.weight" not in sd
-    rules = [_CCT_PATCH_CONV, *_CCT_RULES] if patch_conv else _CCT_RULES
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in rules:
-            if re.match(pat, k):
-                k = re.sub(pat, rep, k)
-                break
-        out[k] = v
+Rule = tuple[str, "str | Callable[[re.Match[str]], str] | None"]
+
+
+class KeyMap(NamedTuple):
+    """One published checkpoint layout of a family: it applies when a key matches ``detect`` (and none matches
+    ``unless``); each key is then renamed by the first of ``rules`` (regex, replacement) that matches it, or
+    dropped where the replacement is None (buffers the model recomputes)."""
+
+    source: str
+    detect: str
+    rules: tuple[Rule, ...]
+    unless: str | None = None
+
+
+def _next_stage(m: re.Match[str]) -> str:
+    return f"layers.{int(m.group(1)) + 1}.downsample."
+
+
+_VIT_KEY_MAP = (
+    KeyMap(  # ViT-Lite / CVT: one patch conv with a bias (patch_embed.proj)
+        "Compact-Transformers (SHI-Labs) ViT-Lite/CVT",
+        r"^tokenizer\.conv_layers\.0\.0\.bias$",
+        (_CCT_PATCH_CONV, *_CCT_RULES),
+        unless=r"^tokenizer\.conv_layers\.1\.",
+    ),
+    KeyMap("Compact-Transformers (SHI-Labs) CCT", r"^(classifier|tokenizer)\.", tuple(_CCT_RULES)),
+    KeyMap("T2T-ViT (yitu-opensource)", r"^tokens_to_token\.", ((r"^tokens_to_token\.", "patch_embed."),)),
+    # official LaPE code (DeiT code base): Block.pe_norm = LN' of the PE, before norm1's join
+    KeyMap(
+        "LaPE (Ingrid725/LaPE)", r"^blocks\.\d+\.pe_norm\.", ((r"^blocks\.(\d+)\.pe_norm\.", r"blocks.\1.norm1.pos_"),)
+    ),
+)
+
+_SWIN_KEY_MAP = (
+    KeyMap(  # microsoft/Swin-Transformer: PatchMerging at the END of stage i (timm: the start of stage i + 1)
+        "Swin-Transformer (microsoft)",
+        r"^layers\.0\.downsample\.",
+        (
+            (r"^layers\.(\d+)\.downsample\.", _next_stage),
+            (r"^head\.(weight|bias)$", r"head.fc.\1"),
+            (r"^absolute_pos_embed$", "pos_embed"),
+            (r"(^|\.)(relative_position_index|attn_mask)$", None),
+        ),
+    ),
+)
+
+#: The published checkpoint layouts each model family reads, by family class name (one table per family).
+KEY_MAPS: dict[str, tuple[KeyMap, ...]] = {
+    "VisionTransformer": _VIT_KEY_MAP,
+    "SwinTransformer": _SWIN_KEY_MAP,
+}
+
+
+def map_checkpoint_keys(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``sd`` with the keys of every published layout of ``model``'s family (:data:`KEY_MAPS`) renamed to ours."""
+    family = next((KEY_MAPS[c.__name__] for c in type(model).__mro__ if c.__name__ in KEY_MAPS), ())
+    out = dict(sd)
+    for km in family:
+        if not any(re.search(km.detect, k) for k in out):
+            continue
+        if km.unless is not None and any(re.search(km.unless, k) for k in out):
+            continue
+        renamed: dict[str, torch.Tensor] = {}
+        for k, v in out.items():
+            for pat, rep in km.rules:
+                if re.search(pat, k):
+                    k = None if rep is None else re.sub(pat, rep, k)  # type: ignore[arg-type]
+                    break
+            if k is not None:
+                renamed[k] = v
+        out = renamed
     return out
 
 
@@ -114,7 +184,7 @@ def checkpoint_filter_fn(
 ) -> dict[str, torch.Tensor]:
     """A timm/DeiT/CCT/own-format checkpoint adapted to ``model`` (see the module docstring). ``src_grid``: the
     checkpoint's token grid (h, w) where known (needed for a non-square one); None infers a square grid."""
-    sd = unwrap_state_dict(checkpoint)
+    sd = map_checkpoint_keys(unwrap_state_dict(checkpoint), model)
     own = model.state_dict()
     first = "patch_embed." + getattr(model.patch_embed, "first_conv", "proj")
     src_prefix = int("cls_token" in sd) + int("dist_token" in sd)
@@ -164,46 +234,78 @@ def _adapt_patch_weight(v: torch.Tensor, shape: torch.Size, name: str = "patch_e
     )
 
 
+def read_safetensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the (str -> str) metadata of a ``.safetensors`` file; nothing is unpickled."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ImportError(
+            f"reading {os.fspath(path)!r} needs the safetensors package: pip install 'mpvg-kernels[train]' "
+            "(or [export])"
+        ) from None
+    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a ``.safetensors`` file (by its suffix)."""
+    return os.fspath(path).lower().endswith(".safetensors")
+
+
 def load_pretrained(
     model: PEModel,
     checkpoint: str | os.PathLike | Mapping[str, Any],
-    strict: bool = False,
+    strict: bool = True,
     map_location: str | torch.device = "cpu",
     weights_only: bool = True,
 ) -> _IncompatibleKeys:
-    """Load a timm/DeiT-format (or CCT, or this package's) checkpoint into ``model``.
+    """Load a timm/DeiT-format (or a published layout of :data:`KEY_MAPS`, or this package's) checkpoint into
+    ``model``.
 
-    ``checkpoint``: a path (``torch.load``, ``weights_only`` by default) or a state dict, plain or wrapped in
-    ``{"model": ...}``. The class token and its PE row are dropped for GAP models, the PE is resampled to the
-    model's grid and a head of another size is skipped. Returns ``(missing_keys, unexpected_keys)``; for a
-    timm checkpoint of the matching architecture ``missing_keys`` is exactly
-    ``model.pe_norm_parameter_names()``, plus ``pos_embed`` when the checkpoint's architecture has no absolute
-    PE that the model adds (timm's Swin into MPVG's Swin): that PE is then set to zero, so the model computes what
-    the checkpoint's model computed. ``strict=True`` raises if anything else is missing or unexpected. A
-    checkpoint PE that is not the model's fixed sin-cos table (``pos_embed='sincos1d'``/``'sincos2d'``) is a
-    ValueError.
+    ``checkpoint``: a path (``.safetensors``: read without pickle; else ``torch.load``, ``weights_only`` by
+    default) or a state dict, plain or wrapped in ``{"model": ...}``. The class token and its PE row are dropped
+    for GAP models, the PE is resampled to the model's grid and a head of another size is skipped. Returns
+    ``(missing_keys, unexpected_keys)``.
+
+    ``strict=True`` (default): every parameter of the model must come from the checkpoint (the PE LayerNorms
+    included) and every checkpoint tensor must be used, else a RuntimeError naming them. The one exception:
+    ``pos_embed`` of a model that adds an absolute PE to an architecture without one (timm's or Microsoft's Swin
+    into MPVG's Swin) is set to zero, so the model computes what the checkpoint's model computed.
+    ``strict=False``: loads what fits and warns naming every missing and unexpected key; e.g. a plain DeiT
+    checkpoint into ``pe='mpvg'`` leaves exactly ``model.pe_norm_parameter_names()`` at their initial values
+    (identity). A checkpoint PE that is not the model's fixed sin-cos table (``pos_embed='sincos1d'``/
+    ``'sincos2d'``) is a ValueError.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
-        try:
-            checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=weights_only)
-        except Exception as exc:  # noqa: BLE001 - add the hint, keep the cause
-            if weights_only:
-                raise RuntimeError(
-                    f"could not load {os.fspath(checkpoint)!r} with weights_only=True ({exc}); if the file is "
-                    "trusted and holds non-tensor objects, pass weights_only=False"
-                ) from exc
-            raise
+        path = os.fspath(checkpoint)
+        if is_safetensors(path):
+            checkpoint = read_safetensors(path, map_location)[0]
+        else:
+            try:
+                checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+            except Exception as exc:  # noqa: BLE001 - add the hint, keep the cause
+                if weights_only:
+                    raise RuntimeError(
+                        f"could not load {path!r} with weights_only=True ({exc}); if the file is "
+                        "trusted and holds non-tensor objects, pass weights_only=False"
+                    ) from exc
+                raise
     filtered = checkpoint_filter_fn(checkpoint, model)
     result = model.load_state_dict(filtered, strict=False)
     added_pe = "pos_embed" in result.missing_keys and isinstance(getattr(model, "pos_embed", None), nn.Parameter)
     if added_pe:  # an architecture without an absolute PE: zero keeps the checkpoint's function
         with torch.no_grad():
             model.pos_embed.zero_()
-    if strict:
-        allowed = set(model.pe_norm_parameter_names()) | ({"pos_embed"} if added_pe else set())
-        missing = [k for k in result.missing_keys if k not in allowed]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(
-                f"checkpoint does not match the model: missing {missing}, unexpected {result.unexpected_keys}"
-            )
+    missing = [k for k in result.missing_keys if not (added_pe and k == "pos_embed")]
+    if missing or result.unexpected_keys:
+        pe_norms = set(model.pe_norm_parameter_names())
+        n_pe = sum(k in pe_norms for k in missing)
+        msg = f"missing {missing}, unexpected {result.unexpected_keys}"
+        if strict:
+            hint = f"; {n_pe} of them are PE LayerNorms the checkpoint lacks (strict=False: identity)" if n_pe else ""
+            raise RuntimeError(f"checkpoint does not match the model: {msg}{hint}")
+        hint = f"; {n_pe} missing PE LayerNorms start at identity" if n_pe else ""
+        warnings.warn(f"checkpoint loaded partly into the model (strict=False): {msg}{hint}", stacklevel=2)
     return result

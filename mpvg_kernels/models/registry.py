@@ -72,6 +72,7 @@ def create_model(
     num_classes: int | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     tiny: bool = False,
+    checkpoint_strict: bool = True,
     **kwargs: Any,
 ) -> PEModel:
     """Build the registered model ``name`` with position-embedding mode ``pe`` (default, lape, pvg, mpvg).
@@ -80,7 +81,8 @@ def create_model(
     for tests and smoke runs). ``num_classes`` and ``**kwargs`` override the registered constructor arguments (``pool``,
     ``img_size``, ``in_chans``, ``include_layer0``, ``hierarchical``, ``add_pos_to_input``, ``last_pos``,
     ``drop_path_rate``, ...). ``checkpoint_path``: a timm/DeiT-format or own checkpoint loaded with
-    :func:`~mpvg_kernels.models.load_pretrained` (nothing is ever downloaded). The model's ``default_cfg`` holds
+    :func:`~mpvg_kernels.models.load_pretrained` (nothing is ever downloaded; ``checkpoint_strict``: its ``strict``, so
+    by default every parameter must come from the checkpoint). The model's ``default_cfg`` holds
     ``input_size`` (C, H, W), ``mean``, ``std``, ``num_classes``, ``crop_pct``, ``interpolation``, ``pe``, ``pool``.
     """
     if name not in MODEL_CFGS:
@@ -101,7 +103,7 @@ def create_model(
     cfg = fit_channels(cfg, model.default_cfg["input_size"][0])
     model.default_cfg = model.pretrained_cfg = cfg
     if checkpoint_path is not None:
-        load_pretrained(model, checkpoint_path)
+        load_pretrained(model, checkpoint_path, strict=checkpoint_strict)
     return model
 
 

@@ -335,7 +335,7 @@ class VisionTransformer(PEModel):
         self.clear_pe_cache()
 
     def load_pretrained(
-        self, checkpoint: str | PathLike | Mapping[str, Any], strict: bool = False
+        self, checkpoint: str | PathLike | Mapping[str, Any], strict: bool = True
     ) -> torch.nn.modules.module._IncompatibleKeys:
         """Load a timm/DeiT-format (or this package's) checkpoint; see :func:`load_pretrained`."""
         return load_pretrained(self, checkpoint, strict=strict)

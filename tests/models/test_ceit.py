@@ -456,7 +456,7 @@ def test_load_official_layout_checkpoint_into_every_mode():
     sd = src.state_dict()
     for pe, kw in [("lape", {}), ("pvg", {}), ("mpvg", {}), ("mpvg", {"class_token": False})]:
         m = CeiT(pe=pe, **TINY_KW, **kw).double()
-        res = load_pretrained(m, sd, strict=True)
+        res = load_pretrained(m, sd, strict=False)  # the PE norms are not in it
         assert sorted(res.missing_keys) == sorted(m.pe_norm_parameter_names()) and not res.unexpected_keys
         torch.testing.assert_close(m.i2t.proj.weight, src.i2t.proj.weight)
         npt = m.num_prefix_tokens

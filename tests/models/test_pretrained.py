@@ -71,7 +71,7 @@ def _bicubic(grid_rows, old, new):
 def test_timm_state_dict_loads_with_only_pe_norms_missing(pe, pool):
     sd = timm_state_dict()
     model = _model(pe, pool=pool)
-    result = load_pretrained(model, sd)
+    result = load_pretrained(model, sd, strict=False)
     assert sorted(result.missing_keys) == sorted(model.pe_norm_parameter_names())
     assert result.unexpected_keys == []
     assert all(".pos_" in k for k in result.missing_keys)
@@ -81,7 +81,11 @@ def test_timm_state_dict_loads_with_only_pe_norms_missing(pe, pool):
     expect = sd["pos_embed"] if pool == "cls" else sd["pos_embed"][:, 1:]  # GAP: class-token row dropped
     assert torch.equal(msd["pos_embed"], expect)
     assert ("cls_token" in msd) == (pool == "cls")
-    load_pretrained(model, sd, strict=True)  # only the PE norms missing: strict accepts it
+    if pe == "default":
+        load_pretrained(model, sd)  # strict by default: every parameter comes from the checkpoint
+    else:  # the PE norms are not in the checkpoint: strict (the default) refuses to leave them at init
+        with pytest.raises(RuntimeError, match="PE LayerNorms"):
+            load_pretrained(model, sd)
 
 
 def test_loaded_default_model_computes_timm_vit():
@@ -105,15 +109,18 @@ def test_wrapped_prefixed_and_file_checkpoints(tmp_path):
         {f"_orig_mod.{k}": v for k, v in sd.items()},
     ):
         model = _model("mpvg")
-        result = load_pretrained(model, ckpt)
+        result = load_pretrained(model, ckpt, strict=False)
         assert sorted(result.missing_keys) == expect and result.unexpected_keys == []
         assert torch.equal(model.blocks[0].mlp.fc2.weight, sd["blocks.0.mlp.fc2.weight"])
     path = tmp_path / "deit.pth"
     torch.save({"model": sd}, path)
     model = _model("mpvg")
-    result = model.load_pretrained(path)
+    result = model.load_pretrained(path, strict=False)
     assert sorted(result.missing_keys) == expect
-    made = create_model("vit_digits", pe="pvg", checkpoint_path=path, in_chans=3, num_classes=CLASSES, **CFG)
+    with pytest.raises(RuntimeError, match="PE LayerNorms"):
+        create_model("vit_digits", pe="pvg", checkpoint_path=path, in_chans=3, num_classes=CLASSES, **CFG)
+    made = create_model("vit_digits", pe="pvg", checkpoint_path=path, checkpoint_strict=False, in_chans=3,
+                        num_classes=CLASSES, **CFG)
     assert torch.equal(made.head.weight, sd["head.weight"])
 
 
@@ -122,7 +129,7 @@ def test_wrapped_prefixed_and_file_checkpoints(tmp_path):
 def test_pos_embed_resampled_from_another_grid(src_grid, pool):
     sd = timm_state_dict(grid=src_grid)
     model = _model("mpvg", pool=pool)
-    result = load_pretrained(model, sd)
+    result = load_pretrained(model, sd, strict=False)
     assert result.unexpected_keys == []
     grid = _bicubic(sd["pos_embed"][:, 1:], src_grid, 4)
     expect = torch.cat([sd["pos_embed"][:, :1], grid], 1) if pool == "cls" else grid
@@ -133,7 +140,7 @@ def test_pos_embed_resampled_from_another_grid(src_grid, pool):
 
 def test_other_img_size_model_loads_224_style_checkpoint():
     sd = timm_state_dict(grid=4)
-    model = _model("lape", img_size=24)  # 6x6 grid
+    model = _model("default", img_size=24)  # 6x6 grid
     load_pretrained(model, sd, strict=True)
     assert model.pos_embed.shape == (1, 37, D)
     assert model(torch.randn(1, 3, 24, 24)).shape == (1, CLASSES)
@@ -142,13 +149,13 @@ def test_other_img_size_model_loads_224_style_checkpoint():
 def test_head_mismatch_distilled_and_grey_input():
     sd = timm_state_dict(dist=True)
     model = _model("mpvg", num_classes=5)
-    result = load_pretrained(model, sd)
+    result = load_pretrained(model, sd, strict=False)
     assert sorted(result.missing_keys) == sorted(model.pe_norm_parameter_names() + ["head.bias", "head.weight"])
     assert result.unexpected_keys == []  # dist_token, head_dist and the class token are dropped on purpose
     torch.testing.assert_close(model.pos_embed.detach(), sd["pos_embed"][:, 2:])
     with pytest.raises(RuntimeError, match="missing"):
         load_pretrained(_model("mpvg", num_classes=5), sd, strict=True)
-    grey = _model("pvg", in_chans=1)
+    grey = _model("default", in_chans=1)
     load_pretrained(grey, timm_state_dict(), strict=True)
     torch.testing.assert_close(
         grey.patch_embed.proj.weight.detach(), timm_state_dict()["patch_embed.proj.weight"].sum(1, True)
@@ -160,8 +167,8 @@ def test_head_mismatch_distilled_and_grey_input():
 def test_unexpected_keys_reported_and_strict_raises():
     sd = timm_state_dict()
     sd["fc_norm.weight"] = torch.ones(D)
-    model = _model("mpvg")
-    assert load_pretrained(model, sd).unexpected_keys == ["fc_norm.weight"]
+    model = _model("default")
+    assert load_pretrained(model, sd, strict=False).unexpected_keys == ["fc_norm.weight"]
     with pytest.raises(RuntimeError, match="unexpected"):
         load_pretrained(model, sd, strict=True)
 
@@ -192,7 +199,7 @@ def test_compact_transformers_vit_lite_keys():
         else:
             cct[rename[k]] = v
     model = _model("lape", block_style="cct", qkv_bias=False)
-    result = load_pretrained(model, cct)
+    result = load_pretrained(model, cct, strict=False)
     assert sorted(result.missing_keys) == sorted(model.pe_norm_parameter_names()) and result.unexpected_keys == []
     assert torch.equal(model.blocks[1].norm2.weight, sd["blocks.1.norm2.weight"])
     assert torch.equal(model.blocks[1].mlp.fc1.weight, sd["blocks.1.mlp.fc1.weight"])
@@ -212,5 +219,5 @@ def test_real_timm_model():
         torch.testing.assert_close(ours(x), t(x), atol=2e-5, rtol=1e-4)
     for pe in ("lape", "pvg", "mpvg"):
         m = _model(pe)
-        result = load_pretrained(m, sd)
+        result = load_pretrained(m, sd, strict=False)
         assert sorted(result.missing_keys) == sorted(m.pe_norm_parameter_names()) and not result.unexpected_keys

@@ -464,7 +464,7 @@ def test_official_checkpoint_loads():
     x = _images(chans=3, dtype=torch.float32)
     for pe in PE_MODES:
         dst = _tiny(pe, chans=3, seed=9).float()
-        result = load_pretrained(dst, {"model": sd}, strict=True)
+        result = load_pretrained(dst, {"model": sd}, strict=pe == "default")  # PE norms: not in it
         assert sorted(result.missing_keys) == sorted(dst.pe_norm_parameter_names()) and not result.unexpected_keys
         for name, b in dst.named_buffers():
             if name.endswith(".w"):

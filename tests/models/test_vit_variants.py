@@ -149,7 +149,7 @@ def test_fixed_pos_embed_checkpoint_keeps_own_table():
     src = VisionTransformer(pe="default", pos_embed="sincos1d", **{**SMALL, "img_size": 12})
     m = VisionTransformer(pe="mpvg", pool="cls", pos_embed="sincos1d", **SMALL)
     table = m.pos_embed.clone()
-    result = load_pretrained(m, src.state_dict(), strict=True)
+    result = load_pretrained(m, src.state_dict(), strict=False)  # the PE norms are not in it
     assert sorted(result.missing_keys) == sorted(m.pe_norm_parameter_names())
     torch.testing.assert_close(m.pos_embed, table, rtol=0, atol=0)
     torch.testing.assert_close(m.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
@@ -440,7 +440,7 @@ def test_distilled_structure_and_errors():
 def test_distilled_checkpoint_round_trip_and_from_plain_deit():
     src = VisionTransformer(pe="default", **DISTILLED_SMALL)
     m = VisionTransformer(pe="mpvg", **DISTILLED_SMALL)
-    result = load_pretrained(m, src.state_dict(), strict=True)
+    result = load_pretrained(m, src.state_dict(), strict=False)  # the PE norms are not in it
     assert sorted(result.missing_keys) == sorted(m.pe_norm_parameter_names())
     for k in ("dist_token", "pos_embed", "head_dist.weight"):
         torch.testing.assert_close(m.state_dict()[k], src.state_dict()[k], rtol=0, atol=0)
@@ -448,7 +448,7 @@ def test_distilled_checkpoint_round_trip_and_from_plain_deit():
     load_pretrained(plain, src.state_dict(), strict=True)
     torch.testing.assert_close(plain.pos_embed, torch.cat([src.pos_embed[:, :1], src.pos_embed[:, 2:]], 1))
     own_dist_row = m.pos_embed[:, 1].clone()  # a plain checkpoint into a distilled model: its own dist row kept
-    result = load_pretrained(m, plain.state_dict())
+    result = load_pretrained(m, plain.state_dict(), strict=False)
     assert set(result.missing_keys) >= {"dist_token", "head_dist.weight", "head_dist.bias"}
     torch.testing.assert_close(m.pos_embed[:, 1], own_dist_row, rtol=0, atol=0)
     torch.testing.assert_close(m.pos_embed[:, 0], plain.pos_embed[:, 0], rtol=0, atol=0)
@@ -643,7 +643,7 @@ def test_official_compact_transformers_checkpoint_loads(name):
     official = {"model": _official_state_dict(src)}  # as torch.save'd by their training script, wrapped or not
     for pe in MODES:
         m = create_model(name, pe=pe, tiny=True).eval()
-        result = load_pretrained(m, official, strict=True)
+        result = load_pretrained(m, official, strict=pe == "default")  # PE norms: not in it
         assert sorted(result.missing_keys) == sorted(m.pe_norm_parameter_names())
         if pe == "default":
             x = torch.randn(2, 3, 16, 16)

@@ -38,5 +38,5 @@ def test_timm_deit_tiny_distilled_loads_strictly_and_matches():
     # the same checkpoint into the PE modes through the loader: only the new PE LayerNorms are missing
     for pe in ("lape", "pvg", "mpvg"):
         m = create_model("deit_tiny_distilled_patch16_224", pe=pe)
-        result = load_pretrained(m, sd, strict=True)
+        result = load_pretrained(m, sd, strict=False)  # the PE norms are not in it
         assert sorted(result.missing_keys) == sorted(m.pe_norm_parameter_names())

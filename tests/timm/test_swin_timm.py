@@ -87,7 +87,7 @@ def test_load_pretrained_takes_a_timm_swin_state_dict():
     _randomize_(theirs)
     sd = theirs.state_dict()
     lape = SwinTransformer(pe="lape", pos_embed="rpe", **SMALL).eval()
-    result = load_pretrained(lape, sd, strict=True)  # only the LayerNorms of the relative bias are new
+    result = load_pretrained(lape, sd, strict=False)  # only the LayerNorms of the relative bias are new
     assert sorted(result.missing_keys) == sorted(lape.pe_norm_parameter_names()) and result.missing_keys
     # the absolute PE MPVG's Swin adds is not in a timm checkpoint: it starts at zero (and is reported), so the
     # default model computes exactly timm's logits through the supported loading path
@@ -98,7 +98,7 @@ def test_load_pretrained_takes_a_timm_swin_state_dict():
         torch.testing.assert_close(default(_x(64, dtype=torch.float32)), theirs(_x(64, dtype=torch.float32)),
                                    rtol=1e-4, atol=1e-4)
     mpvg = SwinTransformer(pe="mpvg", **SMALL)
-    result = load_pretrained(mpvg, sd, strict=True)
+    result = load_pretrained(mpvg, sd, strict=False)
     assert sorted(result.missing_keys) == sorted(["pos_embed", *mpvg.pe_norm_parameter_names()])
     # with LaPE's norms at identity the relative bias is normalised, so the logits move: LaPE is a new model
     x = _x(64, dtype=torch.float32)
