@@ -19,7 +19,8 @@ DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN_LANGS = {"python": "python", "bash": "bash"}
 MARKER = re.compile(r"^<!--\s*doc-test:(?P<body>.*?)-->\s*$")
 MARKER_KEYS = {"skip", "exempt", "timm", "setup", "args"}
-EXPECT = re.compile(r"#\s*->\s*(?P<want>\S+)")
+# `# -> VALUE`: VALUE is the first word (a trailing ":", "," or ";" dropped), or the whole text in backticks
+EXPECT = re.compile(r"#\s*->\s*(?:`(?P<quoted>[^`]*)`|(?P<word>\S+?)[:,;]?(?:\s|$))")
 BLOCK_TIMEOUT_S = 180
 
 
@@ -97,7 +98,8 @@ def with_output_checks(code: str, where: str) -> str:
         if not isinstance(node, ast.Expr) or node.lineno != node.end_lineno:
             raise ValueError(f"{where}: '# ->' must follow a one-line expression (line {node.lineno} of the block)")
         expr = ast.get_source_segment(code, node)
-        lines[node.lineno - 1] = f"__doc_check__({expr}, {m.group('want')!r}, {node.lineno})"
+        want = m.group("quoted") if m.group("quoted") is not None else m.group("word")
+        lines[node.lineno - 1] = f"__doc_check__({expr}, {want!r}, {node.lineno})"
     check = (
         "def __doc_check__(value, want, line): str(value) == want or __import__('sys').exit("
         f"f'{where}: line {{line}} of the block gives {{value!s}}, the doc says {{want}}')\n"
@@ -141,8 +143,14 @@ def run_block(block: Block, tmp: Path, setup_cache: dict[str, Path], cache_root:
     if setup:
         if setup not in setup_cache:
             d = cache_root / f"setup{len(setup_cache)}"
-            d.mkdir(parents=True)
-            run_in(["bash", "-e", "-c", setup], d, f"{block.id} setup {setup!r}")
+            # a setup that extends a cached one ("A && B" after "A") starts from A's files and runs only B
+            base = max((k for k in setup_cache if setup.startswith(k + " && ")), key=len, default=None)
+            rest = setup
+            if base is not None:
+                shutil.copytree(setup_cache[base], d)
+                rest = setup[len(base) + len(" && ") :]
+            d.mkdir(parents=True, exist_ok=True)
+            run_in(["bash", "-e", "-c", rest], d, f"{block.id} setup {setup!r}")
             setup_cache[setup] = d
         shutil.copytree(setup_cache[setup], tmp, dirs_exist_ok=True)
     args = shlex.split(block.marker.get("args", ""))
