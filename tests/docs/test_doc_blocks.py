@@ -116,6 +116,14 @@ THRESHOLDS = [
     ("docs/pipelines.md", "at least 95 %", E2E, 'assert s["top1"] >= 95.0'),
     ("docs/design.md", "to >= 95 % top-1, every mode to >= 80 % (chance is 10 %)", E2E, 'assert s["top1"] >= 80.0'),
     ("docs/models.md", "`vit_digits` trains to >= 95% test accuracy", E2E, 'assert s["top1"] >= 95.0'),
+    ("docs/pipelines.md", "digits default >= 95% top-1", E2E, 'assert s["top1"] >= 95.0'),
+    (
+        "docs/design.md",
+        "all partial buffers together cost at most 25 % of it "
+        "(`tests/ops/test_triton_compile.py::test_backward_partials_are_small`)",
+        ROOT / "tests" / "ops" / "test_triton_compile.py",
+        "assert ratio <= 0.25",
+    ),
     ("README.md", "within 0.0015 M", ROOT / "tests" / "models" / "test_swin.py", "< 0.0015"),
 ]
 
@@ -166,3 +174,22 @@ def test_readme_test_counts(quoted: str, test_file: str, env: dict[str, str]) ->
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert quoted in readme, f"README.md no longer says {quoted!r}: update COUNTS with the README"
     assert _collected(test_file, env) == int(re.search(r"\d+", quoted).group())
+
+
+def test_models_md_quotes_mpvg_params_output() -> None:
+    """docs/models.md's parameter tables are `mpvg params`' output, line for line (every count, every model)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "mpvg_kernels", "params"],
+        cwd=ROOT,
+        env=block_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    doc = (ROOT / "docs" / "models.md").read_text(encoding="utf-8").splitlines()
+    start = doc.index("`mpvg params` at this commit:") + 1
+    end = next(i for i in range(start, len(doc)) if doc[i].startswith(("How the differences arise", "#")))
+    quoted = [ln for ln in doc[start:end] if ln.strip()]
+    printed = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(printed) > 100 and quoted == printed, "docs/models.md differs from `mpvg params`: paste its output"
