@@ -8,6 +8,7 @@ How each fenced block is treated (the code: tests/docs/doc_blocks.py):
   (the repository; run the suite with PYTHONPATH=$PWD from a worktree).
 - ```bash: written to block.sh in a fresh temporary directory and run there with `bash -e block.sh`, this
   interpreter's bin directory (the venv's: `mpvg`, `python`) first on PATH, the same PYTHONPATH.
+  Both inherit the environment, with OMP_NUM_THREADS=1 unless it is set and MPLBACKEND=Agg.
 - Any other fence (no language: sample output, formulas, layouts) is not run. The layout in docs/design.md is
   compared with `git ls-files mpvg_kernels` by test_design_layout_names_every_module.
 - Stated outputs: in a python block, a one-line expression followed by `# -> VALUE` is checked: str(its value)
@@ -38,7 +39,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from doc_blocks import ROOT, all_blocks, block_env, run_block, with_output_checks
+from doc_blocks import DOC_FILES, ROOT, all_blocks, block_env, run_block, with_output_checks
 
 BLOCKS = all_blocks()
 RUNNABLE = [b for b in BLOCKS if b.runs]
@@ -74,6 +75,14 @@ def test_blocks_found_and_markers_are_placed() -> None:
     assert langs <= {"", "python", "bash"}, f"unexpected fence languages {langs - {'', 'python', 'bash'}}"
     stray = [b.id for b in BLOCKS if b.marker and not b.runs]
     assert not stray, f"doc-test markers above blocks that never run: {stray}"
+    placed = {(b.path, b.line - 1) for b in BLOCKS if b.marker}
+    floating = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in DOC_FILES
+        for i, ln in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if ln.lstrip().startswith("<!--") and "doc-test:" in ln and (p, i) not in placed
+    ]
+    assert not floating, f"doc-test markers not on the line right above a fence: {floating}"
 
 
 def test_output_check_rewrites_and_fails_on_drift(tmp_path: Path) -> None:
