@@ -494,12 +494,14 @@ def export_safetensors(model: nn.Module, out: str | os.PathLike, metadata: dict[
     if not meta:
         raise UserError("--format safetensors needs a registered model (--model NAME or an `mpvg train` checkpoint)")
     epoch = meta.pop("epoch", None)
+    if epoch is None:  # weights that did not come from an `mpvg train` run: no epoch of ours (the field is required)
+        epoch = 0
     props = {**deployment_metadata(inner), **(metadata or {})}
     data = inner.__dict__.get(_PREPROCESSING_ATTR)
     if not data:  # the preprocessing the deployment metadata states (the model's default_cfg)
         c, h, w = json.loads(props["input_size"])
         n = int(props["num_classes"])
-        data = {"spec": None, "classes": json.loads(props["class_names"]) or [str(i) for i in range(n)],
+        data = {"classes": json.loads(props["class_names"]) or [str(i) for i in range(n)],  # no data set: no spec
                 "in_chans": c, "input_size": [h, w], "mean": json.loads(props["mean"]),
                 "std": json.loads(props["std"]), "crop_pct": float(props["crop_pct"]),
                 "eval_resize": props["eval_resize"]}
