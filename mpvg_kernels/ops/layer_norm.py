@@ -466,9 +466,7 @@ def _kernel_forward(backend, x3, pe, weight, bias, eps, pool, keep_stats):
 
 def _kernel_backward(backend, grad, x3, weight, stats, has_pe, pool, plan):
     """The backward kernel for :func:`_kernel_forward`'s statistics: (dx, dpe or None, dweight, dbias); ``backend``
-    as there (a backward traced by compiled autograd takes the registered op)."""
-    if backend is not None and torch.compiler.is_compiling():
-        backend = None
+    as there."""
     if backend == "triton":
         return _tk[0].backward(grad, x3, weight, stats, has_pe, pool, plan)
     if backend == "cpp":
@@ -513,24 +511,20 @@ def _setup_context(ctx, inputs, output, pool=None):
     ctx.set_materialize_grads(False)
 
 
-def _needs_graph(*ts: torch.Tensor) -> bool:
-    """Whether a backward must be differentiable: a graph of the gradient is being built (``create_graph=True``), a
-    ``torch.func`` transform is active, or forward-mode AD is on."""
-    if torch.compiler.is_compiling():
-        return _C.is_grad_enabled() and any(t.requires_grad for t in ts)
-    return (
-        (_C.is_grad_enabled() and any(t.requires_grad for t in ts))
-        or _C._are_functorch_transforms_active()
-        or forward_ad._current_level >= 0
-    )
-
-
 def _backward(ctx, grad, *_unused):
     eps, pool, backend, n_inputs, has_pe, pe_cast, w_cast, b_cast = ctx.info
     if grad is None:
         return (None,) * n_inputs
     x3, weight, stats = ctx.saved_tensors
-    if _needs_graph(grad, x3, weight):  # the reference's differentiable formulas: higher orders stay exact
+    # The backward must itself be differentiable when a graph of the gradient is being built (create_graph=True), a
+    # torch.func transform is active or forward-mode AD is on; a backward traced by compiled autograd takes the
+    # registered op.
+    graph = _C.is_grad_enabled() and (grad.requires_grad or x3.requires_grad or weight.requires_grad)
+    if torch.compiler.is_compiling():
+        backend = None
+    elif not graph:
+        graph = _C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+    if graph:  # the reference's differentiable formulas: higher orders stay exact
         dx, dpe, dw, db = reference_backward(grad, x3, weight, None, has_pe, pool, eps)
     else:
         dx, dpe, dw, db = _kernel_backward(backend, grad, x3, weight, stats, has_pe, pool, ctx.plan)
