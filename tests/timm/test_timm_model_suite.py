@@ -1,0 +1,33 @@
+"""timm's own model tests (tests/test_models.py of the installed timm, fetched from its sdist) for one registered
+name per family in the modes mpvg and default, and the fixes they asked for, each checked here on its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+timm = pytest.importorskip(
+    "timm", reason="timm is not importable here; the timm tier runs in a venv with torch 2.14.1 + torchvision + timm"
+)
+
+import mpvg_kernels  # noqa: E402, F401
+
+
+@pytest.mark.parametrize(
+    "name", ["mpvg_deit_tiny_patch16_224", "default_swin_tiny_patch4_window7_224", "lape_ceit_tiny_patch16_224"]
+)
+def test_create_model_device_and_dtype(name):
+    m = timm.create_model(name, device="meta", dtype=torch.float64)
+    tensors = [*m.parameters(), *m.buffers()]
+    assert all(t.device.type == "meta" for t in tensors)
+    assert all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
+    with pytest.raises(TypeError, match="not_a_model_arg"):
+        timm.create_model(name, device="meta", not_a_model_arg=1)
+
+
+def test_pretrained_cfg_input_size():
+    m = timm.create_model("mpvg_deit_tiny_patch16_224", device="meta")
+    assert m.pretrained_cfg["fixed_input_size"] is True and m.pretrained_cfg["pool_size"] is None
+    assert timm.get_pretrained_cfg_value("mpvg_deit_tiny_patch16_224", "fixed_input_size") is True
+    m = timm.create_model("mpvg_deit_tiny_patch16_224", device="meta", dynamic_img_size=True)
+    assert m.pretrained_cfg["fixed_input_size"] is False
