@@ -502,6 +502,9 @@ class SwinTransformer(PEModel):
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
         """The token grid of images ``x``: the model's own (the attention masks are built for it); ValueError for
         another layout or size."""
+        traced = self._traced_grid()
+        if traced is not None:
+            return traced
         if x.dim() != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.patch_embed.img_size:
@@ -535,6 +538,7 @@ class SwinTransformer(PEModel):
         block term, not yet brought to the last stage) when computed live, the tokens after each stage in
         ``take``). ``stop_after``: run stages 0..stop_after only."""
         self._grid(x)
+        pe_terms = self._given_terms(pe_terms)
         if pe_terms is None and self.pos_embed is not None:
             pe_terms = self.pe_terms()
         pos = None

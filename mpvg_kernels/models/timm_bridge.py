@@ -164,6 +164,38 @@ for _name in TIMM_MODELS:
     _register(_name)
 
 
+def _register_fx_leaves() -> None:
+    """The modules torch.fx keeps whole (timm's ``register_notrace_module``): blocks, tokenizers and PE LayerNorms
+    branch on their inputs' shapes and strides (which fx cannot trace) and run the fused ops."""
+    from timm.models import register_notrace_module
+
+    from ..layers.blocks import Block, PatchEmbed
+    from ..layers.norms import DualLayerNorm, LastLayerNormPE
+    from ..layers.t2t import T2TTokenizer
+    from ..layers.tokenizers import ConvTokenizer
+    from ..layers.window_attention import PatchMerging
+    from .ceit import CeiTBlock, I2TEmbed, LCABlock
+    from .swin import SwinBlock
+
+    for cls in (
+        Block,
+        PatchEmbed,
+        DualLayerNorm,
+        LastLayerNormPE,
+        T2TTokenizer,
+        ConvTokenizer,
+        PatchMerging,
+        CeiTBlock,
+        I2TEmbed,
+        LCABlock,
+        SwinBlock,
+    ):
+        register_notrace_module(cls)
+
+
+_register_fx_leaves()
+
+
 # ----------------------------------------------------------------------------- from_timm
 
 

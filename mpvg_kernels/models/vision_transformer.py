@@ -418,6 +418,7 @@ class VisionTransformer(PEModel):
         The PE terms come from ``pe_terms`` when given, else from the cache where it may be used; otherwise the
         fused per-block ops compute them along the walk (with gradients)."""
         grid = self._grid(x)
+        pe_terms = self._given_terms(pe_terms)
         if pe_terms is None and self.pos_embed is not None:
             pe_terms = self.pe_terms(grid)
         pos = None
@@ -618,7 +619,8 @@ class VisionTransformer(PEModel):
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """timm's pruning for feature extraction: keep blocks up to the last index taken, optionally drop the last
-        norm (``prune_norm``) and the head and ``fc_norm`` (``prune_head``). Returns the absolute indices kept."""
+        norm (``prune_norm``) and the head and ``fc_norm`` (``prune_head``; with sequence pooling also its
+        ``attention_pool``, the pooled features being then the token mean). Returns the absolute indices kept."""
         take, max_index = feature_take_indices(len(self.blocks), indices)
         knobs = self.pe_knobs.pruned(max_index + 1, last_norm=not prune_norm)
         self.blocks = self.blocks[: max_index + 1]
@@ -630,6 +632,9 @@ class VisionTransformer(PEModel):
                 self.fc_norm = nn.Identity()
         if prune_head:
             self.fc_norm = nn.Identity()
+            if self.pool == "seq":  # the sequence-pooling weights belong to the head: the token mean remains
+                self.attention_pool = None
+                self.pool = self.default_cfg["pool"] = "avg"
             self.reset_classifier(0)
         self.feature_info = self._make_feature_info()
         self.clear_pe_cache()

@@ -112,6 +112,20 @@ def test_prune_and_feature_info():
         k.prune_intermediate_layers([1])
 
 
+@pytest.mark.parametrize("prune_head", [True, False])
+def test_prune_head_drops_sequence_pooling(prune_head):
+    m = _model("mpvg", pool="seq", class_token=False)
+    assert m.attention_pool is not None
+    m.prune_intermediate_layers([1], prune_head=prune_head)
+    if prune_head:  # no head left: the pooling weights go with it, the pooled features are the token mean
+        assert m.attention_pool is None and m.pool == "avg" and "attention_pool.weight" not in m.state_dict()
+        feats = m.forward_features(_x())
+        torch.testing.assert_close(m(_x()), m.forward_pooled(_x()))
+        assert m(_x()).shape == (2, 32) and feats.shape == (2, 16, 32)
+    else:
+        assert m.attention_pool is not None and m.pool == "seq"
+
+
 def test_group_matcher_and_classifier():
     m = _model("mpvg")
     gm = m.group_matcher()

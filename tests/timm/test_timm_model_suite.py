@@ -31,3 +31,29 @@ def test_pretrained_cfg_input_size():
     assert timm.get_pretrained_cfg_value("mpvg_deit_tiny_patch16_224", "fixed_input_size") is True
     m = timm.create_model("mpvg_deit_tiny_patch16_224", device="meta", dynamic_img_size=True)
     assert m.pretrained_cfg["fixed_input_size"] is False
+
+
+@pytest.mark.parametrize(
+    "name", ["mpvg_vit_digits", "lape_ceit_tiny_patch16_224", "pvg_t2t_vit_7", "mpvg_cct_7_3x1_32"]
+)
+def test_fx_trace_matches_eager(name):
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    kw = {"ceit": dict(img_size=64, depth=2), "t2t": dict(img_size=64, depth=2)}
+    m = timm.create_model(name, **next((v for k, v in kw.items() if k in name), {})).eval()
+    x = torch.randn(2, *m.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
+    tracer_kwargs = dict(
+        leaf_modules=timm.models.get_notrace_modules(), autowrap_functions=timm.models.get_notrace_functions()
+    )
+    _, nodes = get_graph_node_names(m, tracer_kwargs=tracer_kwargs)
+    fx = create_feature_extractor(m, return_nodes=[nodes[-1]], tracer_kwargs=tracer_kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(next(iter(fx(x).values())), m(x))
+
+
+def test_fx_trace_refuses_dynamic_img_size():
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    m = timm.create_model("mpvg_vit_digits", dynamic_img_size=True)
+    with pytest.raises(ValueError, match="dynamic_img_size"):
+        get_graph_node_names(m)
