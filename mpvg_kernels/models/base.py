@@ -99,6 +99,12 @@ class PEModel(nn.Module):
     last_pos = property(lambda self: self.pe_knobs.last_pos, doc="The source of LN'_last (None: no last PE).")
 
     @property
+    def head_hidden_size(self) -> int:
+        """timm's ``head_hidden_size``: the width of what the classifier receives (``forward_head(...,
+        pre_logits=True)``), the model's ``num_features``."""
+        return self.num_features
+
+    @property
     def has_last_pos(self) -> bool:
         """Whether the last LN adds LN'_last(p) (MPVG)."""
         return self.pe_knobs.last_pos is not None

@@ -146,3 +146,14 @@ def test_group_matcher_and_classifier():
 def test_forward_analysis_refuses_fc_norm():
     with pytest.raises(ValueError, match="fc_norm"):
         _model("default", pool="avg", fc_norm=True).forward_analysis(_x())
+
+
+@pytest.mark.parametrize(
+    "name", ["deit_tiny_distilled_patch16_224", "cct_7_3x1_32", "swin_tiny_patch4_window7_224", "ceit_tiny_patch16_224"]
+)
+def test_head_hidden_size(name):
+    from mpvg_kernels.models import create_model
+
+    m = create_model(name, pe="mpvg", tiny=True).eval()
+    x = torch.randn(1, *m.default_cfg["input_size"])
+    assert m.forward_head(m.forward_features(x), pre_logits=True).shape[-1] == m.head_hidden_size > 0
