@@ -463,6 +463,7 @@ class CeiT(PEModel):
             nn.init.zeros_(self.head.bias)
         else:
             self.head = nn.Identity()
+        self.head.train(self.training)
         self.default_cfg["num_classes"] = num_classes
 
     # ------------------------------------------------------------------ PE terms and cache

@@ -424,6 +424,7 @@ class SwinTransformer(PEModel):
             self.head.fc = fc
         else:
             self.head.fc = nn.Identity()
+        self.head.fc.train(self.training)
         self.default_cfg["num_classes"] = num_classes
 
     # ------------------------------------------------------------------ the PE walk across stages

@@ -270,8 +270,10 @@ class VisionTransformer(PEModel):
         )
 
     def no_weight_decay(self) -> set[str]:
-        """Names excluded from weight decay besides every 1-D parameter (see :func:`param_groups`)."""
-        return {"pos_embed", "cls_token", "dist_token"}
+        """Names excluded from weight decay besides every 1-D parameter (see :func:`param_groups`); ``pos_embed``
+        only where it is a parameter (a fixed sin-cos table is a buffer)."""
+        names = {"cls_token", "dist_token"}
+        return names | {"pos_embed"} if isinstance(self.pos_embed, nn.Parameter) else names
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations."""
@@ -312,7 +314,7 @@ class VisionTransformer(PEModel):
                 nn.init.zeros_(head.bias)
             else:
                 head = nn.Identity()
-            setattr(self, name, head)
+            setattr(self, name, head.train(self.training))
         self.default_cfg["num_classes"] = num_classes
 
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:

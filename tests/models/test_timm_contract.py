@@ -157,3 +157,24 @@ def test_head_hidden_size(name):
     m = create_model(name, pe="mpvg", tiny=True).eval()
     x = torch.randn(1, *m.default_cfg["input_size"])
     assert m.forward_head(m.forward_features(x), pre_logits=True).shape[-1] == m.head_hidden_size > 0
+
+
+def test_no_weight_decay_names_only_parameters():
+    """timm's contract: each no_weight_decay() entry is a parameter (a fixed sin-cos table is a buffer)."""
+    assert "pos_embed" in _model("mpvg").no_weight_decay()
+    m = _model("mpvg", pos_embed="sincos2d")
+    assert "pos_embed" not in m.no_weight_decay() and "pos_embed" in dict(m.named_buffers())
+
+
+@pytest.mark.parametrize(
+    "name", ["deit_tiny_distilled_patch16_224", "cct_7_3x1_32", "swin_tiny_patch4_window7_224", "ceit_tiny_patch16_224"]
+)
+def test_reset_classifier_keeps_mode_device_and_dtype(name):
+    from mpvg_kernels.models import create_model
+
+    m = create_model(name, pe="mpvg", tiny=True).eval().to(torch.float64)
+    m.reset_classifier(3)
+    head = m.get_classifier()
+    heads = head if isinstance(head, (tuple, list)) else (head,)
+    assert all(p.dtype == torch.float64 for h in heads for p in h.parameters())
+    assert not any(mod.training for mod in m.modules())

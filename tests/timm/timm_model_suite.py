@@ -58,7 +58,26 @@ SKIPS = {
 }
 
 #: (test, name pattern) -> why the test is expected to fail for those names (xfail, strict: a fix shows as XPASS)
+_TOKENS = (
+    "timm runs this test for models whose features are spatial maps (its own ViT/DeiT are in NON_STD_FILTERS and get "
+    "test_model_default_cfgs_non_std instead); forward_features of ours returns tokens [B, N, D], pool_size is None"
+)
+_CEIT = (
+    "CeiT has no forward_intermediates/feature_info yet: its LCA head reads every block's class token, so timm's "
+    "intermediate-feature API (and pruning) needs its own definition there"
+)
 XFAILS = {
+    ("test_model_default_cfgs", "*"): _TOKENS,
+    ("test_model_forward_features", "*_ceit_*"): _CEIT,
+    ("test_model_forward_intermediates", "*_ceit_*"): _CEIT,
+    ("test_model_forward_intermediates_features", "*_ceit_*"): _CEIT,
+    ("test_prune_intermediate_layers_contract", "*_ceit_*"): _CEIT,
+    ("test_model_forward_intermediates", "*_swin_*"): "Swin's forward_intermediates returns the final features "
+    "NHWC (as timm's Swin), its forward_features tokens [B, N, C]: the test compares the two",
+    ("test_prune_intermediate_layers_contract", "*_swin_*"): "Swin has no prune_intermediate_layers yet",
+    ("test_model_forward_fx", "mpvg_swin_*"): "torch.fx: Swin's PE walk finds a PE term's stage from its width, "
+    "which is symbolic while fx traces",
+    ("test_model_backward_fx", "mpvg_swin_*"): "torch.fx: see test_model_forward_fx",
 }
 
 
@@ -160,20 +179,23 @@ def suite_names(models: list[str], modes: list[str]) -> list[str]:
     return [timm_name(m, pe) for pe in modes for m in models]
 
 
-def run_suite(names: list[str], pytest_args: list[str] = (), timeout: float = 3600) -> tuple[int, str, str]:
-    """Run timm's ``test_models.py`` for ``names`` in a subprocess: (return code, summary line, whole output)."""
+def run_suite(
+    names: list[str], pytest_args: list[str] = (), timeout: float = 3600, log: str | os.PathLike | None = None
+) -> tuple[int, str, str]:
+    """Run timm's ``test_models.py`` for ``names`` in a subprocess: (return code, summary line, whole output);
+    ``log``: a file that receives the output as it comes."""
     src = fetch_timm_tests()
     with tempfile.TemporaryDirectory(prefix="mpvg-timm-suite-") as tmp:
         d = Path(tmp)
         shutil.copy(src, d / "test_models.py")
         (d / "conftest.py").write_text(CONFTEST)
         (d / "pytest.ini").write_text("[pytest]\nfilterwarnings =\n    ignore::pytest.PytestUnknownMarkWarning\n")
-        env = dict(
-            os.environ,
-            MPVG_TIMM_SUITE_NAMES=",".join(names),
-            MPVG_BACKEND=os.environ.get("MPVG_BACKEND", "torch"),
-            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        )
+        # the subprocess imports the mpvg_kernels this process imports (the checkout or the installed package)
+        import mpvg_kernels
+
+        pkg_root = str(Path(mpvg_kernels.__file__).resolve().parents[1])
+        pythonpath = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, MPVG_TIMM_SUITE_NAMES=",".join(names), PYTHONPATH=pythonpath)
         env.pop("GITHUB_ACTIONS", None)
         cmd = [
             sys.executable,
@@ -190,8 +212,9 @@ def run_suite(names: list[str], pytest_args: list[str] = (), timeout: float = 36
             str(d / "test_models.py"),
             *pytest_args,
         ]
-        res = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=timeout)
-    out = res.stdout + res.stderr
+        with open(log or d / "pytest.log", "w") as f:
+            res = subprocess.run(cmd, cwd=d, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+        out = Path(log or d / "pytest.log").read_text()
     lines = [ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
     return res.returncode, (lines[-1].strip("= ") if lines else ""), out
 
@@ -204,11 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--all", action="store_true", help="every registered name (default: one per family)")
     p.add_argument("--modes", nargs="+", default=list(PE_MODES), choices=PE_MODES)
+    p.add_argument("--log", help="also write pytest's output to this file as it runs")
     p.add_argument("pytest_args", nargs="*", help="passed to pytest (after --), e.g. -k backward -x")
     args = p.parse_args(argv)
     models = list_models() if args.all else family_names()
     names = suite_names(models, args.modes)
-    rc, summary, out = run_suite(names, args.pytest_args)
+    rc, summary, out = run_suite(names, args.pytest_args, log=args.log)
     print(out)
     print(f"{len(names)} names: {summary}")
     return rc
