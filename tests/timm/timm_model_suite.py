@@ -75,9 +75,12 @@ XFAILS = {
     ("test_model_forward_intermediates", "*_swin_*"): "Swin's forward_intermediates returns the final features "
     "NHWC (as timm's Swin), its forward_features tokens [B, N, C]: the test compares the two",
     ("test_prune_intermediate_layers_contract", "*_swin_*"): "Swin has no prune_intermediate_layers yet",
-    ("test_model_forward_fx", "mpvg_swin_*"): "torch.fx: Swin's PE walk finds a PE term's stage from its width, "
-    "which is symbolic while fx traces",
-    ("test_model_backward_fx", "mpvg_swin_*"): "torch.fx: see test_model_forward_fx",
+    **{
+        (test, f"{pe}_swin_*"): "torch.fx: Swin's PE walk (modes lape, pvg, mpvg) finds a PE term's stage from its "
+        "width, which is symbolic while fx traces"
+        for test in ("test_model_forward_fx", "test_model_backward_fx")
+        for pe in ("lape", "pvg", "mpvg")
+    },
 }
 
 
