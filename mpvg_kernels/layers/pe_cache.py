@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = [
@@ -51,8 +52,8 @@ def optimizer_step_count() -> int:
 
 
 def cache_bypassed() -> bool:
-    """True while tracing or compiling (torch.compile, torch.export, jit): a cache must then be recomputed in the
-    graph instead of read from Python state."""
+    """True while tracing or compiling (torch.compile, torch.export, jit, torch.fx): a cache must then be recomputed
+    in the graph instead of read from Python state."""
     compiler = getattr(torch, "compiler", None)
     if compiler is not None:
         if compiler.is_compiling():
@@ -60,7 +61,7 @@ def cache_bypassed() -> bool:
         is_exporting = getattr(compiler, "is_exporting", None)
         if is_exporting is not None and is_exporting():
             return True
-    return bool(torch.jit.is_tracing() or torch.jit.is_scripting())
+    return bool(torch.jit.is_tracing() or torch.jit.is_scripting() or is_fx_symbolic_tracing())
 
 
 # values compared as they are (immutable); everything else is snapshot by _freeze

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
 from ..layers.pe_cache import PECache, cache_bypassed, module_state
@@ -96,6 +97,12 @@ class PEModel(nn.Module):
     pe_layers = property(lambda self: self.pe_knobs.pe_layers, doc="Only blocks 0..k-1 take a PE term (None: all).")
     block_uses_pos = property(lambda self: self.pe_knobs.block_uses_pos, doc="Per block: takes a PE term.")
     last_pos = property(lambda self: self.pe_knobs.last_pos, doc="The source of LN'_last (None: no last PE).")
+
+    @property
+    def head_hidden_size(self) -> int:
+        """timm's ``head_hidden_size``: the width of what the classifier receives (``forward_head(...,
+        pre_logits=True)``), the model's ``num_features``."""
+        return self.num_features
 
     @property
     def has_last_pos(self) -> bool:
@@ -176,9 +183,27 @@ class PEModel(nn.Module):
             return self._fixed_pos_embed(tuple(grid), like=self.pos_embed)
         return resample_abs_pos_embed(self.pos_embed, grid, own, self.num_prefix_tokens)
 
+    def _traced_grid(self) -> tuple[int, int] | None:
+        """While torch.fx traces the model (its shapes are symbolic): the model's own token grid, the graph being
+        traced for the model's ``img_size``; ValueError for a model built with ``dynamic_img_size``. None otherwise."""
+        if not is_fx_symbolic_tracing():
+            return None
+        if self.dynamic_img_size:
+            raise ValueError("torch.fx tracing needs the model's own input size: build it without dynamic_img_size")
+        return tuple(self.patch_embed.grid_size)
+
+    @staticmethod
+    def _given_terms(pe_terms: PETerms | None) -> PETerms | None:
+        """``pe_terms`` as the caller gave them; None for the placeholder torch.fx traces in place of the omitted
+        argument (the traced graph then computes the terms from the parameters)."""
+        return None if isinstance(pe_terms, torch.fx.Proxy) else pe_terms
+
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
         """The token grid of images ``x`` [B, C, H, W]; ValueError for another layout, or another size without
         ``dynamic_img_size``, or a size that gives no token."""
+        traced = self._traced_grid()
+        if traced is not None:
+            return traced
         if x.dim() != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         H, W = x.shape[-2:]

@@ -463,6 +463,7 @@ class CeiT(PEModel):
             nn.init.zeros_(self.head.bias)
         else:
             self.head = nn.Identity()
+        self.head.train(self.training)
         self.default_cfg["num_classes"] = num_classes
 
     # ------------------------------------------------------------------ PE terms and cache
@@ -537,6 +538,7 @@ class CeiT(PEModel):
         source when computed live). The terms come from ``pe_terms``, else the cache where it may be used, else
         the fused per-block ops compute them along the walk (with gradients)."""
         grid = self._grid(x)
+        pe_terms = self._given_terms(pe_terms)
         if pe_terms is None and self.pos_embed is not None:
             pe_terms = self.pe_terms(grid)
         pos = None

@@ -424,6 +424,7 @@ class SwinTransformer(PEModel):
             self.head.fc = fc
         else:
             self.head.fc = nn.Identity()
+        self.head.fc.train(self.training)
         self.default_cfg["num_classes"] = num_classes
 
     # ------------------------------------------------------------------ the PE walk across stages
@@ -502,6 +503,9 @@ class SwinTransformer(PEModel):
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
         """The token grid of images ``x``: the model's own (the attention masks are built for it); ValueError for
         another layout or size."""
+        traced = self._traced_grid()
+        if traced is not None:
+            return traced
         if x.dim() != 4:
             raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.patch_embed.img_size:
@@ -535,6 +539,7 @@ class SwinTransformer(PEModel):
         block term, not yet brought to the last stage) when computed live, the tokens after each stage in
         ``take``). ``stop_after``: run stages 0..stop_after only."""
         self._grid(x)
+        pe_terms = self._given_terms(pe_terms)
         if pe_terms is None and self.pos_embed is not None:
             pe_terms = self.pe_terms()
         pos = None

@@ -24,6 +24,7 @@ timm's ``global_pool='token'|'avg'`` is accepted for ``pool``). ``features_only=
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping
 from functools import partial
@@ -81,6 +82,8 @@ def _pretrained_cfg(model: str, pe: str) -> dict[str, Any]:
         num_classes=args["num_classes"],
         first_conv=own["first_conv"],
         classifier=own["classifier"],
+        pool_size=None,
+        fixed_input_size=True,
         license="apache-2.0",
         description=f"{model} with pe={pe!r} (mpvg-kernels); {entry['source']}",
     )
@@ -105,8 +108,19 @@ def _finish_cfg(model: PEModel) -> None:
     """The data config timm's helpers read, made to describe this model (input size, channels, pe, pool)."""
     cfg = fit_channels(dict(model.pretrained_cfg), model.in_chans)
     cfg["input_size"] = (cfg["input_size"][0], *model.patch_embed.img_size)
-    cfg.update(pe=model.pe, pool=model.pool)
+    cfg.update(pe=model.pe, pool=model.pool, fixed_input_size=not model.dynamic_img_size)
     model.pretrained_cfg = model.default_cfg = cfg
+
+
+def _construct(
+    family: type[PEModel], device: torch.device | str | None = None, dtype: torch.dtype | None = None, **kwargs: Any
+) -> PEModel:
+    """``family(**kwargs)`` built on ``device`` and cast to ``dtype`` (timm's factory keywords; None: the defaults)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = family(**kwargs)
+    return model if dtype is None else model.to(dtype=dtype)
 
 
 def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -122,7 +136,7 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     args = dict(MODEL_CFGS[arch]["model"])
     args.update(kwargs)
     model = build_model_with_cfg(
-        partial(MODEL_CFGS[arch]["family"], pe=pe),
+        partial(_construct, MODEL_CFGS[arch]["family"], pe=pe),
         name,
         pretrained,
         pretrained_filter_fn=timm_checkpoint_filter_fn,
@@ -148,6 +162,38 @@ def _register(name: str) -> None:
 
 for _name in TIMM_MODELS:
     _register(_name)
+
+
+def _register_fx_leaves() -> None:
+    """The modules torch.fx keeps whole (timm's ``register_notrace_module``): blocks, tokenizers and PE LayerNorms
+    branch on their inputs' shapes and strides (which fx cannot trace) and run the fused ops."""
+    from timm.models import register_notrace_module
+
+    from ..layers.blocks import Block, PatchEmbed
+    from ..layers.norms import DualLayerNorm, LastLayerNormPE
+    from ..layers.t2t import T2TTokenizer
+    from ..layers.tokenizers import ConvTokenizer
+    from ..layers.window_attention import PatchMerging
+    from .ceit import CeiTBlock, I2TEmbed, LCABlock
+    from .swin import SwinBlock
+
+    for cls in (
+        Block,
+        PatchEmbed,
+        DualLayerNorm,
+        LastLayerNormPE,
+        T2TTokenizer,
+        ConvTokenizer,
+        PatchMerging,
+        CeiTBlock,
+        I2TEmbed,
+        LCABlock,
+        SwinBlock,
+    ):
+        register_notrace_module(cls)
+
+
+_register_fx_leaves()
 
 
 # ----------------------------------------------------------------------------- from_timm

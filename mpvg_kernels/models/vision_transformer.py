@@ -270,8 +270,10 @@ class VisionTransformer(PEModel):
         )
 
     def no_weight_decay(self) -> set[str]:
-        """Names excluded from weight decay besides every 1-D parameter (see :func:`param_groups`)."""
-        return {"pos_embed", "cls_token", "dist_token"}
+        """Names excluded from weight decay besides every 1-D parameter (see :func:`param_groups`); ``pos_embed``
+        only where it is a parameter (a fixed sin-cos table is a buffer)."""
+        names = {"cls_token", "dist_token"}
+        return names | {"pos_embed"} if isinstance(self.pos_embed, nn.Parameter) else names
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward instead of storing its activations."""
@@ -312,7 +314,7 @@ class VisionTransformer(PEModel):
                 nn.init.zeros_(head.bias)
             else:
                 head = nn.Identity()
-            setattr(self, name, head)
+            setattr(self, name, head.train(self.training))
         self.default_cfg["num_classes"] = num_classes
 
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
@@ -418,6 +420,7 @@ class VisionTransformer(PEModel):
         The PE terms come from ``pe_terms`` when given, else from the cache where it may be used; otherwise the
         fused per-block ops compute them along the walk (with gradients)."""
         grid = self._grid(x)
+        pe_terms = self._given_terms(pe_terms)
         if pe_terms is None and self.pos_embed is not None:
             pe_terms = self.pe_terms(grid)
         pos = None
@@ -618,7 +621,8 @@ class VisionTransformer(PEModel):
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """timm's pruning for feature extraction: keep blocks up to the last index taken, optionally drop the last
-        norm (``prune_norm``) and the head and ``fc_norm`` (``prune_head``). Returns the absolute indices kept."""
+        norm (``prune_norm``) and the head and ``fc_norm`` (``prune_head``; with sequence pooling also its
+        ``attention_pool``, the pooled features being then the token mean). Returns the absolute indices kept."""
         take, max_index = feature_take_indices(len(self.blocks), indices)
         knobs = self.pe_knobs.pruned(max_index + 1, last_norm=not prune_norm)
         self.blocks = self.blocks[: max_index + 1]
@@ -630,6 +634,9 @@ class VisionTransformer(PEModel):
                 self.fc_norm = nn.Identity()
         if prune_head:
             self.fc_norm = nn.Identity()
+            if self.pool == "seq":  # the sequence-pooling weights belong to the head: the token mean remains
+                self.attention_pool = None
+                self.pool = self.default_cfg["pool"] = "avg"
             self.reset_classifier(0)
         self.feature_info = self._make_feature_info()
         self.clear_pe_cache()

@@ -112,6 +112,20 @@ def test_prune_and_feature_info():
         k.prune_intermediate_layers([1])
 
 
+@pytest.mark.parametrize("prune_head", [True, False])
+def test_prune_head_drops_sequence_pooling(prune_head):
+    m = _model("mpvg", pool="seq", class_token=False)
+    assert m.attention_pool is not None
+    m.prune_intermediate_layers([1], prune_head=prune_head)
+    if prune_head:  # no head left: the pooling weights go with it, the pooled features are the token mean
+        assert m.attention_pool is None and m.pool == "avg" and "attention_pool.weight" not in m.state_dict()
+        feats = m.forward_features(_x())
+        torch.testing.assert_close(m(_x()), m.forward_pooled(_x()))
+        assert m(_x()).shape == (2, 32) and feats.shape == (2, 16, 32)
+    else:
+        assert m.attention_pool is not None and m.pool == "seq"
+
+
 def test_group_matcher_and_classifier():
     m = _model("mpvg")
     gm = m.group_matcher()
@@ -132,3 +146,35 @@ def test_group_matcher_and_classifier():
 def test_forward_analysis_refuses_fc_norm():
     with pytest.raises(ValueError, match="fc_norm"):
         _model("default", pool="avg", fc_norm=True).forward_analysis(_x())
+
+
+@pytest.mark.parametrize(
+    "name", ["deit_tiny_distilled_patch16_224", "cct_7_3x1_32", "swin_tiny_patch4_window7_224", "ceit_tiny_patch16_224"]
+)
+def test_head_hidden_size(name):
+    from mpvg_kernels.models import create_model
+
+    m = create_model(name, pe="mpvg", tiny=True).eval()
+    x = torch.randn(1, *m.default_cfg["input_size"])
+    assert m.forward_head(m.forward_features(x), pre_logits=True).shape[-1] == m.head_hidden_size > 0
+
+
+def test_no_weight_decay_names_only_parameters():
+    """timm's contract: each no_weight_decay() entry is a parameter (a fixed sin-cos table is a buffer)."""
+    assert "pos_embed" in _model("mpvg").no_weight_decay()
+    m = _model("mpvg", pos_embed="sincos2d")
+    assert "pos_embed" not in m.no_weight_decay() and "pos_embed" in dict(m.named_buffers())
+
+
+@pytest.mark.parametrize(
+    "name", ["deit_tiny_distilled_patch16_224", "cct_7_3x1_32", "swin_tiny_patch4_window7_224", "ceit_tiny_patch16_224"]
+)
+def test_reset_classifier_keeps_mode_device_and_dtype(name):
+    from mpvg_kernels.models import create_model
+
+    m = create_model(name, pe="mpvg", tiny=True).eval().to(torch.float64)
+    m.reset_classifier(3)
+    head = m.get_classifier()
+    heads = head if isinstance(head, (tuple, list)) else (head,)
+    assert all(p.dtype == torch.float64 for h in heads for p in h.parameters())
+    assert not any(mod.training for mod in m.modules())
