@@ -683,7 +683,7 @@ METADATA_VERSION = 1
 #: The file inside a ``.pt2`` archive that holds the same metadata as JSON (``torch.export.load(extra_files=...)``).
 PT2_METADATA_FILE = "mpvg_metadata.json"
 _PREPROCESSING_ATTR = "_mpvg_preprocessing"
-#: How ``mpvg predict`` / ``mpvg eval`` resize for each eval resize policy (train/data.py: ``resize_batch`` for
+#: How ``mpvg predict`` / ``mpvg eval`` resize for each eval resize policy (mpvg_kernels/data.py: ``resize_batch`` for
 #: ``full``, ``resize_center_crop`` for ``center_crop``): (interpolation, antialias).
 _RESIZE = {"full": ("bilinear", "true"), "center_crop": ("bicubic", "when_downscaling")}
 

@@ -135,8 +135,7 @@ def _unique_labels(wanted: Sequence[str] | None, defaults: Sequence[str]) -> lis
 def load_eval_images(data: str, in_chans: int, input_size: Sequence[int], mean: Sequence[float],
                      std: Sequence[float], crop_pct: float, num_images: int) -> Tensor:
     """The first ``num_images`` held-out images of ``data``, preprocessed as ``mpvg eval`` does -> [n, C, H, W]."""
-    from ..train.augment import EvalTransform
-    from ..train.data import load_data
+    from ..data import EvalTransform, load_data
 
     if num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {num_images}")
@@ -173,7 +172,7 @@ def _load_sources(
     data: str | None,
     seed: int,
 ) -> list[_Source]:
-    from ..train import data as data_mod
+    from .. import data as data_mod
 
     if bool(checkpoints) == (model is not None):
         raise UserError("give either checkpoints (--checkpoint) or a registered model name (--model), not both")

@@ -24,25 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import channel_normalize, resize_batch
 from .config import TrainConfig
-from .data import resize_batch
-
-
-def channel_stats(values: Sequence[float], channels: int, name: str) -> torch.Tensor:
-    """Per-channel mean/std as ``[1, C]``; a single value is broadcast to all channels."""
-    v = [float(x) for x in values]
-    if len(v) == 1:
-        v = v * channels
-    if len(v) != channels:
-        raise ValueError(f"{name} has {len(v)} values but the images have {channels} channels")
-    return torch.tensor(v, dtype=torch.float32).view(1, channels)
-
-
-def channel_normalize(mean: Sequence[float], std: Sequence[float], channels: int) -> nn.Module:
-    """kornia's ``Normalize``: ``(x - mean) / std`` per channel, the statistics as non-persistent buffers."""
-    from kornia.enhance import Normalize
-
-    return Normalize(channel_stats(mean, channels, "mean"), channel_stats(std, channels, "std"))
 
 
 class ChunkedRandAugment(nn.Module):
@@ -146,20 +129,6 @@ class TrainTransform(nn.Module):
         if self.mix.enabled:
             return self.mix(x, y)
         return x.contiguous(), y
-
-
-class EvalTransform(nn.Module):
-    """uint8 batch -> float, resized to the input size when needed, normalised."""
-
-    def __init__(self, input_size: Sequence[int], channels: int, mean: Sequence[float],
-                 std: Sequence[float]) -> None:
-        super().__init__()
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.normalize = channel_normalize(mean, std, channels)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.normalize(resize_batch(x.float() / 255.0, self.input_size)).contiguous()
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:

@@ -93,9 +93,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, 
     Returns ``{top1, top5, loss, images, split, data, checkpoint, model, pe, epoch, weights}``; every failure the
     user can fix is a :class:`~mpvg_kernels.errors.UserError`.
     """
+    from .. import data as data_mod
+    from ..data import EvalTransform
     from ..errors import UserError
-    from . import data as data_mod
-    from .augment import EvalTransform
     from .checkpoint import load_checkpoint, model_from_checkpoint
 
     if amp not in AMP_DTYPES:

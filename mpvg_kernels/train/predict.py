@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from .augment import EvalTransform
+from ..data import EvalTransform, read_image, resize_center_crop
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data import read_image, resize_center_crop
 from .distributed import resolve_device
 
 

@@ -37,12 +37,13 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .. import data as data_mod
+from ..data import EvalTransform
 from ..errors import UserError
 from ..models import count_parameters, param_groups
-from . import data as data_mod
 from . import distributed as D
 from . import run_dir
-from .augment import EvalTransform, TrainTransform, classification_loss
+from .augment import TrainTransform, classification_loss
 from .checkpoint import (
     CHECKPOINT_NAME,
     build_model,

@@ -161,7 +161,7 @@ def _held_out_images(folder: Path, n: int = 24) -> list[Path]:
     enlarged to 40x32 (downsampled, antialiased), some saved as RGB, some as 16-bit gray."""
     from PIL import Image
 
-    from mpvg_kernels.train.data import digits_split
+    from mpvg_kernels.data import digits_split
 
     images, _, _, test_idx = digits_split()
     folder.mkdir()
@@ -216,7 +216,7 @@ def test_plain_script_center_crop_when_downscaling(tmp_path, capsys) -> None:
     PyTorch's bicubic uses a = -0.75 there, PIL's a = -0.5; see docs/deploy.md.)"""
     from PIL import Image
 
-    from mpvg_kernels.train.data import digits_split
+    from mpvg_kernels.data import digits_split
     from mpvg_kernels.train.predict import predict_images
 
     classes = [f"c{i}" for i in range(10)]

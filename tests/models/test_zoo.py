@@ -153,9 +153,9 @@ def test_every_family_learns_the_digits(name: str, tmp_path: Path):
     pytest.importorskip("sklearn", reason="the digits data needs scikit-learn (the train extra)")
     from PIL import Image
 
+    from mpvg_kernels.data import digits_split
     from mpvg_kernels.export import export_model, load_model
     from mpvg_kernels.train.config import build_config
-    from mpvg_kernels.train.data import digits_split
     from mpvg_kernels.train.evaluate import evaluate_checkpoint
     from mpvg_kernels.train.predict import predict_images
     from mpvg_kernels.train.trainer import train

@@ -116,7 +116,7 @@ def test_bad_metadata_is_one_line_before_any_work(
     tmp_path, capsys, monkeypatch, base, image, cmd, field, value, named
 ) -> None:
     """Every bad field: one line naming it, status 2, nothing printed on stdout; the data set is never loaded."""
-    from mpvg_kernels.train import data as data_mod
+    from mpvg_kernels import data as data_mod
 
     monkeypatch.setattr(data_mod, "load_data", lambda *a, **k: pytest.fail("the data set was loaded"))
     path = _write(tmp_path, _set(base, field, value))

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mpvg_kernels import data as D
 from mpvg_kernels.errors import UserError
-from mpvg_kernels.train import data as D
 
 # ------------------------------------------------------------------------------------------------------------------
 # helpers that write the real formats

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from mpvg_kernels import cli
+from mpvg_kernels.data import EvalTransform
 from mpvg_kernels.errors import UserError
 from mpvg_kernels.train import checkpoint as C
-from mpvg_kernels.train.augment import EvalTransform, MixupCutmix, TrainTransform, classification_loss, smooth_one_hot
+from mpvg_kernels.train.augment import MixupCutmix, TrainTransform, classification_loss, smooth_one_hot
 from mpvg_kernels.train.config import FIELDS, TrainConfig, build_config, list_recipes, load_recipe, parse_set
 from mpvg_kernels.train.distributed import EvalShardSampler, ShardedSampler
 from mpvg_kernels.train.ema import ModelEma
@@ -361,7 +362,7 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
 def test_evaluate_checkpoint_and_predict_images_as_library_calls(tmp_path: Path) -> None:
     from PIL import Image
 
-    from mpvg_kernels.train.data import digits_split
+    from mpvg_kernels.data import digits_split
     from mpvg_kernels.train.evaluate import evaluate_checkpoint
     from mpvg_kernels.train.predict import predict_images
 

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from mpvg_kernels import cli
+from mpvg_kernels.data import digits_split
 from mpvg_kernels.train.checkpoint import load_checkpoint
-from mpvg_kernels.train.data import digits_split
 
 pytestmark = pytest.mark.slow
 THREADS = ["--threads", "1"]

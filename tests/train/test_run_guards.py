@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mpvg_kernels import cli
-from mpvg_kernels.train import data as data_mod
+from mpvg_kernels import data as data_mod
 from mpvg_kernels.train import trainer
 from mpvg_kernels.train.checkpoint import load_checkpoint
 from mpvg_kernels.train.metrics import JsonlLog

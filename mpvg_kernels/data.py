@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset
 
-from ..errors import UserError
+from .errors import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 DIGITS_TEST_FRACTION = 0.2
@@ -506,3 +507,38 @@ def _load_folder(spec: DataSpec, in_chans: int, input_size: Sequence[int], crop_
         in_memory=False,
         notes=[f"folder images decoded with PIL as {'RGB' if in_chans == 3 else 'grayscale (L)'}"],
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation preprocessing (what eval, predict, analyze and training's held-out pass apply)
+
+
+def channel_stats(values: Sequence[float], channels: int, name: str) -> torch.Tensor:
+    """Per-channel mean/std as ``[1, C]``; a single value is broadcast to all channels."""
+    v = [float(x) for x in values]
+    if len(v) == 1:
+        v = v * channels
+    if len(v) != channels:
+        raise ValueError(f"{name} has {len(v)} values but the images have {channels} channels")
+    return torch.tensor(v, dtype=torch.float32).view(1, channels)
+
+
+def channel_normalize(mean: Sequence[float], std: Sequence[float], channels: int) -> nn.Module:
+    """kornia's ``Normalize``: ``(x - mean) / std`` per channel, the statistics as non-persistent buffers."""
+    from kornia.enhance import Normalize
+
+    return Normalize(channel_stats(mean, channels, "mean"), channel_stats(std, channels, "std"))
+
+
+class EvalTransform(nn.Module):
+    """uint8 batch -> float, resized to the input size when needed, normalised."""
+
+    def __init__(self, input_size: Sequence[int], channels: int, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        super().__init__()
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.normalize = channel_normalize(mean, std, channels)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(resize_batch(x.float() / 255.0, self.input_size)).contiguous()
