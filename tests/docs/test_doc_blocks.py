@@ -102,7 +102,7 @@ def test_design_layout_names_every_module() -> None:
         ["git", "ls-files", "mpvg_kernels"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
     if not files:
-        pytest.skip("not a git checkout")
+        pytest.skip(reason="the package files are listed with `git ls-files`, and this tree is not a git checkout")
     design = ROOT / "docs" / "design.md"
     layout = next(b.code for b in all_blocks() if b.path == design and b.code.startswith("mpvg_kernels/ops/"))
     missing = [
@@ -179,7 +179,8 @@ COUNTS = [
 def test_readme_test_counts(quoted: str, test_file: str, env: dict[str, str]) -> None:
     """README's tier table: each count is what the command quoted beside it collects."""
     if importlib.util.find_spec("triton") is None:
-        pytest.skip("needs triton (the [test] extra) to collect the Triton tests")
+        pytest.skip(reason="the counted Triton test files import triton, which is not installed here "
+                    "(the [test] extra has it)")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert quoted in readme, f"README.md no longer says {quoted!r}: update COUNTS with the README"
     assert _collected(test_file, env) == int(re.search(r"\d+", quoted).group())

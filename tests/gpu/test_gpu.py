@@ -246,10 +246,8 @@ def test_int64_offsets():
     B, N, D = 2, 1_100_000, 1000  # 2.2e9 elements; bf16: 4.4 GB per [B, N, D] tensor
     need = 40e9  # x, pe, y, grad, dx, dpe and the backward's partials
     if free < need:
-        pytest.skip(
-            reason=f"the >2^31-element tensors need ~{need / 1e9:.0f} GB of free GPU memory; "
-            f"only {free / 1e9:.0f} GB are free on this device"
-        )
+        pytest.skip(reason=f"the >2^31-element tensors need ~{need / 1e9:.0f} GB of free GPU memory; "
+                    f"only {free / 1e9:.0f} GB are free on this device")
     x = torch.randn(B, N, D, dtype=torch.bfloat16, device="cuda")
     pe = torch.randn(N, D, dtype=torch.bfloat16, device="cuda")
     w, b = torch.randn(D, device="cuda"), torch.randn(D, device="cuda")

@@ -219,7 +219,7 @@ def test_every_attribute_the_pe_terms_read_invalidates_the_cache(
     torch.manual_seed(0)
     model = create_model(name, pe=pe, tiny=True, **kwargs).eval()
     if not model._pe_tensors():
-        pytest.skip("no absolute PE: nothing is cached")
+        pytest.skip(reason=f"{name} in mode {pe!r} has no absolute PE: the model caches no PE terms to go stale")
     c, h, w = model.default_cfg["input_size"]
     x = torch.randn(1, c, *(size or (h, w)), generator=torch.Generator().manual_seed(1))
 

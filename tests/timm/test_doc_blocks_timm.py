@@ -30,5 +30,5 @@ def test_timm_blocks_are_found() -> None:
 @pytest.mark.parametrize("block", TIMM_BLOCKS, ids=[b.id for b in TIMM_BLOCKS])
 def test_timm_doc_block_runs(block, tmp_path: Path, timm_setup_cache) -> None:
     if "skip" in block.marker:
-        pytest.skip(f"{block.id}: {block.marker['reason']}")
+        pytest.skip(reason=f"{block.id}: {block.marker['reason']}")
     run_block(block, tmp_path, *timm_setup_cache)

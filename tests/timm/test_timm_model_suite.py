@@ -72,7 +72,8 @@ def test_timm_own_model_tests_one_name_per_family():
     try:
         suite.fetch_timm_tests()
     except RuntimeError as exc:
-        pytest.skip(f"timm's test file is fetched from its sdist on PyPI: {exc}")
+        pytest.skip(reason=f"timm's tests/test_models.py is taken from timm's sdist on PyPI, which cannot be had "
+                    f"here: {exc}")
     names = suite.suite_names(suite.family_names(), ["mpvg", "default"])
     rc, summary, out = suite.run_suite(names, CI_PYTEST_ARGS)
     failed = [ln for ln in out.splitlines() if ln.startswith(("FAILED", "ERROR", "XPASS"))]
