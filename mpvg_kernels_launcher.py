@@ -3,9 +3,10 @@ torch (``import mpvg_kernels`` loads torch and registers the ``mpvg::`` ops, whi
 :func:`mpvg_kernels.cli.main`.
 
 A module outside the package on purpose: importing anything inside ``mpvg_kernels`` runs the package's
-``__init__`` first. The command list below mirrors :data:`mpvg_kernels.cli.COMMANDS` and each command's own help
-line; ``tests/train/test_train_flags.py::test_top_level_help_is_the_full_parsers_help`` holds the two to the same
-text.
+``__init__`` first. :data:`COMMANDS` and :data:`DESCRIPTION` are the one source of the help lines: the subcommand
+modules of :mod:`mpvg_kernels.cli` register their parsers with them (its :data:`~mpvg_kernels.cli.COMMANDS` lists
+their modules; ``tests/train/test_train_flags.py::test_top_level_help_is_the_full_parsers_help`` holds the two
+lists to the same commands).
 """
 
 from __future__ import annotations

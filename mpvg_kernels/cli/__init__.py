@@ -13,6 +13,8 @@ import importlib
 import sys
 from typing import Any
 
+from mpvg_kernels_launcher import DESCRIPTION
+
 from .options import missing_extra_message
 
 #: Modules that register a subcommand, in the order ``mpvg --help`` lists them.
@@ -46,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``mpvg`` parser with every subcommand of :data:`COMMANDS` registered."""
     parser = argparse.ArgumentParser(
         prog="mpvg",
-        description="Fused LayerNorm + position-embedding kernels, models and pipelines for MPVG, PVG and LaPE "
-        "vision transformers. Run `mpvg COMMAND --help` for the options of a command.",
+        description=DESCRIPTION,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from mpvg_kernels_launcher import COMMANDS
+
 from ..analysis.collect import FIGURES
 from ..errors import UserError
 from ..models.vision_transformer import PE_MODES
@@ -77,7 +79,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``mpvg analyze`` on an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
         "analyze",
-        help="measure token/PE correlation, heatmaps, last-LN statistics and position-correlation maps",
+        help=COMMANDS["analyze"],
         description="The MPVG and LaPE papers' measurements on trained checkpoints (or fresh models): per-block "
         "correlation of LN1_l(x_l) with the PE term (MPVG Figs. 2, 4), token/PE heatmaps per block and before/after "
         "the last LN (Figs. 2, 6, 7), last-LN gamma/beta statistics and the MPVG pooled PE bias c, and position-"

@@ -15,6 +15,8 @@ import argparse
 import dataclasses
 from typing import Any
 
+from mpvg_kernels_launcher import COMMANDS
+
 from ..benchmark.models import BenchConfig, smoke_config
 from ..dataclass_flags import add_dataclass_flags, explicit_values
 from .options import add_device_arg, add_model_arg, parse_model_args
@@ -48,7 +50,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``bench`` subcommand on an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
         "bench",
-        help="model-level images/s: PE modes x fused/unfused x eager/compiled, training and inference",
+        help=COMMANDS["bench"],
         description=__doc__,
     )
     p.add_argument("--smoke", action="store_true", help="tiny model, eager, few iterations: well under a minute")

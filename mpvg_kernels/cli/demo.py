@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mpvg_kernels_launcher import COMMANDS
+
 from .options import add_device_arg
 
 
@@ -16,7 +18,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``mpvg demo``."""
-    p = subparsers.add_parser("demo", help="check every available backend against the float64 reference and time it",
+    p = subparsers.add_parser("demo", help=COMMANDS["demo"],
                               description=__doc__)
     p.add_argument("--batch", type=int, default=32, help="batch size B (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=196, help="tokens N (default: %(default)s)")

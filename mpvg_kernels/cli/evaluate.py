@@ -11,6 +11,8 @@ import argparse
 import json
 from typing import Any
 
+from mpvg_kernels_launcher import COMMANDS
+
 from .options import add_device_arg, add_weights_arg, check_at_least
 
 
@@ -36,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``mpvg eval``."""
-    p = subparsers.add_parser("eval", help="top-1/top-5 accuracy of a checkpoint on a held-out split",
+    p = subparsers.add_parser("eval", help=COMMANDS["eval"],
                               description=__doc__)
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint.pt written by `mpvg train`, its run folder, or the .safetensors "

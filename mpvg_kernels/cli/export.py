@@ -15,6 +15,8 @@ import argparse
 import sys
 from typing import Any
 
+from mpvg_kernels_launcher import COMMANDS
+
 from ..export import DEFAULT_OPSET, FORMATS, MAX_OPSET, MIN_OPSET
 from ..models.vision_transformer import PE_MODES
 from ..ops.backends import KNOWN_BACKENDS
@@ -41,7 +43,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``export`` subcommand on an ``argparse`` subparsers object."""
     p = subparsers.add_parser(
         "export",
-        help="export an inference graph (PE cache frozen) to ONNX or torch.export (.pt2)",
+        help=COMMANDS["export"],
         description=__doc__,
     )
     p.add_argument("--model", default=None, help="registered model name (taken from --checkpoint when omitted)")

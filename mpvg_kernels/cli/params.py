@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mpvg_kernels_launcher import COMMANDS
+
 
 def _run(args: argparse.Namespace) -> int:
     from ..models import format_param_table, param_table
@@ -15,6 +17,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``mpvg params``."""
-    p = subparsers.add_parser("params", help="parameter table of every model and PE mode vs the MPVG paper")
+    p = subparsers.add_parser("params", help=COMMANDS["params"])
     p.set_defaults(func=_run)
     return p

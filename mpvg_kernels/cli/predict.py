@@ -11,6 +11,8 @@ import argparse
 import json
 from typing import Any
 
+from mpvg_kernels_launcher import COMMANDS
+
 from .options import add_device_arg, add_weights_arg, check_at_least
 
 
@@ -30,7 +32,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``mpvg predict``."""
-    p = subparsers.add_parser("predict", help="top-k classes of image files under a checkpoint", description=__doc__)
+    p = subparsers.add_parser("predict", help=COMMANDS["predict"], description=__doc__)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ... anything PIL reads)")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint.pt written by `mpvg train`, its run folder, or the .safetensors "

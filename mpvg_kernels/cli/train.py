@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mpvg_kernels_launcher import COMMANDS
+
 from ..train.config import (
     DEFAULT_RECIPE,
     add_config_flags,
@@ -81,7 +83,7 @@ def continue_command(argv: list[str] | None, stop: Any) -> str:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``mpvg train``; one flag per config field, documented with the digits recipe's defaults."""
-    p = subparsers.add_parser("train", help="train a model (default: the bundled digits, in a few minutes on CPU)",
+    p = subparsers.add_parser("train", help=COMMANDS["train"],
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--recipe", default=DEFAULT_RECIPE,

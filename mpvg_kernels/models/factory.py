@@ -20,7 +20,7 @@ that eval, predict and export read (the trainer's own state, optimizer to rng, i
 building it (on the ``meta`` device, which allocates nothing), so no field can make a command allocate more than
 the file holds. Every failure is a :class:`~mpvg_kernels.errors.UserError` naming the field.
 
-The same checkpoint can be shared as ``.safetensors`` (:func:`write_safetensors_checkpoint`, ``mpvg export
+The same checkpoint can be shared as ``.safetensors`` (:func:`safetensors_checkpoint_bytes`, ``mpvg export
 --format safetensors``): the state dict as tensors, the rest as JSON strings in the file's metadata
 (``format``, ``version``, ``model``, ``data``, ``config``, ``epoch``, plus the deployment keys of ONNX exports).
 :func:`read_torch_file` reads it back into the dict above without unpickling anything; a ``.safetensors`` file
@@ -269,8 +269,8 @@ def read_torch_file(path: str | os.PathLike) -> Any:
 
 
 def read_safetensors_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A ``.safetensors`` file: the ``mpvg train`` checkpoint dict it holds (written by
-    :func:`write_safetensors_checkpoint`), else its plain state dict. Nothing is unpickled."""
+    """A ``.safetensors`` file: the ``mpvg train`` checkpoint dict it holds (serialised by
+    :func:`safetensors_checkpoint_bytes`), else its plain state dict. Nothing is unpickled."""
     try:
         tensors, meta = read_safetensors(path)
     except ImportError as e:

@@ -241,9 +241,10 @@ def read_safetensors(
     try:
         from safetensors import safe_open
     except ImportError:
+        from .._install import install_advice
+
         raise ImportError(
-            f"reading {os.fspath(path)!r} needs the safetensors package: pip install 'mpvg-kernels[train]' "
-            "(or [export])"
+            f"reading {os.fspath(path)!r} needs the safetensors package: {install_advice('export')}"
         ) from None
     with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118

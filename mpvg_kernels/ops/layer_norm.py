@@ -371,8 +371,7 @@ else:
         backends._state["cpp_error"] = ""
     except ImportError as exc:  # no compiler at install time, or a build against another torch
         backends._state["cpp_error"] = f"import failed: {exc}"
-        _register_kernels(reference_forward, lambda g, x, w, s, p, pool: reference_backward(g, x, w, s, p, pool),
-                          "CPU")  # fmt: skip
+        _register_kernels(reference_forward, reference_backward, "CPU")
 
 # F.layer_norm runs in float32 under CUDA autocast and in the input dtype under CPU autocast; so do these.
 for _op in ("layer_norm_add", "layer_norm_pool"):

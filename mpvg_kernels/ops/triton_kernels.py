@@ -122,6 +122,8 @@ def _next_pow2(n: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _config(D: int, dtype: torch.dtype, tile: int) -> KernelConfig:
+    if D > MAX_D:
+        raise ValueError(f"the Triton kernels support D <= {MAX_D}, got D = {D}")
     tile = tile // 2 if dtype == torch.float64 else tile
     block_d = _next_pow2(max(int(D), 1))
     rows = max(1, min(_MAX_ROWS, tile // block_d))
@@ -204,15 +206,6 @@ def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     if t.device.type != "cuda" or type(t) not in _PLAIN or t.device.index == torch.cuda.current_device():
         return _NO_GUARD
     return torch.cuda.device(t.device)
-
-
-def _check_x3(x3: torch.Tensor) -> None:
-    if x3.dim() != 3:
-        raise ValueError(f"x3 must be [B, N, D], got shape {tuple(x3.shape)}")
-    if x3.shape[2] > 1 and x3.numel() > 0 and x3.stride(2) != 1:
-        raise ValueError(f"x3 must have stride 1 in its last dim, got strides {x3.stride()}")
-    if x3.shape[2] > MAX_D:
-        raise ValueError(f"the Triton kernels support D <= {MAX_D}, got D = {x3.shape[2]}")
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -572,8 +565,6 @@ def _plan_forward(key: tuple) -> ForwardPlan:
     if len(_FWD_PLANS) >= _PLANS_MAX:
         _FWD_PLANS.clear()
     (B, N, D), strides, dtype, addr_mod, has_pe, pool, stats, eps = key
-    if D > MAX_D:
-        raise ValueError(f"the Triton kernels support D <= {MAX_D}, got D = {D}")
     cfg = forward_config(D, dtype)
     acc = acc_dtype(dtype)
     vec = _row_vector_width(dtype, (B, N), (strides[:2],), (addr_mod,))
@@ -651,8 +642,6 @@ def _plan_backward(key: tuple) -> BackwardPlan:
     if len(_BWD_PLANS) >= _PLANS_MAX:
         _BWD_PLANS.clear()
     (B, N, D), xs, gs, dtype, x_mod, g_mod, has_pe, pool = key
-    if D > MAX_D:
-        raise ValueError(f"the Triton kernels support D <= {MAX_D}, got D = {D}")
     gs2 = (gs[0], 0) if pool else gs[:2]
     cfg = backward_config(D, dtype)
     acc = acc_dtype(dtype)

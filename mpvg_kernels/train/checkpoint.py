@@ -1,16 +1,8 @@
 """Writing checkpoints that load with ``torch.load(weights_only=True)``, and RNG state capture.
 
-Reading them back and rebuilding the model is :mod:`mpvg_kernels.models.factory` (its names are re-exported here:
-``build_model``, ``model_from_checkpoint``, ``load_checkpoint``, ...), so the tools that only read checkpoints need
-not import training. A checkpoint is a dict of tensors and primitive containers only (no pickled classes)::
-
-    format: "mpvg-kernels-checkpoint", version: 1
-    model: {name, pe, kwargs, num_classes, params}      # enough for eval/predict to rebuild the model
-    data: {spec, classes, in_chans, input_size, mean, std, crop_pct, eval_resize}
-    config: the TrainConfig as a dict
-    epoch: completed epochs; world_size
-    state_dict, ema (None or {updates, state_dict}), optimizer, scheduler, scaler (None for bf16/fp32)
-    rng: one entry per rank {torch, cuda, numpy, python}
+The layout of a checkpoint, reading it back and rebuilding the model are :mod:`mpvg_kernels.models.factory` (its
+names are re-exported here: ``build_model``, ``model_from_checkpoint``, ``load_checkpoint``, ...), so the tools that
+only read checkpoints need not import training.
 """
 
 from __future__ import annotations
