@@ -162,6 +162,23 @@ class PEWalk:
         """Number of blocks."""
         return len(self.uses_pos)
 
+    def source_block(self, i: int) -> int | None:
+        """Where block ``i``'s PE comes from, known without running the walk: the block whose term it normalises
+        (the previous PE block, hierarchical), or None for ``pos`` itself. A family whose PE changes shape along the
+        walk (Swin's stages) reads the source's shape from this instead of from the tensor (which fx leaves
+        symbolic)."""
+        if self.hierarchical:
+            for k in range(i - 1, -1, -1):
+                if self.uses_pos[k]:
+                    return k
+        return None
+
+    @property
+    def last_source_block(self) -> int | None:
+        """Where LN'_last's input comes from: block ``last_pos``'s term, or None for ``pos`` (``last_pos`` 0 or
+        no last PE)."""
+        return self.last_pos or None
+
     class Step:
         """The walk's state while a forward runs over the blocks in order."""
 

@@ -240,8 +240,7 @@ class SwinTransformer(PEModel):
     ) -> None:
         super().__init__()
         check_pe_mode(pe)
-        if pool is not None and POOL_ALIASES.get(pool) != "avg":
-            raise ValueError(f"Swin average-pools its last stage: pool must be 'avg' (or None), got {pool!r}")
+        self._check_pool("pool", pool)
         if pos_embed in ("sincos1d", "sincos2d"):
             raise ValueError(
                 f"pos_embed={pos_embed!r}: Swin's position embeddings are the learned absolute PE of its ape option "
@@ -288,7 +287,8 @@ class SwinTransformer(PEModel):
             if d % h:
                 raise ValueError(f"stage {s}: width {d} is not divisible by num_heads {h}")
 
-        self.pool = "avg"
+        #: ``avg`` (global average pooling, the papers' Swin) or ``""`` (no pooling: the head sees [B, H, W, C])
+        self.pool = "" if pool == "" else "avg"
         self.pos_embed_type = pos_embed
         self.rpe_norm = (pe == "lape") if rpe_norm is None else bool(rpe_norm)
         depth = sum(depths)
@@ -308,6 +308,8 @@ class SwinTransformer(PEModel):
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.num_features = dims[-1]
+        #: timm's layout of :meth:`forward_features` (and of the final features of :meth:`forward_intermediates`)
+        self.output_fmt = "NHWC"
         self.depths = depths
         self.dims = tuple(dims)
         self.grids = tuple(grids)
@@ -363,7 +365,9 @@ class SwinTransformer(PEModel):
     # ------------------------------------------------------------------ configuration helpers
 
     def _make_default_cfg(self) -> dict[str, Any]:
-        return self._data_cfg("swin_transformer", "patch_embed.proj", "head.fc", crop_pct=0.9)
+        cfg = self._data_cfg("swin_transformer", "patch_embed.proj", "head.fc", crop_pct=0.9)
+        cfg["pool_size"] = self.grids[-1]  # timm's: the spatial size of forward_features' output
+        return cfg
 
     @property
     def blocks(self) -> tuple[SwinBlock, ...]:
@@ -372,8 +376,15 @@ class SwinTransformer(PEModel):
 
     @property
     def global_pool(self) -> str:
-        """timm's name for the pooling (always ``avg``)."""
-        return "avg"
+        """timm's name for the pooling: ``avg``, or ``""`` for none."""
+        return self.pool
+
+    @staticmethod
+    def _check_pool(name: str, pool: str | None) -> None:
+        if pool is not None and pool != "" and POOL_ALIASES.get(pool) != "avg":
+            raise ValueError(
+                f"Swin average-pools its last stage: {name} must be 'avg', '' (no pooling) or None, got {pool!r}"
+            )
 
     def _init_submodule(self, m: nn.Module) -> None:
         """timm's Swin init (:meth:`PEModel.init_weights <mpvg_kernels.models.base.PEModel.init_weights>`; the patch
@@ -410,11 +421,13 @@ class SwinTransformer(PEModel):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A fresh classifier for ``num_classes`` (0: identity, pooled features out); ``global_pool`` may only be
-        None or ``avg``."""
+        """A fresh classifier for ``num_classes`` (0: identity, features out); ``global_pool``: None (keep),
+        ``avg`` or ``""`` (no pooling: forward returns [B, H, W, num_classes or C])."""
         check_sizes(("num_classes", num_classes, 0))
-        if global_pool is not None and POOL_ALIASES.get(global_pool) != "avg":
-            raise ValueError(f"Swin average-pools: global_pool must be None or 'avg', got {global_pool!r}")
+        self._check_pool("global_pool", global_pool)
+        if global_pool is not None:
+            self.pool = "" if global_pool == "" else "avg"
+            self.default_cfg["pool"] = self.pool
         self.num_classes = num_classes
         ref = self.patch_embed.proj.weight
         if num_classes > 0:
@@ -429,28 +442,26 @@ class SwinTransformer(PEModel):
 
     # ------------------------------------------------------------------ the PE walk across stages
 
-    def _stage_of(self, p: torch.Tensor) -> int:
-        try:
-            return self.dims.index(p.shape[-1])
-        except ValueError:
-            raise ValueError(f"a PE of width {p.shape[-1]} belongs to no stage (widths {self.dims})") from None
+    def _source_stage(self, i: int | None) -> int:
+        """The stage of the PE that block ``i`` normalises (None: LN'_last's input), read from the walk: ``pos`` is
+        at stage 0, block k's term at block k's stage. Known without looking at the tensor, so fx can trace it."""
+        k = self.pe_walk.last_source_block if i is None else self.pe_walk.source_block(i)
+        return 0 if k is None else self.block_stage[k]
 
-    def _to_stage(self, p: torch.Tensor, stage: int) -> torch.Tensor:
-        """A PE ([1, H_s' * W_s', C_s']) brought to ``stage`` through the downsample layers of the stages between."""
-        cur = self._stage_of(p)
-        if cur > stage:
-            raise ValueError(f"a PE of stage {cur} cannot be brought back to stage {stage}")
-        for s in range(cur + 1, stage + 1):
+    def _to_stage(self, p: torch.Tensor, i: int | None, stage: int) -> torch.Tensor:
+        """The PE that block ``i`` (None: LN'_last) normalises, brought from its own stage to ``stage`` through the
+        downsample layers of the stages between."""
+        for s in range(self._source_stage(i) + 1, stage + 1):
             p = self.layers[s].down(p)
         return p
 
     def _norm_pos(self, i: int, p: torch.Tensor) -> torch.Tensor:
         """LN'_i of ``p`` brought to block i's stage (the walk's ``norm_pos``)."""
-        return self.blocks[i].norm1.norm_pos(self._to_stage(p, self.block_stage[i]))
+        return self.blocks[i].norm1.norm_pos(self._to_stage(p, i, self.block_stage[i]))
 
     def _last_pe(self, p: torch.Tensor) -> torch.Tensor:
         """LN'_last's input: ``p`` brought to the last stage."""
-        return self._to_stage(p, len(self.layers) - 1)
+        return self._to_stage(p, None, len(self.layers) - 1)
 
     # ------------------------------------------------------------------ PE cache
 
@@ -559,7 +570,7 @@ class SwinTransformer(PEModel):
                 else:
                     assert step is not None
                     src = step.source(i)
-                    x, term = self._run_block(blk, x, None if src is None else self._to_stage(src, s))
+                    x, term = self._run_block(blk, x, None if src is None else self._to_stage(src, i, s))
                     step.record(i, term)
                 i += 1
             if s in take:
@@ -578,27 +589,44 @@ class SwinTransformer(PEModel):
             return full.last_term
         return self.norm.pos_term(self._last_pe(last_src))
 
+    def _final_norm(self, x: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
+        """The last norm on the last stage's tokens: LN(x) (+ LN'_last(pos) for MPVG); identity once pruned."""
+        return self.norm(x, pos_term=term) if isinstance(self.norm, LastLayerNormPE) else x
+
+    def _nhwc(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """Tokens [B, H_s * W_s, C_s] of ``stage`` -> [B, H_s, W_s, C_s]."""
+        h, w = self.grids[stage]
+        return x.reshape(x.shape[0], h, w, x.shape[-1])
+
     def forward_features(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
-        """Per-token features [B, N_last, C_last] after the last norm: LN(x_{L+1}) (+ LN'_last(pos) for MPVG)."""
+        """Features [B, H, W, C] of the last stage after the last norm: LN(x_{L+1}) (+ LN'_last(pos) for MPVG),
+        NHWC as timm's Swin (:attr:`output_fmt`)."""
         x, terms, last_src, _ = self._forward_body(x, pe_terms)
-        return self.norm(x, pos_term=self._last_term(terms, last_src))
+        return self._nhwc(self._final_norm(x, self._last_term(terms, last_src)), len(self.layers) - 1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Features [B, N, C] (from :meth:`forward_features`) or [B, H, W, C] -> average -> logits."""
-        x = x.mean(dim=tuple(range(1, x.dim() - 1)))
+        """Features [B, H, W, C] (from :meth:`forward_features`) or tokens [B, N, C] -> average (unless the pooling
+        is ``""``) -> logits (or the pooled features with ``pre_logits``)."""
+        if self.pool:
+            x = x.mean(dim=tuple(range(1, x.dim() - 1)))
         return self.head(x, pre_logits=pre_logits)
 
     def forward_pooled(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
         """Images -> pooled features [B, C_last] with the fused last step: LN + GAP (+ the cached pooled PE bias,
         or LN'_last(pos) per token when computed live) in one pass."""
         x, terms, last_src, _ = self._forward_body(x, pe_terms)
+        if not isinstance(self.norm, LastLayerNormPE):  # pruned away
+            return x.mean(dim=1)
         if terms is not None and terms.pooled_bias is not None:
             return self.norm(x, pool=True, pooled_bias=terms.pooled_bias)
         return self.norm(x, pool=True, pos_term=self._last_term(terms, last_src))
 
     def forward(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
         """Images [B, C, H, W] -> logits [B, num_classes] (``pe_terms``: precomputed :meth:`compute_pe_terms`;
-        default: the cache where it may be used, else computed live)."""
+        default: the cache where it may be used, else computed live). Without pooling (``global_pool=""``):
+        [B, H, W, num_classes or C]."""
+        if not self.pool:
+            return self.head(self.forward_features(x, pe_terms))
         return self.head(self.forward_pooled(x, pe_terms))
 
     # ------------------------------------------------------------------ timm's feature contract
@@ -627,17 +655,41 @@ class SwinTransformer(PEModel):
         out = []
         for s, y in zip(take, kept, strict=True):
             if norm and s == num_stages - 1:
-                y = self.norm(y, pos_term=term)
-            h, w = self.grids[s]
-            y = y.reshape(y.shape[0], h, w, -1)
+                y = self._final_norm(y, term)
+            y = self._nhwc(y, s)
             out.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
         if intermediates_only:
             return out
         reached = num_stages - 1 if not stop_early else max_index
         if reached == num_stages - 1:  # the last norm is sized for (and applied to) the last stage only
-            feats = self.norm(feats, pos_term=term)
-        h, w = self.grids[reached]
-        return feats.reshape(feats.shape[0], h, w, -1), out
+            feats = self._final_norm(feats, term)
+        return self._nhwc(feats, reached), out
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's pruning for feature extraction: keep the stages up to the last index taken. The last norm (with
+        LN'_last, MPVG's last PE) goes with ``prune_norm`` or when the last stage goes (it is sized for that stage
+        only); the classifier goes with ``prune_head`` or with the last stage (then ``num_features`` is the last
+        kept stage's width, and pooling is off as in timm). Returns the absolute indices kept."""
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        drop_norm = prune_norm or prune_end
+        depth = sum(len(stage.blocks) for stage in self.layers[: max_index + 1])
+        knobs = self.pe_knobs.pruned(depth, last_norm=not drop_norm)
+        self.layers = self.layers[: max_index + 1]
+        self.depths = self.depths[: max_index + 1]
+        self.block_stage = self.block_stage[:depth]
+        self._set_pe_knobs(knobs)
+        if drop_norm:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.dims[max_index]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        self.feature_info = self.feature_info[: max_index + 1]
+        self.clear_pe_cache()
+        return take
 
     # ------------------------------------------------------------------ analysis
 
@@ -646,13 +698,15 @@ class SwinTransformer(PEModel):
         :meth:`VisionTransformer.forward_analysis <mpvg_kernels.models.VisionTransformer.forward_analysis>`.
         Entries of block l have block l's stage shape ([B, H_s * W_s, C_s]); ``grid`` is the stage-0 grid, and
         ``grids`` (per block) and ``last_grid`` give each entry's own grid."""
+        if not isinstance(self.norm, LastLayerNormPE):
+            raise RuntimeError("forward_analysis needs the last norm, which prune_intermediate_layers removed")
         out, x, step = self._analysis_begin(x, grids=[self.grids[s] for s in self.block_stage],
                                             last_grid=self.grids[-1])
         i = 0
         for s, stage in enumerate(self.layers):
             x = stage.down(x)
             for blk in stage.blocks:
-                a = self._analyse_block(out, step, i, blk, x, lambda p, s=s: self._to_stage(p, s))
+                a = self._analyse_block(out, step, i, blk, x, lambda p, i=i, s=s: self._to_stage(p, i, s))
                 x = blk.forward_rest(x, a)
                 i += 1
         last_term = None if step.last_source is None else self.norm.pos_term(self._last_pe(step.last_source))

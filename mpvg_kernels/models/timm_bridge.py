@@ -65,7 +65,7 @@ def _family_names(model: str) -> dict[str, Any]:
     allocated or initialised)."""
     with torch.device("meta"):
         cfg = create_model(model).default_cfg
-    return {"first_conv": cfg["first_conv"], "classifier": cfg["classifier"]}
+    return {"first_conv": cfg["first_conv"], "classifier": cfg["classifier"], "pool_size": cfg.get("pool_size")}
 
 
 def _pretrained_cfg(model: str, pe: str) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def _pretrained_cfg(model: str, pe: str) -> dict[str, Any]:
         num_classes=args["num_classes"],
         first_conv=own["first_conv"],
         classifier=own["classifier"],
-        pool_size=None,
+        pool_size=own["pool_size"],
         fixed_input_size=True,
         license="apache-2.0",
         description=f"{model} with pe={pe!r} (mpvg-kernels); {entry['source']}",
@@ -108,7 +108,8 @@ def _finish_cfg(model: PEModel) -> None:
     """The data config timm's helpers read, made to describe this model (input size, channels, pe, pool)."""
     cfg = fit_channels(dict(model.pretrained_cfg), model.in_chans)
     cfg["input_size"] = (cfg["input_size"][0], *model.patch_embed.img_size)
-    cfg.update(pe=model.pe, pool=model.pool, fixed_input_size=not model.dynamic_img_size)
+    cfg.update(pe=model.pe, pool=model.pool, fixed_input_size=not model.dynamic_img_size,
+               pool_size=model.default_cfg.get("pool_size"))
     model.pretrained_cfg = model.default_cfg = cfg
 
 
@@ -130,9 +131,9 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     kwargs.pop("pe", None)
     gp = kwargs.pop("global_pool", None)
     if gp is not None:
-        if gp not in POOL_ALIASES:
-            raise ValueError(f"global_pool must be 'token' or 'avg' for {name}, got {gp!r}")
-        kwargs.setdefault("pool", POOL_ALIASES[gp])
+        if gp not in POOL_ALIASES and gp != "":
+            raise ValueError(f"global_pool must be 'token', 'avg' or '' (no pooling, Swin) for {name}, got {gp!r}")
+        kwargs.setdefault("pool", POOL_ALIASES.get(gp, gp))
     args = dict(MODEL_CFGS[arch]["model"])
     args.update(kwargs)
     model = build_model_with_cfg(

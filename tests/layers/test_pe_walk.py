@@ -99,3 +99,24 @@ def test_walk_terms_follow_the_chain(pe: str):
 def test_walk_refuses_a_last_pos_without_a_term():
     with pytest.raises(ValueError, match="must be 0 or a block that takes a PE term"):
         PEWalk([False, True], hierarchical=True, last_pos=3)
+
+
+@pytest.mark.parametrize("hierarchical", [True, False])
+@pytest.mark.parametrize("uses", [(True, True, True, True), (False, True, False, True), (True, False, False, True)])
+@pytest.mark.parametrize("last_pos", [None, 0, 3])
+def test_source_block_names_what_the_step_hands_out(uses: tuple, hierarchical: bool, last_pos: int | None):
+    """source_block / last_source_block say, without running the walk, which tensor a running walk hands out."""
+    walk = PEWalk(uses, hierarchical=hierarchical, last_pos=last_pos)
+    pos = torch.zeros(1)
+    step = walk.start(pos)
+    made = {}
+    for i, u in enumerate(uses):
+        src = step.source(i)
+        if u:
+            k = walk.source_block(i)
+            assert src is (pos if k is None else made[k])
+        made[i] = torch.zeros(1)
+        step.record(i, made[i])
+    if last_pos is not None:
+        k = walk.last_source_block
+        assert step.last_source is (pos if k is None else made[k])

@@ -487,9 +487,77 @@ def test_forward_intermediates_and_features():
         feats = model.forward_features(x)
     assert [t.shape for t in inter] == [(2, 8, 16, 16), (2, 16, 8, 8), (2, 32, 4, 4)]
     assert [t.shape for t in only] == [(2, 16, 16, 8), (2, 8, 8, 16)]
-    torch.testing.assert_close(final.reshape(2, 16, 32), feats)
-    torch.testing.assert_close(normed[0].flatten(2).transpose(1, 2), feats)
+    assert feats.shape == (2, 4, 4, 32) and model.output_fmt == "NHWC" and model.default_cfg["pool_size"] == (4, 4)
+    torch.testing.assert_close(final, feats, rtol=0, atol=0)
+    torch.testing.assert_close(normed[0].permute(0, 2, 3, 1), feats)
     assert model.feature_info[2] == dict(num_chs=32, reduction=8, module="layers.2")
+
+
+@pytest.mark.parametrize("pe", ["default", "lape", "pvg", "mpvg"])
+def test_no_pooling_gives_the_features_map(pe):
+    """global_pool='' (timm's "no pooling"), at build or by reset_classifier: forward returns [B, H, W, ...] and the
+    head is applied per position; 'avg' brings the pooling back."""
+    x = _images(dtype=torch.float32)
+    model = _cache_model(pe, num_classes=0, pool="")
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        torch.testing.assert_close(model(x), feats, rtol=0, atol=0)
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 4, 4, 3) and model.global_pool == ""
+        torch.testing.assert_close(model(x), model.head.fc(feats))
+        model.reset_classifier(0, "avg")
+        torch.testing.assert_close(model(x), feats.mean(dim=(1, 2)))
+        model.reset_classifier(0, "")
+        torch.testing.assert_close(model(x), feats, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="global_pool must be 'avg', '' "):
+        model.reset_classifier(0, "token")
+
+
+def _grads_missing(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+@pytest.mark.parametrize("pe", ["default", "lape", "pvg", "mpvg"])
+def test_prune_intermediate_layers(pe):
+    """timm's pruning contract on every stage: pruned (and stop_early) taps equal the whole model's, the last norm
+    and the classifier go with the last stage, every kept parameter is used, and prune_head=False at the last
+    stage changes nothing."""
+    import copy
+
+    model = _cache_model(pe)
+    x = _images(dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(x)
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        kept = copy.deepcopy(model)
+        assert kept.prune_intermediate_layers([2], prune_head=False) == [2]
+        torch.testing.assert_close(kept(x), expected, rtol=0, atol=0)
+    for i in range(3):
+        with torch.no_grad():
+            early = model.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
+            torch.testing.assert_close(early[0], taps[i], rtol=0, atol=0)
+        for prune_norm in (False, True):
+            pruned = copy.deepcopy(model)
+            take = pruned.prune_intermediate_layers([i], prune_norm=prune_norm)
+            assert take == [i] and len(pruned.layers) == i + 1 and len(pruned.feature_info) == i + 1
+            assert pruned.num_features == pruned.head_hidden_size == model.dims[i if i < 2 else 2]
+            with torch.no_grad():
+                torch.testing.assert_close(pruned.forward_intermediates(x, indices=take, intermediates_only=True)[0],
+                                           taps[i], rtol=0, atol=0)
+                feats = pruned.forward_features(x)
+                if i < 2 or prune_norm:  # the features end at the tap (the last norm is gone)
+                    torch.testing.assert_close(feats.permute(0, 3, 1, 2), taps[i], rtol=0, atol=0)
+                torch.testing.assert_close(pruned(x), feats, rtol=0, atol=0)  # no head, no pooling
+            pruned.train()
+            out = pruned.forward_intermediates(x, indices=take, norm=not prune_norm, intermediates_only=True)
+            (out[0].sum() + pruned.forward_features(x).sum()).backward()
+            assert not _grads_missing(pruned), (i, prune_norm, _grads_missing(pruned))
+    pruned = copy.deepcopy(model)
+    pruned.prune_intermediate_layers([0])
+    pruned.reset_classifier(7, "avg")
+    assert pruned(x).shape == (2, 7)
+    with pytest.raises(RuntimeError, match="prune_intermediate_layers removed"):
+        pruned.forward_analysis(x)
 
 
 def test_registry_tiny_one_channel_and_contract():
@@ -521,7 +589,7 @@ def test_registry_tiny_one_channel_and_contract():
         (dict(pe="lape", pos_embed="rpe", rpe_norm=False), "rpe_norm=False"),
         (dict(pe="default", pos_embed="rpe", add_pos_to_input=True), "needs an absolute position embedding"),
         (dict(pos_embed="sin"), "pos_embed must be one of"),
-        (dict(pool="cls"), "pool must be 'avg'"),
+        (dict(pool="cls"), "pool must be 'avg', '' "),
         (dict(pe="vit"), "pe must be one of"),
         (dict(img_size=33), "not divisible by patch_size"),
         (dict(img_size=36), "divisible by 4"),

@@ -58,37 +58,32 @@ SKIPS = {
 }
 
 #: (test, name pattern) -> why the test is expected to fail for those names (xfail, strict: a fix shows as XPASS)
-_TOKENS = (
-    "timm runs this test for models whose features are spatial maps (its own ViT/DeiT are in NON_STD_FILTERS and get "
-    "test_model_default_cfgs_non_std instead); forward_features of ours returns tokens [B, N, D], pool_size is None"
-)
 _CEIT = (
     "CeiT has no forward_intermediates/feature_info yet: its LCA head reads every block's class token, so timm's "
     "intermediate-feature API (and pruning) needs its own definition there"
 )
 XFAILS = {
-    ("test_model_default_cfgs", "*"): _TOKENS,
     ("test_model_forward_features", "*_ceit_*"): _CEIT,
     ("test_model_forward_intermediates", "*_ceit_*"): _CEIT,
     ("test_model_forward_intermediates_features", "*_ceit_*"): _CEIT,
     ("test_prune_intermediate_layers_contract", "*_ceit_*"): _CEIT,
-    ("test_model_forward_intermediates", "*_swin_*"): "Swin's forward_intermediates returns the final features "
-    "NHWC (as timm's Swin), its forward_features tokens [B, N, C]: the test compares the two",
-    ("test_prune_intermediate_layers_contract", "*_swin_*"): "Swin has no prune_intermediate_layers yet",
-    **{
-        (test, f"{pe}_swin_*"): "torch.fx: Swin's PE walk (modes lape, pvg, mpvg) finds a PE term's stage from its "
-        "width, which is symbolic while fx traces"
-        for test in ("test_model_forward_fx", "test_model_backward_fx")
-        for pe in ("lape", "pvg", "mpvg")
-    },
 }
+
+#: timm sorts its own models by name into standard ones (spatial feature maps: test_model_default_cfgs) and the
+#: NON_STD_FILTERS ones (ViT, DeiT, ...: tokens out, test_model_default_cfgs_non_std); ours get one of the two by
+#: the same property:
+#: Swin's forward_features is a map [B, H, W, C] (NHWC, as timm's Swin), every other family's gives tokens [B, N, D]
+#: (CeiT: the pooled LCA output [B, D]). Every other test runs on every name, the tests timm limits to its own
+#: modules or keeps from its non-standard models included.
+SPATIAL = {n for n in NAMES if "_swin_" in n}
+CFG_TESTS = {"test_model_default_cfgs": True, "test_model_default_cfgs_non_std": False}
 
 
 def list_models(filter="", module="", pretrained=False, exclude_filters="", name_matches_cfg=False,
                 include_tags=None):
-    """The selected names, whatever family filter timm passes (timm's test file lists its own families by name
-    and module); ``pretrained=True`` lists nothing (no hosted weights), nor does a single name pattern (timm's
-    tests of one of its own families, e.g. 'efficientnet_[hx]_*')."""
+    """The selected names, whatever family or module filter timm passes (timm's test file lists its own families
+    by name and module); ``pretrained=True`` lists nothing (no hosted weights), nor does a single name pattern
+    (timm's tests of one of its own families, e.g. 'efficientnet_[hx]_*')."""
     if pretrained or (isinstance(filter, str) and filter):
         return []
     return list(NAMES)
@@ -104,8 +99,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         params = getattr(item, "callspec", None)
         name = params.params.get("model_name") if params is not None else None
-        (keep if name in NAMES else drop).append(item)
         base = item.name.split("[")[0]
+        wrong_cfg_test = base in CFG_TESTS and CFG_TESTS[base] != (name in SPATIAL)
+        (keep if name in NAMES and not wrong_cfg_test else drop).append(item)
         if base in SKIPS:
             item.add_marker(pytest.mark.skip(reason=SKIPS[base]))
         for (test, pattern), reason in XFAILS.items():
