@@ -82,7 +82,14 @@ class TokenPerformer(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.norm2 = nn.LayerNorm(out_dim, eps=eps)
         self.mlp = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.Dropout(drop))
+        self.feature_seed = feature_seed
         self.register_buffer("w", _on_default_device(orthogonal_random_features(m, out_dim, feature_seed)))
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Draw the random features ``w`` again from ``feature_seed`` (on ``w``'s device; the model's
+        ``init_weights`` calls it, e.g. after ``to_empty``)."""
+        self.w.copy_(orthogonal_random_features(self.w.shape[0], self.w.shape[1], self.feature_seed))
 
     def _features(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """phi(x) [B, T, m] for x [B, T, emb]."""

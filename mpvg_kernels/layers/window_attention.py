@@ -122,6 +122,12 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute ``relative_position_index`` (not in the state dict) where it lives: timm's protocol
+        (``reinit_non_persistent_buffers``, after ``to_empty``); the model's ``init_weights`` calls it too."""
+        self.relative_position_index.copy_(relative_position_index(self.window))
+
     def relative_position_bias(self) -> torch.Tensor:
         """The bias added to the attention logits, [nH, N, N] (after LN(.) with ``rpe_norm``)."""
         n = self.window_area

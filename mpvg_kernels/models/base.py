@@ -223,9 +223,15 @@ class PEModel(nn.Module):
     def init_weights(self) -> None:
         """DeiT/timm init: trunc_normal for a learned PE (std ``pos_init_std``), the class and distillation tokens
         and every Linear weight (std .02), zero Linear biases, LayerNorms 1/0, the PE LayerNorms (LN', LN'_last) by
-        their ``reset_parameters`` (:meth:`_init_submodule`); convolutions keep PyTorch's init."""
-        if isinstance(self.pos_embed, nn.Parameter):  # a fixed table keeps its values
+        their ``reset_parameters`` (:meth:`_init_submodule`), convolutions and BatchNorms by PyTorch's init; the
+        computed buffers (a fixed sin-cos PE, random features, attention masks and indices) computed again. Every
+        tensor of the model gets its value, so a model built on the meta device and moved with ``to_empty`` is
+        ready after this call."""
+        if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=self.pos_init_std)
+        elif self.pos_embed is not None:  # a fixed table
+            with torch.no_grad():
+                self.pos_embed.copy_(self._fixed_pos_embed(self.patch_embed.grid_size, like=self.pos_embed))
         for name in ("cls_token", "dist_token"):
             token = getattr(self, name, None)
             if token is not None:
@@ -243,8 +249,11 @@ class PEModel(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, (DualLayerNorm, LastLayerNormPE)):
+        elif isinstance(m, (DualLayerNorm, LastLayerNormPE, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
             m.reset_parameters()
+        for buffers in ("init_non_persistent_buffers", "reset_buffers"):  # computed buffers (see init_weights)
+            if hasattr(m, buffers):
+                getattr(m, buffers)()
 
     # ------------------------------------------------------------------ analysis
 

@@ -62,6 +62,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UnsupportedPoolError
 from ..layers.blocks import DropPath, Mlp, PEBlock, to_2tuple
 from ..layers.norms import LastLayerNormPE
 from ..layers.pe_cache import no_autocast
@@ -128,6 +129,13 @@ class SwinBlock(PEBlock):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         mask = shifted_window_mask(grid, self.window, self.shift) if any(self.shift) else None
         self.register_buffer("attn_mask", mask, persistent=False)
+
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute ``attn_mask`` (not in the state dict) where it lives: timm's protocol, see
+        :meth:`WindowAttention.init_non_persistent_buffers <mpvg_kernels.layers.WindowAttention.init_non_persistent_buffers>`."""
+        if self.attn_mask is not None:
+            self.attn_mask.copy_(shifted_window_mask(self.grid, self.window, self.shift))
 
     def window_attention(self, a: torch.Tensor) -> torch.Tensor:
         """Shift, partition, attend, merge and shift back: [B, H * W, C] -> [B, H * W, C]."""
@@ -382,13 +390,13 @@ class SwinTransformer(PEModel):
     @staticmethod
     def _check_pool(name: str, pool: str | None) -> None:
         if pool is not None and pool != "" and POOL_ALIASES.get(pool) != "avg":
-            raise ValueError(
+            raise UnsupportedPoolError(
                 f"Swin average-pools its last stage: {name} must be 'avg', '' (no pooling) or None, got {pool!r}"
             )
 
     def _init_submodule(self, m: nn.Module) -> None:
         """timm's Swin init (:meth:`PEModel.init_weights <mpvg_kernels.models.base.PEModel.init_weights>`; the patch
-        conv keeps PyTorch's init), plus trunc_normal(.02) for the relative bias tables and LaPE's bias norms reset."""
+        conv takes PyTorch's init), plus trunc_normal(.02) for the relative bias tables and LaPE's bias norms reset."""
         super()._init_submodule(m)
         if isinstance(m, RelPosBiasNorm):
             m.reset_parameters()

@@ -41,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without timm
 
     raise ImportError(f"mpvg_kernels.models.timm_bridge needs timm: {install_advice('timm')}") from exc
 
+from ..errors import UnsupportedPoolError
 from ..layers.pe_walk import POOL_ALIASES, check_pe_mode, default_pool
 from .base import PEModel
 from .pretrained import checkpoint_filter_fn
@@ -132,7 +133,9 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     gp = kwargs.pop("global_pool", None)
     if gp is not None:
         if gp not in POOL_ALIASES and gp != "":
-            raise ValueError(f"global_pool must be 'token', 'avg' or '' (no pooling, Swin) for {name}, got {gp!r}")
+            raise UnsupportedPoolError(
+                f"global_pool must be 'token', 'avg' or '' (no pooling, Swin) for {name}, got {gp!r}"
+            )
         kwargs.setdefault("pool", POOL_ALIASES.get(gp, gp))
     args = dict(MODEL_CFGS[arch]["model"])
     args.update(kwargs)

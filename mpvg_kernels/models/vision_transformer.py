@@ -55,6 +55,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UnsupportedPoolError
 from ..layers.blocks import Block, to_2tuple
 from ..layers.norms import LastLayerNormPE
 from ..layers.pe_cache import no_autocast
@@ -254,7 +255,7 @@ class VisionTransformer(PEModel):
 
     def init_weights(self) -> None:
         """DeiT/LaPE init (:meth:`PEModel.init_weights <mpvg_kernels.models.base.PEModel.init_weights>`); the
-        tokenizer's convs then keep PyTorch's default or, with ``patch_init="kaiming_normal"``, CCT's."""
+        tokenizer's convs take PyTorch's default or, with ``patch_init="kaiming_normal"``, CCT's."""
         super().init_weights()
         if self.patch_init == "kaiming_normal":
             for m in self.patch_embed.modules():
@@ -291,16 +292,20 @@ class VisionTransformer(PEModel):
         check_sizes(("num_classes", num_classes, 0))
         if global_pool is not None:
             if global_pool not in POOL_ALIASES:
-                raise ValueError(f"global_pool must be None, 'token' or 'avg', got {global_pool!r}")
+                raise UnsupportedPoolError(f"global_pool must be None, 'token' or 'avg', got {global_pool!r}")
             pool = POOL_ALIASES[global_pool]
             if pool == "cls" and not self.has_class_token:
-                raise ValueError("global_pool='token' needs a class token; this model has none")
-            if self.pool == "seq":
-                raise ValueError("a model with sequence pooling (pool='seq') keeps it; global_pool must be None")
+                raise UnsupportedPoolError("global_pool='token' needs a class token; this model has none")
             if pool != "cls" and self.distilled:
-                raise ValueError("a distilled model classifies from its class and distillation tokens (pool='cls')")
+                raise UnsupportedPoolError(
+                    "a distilled model classifies from its class and distillation tokens (pool='cls')"
+                )
             if pool == "cls" and self.use_fc_norm:
-                raise ValueError("global_pool='token' does not go with fc_norm (the norm after average pooling)")
+                raise UnsupportedPoolError(
+                    "global_pool='token' does not go with fc_norm (the norm after average pooling)"
+                )
+            if self.pool == "seq":  # the sequence pooling's weights go with it (timm drops an attention pool so)
+                self.attention_pool = None
             self.pool = pool
             self.default_cfg["pool"] = pool
             self.clear_pe_cache()
@@ -498,17 +503,20 @@ class VisionTransformer(PEModel):
         ``fc_norm`` where the model has it, or sequence pooling) -> logits."""
         if self.distilled:
             return self._distilled_head(x[:, :2], pre_logits)
-        if self.pool == "cls":
-            x = x[:, 0]
-        elif self.pool == "seq":
-            x = self._seq_pool(x)
-        elif self.use_fc_norm:
-            grid = self._feature_grid(x.shape[1])
-            x = self._pool_fc_norm(x, self._last_term(self.pe_terms(grid), None, grid))
-        else:
-            x = x[:, self.num_prefix_tokens :].mean(dim=1)
-        x = self.head_drop(x)
+        x = self.head_drop(self._pool_tokens(x))
         return x if pre_logits else self.head(x)
+
+    def _pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token features [B, T, D] -> pooled [B, D]: the class token, sequence pooling, ``fc_norm`` of the
+        patch mean, or the patch mean."""
+        if self.pool == "cls":
+            return x[:, 0]
+        if self.pool == "seq":
+            return self._seq_pool(x)
+        if self.use_fc_norm:
+            grid = self._feature_grid(x.shape[1])
+            return self._pool_fc_norm(x, self._last_term(self.pe_terms(grid), None, grid))
+        return x[:, self.num_prefix_tokens :].mean(dim=1)
 
     def _feature_grid(self, num_tokens: int) -> tuple[int, int]:
         grid = self.patch_embed.grid_size
@@ -543,10 +551,12 @@ class VisionTransformer(PEModel):
         x, terms, last_src, _ = self._forward_body(x, pe_terms)
         term = self._last_term(terms, last_src)
         npt = self.num_prefix_tokens
-        return self._last_norm()(x[:, :npt], pos_term=None if term is None else term[:, :npt])
+        return self._norm_tokens(x[:, :npt], None if term is None else term[:, :npt])
 
     def _pooled(self, x: torch.Tensor, pe_terms: PETerms | None) -> torch.Tensor:
         x, terms, last_src, _ = self._forward_body(x, pe_terms)
+        if self.last_norm is None:  # pruned (prune_intermediate_layers): the tokens are pooled as they are
+            return self._pool_tokens(x)
         term = self._last_term(terms, last_src)
         if self.pool == "avg" and self.use_fc_norm:
             return self._pool_fc_norm(x, term)
@@ -634,10 +644,8 @@ class VisionTransformer(PEModel):
                 self.fc_norm = nn.Identity()
         if prune_head:
             self.fc_norm = nn.Identity()
-            if self.pool == "seq":  # the sequence-pooling weights belong to the head: the token mean remains
-                self.attention_pool = None
-                self.pool = self.default_cfg["pool"] = "avg"
-            self.reset_classifier(0)
+            # the sequence-pooling weights belong to the head: the token mean remains
+            self.reset_classifier(0, "avg" if self.pool == "seq" else None)
         self.feature_info = self._make_feature_info()
         self.clear_pe_cache()
         return take

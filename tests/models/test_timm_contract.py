@@ -112,6 +112,80 @@ def test_prune_and_feature_info():
         k.prune_intermediate_layers([1])
 
 
+@pytest.mark.parametrize("pool", ["cls", "avg", "seq"])
+@pytest.mark.parametrize("pe", ["default", "mpvg"])
+def test_pruned_norm_pools_the_tokens_as_they_are(pe, pool):
+    """After prune_norm=True a model still runs: forward and forward_intermediates pool / return the unnormalised
+    tokens (timm's pruned models do the same)."""
+    m = _model(pe, pool=pool, class_token=pool == "cls").eval()
+    take = m.prune_intermediate_layers([1], prune_norm=True, prune_head=False)
+    x = _x()
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        final, inter = m.forward_intermediates(x, indices=take)
+        torch.testing.assert_close(final, feats, rtol=0, atol=0)
+        torch.testing.assert_close(m(x), m.forward_head(feats))
+        torch.testing.assert_close(m.forward_pooled(x), m.forward_head(feats, pre_logits=True))
+
+
+def test_unsupported_pooling_is_a_value_and_an_assertion_error():
+    """timm's models assert on a pooling they cannot do, and timm's helpers catch AssertionError; ours raise an
+    error that is both (and a ValueError as every bad argument)."""
+    from mpvg_kernels.errors import UnsupportedPoolError
+    from mpvg_kernels.models.swin import SwinTransformer
+
+    assert issubclass(UnsupportedPoolError, ValueError) and issubclass(UnsupportedPoolError, AssertionError)
+    swin = SwinTransformer(img_size=32, patch_size=2, embed_dim=8, depths=(1, 1), num_heads=(1, 1), window_size=4)
+    for model in (_model("mpvg"), _model("default", class_token=False, pool="avg"), swin):
+        with pytest.raises(AssertionError, match="catavgmax"):
+            model.reset_classifier(7, "catavgmax")
+    with pytest.raises(UnsupportedPoolError, match="needs a class token"):
+        _model("mpvg", class_token=False, pool="avg").reset_classifier(7, "token")
+
+
+def test_average_pooling_replaces_sequence_pooling():
+    """reset_classifier(n, 'avg') on a sequence-pooled model (CCT/CVT): the attention pool goes, the patch mean
+    stays (as timm drops an attention pool for 'avg')."""
+    m = _model("mpvg", pool="seq", class_token=False)
+    m.reset_classifier(3, "avg")
+    assert m.attention_pool is None and m.pool == "avg" and "attention_pool.weight" not in m.state_dict()
+    x = _x()
+    torch.testing.assert_close(m.forward_head(m.forward_features(x), pre_logits=True), m.forward_pooled(x))
+
+
+def _registered_tiny(name: str, pe: str, device: str | None = None):
+    from mpvg_kernels.models import create_model
+
+    if device is None:
+        return create_model(name, pe=pe, tiny=True)
+    with torch.device(device):
+        return create_model(name, pe=pe, tiny=True)
+
+
+@pytest.mark.parametrize("pe", ["default", "mpvg"])
+def test_init_weights_after_to_empty(pe):
+    """A model built on the meta device, moved with to_empty (garbage, here NaN) and init_weights(): every parameter
+    and buffer has a value, the computed buffers (fixed PE, random features, masks, indices) those of a model built
+    normally, for one model of every family."""
+    from mpvg_kernels.models import list_models
+
+    names = {n.split("_")[0]: n for n in sorted(list_models(), reverse=True)}.values()
+    for name in names:
+        ref = _registered_tiny(name, pe)
+        m = _registered_tiny(name, pe, "meta").to_empty(device="cpu")
+        with torch.no_grad():
+            for t in [*m.parameters(), *m.buffers()]:
+                t.fill_(float("nan") if t.is_floating_point() else 10**6)
+        m.init_weights()
+        unset = [n for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_floating_point()
+                 and not torch.isfinite(t).all()]
+        assert not unset, (name, unset)
+        own = dict(ref.named_buffers())
+        assert [n for n, t in m.named_buffers() if not torch.equal(t, own[n])] == [], name
+        x = torch.randn(2, *ref.default_cfg["input_size"])
+        assert torch.isfinite(m.eval()(x)).all()
+
+
 @pytest.mark.parametrize("prune_head", [True, False])
 def test_prune_head_drops_sequence_pooling(prune_head):
     m = _model("mpvg", pool="seq", class_token=False)
