@@ -132,8 +132,8 @@ class SwinBlock(PEBlock):
 
     @torch.no_grad()
     def init_non_persistent_buffers(self) -> None:
-        """Recompute ``attn_mask`` (not in the state dict) where it lives: timm's protocol, see
-        :meth:`WindowAttention.init_non_persistent_buffers <mpvg_kernels.layers.WindowAttention.init_non_persistent_buffers>`."""
+        """Recompute ``attn_mask`` (not in the state dict) where it lives: timm's protocol
+        (``reinit_non_persistent_buffers``, after ``to_empty``); the model's ``init_weights`` calls it too."""
         if self.attn_mask is not None:
             self.attn_mask.copy_(shifted_window_mask(self.grid, self.window, self.shift))
 
