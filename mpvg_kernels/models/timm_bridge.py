@@ -137,6 +137,8 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
                 f"global_pool must be 'token', 'avg' or '' (no pooling, Swin) for {name}, got {gp!r}"
             )
         kwargs.setdefault("pool", POOL_ALIASES.get(gp, gp))
+    # timm's FeatureGetterNet over forward_intermediates; the caller's feature_cfg (e.g. norm=True) on top
+    feature_cfg = {"out_indices": 3, "feature_cls": "getter", **(kwargs.pop("feature_cfg", None) or {})}
     args = dict(MODEL_CFGS[arch]["model"])
     args.update(kwargs)
     model = build_model_with_cfg(
@@ -144,7 +146,7 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         name,
         pretrained,
         pretrained_filter_fn=timm_checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=3, feature_cls="getter"),
+        feature_cfg=feature_cfg,
         **args,
     )
     if isinstance(model, PEModel):

@@ -274,6 +274,22 @@ def test_features_only(pe):
     assert len(f3.model.blocks) == 1 and f3(_x())[0].shape == (2, 192, 2, 2)
 
 
+@pytest.mark.parametrize("name", ["mpvg_deit_tiny_patch16_224", "mpvg_swin_tiny_patch4_window7_224"])
+def test_features_only_takes_the_callers_feature_cfg(name):
+    """feature_cfg=dict(norm=True) (timm's FeatureGetterNet option) joins ours instead of colliding with it: the
+    features are the normalised ones (MPVG: LN(x) + LN'_last(p)), as forward_intermediates(norm=True) gives them."""
+    kw = dict(img_size=64, window_size=4) if "swin" in name else SMALL
+    torch.manual_seed(0)
+    f = timm.create_model(name, features_only=True, feature_cfg=dict(norm=True), out_indices=(-1,), **kw).eval()
+    torch.manual_seed(0)
+    m = timm.create_model(name, **kw).eval()
+    x = _x(size=kw["img_size"])
+    with torch.no_grad():
+        expected = m.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)
+        torch.testing.assert_close(f(x), expected, rtol=0, atol=0)
+    assert not isinstance(f.model.norm, torch.nn.Identity)
+
+
 def test_intermediates_norm_gives_mpvg_features():
     m = timm.create_model("mpvg_deit_tiny_patch16_224", **{**SMALL, "depth": 3}).eval()
     x = _x()
