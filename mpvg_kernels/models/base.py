@@ -35,7 +35,15 @@ from ..layers.pe_cache import PECache, cache_bypassed, module_state
 from ..layers.pe_walk import PEKnobs, PETerms, PEWalk
 from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PEModel", "check_pos_embed", "check_sizes", "count_parameters"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PEModel",
+    "check_pos_embed",
+    "check_sizes",
+    "count_parameters",
+    "format_intermediates",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -362,3 +370,35 @@ def check_sizes(*checks: tuple[str, Any, int]) -> None:
     for name, value, minimum in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def format_intermediates(
+    kept: list[torch.Tensor],
+    final: torch.Tensor | None,
+    grid: tuple[int, int],
+    num_prefix_tokens: int,
+    output_fmt: str,
+    return_prefix_tokens: bool = False,
+    output_dict: bool = False,
+) -> Any:
+    """The return value of timm's ``forward_intermediates`` from the token streams ``kept`` ([B, P + h*w, D] each)
+    and the final features ``final`` (None: ``intermediates_only``): the P prefix tokens split off, the patch tokens
+    as ``NCHW`` [B, D, h, w] or ``NLC`` [B, h*w, D]; the list (``(patches, prefix)`` pairs with
+    ``return_prefix_tokens``), ``(final, list)``, or with ``output_dict`` ``{"image_intermediates",
+    "image_intermediates_prefix"?, "image_features"?}``."""
+    npt = num_prefix_tokens
+    prefix = [y[:, :npt] for y in kept] if npt else None
+    patches = [y[:, npt:] for y in kept]
+    if output_fmt == "NCHW":
+        patches = [y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in patches]
+    if output_dict:
+        out: dict[str, Any] = {"image_intermediates": patches}
+        if prefix is not None and return_prefix_tokens:
+            out["image_intermediates_prefix"] = prefix
+        if final is not None:
+            out["image_features"] = final
+        return out
+    taps: list[Any] = patches
+    if return_prefix_tokens and prefix is not None:
+        taps = list(zip(patches, prefix, strict=True))
+    return taps if final is None else (final, taps)

@@ -53,11 +53,19 @@ than its last LayerNorm.
 
 The image-independent PE terms (the chain, LN'_last(p) [1, T, D] and, for ``avg``, the pooled bias
 ``norm.bias + c``) come from :meth:`CeiT.compute_pe_terms` / the inference cache / ``forward(x, pe_terms=...)``.
+
+**timm's feature contract** (as :class:`~mpvg_kernels.models.VisionTransformer`'s): the intermediates are the
+encoder blocks' token streams, and ``norm=True`` normalises them per token with ``norm`` including LN'_last(p)
+(LN(x_l) + LN'_last(p), as MPVG's ViT); the final features stay the LCA output after ``norm`` [B, D]. The LCA reads
+every block, so stopping early (with final features) or pruning blocks while keeping the head is refused; pruning
+with ``prune_head=True`` removes the LCA and ``pos_layer_embed`` with the classifier, after which
+``forward_features`` gives the last kept block's tokens after ``norm`` [B, T, D] and ``forward_head`` pools them with
+the readout R.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -69,8 +77,9 @@ from ..layers.blocks import Attention, DropPath, Mlp, PEBlock, to_2tuple
 from ..layers.norms import LastLayerNormPE
 from ..layers.pe_cache import no_autocast
 from ..layers.pe_walk import AUTO, POOL_ALIASES, POOLS, PETerms, check_pe_mode, default_pool, resolve_pe_knobs
-from .base import PEModel, check_pos_embed, check_sizes
+from .base import PEModel, check_pos_embed, check_sizes, format_intermediates
 from .registry import imagenet_cfg, register_models
+from .vision_transformer import VisionTransformer, feature_take_indices
 
 __all__ = ["CeiT", "CeiTBlock", "I2TEmbed", "Image2Tokens", "LCABlock", "LocallyEnhancedFeedForward"]
 
@@ -280,6 +289,11 @@ class CeiT(PEModel):
     (``learn``, the CeiT and LaPE setting, or a fixed ``sincos1d``/``sincos2d`` table: a buffer, recomputed for
     another grid, normalised by LN' like a learned PE), ``dynamic_img_size`` (resample the PE for other input
     sizes), ``pe_cache`` (the inference PE cache).
+
+    timm's feature contract: ``feature_info`` (one entry per encoder block, the I2T reduction),
+    :meth:`forward_intermediates` (the blocks' token streams; its final features are :meth:`forward_features`' LCA
+    output) and :meth:`prune_intermediate_layers` (``prune_head`` removes the LCA, which reads every block: the
+    features are then per token), hence ``features_only=True`` through timm.
     """
 
     def __init__(
@@ -392,6 +406,7 @@ class CeiT(PEModel):
 
         self.pos_init_std = pos_init_std
         self.init_weights()
+        self.feature_info = self._make_feature_info()
         self.default_cfg: dict[str, Any] = self._make_default_cfg()
         self.pretrained_cfg = self.default_cfg
 
@@ -399,6 +414,20 @@ class CeiT(PEModel):
 
     def _make_default_cfg(self) -> dict[str, Any]:
         return self._data_cfg("ceit", "i2t.backbone.conv", "head")
+
+    def _make_feature_info(self) -> list[dict[str, Any]]:
+        """timm's ``feature_info``: one entry per encoder block, reduction = image height / token-grid height of
+        the I2T stem at the model's ``img_size``."""
+        r = self.i2t.img_size[0] // self.i2t.grid_size[0]
+        return [dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=r) for i in range(len(self.blocks))]
+
+    # The last norm and LN'_last per token, shared with VisionTransformer: CeiT's last norm is ``norm`` (it has no
+    # norm after pooling), an identity once pruned (prune_intermediate_layers(prune_norm=True)).
+    use_fc_norm = False
+    last_norm = VisionTransformer.last_norm
+    _last_norm = VisionTransformer._last_norm
+    _last_term = VisionTransformer._last_term
+    _norm_tokens = VisionTransformer._norm_tokens
 
     @property
     def in_chans(self) -> int:
@@ -419,7 +448,8 @@ class CeiT(PEModel):
         """The official init (:meth:`PEModel.init_weights <mpvg_kernels.models.base.PEModel.init_weights>`: convs
         and BatchNorms keep PyTorch's defaults), ``pos_layer_embed`` zeros."""
         super().init_weights()
-        nn.init.zeros_(self.pos_layer_embed)
+        if self.pos_layer_embed is not None:
+            nn.init.zeros_(self.pos_layer_embed)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm's parameter groups (layer-wise LR decay): stem (class token, PE, I2T), one group per encoder block,
@@ -456,7 +486,7 @@ class CeiT(PEModel):
             self.default_cfg["pool"] = pool
             self.clear_pe_cache()
         self.num_classes = num_classes
-        ref = self.pos_layer_embed
+        ref = self.i2t.proj.weight
         if num_classes > 0:
             self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
             nn.init.trunc_normal_(self.head.weight, std=0.02)
@@ -531,14 +561,26 @@ class CeiT(PEModel):
             return checkpoint(blk, x, grid, npt, pos, use_reentrant=False)
         return blk(x, grid, npt, pos)
 
-    def _forward_blocks(
-        self, x: torch.Tensor, pe_terms: PETerms | None = None
-    ) -> tuple[list[torch.Tensor], PETerms | None, torch.Tensor | None]:
-        """Images -> (the per-layer readouts [B, D] each, the precomputed PE terms used or None, the LN'_last
-        source when computed live). The terms come from ``pe_terms``, else the cache where it may be used, else
-        the fused per-block ops compute them along the walk (with gradients)."""
+    def _forward_body(
+        self,
+        x: torch.Tensor,
+        pe_terms: PETerms | None = None,
+        take: Collection[int] = (),
+        stop_after: int | None = None,
+        read: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], PETerms | None, torch.Tensor | None, list[torch.Tensor]]:
+        """Images -> (the tokens after the last block run [B, T, D], the per-layer readouts [B, D] each when
+        ``read`` (else empty), the precomputed PE terms used or None, the LN'_last source when computed live, the
+        tokens after each block in ``take``). ``stop_after``: run blocks 0..stop_after only. The terms come from
+        ``pe_terms``, else the cache where it may be used, else the fused per-block ops compute them along the walk
+        (with gradients)."""
         grid = self._grid(x)
         pe_terms = self._given_terms(pe_terms)
+        if pe_terms is not None and len(pe_terms.terms) != len(self.blocks):
+            raise ValueError(
+                f"pe_terms holds terms for {len(pe_terms.terms)} blocks, this model has {len(self.blocks)} (compute "
+                "them with this model's compute_pe_terms, e.g. again after prune_intermediate_layers)"
+            )
         if pe_terms is None and self.pos_embed is not None:
             pe_terms = self.pe_terms(grid)
         pos = None
@@ -546,18 +588,23 @@ class CeiT(PEModel):
             pos = pe_terms.pos if pe_terms is not None else self._pos_for_grid(grid)
         x = self._embed(x, pos)
         npt = self.num_prefix_tokens
+        last = len(self.blocks) - 1 if stop_after is None else stop_after
         reads: list[torch.Tensor] = []
-        if pe_terms is not None:
-            for blk, term in zip(self.blocks, pe_terms.terms, strict=True):
-                x, _ = blk(x, grid, npt, pos_term=term)
-                reads.append(self._readout(x))
-            return reads, pe_terms, None
-        step = self.pe_walk.start(pos)
+        kept: list[torch.Tensor] = []
+        step = None if pe_terms is not None else self.pe_walk.start(pos)
         for i, blk in enumerate(self.blocks):
-            x, term = self._run_block(blk, x, grid, step.source(i))
-            step.record(i, term)
-            reads.append(self._readout(x))
-        return reads, None, step.last_source
+            if i > last:
+                break
+            if step is None:
+                x, _ = blk(x, grid, npt, pos_term=pe_terms.terms[i])
+            else:
+                x, term = self._run_block(blk, x, grid, step.source(i))
+                step.record(i, term)
+            if read:
+                reads.append(self._readout(x))
+            if i in take:
+                kept.append(x)
+        return x, reads, pe_terms, None if step is None else step.last_source, kept
 
     def _lca(self, reads: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-layer readouts -> the LCA output z [B, 1, D]."""
@@ -575,18 +622,103 @@ class CeiT(PEModel):
 
     def forward_features(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
         """Images -> the head's input [B, D]: the last norm of the LCA output (+ MPVG's LN'_last readout).
-        ``pe_terms``: precomputed terms (:meth:`compute_pe_terms`, e.g. frozen for export); default: the cache,
-        or computed live."""
-        reads, terms, last_src = self._forward_blocks(x, pe_terms)
+        Once :meth:`prune_intermediate_layers` removed the LCA (``prune_head=True``): the per-token features
+        [B, T, D] of the last kept block after the last norm, LN(x) (+ LN'_last(p) per token), or the tokens
+        themselves when the norm was pruned too. ``pe_terms``: precomputed terms (:meth:`compute_pe_terms`, e.g.
+        frozen for export); default: the cache, or computed live."""
+        if self.lca is None:
+            x, _, terms, last_src, _ = self._forward_body(x, pe_terms)
+            return self._norm_tokens(x, self._last_term(terms, last_src))
+        _, reads, terms, last_src, _ = self._forward_body(x, pe_terms, read=True)
         return self._last_step(self._lca(reads), terms, last_src)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Features [B, D] from :meth:`forward_features` -> logits (or the features with ``pre_logits``)."""
+        """Features from :meth:`forward_features` -> logits (or the features with ``pre_logits``); the per-token
+        features of a model without the LCA are pooled first with the readout (class token or patch mean)."""
+        if self.lca is None:
+            x = self._readout(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
         """Images [B, C, H, W] -> logits [B, num_classes] (``pe_terms``: see :meth:`forward_features`)."""
         return self.forward_head(self.forward_features(x, pe_terms))
+
+    # ------------------------------------------------------------------ timm's feature contract
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+    ) -> Any:
+        """timm's ``forward_intermediates``: the token stream after the encoder blocks named by ``indices`` (None:
+        all; int n: the last n; a sequence: those, negative from the end), the class token split off, as ``NCHW``
+        [B, D, h, w] or ``NLC`` [B, h*w, D] (:func:`~mpvg_kernels.models.base.format_intermediates`).
+
+        ``norm=True`` normalises each with the last norm per token *including* MPVG's LN'_last(p): LN(x_l) +
+        LN'_last(p). The final features (unless ``intermediates_only``) are :meth:`forward_features`' output: the
+        LCA output after the last norm [B, D]. The LCA reads every block, so ``stop_early`` before the last block
+        is a ValueError unless ``intermediates_only`` (or the LCA was pruned)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        with_lca = self.lca is not None and not intermediates_only
+        if with_lca and stop_early and max_index < len(self.blocks) - 1:
+            raise ValueError(
+                f"stop_early=True would stop after block {max_index}, but the final features come from the LCA "
+                f"head and the LCA reads every block (0..{len(self.blocks) - 1}); pass intermediates_only=True or "
+                "stop_early=False"
+            )
+        grid = self._grid(x)
+        feats, reads, terms, last_src, kept = self._forward_body(
+            x, take=set(take), stop_after=max_index if stop_early else None, read=with_lca
+        )
+        term = None
+        if norm or (not intermediates_only and not with_lca):
+            term = self._last_term(terms, last_src, grid)
+        if norm:
+            kept = [self._norm_tokens(y, term) for y in kept]
+        final = None
+        if with_lca:
+            final = self._last_step(self._lca(reads), terms, last_src)
+        elif not intermediates_only:
+            final = self._norm_tokens(feats, term)
+        return format_intermediates(
+            kept, final, grid, self.num_prefix_tokens, output_fmt, return_prefix_tokens, output_dict
+        )
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's pruning for feature extraction: keep the encoder blocks up to the last index taken; drop the last
+        norm (``prune_norm``) and the head (``prune_head``): the LCA block with ``pos_layer_embed`` (they read
+        every block) and the classifier. Without the LCA, :meth:`forward_features` gives per-token features and
+        :meth:`forward_head` pools them with the readout. ``prune_head=False`` keeps the LCA, so every block:
+        ValueError for an index before the last. Returns the absolute indices kept."""
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        if not prune_head and self.lca is not None and max_index < len(self.blocks) - 1:
+            raise ValueError(
+                f"prune_head=False keeps the LCA head and the LCA reads every block (0..{len(self.blocks) - 1}); "
+                f"pruning after block {max_index} needs prune_head=True"
+            )
+        knobs = self.pe_knobs.pruned(max_index + 1, last_norm=not prune_norm)
+        self.blocks = self.blocks[: max_index + 1]
+        self.depth = len(self.blocks)
+        self._set_pe_knobs(knobs)
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.lca = None
+            self.pos_layer_embed = None
+            self.reset_classifier(0)
+        self.feature_info = self._make_feature_info()
+        self.clear_pe_cache()
+        return take
 
     # ------------------------------------------------------------------ analysis
 
@@ -602,7 +734,12 @@ class CeiT(PEModel):
           row or mean of the patch rows, [1, 1, D]) that the model adds to LN(z), or None;
         - ``features``: LN(z) (+ the readout) [B, 1, D]; ``pooled``: [B, D]; ``logits``: [B, num_classes];
         - ``grid``: the token grid (h, w); ``num_prefix_tokens``: 1 with a class token, else 0.
+
+        RuntimeError for a model whose LCA or last norm :meth:`prune_intermediate_layers` removed.
         """
+        if self.lca is None:
+            raise RuntimeError("forward_analysis needs the LCA head, which prune_intermediate_layers removed")
+        norm = self._last_norm()
         out, x, step = self._analysis_begin(x, readouts=[])
         grid, npt = out["grid"], self.num_prefix_tokens
         for i, blk in enumerate(self.blocks):
@@ -611,10 +748,10 @@ class CeiT(PEModel):
         out["lca_input"] = torch.stack(out["readouts"], dim=1) + self.pos_layer_embed
         last_term = readout = None
         if self.has_last_pos:
-            last_term = self.norm.pos_term(step.last_source)
+            last_term = norm.pos_term(step.last_source)
             readout = self._readout(last_term).unsqueeze(1)
         out["last_pos_readout"] = readout
-        feats = self._analyse_last_norm(out, self.lca(out["lca_input"]), self.norm, last_term, added=readout)
+        feats = self._analyse_last_norm(out, self.lca(out["lca_input"]), norm, last_term, added=readout)
         out.update(pooled=feats[:, 0], logits=self.head(feats[:, 0]))
         return out
 
