@@ -31,7 +31,7 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ..layers.norms import DualLayerNorm, LastLayerNormPE
-from ..layers.pe_cache import PECache, cache_bypassed, module_state
+from ..layers.pe_cache import PECache, cache_bypassed, module_state, no_autocast
 from ..layers.pe_walk import PEKnobs, PETerms, PEWalk
 from ..layers.pos_embed import POS_EMBED_TYPES, resample_abs_pos_embed, sincos_pos_embed
 
@@ -116,6 +116,50 @@ class PEModel(nn.Module):
     def has_last_pos(self) -> bool:
         """Whether the last LN adds LN'_last(p) (MPVG)."""
         return self.pe_knobs.last_pos is not None
+
+    # ------------------------------------------------------------------ the last norm (shared by the families)
+
+    #: whether the last norm follows the pooling (``fc_norm``, timm's GAP ViTs) instead of preceding it (``norm``)
+    use_fc_norm: bool = False
+
+    @property
+    def last_norm(self) -> LastLayerNormPE | None:
+        """The last LayerNorm (with LN'_last for MPVG): ``norm``, or ``fc_norm`` when it follows the pooling;
+        None once pruned away (``prune_intermediate_layers``)."""
+        m = self.fc_norm if self.use_fc_norm else self.norm
+        return m if isinstance(m, LastLayerNormPE) else None
+
+    def _last_norm(self) -> LastLayerNormPE:
+        m = self.last_norm
+        if m is None:
+            raise RuntimeError("the last norm of this model was pruned (prune_intermediate_layers)")
+        return m
+
+    def _last_term(
+        self, terms: PETerms | None, last_src: torch.Tensor | None, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor | None:
+        """LN'_last(p) [1, T, D] (None without a last PE). ``last_src`` None with no ``terms`` (a walk stopped
+        before block ``last_pos``): the terms are computed from the parameters for ``grid``."""
+        if not self.has_last_pos or self.last_norm is None:
+            return None
+        if terms is not None:
+            return terms.last_term
+        if last_src is None and self.last_pos == 0:  # LN'_last of pos itself: no block term is needed
+            pos = self._pos_for_grid(self.patch_embed.grid_size if grid is None else tuple(grid))
+            with no_autocast(pos.device.type):  # as compute_pe_terms computes it
+                return self._last_norm().pos_term(pos)
+        if last_src is None:
+            full = self.compute_pe_terms(grid)
+            assert full is not None
+            return full.last_term
+        return self._last_norm().pos_term(last_src)
+
+    def _norm_tokens(self, x: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
+        """The per-token last norm of forward_features: LN(x) (+ LN'_last(p)); identity with ``fc_norm`` (timm's
+        GAP models normalise after pooling) or once the norm is pruned."""
+        if self.use_fc_norm or self.last_norm is None:
+            return x
+        return self.last_norm(x, pos_term=term)
 
     def clear_pe_cache(self) -> None:
         """Drop the inference PE cache (needed only after writes that bypass autograd, e.g. ``p.data.add_()``)."""

@@ -73,13 +73,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UnsupportedPoolError
 from ..layers.blocks import Attention, DropPath, Mlp, PEBlock, to_2tuple
 from ..layers.norms import LastLayerNormPE
 from ..layers.pe_cache import no_autocast
 from ..layers.pe_walk import AUTO, POOL_ALIASES, POOLS, PETerms, check_pe_mode, default_pool, resolve_pe_knobs
 from .base import PEModel, check_pos_embed, check_sizes, format_intermediates
 from .registry import imagenet_cfg, register_models
-from .vision_transformer import VisionTransformer, feature_take_indices
+from .vision_transformer import feature_take_indices
 
 __all__ = ["CeiT", "CeiTBlock", "I2TEmbed", "Image2Tokens", "LCABlock", "LocallyEnhancedFeedForward"]
 
@@ -421,14 +422,6 @@ class CeiT(PEModel):
         r = self.i2t.img_size[0] // self.i2t.grid_size[0]
         return [dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=r) for i in range(len(self.blocks))]
 
-    # The last norm and LN'_last per token, shared with VisionTransformer: CeiT's last norm is ``norm`` (it has no
-    # norm after pooling), an identity once pruned (prune_intermediate_layers(prune_norm=True)).
-    use_fc_norm = False
-    last_norm = VisionTransformer.last_norm
-    _last_norm = VisionTransformer._last_norm
-    _last_term = VisionTransformer._last_term
-    _norm_tokens = VisionTransformer._norm_tokens
-
     @property
     def in_chans(self) -> int:
         """Input channels (of the I2T stem's first convolution)."""
@@ -446,7 +439,7 @@ class CeiT(PEModel):
 
     def init_weights(self) -> None:
         """The official init (:meth:`PEModel.init_weights <mpvg_kernels.models.base.PEModel.init_weights>`: convs
-        and BatchNorms keep PyTorch's defaults), ``pos_layer_embed`` zeros."""
+        and BatchNorms take PyTorch's defaults), ``pos_layer_embed`` zeros."""
         super().init_weights()
         if self.pos_layer_embed is not None:
             nn.init.zeros_(self.pos_layer_embed)
@@ -478,10 +471,10 @@ class CeiT(PEModel):
         check_sizes(("num_classes", num_classes, 0))
         if global_pool is not None:
             if global_pool not in POOL_ALIASES:
-                raise ValueError(f"global_pool must be None, 'token' or 'avg', got {global_pool!r}")
+                raise UnsupportedPoolError(f"global_pool must be None, 'token' or 'avg', got {global_pool!r}")
             pool = POOL_ALIASES[global_pool]
             if pool == "cls" and not self.has_class_token:
-                raise ValueError("global_pool='token' needs a class token; this model has none")
+                raise UnsupportedPoolError("global_pool='token' needs a class token; this model has none")
             self.pool = pool
             self.default_cfg["pool"] = pool
             self.clear_pe_cache()

@@ -585,8 +585,11 @@ class SwinTransformer(PEModel):
                 kept.append(x)
         return x, pe_terms, None if step is None else step.last_source, kept
 
-    def _last_term(self, terms: PETerms | None, last_src: torch.Tensor | None) -> torch.Tensor | None:
-        """LN'_last(p) at the last stage [1, N_last, C_last], or None without a last PE."""
+    def _last_term(
+        self, terms: PETerms | None, last_src: torch.Tensor | None, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor | None:
+        """LN'_last(p) at the last stage [1, N_last, C_last], or None without a last PE (Swin has one grid:
+        ``grid`` is not used)."""
         if not self.has_last_pos:
             return None
         if terms is not None:
@@ -597,10 +600,6 @@ class SwinTransformer(PEModel):
             return full.last_term
         return self.norm.pos_term(self._last_pe(last_src))
 
-    def _final_norm(self, x: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
-        """The last norm on the last stage's tokens: LN(x) (+ LN'_last(pos) for MPVG); identity once pruned."""
-        return self.norm(x, pos_term=term) if isinstance(self.norm, LastLayerNormPE) else x
-
     def _nhwc(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """Tokens [B, H_s * W_s, C_s] of ``stage`` -> [B, H_s, W_s, C_s]."""
         h, w = self.grids[stage]
@@ -610,7 +609,7 @@ class SwinTransformer(PEModel):
         """Features [B, H, W, C] of the last stage after the last norm: LN(x_{L+1}) (+ LN'_last(pos) for MPVG),
         NHWC as timm's Swin (:attr:`output_fmt`)."""
         x, terms, last_src, _ = self._forward_body(x, pe_terms)
-        return self._nhwc(self._final_norm(x, self._last_term(terms, last_src)), len(self.layers) - 1)
+        return self._nhwc(self._norm_tokens(x, self._last_term(terms, last_src)), len(self.layers) - 1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Features [B, H, W, C] (from :meth:`forward_features`) or tokens [B, N, C] -> average (unless the pooling
@@ -623,7 +622,7 @@ class SwinTransformer(PEModel):
         """Images -> pooled features [B, C_last] with the fused last step: LN + GAP (+ the cached pooled PE bias,
         or LN'_last(pos) per token when computed live) in one pass."""
         x, terms, last_src, _ = self._forward_body(x, pe_terms)
-        if not isinstance(self.norm, LastLayerNormPE):  # pruned away
+        if self.last_norm is None:  # pruned away
             return x.mean(dim=1)
         if terms is not None and terms.pooled_bias is not None:
             return self.norm(x, pool=True, pooled_bias=terms.pooled_bias)
@@ -663,14 +662,14 @@ class SwinTransformer(PEModel):
         out = []
         for s, y in zip(take, kept, strict=True):
             if norm and s == num_stages - 1:
-                y = self._final_norm(y, term)
+                y = self._norm_tokens(y, term)
             y = self._nhwc(y, s)
             out.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
         if intermediates_only:
             return out
         reached = num_stages - 1 if not stop_early else max_index
         if reached == num_stages - 1:  # the last norm is sized for (and applied to) the last stage only
-            feats = self._final_norm(feats, term)
+            feats = self._norm_tokens(feats, term)
         return self._nhwc(feats, reached), out
 
     def prune_intermediate_layers(
@@ -706,7 +705,7 @@ class SwinTransformer(PEModel):
         :meth:`VisionTransformer.forward_analysis <mpvg_kernels.models.VisionTransformer.forward_analysis>`.
         Entries of block l have block l's stage shape ([B, H_s * W_s, C_s]); ``grid`` is the stage-0 grid, and
         ``grids`` (per block) and ``last_grid`` give each entry's own grid."""
-        if not isinstance(self.norm, LastLayerNormPE):
+        if self.last_norm is None:
             raise RuntimeError("forward_analysis needs the last norm, which prune_intermediate_layers removed")
         out, x, step = self._analysis_begin(x, grids=[self.grids[s] for s in self.block_stage],
                                             last_grid=self.grids[-1])

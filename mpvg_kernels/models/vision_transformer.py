@@ -63,7 +63,7 @@ from ..layers.pe_walk import AUTO, PE_MODES, POOL_ALIASES, PETerms, check_pe_mod
 from ..layers.pe_walk import POOLS as _WALK_POOLS
 from ..layers.pos_embed import infer_grid_size, resample_abs_pos_embed
 from ..layers.tokenizers import build_tokenizer
-from .base import PEModel, check_pos_embed, check_sizes, count_parameters
+from .base import PEModel, check_pos_embed, check_sizes, count_parameters, format_intermediates
 from .pretrained import load_pretrained
 from .registry import cifar100_cfg, imagenet_cfg, register_models
 
@@ -234,19 +234,6 @@ class VisionTransformer(PEModel):
     def _make_feature_info(self) -> list[dict[str, Any]]:
         r = max(self.patch_embed.patch_size)
         return [dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=r) for i in range(len(self.blocks))]
-
-    @property
-    def last_norm(self) -> LastLayerNormPE | None:
-        """The last LayerNorm (with LN'_last for MPVG): ``norm``, or ``fc_norm`` when it follows the pooling;
-        None once pruned away (:meth:`prune_intermediate_layers`)."""
-        m = self.fc_norm if self.use_fc_norm else self.norm
-        return m if isinstance(m, LastLayerNormPE) else None
-
-    def _last_norm(self) -> LastLayerNormPE:
-        m = self.last_norm
-        if m is None:
-            raise RuntimeError("the last norm of this model was pruned (prune_intermediate_layers)")
-        return m
 
     @property
     def global_pool(self) -> str:
@@ -454,32 +441,6 @@ class VisionTransformer(PEModel):
                 kept.append(x)
         return x, None, step.last_source, kept
 
-    def _last_term(
-        self, terms: PETerms | None, last_src: torch.Tensor | None, grid: tuple[int, int] | None = None
-    ) -> torch.Tensor | None:
-        """LN'_last(p) [1, T, D] (None without a last PE). ``last_src`` None with no ``terms`` (a walk stopped
-        before block ``last_pos``): the terms are computed from the parameters for ``grid``."""
-        if not self.has_last_pos or self.last_norm is None:
-            return None
-        if terms is not None:
-            return terms.last_term
-        if last_src is None and self.last_pos == 0:  # LN'_last of pos itself: no block term is needed
-            pos = self._pos_for_grid(self.patch_embed.grid_size if grid is None else tuple(grid))
-            with no_autocast(pos.device.type):  # as compute_pe_terms computes it
-                return self._last_norm().pos_term(pos)
-        if last_src is None:
-            full = self.compute_pe_terms(grid)
-            assert full is not None
-            return full.last_term
-        return self._last_norm().pos_term(last_src)
-
-    def _norm_tokens(self, x: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
-        """The per-token last norm of forward_features: LN(x) (+ LN'_last(p)); identity with ``fc_norm`` (timm's
-        GAP models normalise after pooling) or once the norm is pruned."""
-        if self.use_fc_norm or self.last_norm is None:
-            return x
-        return self.last_norm(x, pos_term=term)
-
     def _pool_fc_norm(self, x: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
         """``fc_norm`` models: fc_norm(mean of the patch tokens) (+ mean of LN'_last(p) over the patch rows)."""
         npt = self.num_prefix_tokens
@@ -599,7 +560,6 @@ class VisionTransformer(PEModel):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.blocks), indices)
-        B, _, height, width = x.shape
         grid = self._grid(x)
         feats, terms, last_src, kept = self._forward_body(
             x, take=set(take), stop_after=max_index if stop_early else None
@@ -609,23 +569,10 @@ class VisionTransformer(PEModel):
             term = self._last_term(terms, last_src, grid)
         if norm:
             kept = [self._norm_tokens(y, term) for y in kept]
-        npt = self.num_prefix_tokens
-        prefix = [y[:, :npt] for y in kept] if npt else None
-        kept = [y[:, npt:] for y in kept]
-        if output_fmt == "NCHW":
-            kept = [y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in kept]
-        if output_dict:
-            out: dict[str, Any] = {"image_intermediates": kept}
-            if prefix is not None and return_prefix_tokens:
-                out["image_intermediates_prefix"] = prefix
-            if not intermediates_only:
-                out["image_features"] = self._norm_tokens(feats, term)
-            return out
-        if return_prefix_tokens and prefix is not None:
-            kept = list(zip(kept, prefix, strict=True))
-        if intermediates_only:
-            return kept
-        return self._norm_tokens(feats, term), kept
+        final = None if intermediates_only else self._norm_tokens(feats, term)
+        return format_intermediates(
+            kept, final, grid, self.num_prefix_tokens, output_fmt, return_prefix_tokens, output_dict
+        )
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True

@@ -575,14 +575,14 @@ def test_seq_pool_errors_and_timm_contract():
         VisionTransformer(pe="default", class_token=True, **SEQ_TINY, patch_size=2)
     m = VisionTransformer(pe="mpvg", **SEQ_TINY, patch_size=2)
     assert m.global_pool == "seq" and m.cls_token is None
-    with pytest.raises(ValueError, match="keeps it"):
-        m.reset_classifier(3, global_pool="avg")
     m.reset_classifier(3)
     assert m(torch.randn(2, 3, 8, 8)).shape == (2, 3)
     m.reset_classifier(0)
     assert m(torch.randn(2, 3, 8, 8)).shape == (2, 32)  # sequence-pooled features
     inter = m.forward_intermediates(torch.randn(2, 3, 8, 8), norm=True, intermediates_only=True)
     assert len(inter) == 3 and inter[0].shape == (2, 32, 4, 4)
+    m.reset_classifier(3, global_pool="avg")  # the sequence pooling goes (tests/models/test_timm_contract.py)
+    assert m.global_pool == "avg" and m.attention_pool is None
 
 
 # official Compact-Transformers names of a 1-conv-layer model, written out from src/utils/transformers.py and

@@ -57,17 +57,9 @@ SKIPS = {
     "test_model_forward_fx_torchscript": "TorchScript of the fx graph: see test_model_forward_torchscript",
 }
 
-#: (test, name pattern) -> why the test is expected to fail for those names (xfail, strict: a fix shows as XPASS)
-_CEIT = (
-    "CeiT has no forward_intermediates/feature_info yet: its LCA head reads every block's class token, so timm's "
-    "intermediate-feature API (and pruning) needs its own definition there"
-)
-XFAILS = {
-    ("test_model_forward_features", "*_ceit_*"): _CEIT,
-    ("test_model_forward_intermediates", "*_ceit_*"): _CEIT,
-    ("test_model_forward_intermediates_features", "*_ceit_*"): _CEIT,
-    ("test_prune_intermediate_layers_contract", "*_ceit_*"): _CEIT,
-}
+#: (test, name pattern) -> why the test is expected to fail for those names (xfail, strict: a fix shows as XPASS);
+#: none today
+XFAILS: dict[tuple[str, str], str] = {}
 
 #: timm sorts its own models by name into standard ones (spatial feature maps: test_model_default_cfgs) and the
 #: NON_STD_FILTERS ones (ViT, DeiT, ...: tokens out, test_model_default_cfgs_non_std); ours get one of the two by
