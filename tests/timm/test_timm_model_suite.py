@@ -34,12 +34,17 @@ def test_pretrained_cfg_input_size():
 
 
 @pytest.mark.parametrize(
-    "name", ["mpvg_vit_digits", "lape_ceit_tiny_patch16_224", "pvg_t2t_vit_7", "mpvg_cct_7_3x1_32"]
+    "name",
+    ["mpvg_vit_digits", "lape_ceit_tiny_patch16_224", "pvg_t2t_vit_7", "mpvg_cct_7_3x1_32",
+     *(f"{pe}_swin_tiny_patch4_window7_224" for pe in ("default", "lape", "pvg", "mpvg"))],
 )
 def test_fx_trace_matches_eager(name):
+    """torch.fx (timm's tracer settings) traces the model in its mode and the graph gives the model's output; Swin
+    in the layer-wise modes carries its PE across stages, whose widths fx cannot read."""
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-    kw = {"ceit": dict(img_size=64, depth=2), "t2t": dict(img_size=64, depth=2)}
+    kw = {"ceit": dict(img_size=64, depth=2), "t2t": dict(img_size=64, depth=2),
+          "swin": dict(img_size=64, window_size=4, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 1, 1))}
     m = timm.create_model(name, **next((v for k, v in kw.items() if k in name), {})).eval()
     x = torch.randn(2, *m.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
     tracer_kwargs = dict(
