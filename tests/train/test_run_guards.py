@@ -64,6 +64,21 @@ def test_resume_of_a_finished_run_changes_nothing(finished_run: Path, capsys) ->
     assert _snapshot(finished_run) == before
 
 
+def test_resume_from_shared_safetensors_weights_is_refused_by_name(finished_run: Path, tmp_path: Path,
+                                                                  capsys) -> None:
+    """A .safetensors export holds the weights and their metadata, not the optimizer, schedule and RNG state a
+    resume needs: one line saying so and what to do, nothing written."""
+    weights = tmp_path / "model.safetensors"
+    assert cli.main(["export", "--checkpoint", str(finished_run), "--format", "safetensors", "--out",
+                     str(weights)]) == 0
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert _train(out, "--epochs", "3", "--resume", str(weights)) == 2
+    err = capsys.readouterr().err
+    assert "safetensors" in err and "checkpoint.pt" in err and "model_kwargs.checkpoint_path" in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_overwrite_never_shows_stale_results(tmp_path: Path, finished_run: Path, monkeypatch) -> None:
     out = tmp_path / "again"
     out.mkdir()
