@@ -108,7 +108,10 @@ CHANGES = {
     "pe_walk.hierarchical": lambda m: setattr(m.pe_walk, "hierarchical", False),
     "blocks.2.norm1 swapped": lambda m: setattr(m.blocks[2], "norm1", _perturbed(m.blocks[2].norm1)),
     "head swapped": lambda m: setattr(m, "head", _perturbed(m.head)),
-    "head.weight replaced": lambda m: setattr(m.head, "weight", torch.nn.Parameter(m.head.weight.detach() + 0.1)),
+    # a perturbation that differs per feature: a constant added to every weight leaves the logits of LayerNormed
+    # features (whose entries sum to 0 at init) unchanged up to rounding
+    "head.weight replaced": lambda m: setattr(m.head, "weight", torch.nn.Parameter(
+        m.head.weight.detach() + 0.1 * torch.randn(m.head.weight.shape, generator=torch.Generator().manual_seed(2)))),
 }
 
 
