@@ -37,9 +37,12 @@ attribute ``patch_embed`` whatever its kind.
 ``distilled=True`` is DeiT's distilled model (timm's ``VisionTransformerDistilled``, names ``dist_token`` and
 ``head_dist``): a distillation token after the class token (two prefix tokens, two prefix PE rows) and
 logits = (head(z_cls) + head_dist(z_dist)) / 2, z the last norm's output of each token (timm's output outside
-distillation training). Without a teacher, training on these logits trains both heads on the labels. It needs
-``pool="cls"``: with GAP (the pvg/mpvg default, as in the MPVG paper) neither token would reach the heads, so
-``pool="avg"`` is a ValueError and the registered distilled models pass ``pool="cls"`` in every mode.
+distillation training). Without a teacher, training on these logits trains both heads on the labels. That needs
+``pool="cls"``: with GAP (the pvg/mpvg default, as in the MPVG paper) neither token would reach the heads, so a
+pooling left to the mode's default is a ValueError and the registered distilled models pass ``pool="cls"`` in every
+mode. ``pool="avg"`` asked for explicitly (or ``reset_classifier(n, "avg")``, e.g. a new classifier on a pruned
+feature extractor) is one head on the mean of the patch tokens, without ``head_dist``; both prefix tokens stay in
+the sequence.
 
 ``block_style="cct"`` is the Compact-Transformers (ViT-Lite/CCT) block: x = x + MSA(LN1(x) [+ pos_l]);
 x = LN2(x); x = x + MLP(x) (the second norm is applied to the residual stream itself).
@@ -140,6 +143,7 @@ class VisionTransformer(PEModel):
     ) -> None:
         super().__init__()
         check_pe_mode(pe)
+        pool_given = pool is not None
         pool = default_pool(pe) if pool is None else pool
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -152,10 +156,11 @@ class VisionTransformer(PEModel):
             raise ValueError("pool='cls' needs the class token; class_token=False goes with pool='avg'")
         if class_token and pool == "seq":
             raise ValueError("pool='seq' (sequence pooling, CVT/CCT) pools every token and takes no class token")
-        if distilled and pool != "cls":
+        if distilled and pool != "cls" and not (pool_given and pool == "avg"):
             raise ValueError(
                 f"distilled=True classifies from the class and distillation tokens (DeiT) and needs pool='cls', got "
-                f"pool={pool!r} (pe={pe!r} defaults to GAP, where neither token reaches a head); pass pool='cls'"
+                f"pool={pool!r} (pe={pe!r} defaults to GAP, where neither token reaches a head); pass pool='cls' "
+                "(or pool='avg' explicitly for one head on the patch mean)"
             )
         if fc_norm and pool != "avg":
             raise ValueError(f"fc_norm=True (the last norm after pooling) needs pool='avg', got pool={pool!r}")
@@ -215,8 +220,9 @@ class VisionTransformer(PEModel):
         #: Sequence pooling's token scores (Compact-Transformers' ``classifier.attention_pool``).
         self.attention_pool = nn.Linear(embed_dim, 1) if pool == "seq" else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if self.distilled:
-            self.head_dist: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist: nn.Module | None = None
+        if self._two_heads:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         self.pos_init_std = pos_init_std
         self.patch_init = patch_init
@@ -228,12 +234,17 @@ class VisionTransformer(PEModel):
     # ------------------------------------------------------------------ configuration helpers
 
     def _make_default_cfg(self) -> dict[str, Any]:
-        classifier = ("head", "head_dist") if self.distilled else "head"
+        classifier = ("head", "head_dist") if self._two_heads else "head"
         return self._data_cfg("vision_transformer", f"patch_embed.{self.patch_embed.first_conv}", classifier)
 
     def _make_feature_info(self) -> list[dict[str, Any]]:
         r = max(self.patch_embed.patch_size)
         return [dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=r) for i in range(len(self.blocks))]
+
+    @property
+    def _two_heads(self) -> bool:
+        """DeiT's distilled classifier: class token -> ``head``, distillation token -> ``head_dist``."""
+        return self.distilled and self.pool == "cls"
 
     @property
     def global_pool(self) -> str:
@@ -269,7 +280,7 @@ class VisionTransformer(PEModel):
 
     def get_classifier(self) -> nn.Module | tuple[nn.Module, nn.Module]:
         """The classifier head; ``(head, head_dist)`` for a distilled model (as timm)."""
-        if self.distilled:
+        if self._two_heads:
             return self.head, self.head_dist
         return self.head
 
@@ -283,10 +294,6 @@ class VisionTransformer(PEModel):
             pool = POOL_ALIASES[global_pool]
             if pool == "cls" and not self.has_class_token:
                 raise UnsupportedPoolError("global_pool='token' needs a class token; this model has none")
-            if pool != "cls" and self.distilled:
-                raise UnsupportedPoolError(
-                    "a distilled model classifies from its class and distillation tokens (pool='cls')"
-                )
             if pool == "cls" and self.use_fc_norm:
                 raise UnsupportedPoolError(
                     "global_pool='token' does not go with fc_norm (the norm after average pooling)"
@@ -295,10 +302,13 @@ class VisionTransformer(PEModel):
                 self.attention_pool = None
             self.pool = pool
             self.default_cfg["pool"] = pool
+            self.default_cfg["classifier"] = self._make_default_cfg()["classifier"]
+            if not self._two_heads:
+                self.head_dist = None
             self.clear_pe_cache()
         self.num_classes = num_classes
         ref = next(self.parameters())
-        heads = ("head", "head_dist") if self.distilled else ("head",)
+        heads = ("head", "head_dist") if self._two_heads else ("head",)
         for name in heads:
             if num_classes > 0:
                 head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
@@ -462,7 +472,7 @@ class VisionTransformer(PEModel):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Features [B, T, D] from :meth:`forward_features` -> pooled (class token, mean of the patch tokens, then
         ``fc_norm`` where the model has it, or sequence pooling) -> logits."""
-        if self.distilled:
+        if self._two_heads:
             return self._distilled_head(x[:, :2], pre_logits)
         x = self.head_drop(self._pool_tokens(x))
         return x if pre_logits else self.head(x)
@@ -503,7 +513,7 @@ class VisionTransformer(PEModel):
         """Images -> pooled features [B, D] (the head's input), with the fused last step: LN + GAP (+ the cached
         PE bias, or LN'_last(pos_k) per token when gradients are needed) in one pass for ``avg`` pooling. A
         distilled model: the mean of its two normalised prefix tokens (timm's pre-logits)."""
-        if self.distilled:
+        if self._two_heads:
             return self._prefix_features(x, pe_terms).mean(dim=1)
         return self._pooled(x, pe_terms)
 
@@ -533,7 +543,7 @@ class VisionTransformer(PEModel):
 
     def forward(self, x: torch.Tensor, pe_terms: PETerms | None = None) -> torch.Tensor:
         """Images [B, C, H, W] -> logits [B, num_classes] (``pe_terms``: see :meth:`forward_features`)."""
-        if self.distilled:
+        if self._two_heads:
             return self._distilled_head(self._prefix_features(x, pe_terms))
         return self.head(self.head_drop(self._pooled(x, pe_terms)))
 
@@ -619,7 +629,7 @@ class VisionTransformer(PEModel):
         for i, blk in enumerate(self.blocks):
             x = blk.forward_rest(x, self._analyse_block(out, step, i, blk, x))
         feats = self._analyse_last_norm(out, x, self._last_norm(), self._last_term(None, step.last_source))
-        if self.distilled:
+        if self._two_heads:
             out["pooled"] = self._distilled_head(feats[:, :2], pre_logits=True)
             out["logits"] = self._distilled_head(feats[:, :2])
             return out

@@ -431,10 +431,18 @@ def test_distilled_structure_and_errors():
     assert feats[0][0].shape == (2, 32, 4, 4) and feats[0][1].shape == (2, 2, 32)
     with pytest.raises(ValueError, match="needs pool='cls'"):
         VisionTransformer(pe="mpvg", **{**SMALL, "distilled": True})  # the MPVG default is GAP
-    with pytest.raises(ValueError, match="needs pool='cls'"):
-        create_model("deit_tiny_distilled_patch16_224", pe="mpvg", tiny=True, pool="avg")
-    with pytest.raises(ValueError, match="distillation tokens"):
-        VisionTransformer(pe="default", **DISTILLED_SMALL).reset_classifier(5, global_pool="avg")
+    # GAP asked for explicitly: one head on the patch mean, no head_dist (both prefix tokens stay in the sequence)
+    for m in (create_model("deit_tiny_distilled_patch16_224", pe="mpvg", tiny=True, pool="avg"),
+              VisionTransformer(pe="default", **DISTILLED_SMALL)):
+        x = torch.randn(2, *m.default_cfg["input_size"])
+        m.reset_classifier(5, global_pool="avg")
+        assert m.head_dist is None and m.get_classifier() is m.head and m.dist_token is not None
+        assert not any(k.startswith("head_dist") for k in m.state_dict()) and m.default_cfg["classifier"] == "head"
+        feats, npt = m.forward_features(x), m.num_prefix_tokens
+        torch.testing.assert_close(m(x), m.head(feats[:, npt:].mean(dim=1)))
+        torch.testing.assert_close(m.forward_pooled(x), feats[:, npt:].mean(dim=1))
+    m.reset_classifier(4, global_pool="token")  # DeiT's two heads again (this one has its class token)
+    assert m.get_classifier() == (m.head, m.head_dist) and m(x).shape == (2, 4) and m.num_prefix_tokens == 2
 
 
 def test_distilled_checkpoint_round_trip_and_from_plain_deit():

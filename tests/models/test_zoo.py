@@ -45,7 +45,7 @@ REFUSED = [
     ("swin_tiny_patch4_window7_224", "pvg", {"pos_embed": "rpe"}, "has none"),  # no absolute PE to deliver
     ("swin_tiny_patch4_window7_224", "mpvg", {"pos_embed": "rpe"}, "has none"),
     ("swin_tiny_patch4_window7_224", "lape", {"pos_embed": "sincos2d"}, "not part of either paper's Swin"),
-    ("deit_tiny_distilled_patch16_224", "mpvg", {"pool": "avg"}, "neither token reaches a head"),
+    ("deit_tiny_distilled_patch16_224", "mpvg", {"pool": "seq"}, "needs pool='cls'"),
     ("ceit_tiny_patch16_224", "lape", {"pool": "cls", "class_token": False}, "feeds the class token"),
     ("ceit_tiny_patch16_224", "lape", {"pos_embed": "rpe"}, "no relative bias table"),
     ("t2t_vit_7", "lape", {"pos_embed": "rpe"}, "no relative bias table"),
