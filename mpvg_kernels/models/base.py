@@ -147,12 +147,17 @@ class PEModel(nn.Module):
         if last_src is None and self.last_pos == 0:  # LN'_last of pos itself: no block term is needed
             pos = self._pos_for_grid(self.patch_embed.grid_size if grid is None else tuple(grid))
             with no_autocast(pos.device.type):  # as compute_pe_terms computes it
-                return self._last_norm().pos_term(pos)
+                return self._last_norm().pos_term(self._last_pe(pos))
         if last_src is None:
             full = self.compute_pe_terms(grid)
             assert full is not None
             return full.last_term
-        return self._last_norm().pos_term(last_src)
+        return self._last_norm().pos_term(self._last_pe(last_src))
+
+    def _last_pe(self, p: torch.Tensor) -> torch.Tensor:
+        """LN'_last's input made from the PE ``p`` the walk hands it: ``p`` itself; a family whose PE changes
+        shape along the walk (Swin's stages) brings it to the last norm's."""
+        return p
 
     def _norm_tokens(self, x: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
         """The per-token last norm of forward_features: LN(x) (+ LN'_last(p)); identity with ``fc_norm`` (timm's

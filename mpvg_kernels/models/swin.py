@@ -585,21 +585,6 @@ class SwinTransformer(PEModel):
                 kept.append(x)
         return x, pe_terms, None if step is None else step.last_source, kept
 
-    def _last_term(
-        self, terms: PETerms | None, last_src: torch.Tensor | None, grid: tuple[int, int] | None = None
-    ) -> torch.Tensor | None:
-        """LN'_last(p) at the last stage [1, N_last, C_last], or None without a last PE (Swin has one grid:
-        ``grid`` is not used)."""
-        if not self.has_last_pos:
-            return None
-        if terms is not None:
-            return terms.last_term
-        if last_src is None:
-            full = self.compute_pe_terms()
-            assert full is not None
-            return full.last_term
-        return self.norm.pos_term(self._last_pe(last_src))
-
     def _nhwc(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         """Tokens [B, H_s * W_s, C_s] of ``stage`` -> [B, H_s, W_s, C_s]."""
         h, w = self.grids[stage]
@@ -716,7 +701,7 @@ class SwinTransformer(PEModel):
                 a = self._analyse_block(out, step, i, blk, x, lambda p, i=i, s=s: self._to_stage(p, i, s))
                 x = blk.forward_rest(x, a)
                 i += 1
-        last_term = None if step.last_source is None else self.norm.pos_term(self._last_pe(step.last_source))
+        last_term = self._last_term(None, step.last_source)
         pooled = self._analyse_last_norm(out, x, self.norm, last_term).mean(dim=1)
         out.update(pooled=pooled, logits=self.head(pooled))
         return out

@@ -234,8 +234,7 @@ class VisionTransformer(PEModel):
     # ------------------------------------------------------------------ configuration helpers
 
     def _make_default_cfg(self) -> dict[str, Any]:
-        classifier = ("head", "head_dist") if self._two_heads else "head"
-        return self._data_cfg("vision_transformer", f"patch_embed.{self.patch_embed.first_conv}", classifier)
+        return self._data_cfg("vision_transformer", f"patch_embed.{self.patch_embed.first_conv}", self._classifier)
 
     def _make_feature_info(self) -> list[dict[str, Any]]:
         r = max(self.patch_embed.patch_size)
@@ -245,6 +244,11 @@ class VisionTransformer(PEModel):
     def _two_heads(self) -> bool:
         """DeiT's distilled classifier: class token -> ``head``, distillation token -> ``head_dist``."""
         return self.distilled and self.pool == "cls"
+
+    @property
+    def _classifier(self) -> str | tuple[str, str]:
+        """The classifier's module name(s), as ``default_cfg["classifier"]`` gives them."""
+        return ("head", "head_dist") if self._two_heads else "head"
 
     @property
     def global_pool(self) -> str:
@@ -302,14 +306,14 @@ class VisionTransformer(PEModel):
                 self.attention_pool = None
             self.pool = pool
             self.default_cfg["pool"] = pool
-            self.default_cfg["classifier"] = self._make_default_cfg()["classifier"]
+            self.default_cfg["classifier"] = self._classifier
             if not self._two_heads:
                 self.head_dist = None
             self.clear_pe_cache()
         self.num_classes = num_classes
         ref = next(self.parameters())
-        heads = ("head", "head_dist") if self._two_heads else ("head",)
-        for name in heads:
+        heads = self._classifier
+        for name in heads if isinstance(heads, tuple) else (heads,):
             if num_classes > 0:
                 head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
                 nn.init.trunc_normal_(head.weight, std=0.02)

@@ -41,7 +41,6 @@ from .. import data as data_mod
 from ..data import EvalTransform
 from ..errors import UserError
 from ..models import count_parameters, param_groups
-from ..models.pretrained import is_safetensors
 from . import distributed as D
 from . import run_dir
 from .augment import TrainTransform, classification_loss
@@ -332,13 +331,14 @@ class _Trainer:
                 run_dir.refuse_existing_run(out, _is_finished(out / CHECKPOINT_NAME))
             return None, None
         resume_path = out / CHECKPOINT_NAME if resume is True else Path(resume)
-        if resume_path.is_file() and is_safetensors(resume_path):
-            raise UserError(
-                f"cannot resume from {resume_path}: a .safetensors file holds weights and their metadata only, not "
-                f"the optimizer, schedule and RNG state a resume needs; resume from the run's {CHECKPOINT_NAME}, or "
-                f"start a new run from these weights with --set model_kwargs.checkpoint_path={resume_path}"
-            )
         ckpt = load_checkpoint(resume_path)
+        missing = [k for k in ("optimizer", "scheduler", "rng") if k not in ckpt]
+        if missing:
+            raise UserError(
+                f"cannot resume from {resume_path}: it holds weights and their metadata only (no {', '.join(missing)} "
+                f"state, e.g. a .safetensors export); resume from the run's {CHECKPOINT_NAME}, or start a new run "
+                f"from these weights with --set model_kwargs.checkpoint_path={resume_path}"
+            )
         _check_resume_config(ckpt["config"], cfg, resume_path)
         if int(ckpt["epoch"]) >= cfg.epochs:
             raise UserError(f"nothing to resume: {resume_path} is a finished run ({int(ckpt['epoch'])}/{cfg.epochs} "
